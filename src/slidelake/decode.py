@@ -1,0 +1,260 @@
+"""Repartition tile rows and decode their pixels with a pandas UDF (``mapInPandas``).
+
+* :func:`repartition_tiles` hashes ``(slide_id, region_row, region_col)`` so work is spread over
+  tasks while neighbouring tiles of one slide stay in one task, then sorts each partition in
+  raster order (slide, then tile_y, tile_x) so reads walk the file forwards.
+* :func:`decode_tiles` reads each tile with ``OpenSlide.read_region`` at the row's level-0
+  coordinates and level, composites transparent pixels (outside the slide) on white, resizes
+  when resampling (Pillow Lanczos), encodes the tile and computes cheap statistics.
+
+One OpenSlide handle per slide per Python worker process is kept in an LRU cache
+(:class:`SlideHandles`) and reused across batches and tasks (``spark.python.worker.reuse``).
+Memory of a worker is bounded by ``decode.batch_size`` tiles, whatever the slide's size.
+A tile that fails to decode gets ``decode_error`` set and no pixels; the slide goes on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from slidelake.config import DecodeConfig, PartitionConfig
+from slidelake.encoding import encode_tile
+
+DECODE_FIELDS = [
+    T.StructField("tile", T.BinaryType(), True),
+    T.StructField("tile_format", T.StringType(), True),
+    T.StructField("tile_width", T.IntegerType(), True),
+    T.StructField("tile_height", T.IntegerType(), True),
+    T.StructField("tile_mean", T.DoubleType(), True),
+    T.StructField("tile_std", T.DoubleType(), True),
+    T.StructField("background_fraction", T.DoubleType(), True),
+    T.StructField("decode_error", T.StringType(), True),
+]
+
+# columns the decode UDF needs; everything else is passed through untouched
+DECODE_INPUTS = (
+    "path", "fingerprint", "level", "level0_x", "level0_y", "read_width", "read_height",
+    "tile_extent_x", "tile_extent_y", "valid_width", "valid_height",
+)
+
+
+def repartition_tiles(tiles: DataFrame, cfg: PartitionConfig, total_tiles: int) -> DataFrame:
+    """Spread tile rows over tasks by ``(slide_id, region)`` and sort them in raster order.
+
+    Args:
+        tiles: grid rows (needs ``slide_id``, ``tile_col``, ``tile_row``, ``tile_x``, ``tile_y``).
+        cfg: region size (in tiles) and target tiles per partition.
+        total_tiles: number of rows (known from the grid arithmetic), to size partitions.
+
+    Returns:
+        The same rows, ``ceil(total_tiles / tiles_per_partition)`` partitions (at least the
+        default parallelism).
+    """
+    spark = tiles.sparkSession
+    n = max(spark.sparkContext.defaultParallelism, math.ceil(total_tiles / cfg.tiles_per_partition), 1)
+    r = cfg.region_tiles
+    return (
+        tiles.withColumn("_region_row", F.floor(F.col("tile_row") / r))
+        .withColumn("_region_col", F.floor(F.col("tile_col") / r))
+        .repartition(n, "slide_id", "_region_row", "_region_col")
+        .sortWithinPartitions("slide_id", "tile_y", "tile_x")
+        .drop("_region_row", "_region_col")
+    )
+
+
+class SlideHandles:
+    """LRU cache of open ``OpenSlide`` handles keyed by ``(path, fingerprint)``.
+
+    A handle that raised during a read is evicted (OpenSlide handles enter an error state).
+    """
+
+    def __init__(self, max_open: int = 8) -> None:
+        self.max_open = max_open
+        self._handles: OrderedDict[tuple[str, str], Any] = OrderedDict()
+
+    def get(self, path: str, fingerprint: str) -> Any:
+        """Return an open handle for ``path`` (opening it, and closing the least recently used
+        one beyond ``max_open``). Raises what ``openslide.OpenSlide`` raises."""
+        import openslide
+
+        key = (path, fingerprint)
+        h = self._handles.get(key)
+        if h is not None:
+            self._handles.move_to_end(key)
+            return h
+        h = openslide.OpenSlide(path)
+        self._handles[key] = h
+        while len(self._handles) > self.max_open:
+            _, old = self._handles.popitem(last=False)
+            old.close()
+        return h
+
+    def evict(self, path: str, fingerprint: str) -> None:
+        """Close and forget the handle of ``path``, if open."""
+        h = self._handles.pop((path, fingerprint), None)
+        if h is not None:
+            h.close()
+
+
+_HANDLES: SlideHandles | None = None
+
+
+def _handles(max_open: int) -> SlideHandles:
+    global _HANDLES
+    if _HANDLES is None:
+        _HANDLES = SlideHandles(max_open)
+    _HANDLES.max_open = max_open
+    return _HANDLES
+
+
+def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
+    """Composite an RGBA uint8 array ``(h, w, 4)`` on white; returns uint8 ``(h, w, 3)``.
+
+    OpenSlide returns transparent pixels (alpha 0) outside the slide and, for some formats,
+    between scanned regions; they become white, the usual brightfield background.
+    """
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgba[..., :3])
+    a = alpha.astype(np.float32)[..., None] / 255.0
+    rgb = rgba[..., :3].astype(np.float32) * a + 255.0 * (1.0 - a)
+    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+
+
+def read_tile(
+    slide: Any,
+    level0_x: int,
+    level0_y: int,
+    level: int,
+    read_size: tuple[int, int],
+    out_size: tuple[int, int],
+    valid_size: tuple[int, int],
+) -> np.ndarray:
+    """Read one tile's pixels.
+
+    Args:
+        slide: an ``openslide.OpenSlide``.
+        level0_x, level0_y: top-left in level-0 px.
+        level: level to read.
+        read_size: ``(w, h)`` in px of ``level``.
+        out_size: ``(w, h)`` of the tile in tile px (resized to it when it differs from
+            ``read_size``, Lanczos).
+        valid_size: ``(w, h)`` of the part inside the slide, in tile px; the rest is white.
+
+    Returns:
+        uint8 ``(out_h, out_w, 3)``.
+    """
+    from PIL import Image
+
+    region = np.asarray(slide.read_region((int(level0_x), int(level0_y)), int(level), read_size))
+    rgb = rgba_to_rgb(region)
+    if tuple(read_size) != tuple(out_size):
+        rgb = np.asarray(Image.fromarray(rgb).resize(out_size, Image.Resampling.LANCZOS))
+    vw, vh = valid_size
+    if vw < out_size[0] or vh < out_size[1]:
+        rgb = rgb.copy()
+        rgb[:, vw:] = 255
+        rgb[vh:, :] = 255
+    return rgb
+
+
+def tile_stats(rgb: np.ndarray, background_threshold: int) -> tuple[float, float, float]:
+    """``(mean, std, background_fraction)`` of a uint8 ``(h, w, 3)`` tile.
+
+    mean and std are of the grey level (mean of R, G, B; 0-255); a pixel is background when
+    its darkest channel is >= ``background_threshold`` (near white).
+    """
+    grey = rgb.mean(axis=2, dtype=np.float32)
+    bg = float((rgb.min(axis=2) >= background_threshold).mean())
+    return float(grey.mean()), float(grey.std()), bg
+
+
+def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], None] | None = None
+                 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """Build the ``mapInPandas`` function that decodes a partition's tiles.
+
+    ``on_failure(slide_id, info)`` is called for each tile that failed (e.g. to feed an
+    accumulator). Output batches have at most ``cfg.batch_size`` rows.
+    """
+    encoding, quality, thr, batch = cfg.encoding, cfg.quality, cfg.background_threshold, cfg.batch_size
+    max_open = cfg.max_open_slides
+
+    def decode(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        handles = _handles(max_open)
+        for pdf in batches:
+            for start in range(0, len(pdf), batch):
+                chunk = pdf.iloc[start:start + batch].reset_index(drop=True)
+                n = len(chunk)
+                tiles: list[bytes | None] = [None] * n
+                mean = np.full(n, np.nan)
+                std = np.full(n, np.nan)
+                bgf = np.full(n, np.nan)
+                errors: list[str | None] = [None] * n
+                for (path, fp), idx in chunk.groupby(["path", "fingerprint"], sort=False).indices.items():
+                    try:
+                        slide = handles.get(path, fp)
+                    except Exception as exc:  # noqa: BLE001
+                        msg = f"open failed: {type(exc).__name__}: {exc}"
+                        for i in idx:
+                            errors[i] = msg
+                        continue
+                    for i in idx:
+                        r = chunk.iloc[i]
+                        try:
+                            rgb = read_tile(
+                                slide, r.level0_x, r.level0_y, r.level,
+                                (int(r.read_width), int(r.read_height)),
+                                (int(r.tile_extent_x), int(r.tile_extent_y)),
+                                (int(r.valid_width), int(r.valid_height)),
+                            )
+                            tiles[i] = encode_tile(rgb, encoding, quality)
+                            mean[i], std[i], bgf[i] = tile_stats(rgb, thr)
+                        except Exception as exc:  # noqa: BLE001 - recorded per tile
+                            errors[i] = f"{type(exc).__name__}: {exc}"
+                            handles.evict(path, fp)
+                            slide = handles.get(path, fp)
+                for i, e in enumerate(errors):
+                    if e is not None and on_failure is not None:
+                        r = chunk.iloc[i]
+                        on_failure(str(r.slide_id), {"tile_x": int(r.tile_x), "tile_y": int(r.tile_y), "error": e})
+                out = chunk.assign(
+                    tile=tiles,
+                    tile_format=encoding,
+                    tile_width=chunk["tile_extent_x"].astype("int32"),
+                    tile_height=chunk["tile_extent_y"].astype("int32"),
+                    tile_mean=mean,
+                    tile_std=std,
+                    background_fraction=bgf,
+                    decode_error=errors,
+                )
+                yield out
+
+    return decode
+
+
+def decode_tiles(tiles: DataFrame, cfg: DecodeConfig,
+                 on_failure: Callable[[str, dict[str, Any]], None] | None = None) -> DataFrame:
+    """Add pixels and statistics to tile rows (a ``mapInPandas`` stage).
+
+    Args:
+        tiles: rows with the columns in :data:`DECODE_INPUTS` plus ``slide_id``, ``tile_x``,
+            ``tile_y`` (typically from :func:`repartition_tiles`).
+        cfg: encoding, quality, batch size, background threshold.
+        on_failure: see :func:`make_decoder`.
+
+    Returns:
+        The input columns plus :data:`DECODE_FIELDS`: ``tile`` (bytes in ``tile_format``,
+        ``tile_width`` x ``tile_height`` px at the tile resolution), ``tile_mean``,
+        ``tile_std`` (grey level, 0-255), ``background_fraction`` (0-1), ``decode_error``
+        (null when the tile decoded).
+    """
+    schema = T.StructType(list(tiles.schema.fields) + DECODE_FIELDS)
+    return tiles.mapInPandas(make_decoder(cfg, on_failure), schema=schema)

@@ -1,0 +1,165 @@
+"""Lineage: run ids, versions, and the ``runs`` table row describing what a run did."""
+
+from __future__ import annotations
+
+import platform
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Any
+
+from pyspark.accumulators import AccumulatorParam
+from pyspark.sql import types as T
+
+from slidelake import __version__
+
+SLIDE_COUNT = T.StructType([
+    T.StructField("slide_id", T.StringType()),
+    T.StructField("path", T.StringType()),
+    T.StructField("level", T.IntegerType()),
+    T.StructField("mpp_x", T.DoubleType()),
+    T.StructField("tiles_generated", T.LongType()),
+    T.StructField("tiles_failed", T.LongType()),
+    T.StructField("tiles_filtered", T.LongType()),
+    T.StructField("tiles_written", T.LongType()),
+])
+
+SLIDE_ERROR = T.StructType([
+    T.StructField("slide_id", T.StringType()),
+    T.StructField("path", T.StringType()),
+    T.StructField("stage", T.StringType()),
+    T.StructField("error", T.StringType()),
+])
+
+RUNS_SCHEMA = T.StructType([
+    T.StructField("run_id", T.StringType()),
+    T.StructField("job", T.StringType()),
+    T.StructField("status", T.StringType()),
+    T.StructField("error", T.StringType()),
+    T.StructField("started_at", T.TimestampType()),
+    T.StructField("ended_at", T.TimestampType()),
+    T.StructField("duration_s", T.DoubleType()),
+    T.StructField("inputs", T.ArrayType(T.StringType())),
+    T.StructField("lake", T.StringType()),
+    T.StructField("config", T.StringType()),
+    T.StructField("config_hash", T.StringType()),
+    T.StructField("versions", T.MapType(T.StringType(), T.StringType())),
+    T.StructField("delta_writer", T.StringType()),
+    T.StructField("spark_master", T.StringType()),
+    T.StructField("slides_discovered", T.LongType()),
+    T.StructField("slides_ok", T.LongType()),
+    T.StructField("slides_error", T.LongType()),
+    T.StructField("slides_tiled", T.LongType()),
+    T.StructField("tiles_generated", T.LongType()),
+    T.StructField("tiles_failed", T.LongType()),
+    T.StructField("tiles_filtered", T.LongType()),
+    T.StructField("tiles_written", T.LongType()),
+    T.StructField("table_versions", T.MapType(T.StringType(), T.LongType())),
+    T.StructField("slide_counts", T.ArrayType(SLIDE_COUNT)),
+    T.StructField("slide_errors", T.ArrayType(SLIDE_ERROR)),
+    T.StructField("stage_seconds", T.MapType(T.StringType(), T.DoubleType())),
+])
+
+
+def new_run_id() -> str:
+    """A sortable run id: UTC timestamp plus 8 random hex digits, e.g. ``20261121T101500Z-1a2b3c4d``."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:8]
+
+
+def utcnow() -> datetime:
+    """Naive UTC now (Spark timestamps are written as UTC)."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _version(pkg: str) -> str:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def versions(spark_version: str | None = None) -> dict[str, str]:
+    """Versions that affect results: slidelake, Spark, delta-rs, OpenSlide, codecs, Python."""
+    out = {
+        "slidelake": __version__,
+        "python": platform.python_version(),
+        "deltalake": _version("deltalake"),
+        "openslide-python": _version("openslide-python"),
+        "openslide-bin": _version("openslide-bin"),
+        "imagecodecs": _version("imagecodecs"),
+        "pillow": _version("pillow"),
+        "numpy": _version("numpy"),
+    }
+    try:
+        import openslide
+
+        out["openslide"] = openslide.__library_version__
+    except Exception:  # noqa: BLE001
+        pass
+    if spark_version:
+        out["spark"] = spark_version
+    return out
+
+
+class FailureLog(AccumulatorParam):
+    """Spark accumulator of per-slide tile failures: ``{slide_id: {"count": n, "samples": [...]}}``.
+
+    Keeps at most 20 sample failures (coordinates and message) per slide. Like every Spark
+    accumulator updated inside a transformation, a task retried after an executor loss can add
+    its failures twice; ``tiles_written`` is always exact (read from the commit).
+    """
+
+    MAX_SAMPLES = 20
+
+    def zero(self, value: dict[str, Any]) -> dict[str, Any]:
+        return {}
+
+    def addInPlace(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        for sid, v in b.items():
+            cur = a.setdefault(sid, {"count": 0, "samples": []})
+            cur["count"] += v["count"]
+            room = self.MAX_SAMPLES - len(cur["samples"])
+            if room > 0:
+                cur["samples"].extend(v["samples"][:room])
+        return a
+
+
+@dataclass
+class RunRecord:
+    """The ``runs`` row being built during a run (see :data:`RUNS_SCHEMA`)."""
+
+    job: str
+    lake: str
+    config: str
+    config_hash: str
+    inputs: list[str]
+    run_id: str = field(default_factory=new_run_id)
+    started_at: datetime = field(default_factory=utcnow)
+    status: str = "running"
+    error: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    delta_writer: str | None = None
+    spark_master: str | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    table_versions: dict[str, int] = field(default_factory=dict)
+    slide_counts: list[dict[str, Any]] = field(default_factory=list)
+    slide_errors: list[dict[str, Any]] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        """The record as a dict matching :data:`RUNS_SCHEMA`."""
+        ended = utcnow()
+        keys = ("slides_discovered", "slides_ok", "slides_error", "slides_tiled",
+                "tiles_generated", "tiles_failed", "tiles_filtered", "tiles_written")
+        return {
+            "run_id": self.run_id, "job": self.job, "status": self.status, "error": self.error,
+            "started_at": self.started_at, "ended_at": ended,
+            "duration_s": (ended - self.started_at).total_seconds(),
+            "inputs": list(self.inputs), "lake": self.lake, "config": self.config,
+            "config_hash": self.config_hash, "versions": self.versions,
+            "delta_writer": self.delta_writer, "spark_master": self.spark_master,
+            **{k: self.counts.get(k) for k in keys},
+            "table_versions": self.table_versions, "slide_counts": self.slide_counts,
+            "slide_errors": self.slide_errors, "stage_seconds": self.stage_seconds,
+        }

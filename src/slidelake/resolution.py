@@ -1,0 +1,260 @@
+"""Resolution: which pyramid level to read, and whether to resize, for a requested tile resolution.
+
+Pure functions (no Spark). :func:`resolve` maps one slide's pyramid plus a
+:class:`~slidelake.config.ResolutionConfig` to a :class:`Resolved`, or raises
+:class:`ResolutionError` with a message fit for the slide's error column.
+
+Conventions:
+
+* downsample ``d`` is relative to level 0: a tile px covers ``d`` level-0 px per axis;
+* mpp at downsample ``d`` is ``mpp0 * d`` (µm/px);
+* magnification ``M`` means mpp ``10 / M`` (40x ~ 0.25 µm/px, as TRIDENT and most scanners);
+  a slide without mpp but with an objective power ``P`` uses downsample ``P / M`` instead;
+* a level is "within tolerance" when ``|D_level / d_target - 1| <= tolerance``
+  (relative deviation guard, as wsi-patching); the nearest level is the one with the smallest
+  ``|log(D_level / d_target)|``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from slidelake.config import ResolutionConfig
+
+
+class ResolutionError(ValueError):
+    """A slide cannot give the requested resolution (message says why)."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The resolution chosen for one slide.
+
+    Attributes:
+        level: pyramid level read (index into OpenSlide's levels).
+        level_downsample: that level's downsample relative to level 0.
+        downsample: effective downsample of the tiles relative to level 0 (equals
+            ``level_downsample`` unless resampling).
+        scale: resize factor from the read level to the tiles, ``level_downsample / downsample``
+            (1.0 = no resize; < 1 shrinks).
+        mpp_x, mpp_y: effective µm/px of the tiles, ``None`` when the slide has no mpp.
+        mpp_source: where level-0 mpp came from (``openslide.mpp-x``..., ``assumed``), or None.
+        width, height: the slide's extent in tile px (``floor(level0 / downsample)`` when
+            resampling, the level's own dimensions otherwise).
+    """
+
+    level: int
+    level_downsample: float
+    downsample: float
+    scale: float
+    mpp_x: float | None
+    mpp_y: float | None
+    mpp_source: str | None
+    width: int
+    height: int
+
+    @property
+    def resampled(self) -> bool:
+        """True when tiles are resized from the read level."""
+        return self.scale != 1.0
+
+
+def _nearest(downsamples: Sequence[float], target: float) -> int:
+    return min(range(len(downsamples)), key=lambda i: (abs(math.log(downsamples[i] / target)), i))
+
+
+def target_downsample(
+    req: ResolutionConfig,
+    mpp_x: float | None,
+    objective_power: float | None,
+) -> float:
+    """Downsample relative to level 0 that the request asks for (``level`` requests excluded).
+
+    Args:
+        req: the request (unit ``mpp``, ``downsample`` or ``magnification``).
+        mpp_x: level-0 µm/px of the slide (after any assumed mpp), or None.
+        objective_power: the slide's objective magnification, or None.
+
+    Raises:
+        ResolutionError: mpp/magnification requested for a slide without mpp (and, for
+            magnification, without objective power).
+    """
+    if req.unit == "downsample":
+        return float(req.value)
+    if req.unit == "mpp":
+        if mpp_x is None:
+            raise ResolutionError(
+                f"slide has no mpp (µm/px) metadata; cannot tile at mpp={req.value}. "
+                "Set resolution.assumed_mpp, or request a level or downsample"
+            )
+        return req.value / mpp_x
+    if req.unit == "magnification":
+        if mpp_x is not None:
+            return (10.0 / req.value) / mpp_x
+        if objective_power:
+            return objective_power / req.value
+        raise ResolutionError(
+            f"slide has neither mpp nor objective power; cannot tile at {req.value}x. "
+            "Set resolution.assumed_mpp, or request a level or downsample"
+        )
+    raise ResolutionError(f"unsupported resolution unit {req.unit!r}")
+
+
+def resolve(
+    req: ResolutionConfig,
+    level_dimensions: Sequence[tuple[int, int]],
+    level_downsamples: Sequence[float],
+    mpp_x: float | None,
+    mpp_y: float | None,
+    mpp_source: str | None = None,
+    objective_power: float | None = None,
+) -> Resolved:
+    """Choose the level to read for one slide.
+
+    Args:
+        req: the resolution request and fallback policy.
+        level_dimensions: ``(width, height)`` of each level in that level's px.
+        level_downsamples: each level's downsample relative to level 0 (OpenSlide's values).
+        mpp_x, mpp_y: level-0 µm/px from the file, or None when the file has none.
+        mpp_source: provenance of mpp (e.g. ``openslide.mpp-x``).
+        objective_power: objective magnification from the file, or None.
+
+    Returns:
+        The chosen :class:`Resolved`. ``req.assumed_mpp`` fills a missing mpp (source
+        ``assumed``).
+
+    Raises:
+        ResolutionError: level out of range, missing mpp, or no level acceptable under the
+            fallback policy (``error`` beyond tolerance; ``ceil`` above the coarsest level;
+            ``floor``/``resample`` finer than level 0, i.e. upsampling).
+    """
+    if not level_dimensions or len(level_dimensions) != len(level_downsamples):
+        raise ResolutionError("slide has no pyramid levels")
+    if (mpp_x is None or mpp_y is None) and req.assumed_mpp is not None:
+        mpp_x = mpp_y = req.assumed_mpp
+        mpp_source = "assumed"
+    if mpp_x is None or mpp_y is None:
+        mpp_x = mpp_y = None
+        mpp_source = None
+
+    def _at(level: int, downsample: float | None = None) -> Resolved:
+        ld = float(level_downsamples[level])
+        if downsample is None:
+            w, h = level_dimensions[level]
+            d = ld
+        else:
+            d = downsample
+            w0, h0 = level_dimensions[0]
+            w, h = int(math.floor(w0 / d)), int(math.floor(h0 / d))
+        return Resolved(
+            level=level,
+            level_downsample=ld,
+            downsample=d,
+            scale=ld / d if downsample is not None else 1.0,
+            mpp_x=None if mpp_x is None else mpp_x * d,
+            mpp_y=None if mpp_y is None else mpp_y * d,
+            mpp_source=mpp_source,
+            width=int(w),
+            height=int(h),
+        )
+
+    if req.unit == "level":
+        lvl = int(req.value)
+        if lvl >= len(level_downsamples):
+            raise ResolutionError(
+                f"level {lvl} requested but slide has {len(level_downsamples)} level(s)"
+            )
+        return _at(lvl)
+
+    target = target_downsample(req, mpp_x, objective_power)
+    ds = [float(d) for d in level_downsamples]
+    near = _nearest(ds, target)
+    if abs(ds[near] / target - 1.0) <= req.tolerance:
+        return _at(near)
+
+    finer = [i for i in range(len(ds)) if ds[i] <= target]
+    coarser = [i for i in range(len(ds)) if ds[i] >= target]
+    what = f"downsample {target:.4g}" + (
+        f" (mpp {target * mpp_x:.4g})" if mpp_x is not None else ""
+    )
+    avail = ", ".join(f"{d:.4g}" for d in ds)
+    if req.fallback == "error":
+        raise ResolutionError(
+            f"no level within {req.tolerance:.0%} of {what}; level downsamples: {avail}"
+        )
+    if req.fallback == "nearest":
+        return _at(near)
+    if req.fallback == "floor":
+        if not finer:
+            raise ResolutionError(f"no level at or finer than {what}; level downsamples: {avail}")
+        return _at(max(finer, key=lambda i: ds[i]))
+    if req.fallback == "ceil":
+        if not coarser:
+            raise ResolutionError(f"no level at or coarser than {what}; level downsamples: {avail}")
+        return _at(min(coarser, key=lambda i: ds[i]))
+    # resample: nearest finer level, resized to the exact target
+    if not finer:
+        raise ResolutionError(
+            f"{what} is finer than level 0; resample does not upsample. Level downsamples: {avail}"
+        )
+    return _at(max(finer, key=lambda i: ds[i]), downsample=target)
+
+
+RESOLVED_FIELDS = (
+    ("level", "int"), ("level_downsample", "double"), ("downsample", "double"),
+    ("tile_mpp_x", "double"), ("tile_mpp_y", "double"), ("tile_mpp_source", "string"),
+    ("extent_x", "long"), ("extent_y", "long"), ("resolution_error", "string"),
+)
+
+
+def resolve_slides(slides, req: ResolutionConfig):
+    """Spark stage: add the chosen resolution to each ``slides`` row (a ``mapInPandas``).
+
+    Args:
+        slides: DataFrame with the ``slides`` table's columns (``levels``, ``mpp_x``,
+            ``mpp_y``, ``mpp_source``, ``objective_power``).
+        req: the resolution request.
+
+    Returns:
+        The input plus ``level``, ``level_downsample``, ``downsample``, ``tile_mpp_x``,
+        ``tile_mpp_y`` (effective µm/px of the tiles), ``tile_mpp_source``, ``extent_x``,
+        ``extent_y`` (slide size in tile px) and ``resolution_error`` (null when resolved;
+        otherwise the other new columns are null).
+    """
+    from pyspark.sql import types as T
+
+    types = {"int": T.IntegerType(), "double": T.DoubleType(), "string": T.StringType(), "long": T.LongType()}
+    schema = T.StructType(list(slides.schema.fields) + [T.StructField(n, types[t], True) for n, t in RESOLVED_FIELDS])
+    names = [n for n, _ in RESOLVED_FIELDS]
+
+    def _resolve(batches):
+        import pandas as pd
+
+        for pdf in batches:
+            rows = []
+            for levels, mx, my, src, obj in zip(pdf["levels"], pdf["mpp_x"], pdf["mpp_y"],
+                                                pdf["mpp_source"], pdf["objective_power"]):
+                out = dict.fromkeys(names)
+                try:
+                    levels = list(levels) if levels is not None else []
+                    r = resolve(
+                        req,
+                        [(int(lv["width"]), int(lv["height"])) for lv in levels],
+                        [float(lv["downsample"]) for lv in levels],
+                        None if pd.isna(mx) else float(mx),
+                        None if pd.isna(my) else float(my),
+                        None if src is None or pd.isna(src) else str(src),
+                        None if obj is None or pd.isna(obj) else float(obj),
+                    )
+                    out.update(level=r.level, level_downsample=r.level_downsample, downsample=r.downsample,
+                               tile_mpp_x=r.mpp_x, tile_mpp_y=r.mpp_y, tile_mpp_source=r.mpp_source,
+                               extent_x=r.width, extent_y=r.height)
+                except ResolutionError as exc:
+                    out["resolution_error"] = str(exc)
+                rows.append(out)
+            new = pd.DataFrame(rows, columns=names).astype({"level": "Int32", "extent_x": "Int64", "extent_y": "Int64"})
+            yield pd.concat([pdf.reset_index(drop=True), new], axis=1)
+
+    return slides.mapInPandas(_resolve, schema=schema)

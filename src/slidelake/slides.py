@@ -1,0 +1,350 @@
+"""Discovery: find slide files and read their metadata into ``slides`` rows.
+
+Two halves:
+
+* :func:`list_inputs` (driver, pure Python) expands files, folders, glob patterns and manifests
+  into a pandas frame of absolute paths plus manifest attributes;
+* :func:`probe_slide` (runs on executors) fingerprints one file and opens it with OpenSlide.
+  It never raises: a file that cannot be read becomes a row with ``status='error'``.
+
+:func:`discover` ties them together as a Spark DataFrame with :data:`SLIDES_SCHEMA`.
+
+``slide_id`` is the first 16 hex digits of the SHA-256 of the file's bytes (for MIRAX, the
+``.mrxs`` file followed by the files of its data folder, in name order), so it depends on
+content only: the same slide under two paths has one ``slide_id``, and renaming or moving a
+file keeps it. Label and macro images are never read.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from datetime import datetime, timezone
+from typing import Any, Iterator, Sequence
+
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import types as T
+
+SLIDES_SCHEMA = T.StructType([
+    T.StructField("slide_id", T.StringType(), True),
+    T.StructField("path", T.StringType(), False),
+    T.StructField("fingerprint", T.StringType(), True),
+    T.StructField("file_size", T.LongType(), True),
+    T.StructField("modified_at", T.TimestampType(), True),
+    T.StructField("vendor", T.StringType(), True),
+    T.StructField("width", T.LongType(), True),
+    T.StructField("height", T.LongType(), True),
+    T.StructField("level_count", T.IntegerType(), True),
+    T.StructField("levels", T.ArrayType(T.StructType([
+        T.StructField("level", T.IntegerType(), False),
+        T.StructField("width", T.LongType(), False),
+        T.StructField("height", T.LongType(), False),
+        T.StructField("downsample", T.DoubleType(), False),
+    ])), True),
+    T.StructField("mpp_x", T.DoubleType(), True),
+    T.StructField("mpp_y", T.DoubleType(), True),
+    T.StructField("mpp_source", T.StringType(), True),
+    T.StructField("objective_power", T.DoubleType(), True),
+    T.StructField("properties", T.MapType(T.StringType(), T.StringType()), True),
+    T.StructField("attributes", T.MapType(T.StringType(), T.StringType()), True),
+    T.StructField("status", T.StringType(), False),
+    T.StructField("error", T.StringType(), True),
+    T.StructField("run_id", T.StringType(), True),
+    T.StructField("discovered_at", T.TimestampType(), True),
+])
+
+# Slide properties copied into ``slides.properties``: scanner facts only. Free-text fields such
+# as ``openslide.comment`` or ``aperio.Filename`` can hold patient identifiers and are left out.
+PROPERTY_ALLOWLIST: tuple[str, ...] = (
+    "openslide.vendor", "openslide.mpp-x", "openslide.mpp-y", "openslide.objective-power",
+    "openslide.quickhash-1", "openslide.background-color", "openslide.bounds-x",
+    "openslide.bounds-y", "openslide.bounds-width", "openslide.bounds-height",
+    "openslide.level[0].tile-width", "openslide.level[0].tile-height",
+    "aperio.AppMag", "aperio.MPP", "hamamatsu.SourceLens", "mirax.GENERAL.OBJECTIVE_MAGNIFICATION",
+    "tiff.ResolutionUnit", "tiff.XResolution", "tiff.YResolution",
+)
+
+# Where level-0 mpp is looked up, in order (as TRIDENT's chain). TIFF resolution tags are in
+# pixels per unit; ``_tiff_mpp`` converts them.
+MPP_PROPERTIES: tuple[tuple[str, str], ...] = (
+    ("openslide.mpp-x", "openslide.mpp-y"),
+    ("aperio.MPP", "aperio.MPP"),
+)
+
+_READ_CHUNK = 8 << 20
+
+
+def _file_parts(path: str) -> list[str]:
+    """Files whose bytes make up the slide: MIRAX adds its data folder (same stem)."""
+    parts = [path]
+    if path.lower().endswith(".mrxs"):
+        data_dir = os.path.splitext(path)[0]
+        if os.path.isdir(data_dir):
+            parts += sorted(os.path.join(data_dir, f) for f in os.listdir(data_dir))
+    return parts
+
+
+def fingerprint_file(path: str) -> str:
+    """SHA-256 hex digest of a slide's bytes, streamed in 8 MiB chunks (bounded memory).
+
+    Raises:
+        OSError: the file (or a MIRAX data file) cannot be read.
+    """
+    h = hashlib.sha256()
+    for part in _file_parts(path):
+        with open(part, "rb") as f:
+            while chunk := f.read(_READ_CHUNK):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def slide_id_from_fingerprint(fingerprint: str) -> str:
+    """``slide_id``: the first 16 hex digits of the content fingerprint."""
+    return fingerprint[:16]
+
+
+def _float(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if f > 0 and f == f else None
+
+
+def _tiff_mpp(props: dict[str, str]) -> tuple[float | None, float | None]:
+    unit = (props.get("tiff.ResolutionUnit") or "").lower()
+    per_um = {"centimeter": 1e4, "inch": 25400.0}.get(unit)
+    xr, yr = _float(props.get("tiff.XResolution")), _float(props.get("tiff.YResolution"))
+    if per_um is None or xr is None:
+        return None, None
+    return per_um / xr, per_um / (yr or xr)
+
+
+def mpp_from_properties(props: dict[str, str]) -> tuple[float | None, float | None, str | None]:
+    """Level-0 mpp (µm/px) from slide properties, with the property it came from.
+
+    Looks at ``openslide.mpp-x/y``, then ``aperio.MPP``, then the TIFF resolution tags
+    (``tiff.XResolution`` per ``tiff.ResolutionUnit``, centimetre or inch).
+
+    Returns:
+        ``(mpp_x, mpp_y, source)``, or ``(None, None, None)`` when nothing usable is present.
+    """
+    for kx, ky in MPP_PROPERTIES:
+        x, y = _float(props.get(kx)), _float(props.get(ky))
+        if x is not None:
+            return x, (y if y is not None else x), kx
+    x, y = _tiff_mpp(props)
+    if x is not None:
+        return x, y, "tiff.XResolution"
+    return None, None, None
+
+
+def objective_from_properties(props: dict[str, str]) -> float | None:
+    """Objective magnification (e.g. 20.0) from ``openslide.objective-power`` or vendor keys."""
+    for k in ("openslide.objective-power", "aperio.AppMag", "hamamatsu.SourceLens"):
+        v = _float(props.get(k))
+        if v is not None:
+            return v
+    return None
+
+
+def probe_slide(path: str) -> dict[str, Any]:
+    """Fingerprint and open one slide; never raises.
+
+    Args:
+        path: absolute path of the file.
+
+    Returns:
+        A dict with the fields of :data:`SLIDES_SCHEMA` except ``attributes``, ``run_id`` and
+        ``discovered_at``. ``status`` is ``'ok'`` or ``'error'`` with ``error`` set to
+        ``"<ExceptionType>: message"``.
+    """
+    import openslide  # executor-side import
+
+    row: dict[str, Any] = {k: None for k in SLIDES_SCHEMA.fieldNames()}
+    row.update(path=path, status="error")
+    try:
+        st = os.stat(path)
+        row["file_size"] = int(st.st_size)
+        row["modified_at"] = datetime.fromtimestamp(st.st_mtime, tz=timezone.utc).replace(tzinfo=None)
+        if not os.path.isfile(path):
+            raise OSError(f"not a regular file: {path}")
+        if st.st_size == 0:
+            raise ValueError("empty file (0 bytes)")
+        fp = fingerprint_file(path)
+        row["fingerprint"] = fp
+        row["slide_id"] = slide_id_from_fingerprint(fp)
+        fmt = openslide.OpenSlide.detect_format(path)
+        if fmt is None:
+            raise ValueError("not a slide format OpenSlide can read")
+        with openslide.OpenSlide(path) as slide:
+            props = dict(slide.properties)
+            dims = slide.level_dimensions
+            downs = slide.level_downsamples
+            # decode a small region of the coarsest level: catches many broken files early
+            last = slide.level_count - 1
+            lw, lh = dims[last]
+            slide.read_region((0, 0), last, (max(1, min(lw, 64)), max(1, min(lh, 64))))
+        mpp_x, mpp_y, src = mpp_from_properties(props)
+        row.update(
+            vendor=props.get("openslide.vendor") or fmt,
+            width=int(dims[0][0]),
+            height=int(dims[0][1]),
+            level_count=len(dims),
+            levels=[
+                {"level": i, "width": int(w), "height": int(h), "downsample": float(d)}
+                for i, ((w, h), d) in enumerate(zip(dims, downs))
+            ],
+            mpp_x=mpp_x,
+            mpp_y=mpp_y,
+            mpp_source=src,
+            objective_power=objective_from_properties(props),
+            properties={k: str(props[k]) for k in PROPERTY_ALLOWLIST if k in props},
+            status="ok",
+        )
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an error row
+        row["error"] = f"{type(exc).__name__}: {exc}".strip()
+    return row
+
+
+def _matches(name: str, extensions: Sequence[str]) -> bool:
+    low = name.lower()
+    return any(low.endswith("." + e.lower().lstrip(".")) for e in extensions)
+
+
+def _walk(folder: str, extensions: Sequence[str], recursive: bool) -> Iterator[str]:
+    if not recursive:
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.is_file() and _matches(entry.name, extensions):
+                yield entry.path
+        return
+    # followlinks=False: a symlinked folder loop cannot make the walk run forever
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs.sort()
+        # MIRAX data folders hold .dat/.ini files only; never descend into hidden folders
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for f in sorted(files):
+            if _matches(f, extensions):
+                yield os.path.join(root, f)
+
+
+def _read_manifest(path: str) -> pd.DataFrame:
+    if path.lower().endswith(".parquet"):
+        df = pd.read_parquet(path)
+    else:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "path" not in df.columns:
+        raise ValueError(f"manifest {path} has no 'path' column (columns: {list(df.columns)})")
+    base = os.path.dirname(os.path.abspath(path))
+    df = df.copy()
+    df["path"] = [p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p)) for p in df["path"].astype(str)]
+    return df
+
+
+def list_inputs(inputs: Sequence[str], extensions: Sequence[str], recursive: bool = True) -> pd.DataFrame:
+    """Expand inputs into one row per slide path.
+
+    Args:
+        inputs: file paths, folders, glob patterns (``*``, ``?``, ``[``, ``**``), or manifests
+            (``.csv``/``.parquet`` with a ``path`` column; relative paths are relative to the
+            manifest's folder). A path given explicitly is kept whatever its extension (it then
+            becomes an error row if it is not a slide); folders and globs keep only
+            ``extensions``.
+        extensions: slide file extensions without dot, e.g. ``["svs", "ome.tiff"]``.
+        recursive: descend into sub-folders.
+
+    Returns:
+        pandas frame with ``path`` (absolute, normalised) and ``attributes`` (dict of manifest
+        columns as strings, empty for non-manifest inputs); one row per distinct path, the
+        first mention winning.
+
+    Raises:
+        FileNotFoundError: an input that is neither an existing path nor a glob with matches
+            nor a manifest.
+    """
+    rows: list[dict[str, Any]] = []
+    for item in inputs:
+        low = item.lower()
+        if (low.endswith(".csv") or low.endswith(".parquet")) and os.path.isfile(item):
+            m = _read_manifest(item)
+            extra = [c for c in m.columns if c != "path"]
+            for rec in m.to_dict("records"):
+                rows.append({
+                    "path": rec["path"],
+                    "attributes": {c: (None if pd.isna(rec[c]) else str(rec[c])) for c in extra},
+                })
+        elif os.path.isdir(item):
+            rows += [{"path": os.path.abspath(p), "attributes": {}} for p in _walk(item, extensions, recursive)]
+        elif os.path.lexists(item):
+            rows.append({"path": os.path.abspath(item), "attributes": {}})
+        elif any(c in item for c in "*?["):
+            hits = sorted(glob.glob(item, recursive=True))
+            rows += [{"path": os.path.abspath(p), "attributes": {}} for p in hits
+                     if os.path.isfile(p) and _matches(p, extensions)]
+        else:
+            raise FileNotFoundError(f"input not found: {item}")
+    out = pd.DataFrame(rows, columns=["path", "attributes"])
+    out["path"] = [os.path.normpath(p) for p in out["path"]]
+    return out.drop_duplicates(subset="path", keep="first").reset_index(drop=True)
+
+
+def _probe_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    names = SLIDES_SCHEMA.fieldNames()
+    for pdf in batches:
+        out = []
+        for path, attrs, run_id, at in zip(pdf["path"], pdf["attributes"], pdf["run_id"], pdf["discovered_at"]):
+            row = probe_slide(path)
+            row["attributes"] = dict(attrs) if attrs is not None else {}
+            row["run_id"] = run_id
+            row["discovered_at"] = at
+            out.append(row)
+        yield pd.DataFrame(out, columns=names)
+
+
+def discover(spark: SparkSession, paths: pd.DataFrame, run_id: str) -> DataFrame:
+    """Probe every listed path on the executors; one ``slides`` row per path.
+
+    Args:
+        spark: the session.
+        paths: output of :func:`list_inputs`.
+        run_id: written to each row's ``run_id``.
+
+    Returns:
+        DataFrame with :data:`SLIDES_SCHEMA` (lazy; the probing runs when it is written).
+    """
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    src_schema = T.StructType([
+        T.StructField("path", T.StringType(), False),
+        T.StructField("attributes", T.MapType(T.StringType(), T.StringType()), True),
+        T.StructField("run_id", T.StringType(), True),
+        T.StructField("discovered_at", T.TimestampType(), True),
+    ])
+    data = [(p, a, run_id, now) for p, a in zip(paths["path"], paths["attributes"])]
+    n = max(1, min(len(data), spark.sparkContext.defaultParallelism * 4))
+    src = spark.createDataFrame(data, schema=src_schema).repartition(n, "path")
+    spark.sparkContext.setJobDescription("discover")
+    return src.mapInPandas(_probe_batches, schema=SLIDES_SCHEMA)
+
+
+def select_for_tiling(slides: DataFrame) -> DataFrame:
+    """``ok`` slides, one per ``slide_id`` (duplicate content under several paths is tiled once,
+    from the lexicographically first path)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    w = Window.partitionBy("slide_id").orderBy(F.col("path"))
+    return (
+        slides.where(F.col("status") == "ok")
+        .withColumn("_rank", F.row_number().over(w))
+        .where("_rank = 1")
+        .drop("_rank")
+    )
+
+
+__all__ = [
+    "SLIDES_SCHEMA", "PROPERTY_ALLOWLIST", "fingerprint_file", "slide_id_from_fingerprint",
+    "mpp_from_properties", "objective_from_properties", "probe_slide", "list_inputs",
+    "discover", "select_for_tiling",
+]

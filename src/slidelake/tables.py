@@ -1,0 +1,279 @@
+"""Delta tables of the lake: ``<lake>/slides``, ``<lake>/<tiles_table>``, ``<lake>/runs``.
+
+Two writers produce the same standard Delta tables:
+
+* ``spark``: Spark's own Delta data source (Databricks, EMR with Delta, ``--packages``);
+* ``delta-rs``: where the Delta jars are absent (offline machines, this project's CI). Spark
+  writes Parquet files into ``<table>/_staging/<uuid>/``; they are moved next to the table's
+  data and committed to the Delta log by delta-rs in **one** commit. A failure before the commit
+  leaves the table as it was (staged files are deleted; files never committed are invisible to
+  every Delta reader). Reads list the log's active files only, never the folder.
+
+Every write is one atomic Delta commit: ``append``, ``overwrite`` (whole table) or
+``overwrite`` restricted to ``replace_partitions`` values of the first partition column
+(replaceWhere semantics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from urllib.parse import unquote
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import types as T
+
+from slidelake.spark import delta_jars_available
+
+STAGING_DIR = "_staging"
+
+
+@dataclass
+class WriteResult:
+    """What one table write committed.
+
+    Attributes:
+        version: Delta table version after the commit (None when unknown).
+        files: data files added.
+        rows: rows added (from the Parquet footers, or counted back for the spark writer).
+        rows_by_partition: rows added per value of the first partition column.
+    """
+
+    version: int | None
+    files: int
+    rows: int
+    rows_by_partition: dict[str, int] = field(default_factory=dict)
+
+
+def resolve_writer(spark: SparkSession, writer: str) -> str:
+    """Pick ``spark`` or ``delta-rs`` for ``writer`` = ``auto`` | ``spark`` | ``delta-rs``.
+
+    Raises:
+        RuntimeError: ``spark`` asked for but the Delta jars are not on the classpath.
+    """
+    has_jars = delta_jars_available(spark)
+    if writer == "auto":
+        return "spark" if has_jars else "delta-rs"
+    if writer == "spark" and not has_jars:
+        raise RuntimeError(
+            "tables.writer=spark but Spark's Delta Lake jars are not on the classpath; add them "
+            "(e.g. --packages io.delta:delta-spark_2.13:4.4.1) or use writer auto/delta-rs"
+        )
+    return writer
+
+
+def table_exists(path: str) -> bool:
+    """True when ``path`` holds a Delta log."""
+    return os.path.isdir(os.path.join(path, "_delta_log")) and any(
+        f.endswith(".json") or f.endswith(".checkpoint.parquet")
+        for f in os.listdir(os.path.join(path, "_delta_log"))
+    )
+
+
+def _local(path: str) -> str:
+    if "://" in path and not path.startswith("file://"):
+        raise ValueError(
+            f"{path}: the delta-rs writer supports local lake roots only; on object storage "
+            "use Spark's Delta writer (Delta jars on the classpath)"
+        )
+    return os.path.abspath(path.removeprefix("file://"))
+
+
+def _nullable(schema: T.StructType) -> T.StructType:
+    return T.StructType([T.StructField(f.name, f.dataType, True, f.metadata) for f in schema.fields])
+
+
+def read_table(spark: SparkSession, path: str, writer: str, schema: T.StructType | None = None) -> DataFrame:
+    """Read a Delta table as a Spark DataFrame (the current version's active files only).
+
+    Args:
+        spark: the session.
+        path: table folder.
+        writer: ``spark`` or ``delta-rs`` (as returned by :func:`resolve_writer`).
+        schema: schema of an empty result when the table does not exist yet.
+
+    Raises:
+        FileNotFoundError: the table does not exist and no ``schema`` was given.
+    """
+    if writer == "spark":
+        if schema is not None and not table_exists(path) and "://" not in path:
+            return spark.createDataFrame([], schema)
+        return spark.read.format("delta").load(path)
+    local = _local(path)
+    if not table_exists(local):
+        if schema is None:
+            raise FileNotFoundError(f"no Delta table at {path}")
+        return spark.createDataFrame([], schema)
+    from deltalake import DeltaTable
+
+    dt = DeltaTable(local)
+    tschema = T.StructType.fromJson(json.loads(dt.schema().to_json()))
+    files = [os.path.join(local, unquote(p)) for p in dt.files()]
+    if not files:
+        return spark.createDataFrame([], tschema)
+    return spark.read.schema(tschema).option("basePath", local).parquet(*files)
+
+
+def _staged_files(staging: str) -> list[str]:
+    out = []
+    for root, dirs, files in os.walk(staging):
+        dirs[:] = [d for d in dirs if not d.startswith(("_", "."))]
+        out += [os.path.join(root, f) for f in files if f.endswith(".parquet") and not f.startswith((".", "_"))]
+    return sorted(out)
+
+
+def _partition_values(rel: str, partition_by: list[str]) -> dict[str, str | None]:
+    vals: dict[str, str | None] = {}
+    for part in rel.split("/")[:-1]:
+        if "=" in part:
+            k, v = part.split("=", 1)
+            v = unquote(v)
+            vals[k] = None if v == "__HIVE_DEFAULT_PARTITION__" else v
+    return {k: vals.get(k) for k in partition_by}
+
+
+def write_table(
+    spark: SparkSession,
+    df: DataFrame,
+    path: str,
+    writer: str,
+    mode: str = "append",
+    partition_by: list[str] | None = None,
+    replace_partitions: list[str] | None = None,
+    description: str = "write",
+) -> WriteResult:
+    """Write ``df`` to the Delta table at ``path`` in one commit.
+
+    Args:
+        spark: the session.
+        df: rows to write.
+        path: table folder (created when absent).
+        writer: ``spark`` or ``delta-rs``.
+        mode: ``append`` or ``overwrite``.
+        partition_by: partition columns (first one is used by ``replace_partitions``).
+        replace_partitions: with ``mode='overwrite'``, replace only these values of the first
+            partition column (every other partition is kept); an empty list replaces nothing and
+            only appends. ``None`` with ``overwrite`` replaces the whole table.
+        description: Spark job description (shows in the Spark UI).
+
+    Returns:
+        :class:`WriteResult`.
+
+    Raises:
+        ValueError: bad mode, or ``replace_partitions`` without ``partition_by``.
+    """
+    if mode not in ("append", "overwrite"):
+        raise ValueError(f"mode must be append or overwrite, not {mode!r}")
+    partition_by = partition_by or []
+    if replace_partitions is not None and not partition_by:
+        raise ValueError("replace_partitions needs partition_by")
+    spark.sparkContext.setJobDescription(description)
+    if writer == "spark":
+        return _write_spark(spark, df, path, mode, partition_by, replace_partitions)
+    return _write_delta_rs(df, path, mode, partition_by, replace_partitions)
+
+
+def _write_spark(spark, df, path, mode, partition_by, replace_partitions) -> WriteResult:
+    from pyspark.sql import functions as F
+
+    w = df.write.format("delta").mode(mode)
+    if partition_by:
+        w = w.partitionBy(*partition_by)
+    if mode == "overwrite" and replace_partitions is not None:
+        key = partition_by[0]
+        if not replace_partitions:
+            w = df.write.format("delta").mode("append").partitionBy(*partition_by)
+        else:
+            quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in replace_partitions)
+            w = w.option("replaceWhere", f"`{key}` IN ({quoted})")
+    elif mode == "overwrite":
+        w = w.option("overwriteSchema", "true")
+    w.save(path)
+    hist = spark.sql(f"DESCRIBE HISTORY delta.`{path}` LIMIT 1").collect()
+    version = int(hist[0]["version"]) if hist else None
+    metrics = hist[0]["operationMetrics"] if hist else {}
+    rows = int((metrics or {}).get("numOutputRows", 0))
+    by_part: dict[str, int] = {}
+    if partition_by and replace_partitions and version is not None:
+        # the replaced partitions hold exactly the rows just written; counting them back is
+        # exact and reads only the partition column
+        added = spark.read.format("delta").option("versionAsOf", version).load(path)
+        added = added.where(F.col(partition_by[0]).isin(replace_partitions))
+        by_part = {r[0]: int(r[1]) for r in added.groupBy(partition_by[0]).count().collect()}
+    files = int((metrics or {}).get("numFiles", 0))
+    return WriteResult(version, files, rows, by_part)
+
+
+def _write_delta_rs(df, path, mode, partition_by, replace_partitions) -> WriteResult:
+    import pyarrow.parquet as pq
+    from deltalake import DeltaTable, Schema
+    from deltalake.transaction import AddAction, create_table_with_add_actions
+
+    local = _local(path)
+    os.makedirs(local, exist_ok=True)
+    staging = os.path.join(local, STAGING_DIR, uuid.uuid4().hex)
+    try:
+        w = df.write.mode("overwrite").option("compression", "zstd")
+        if partition_by:
+            w = w.partitionBy(*partition_by)
+        w.parquet(staging)
+
+        adds: list[AddAction] = []
+        by_part: dict[str, int] = {}
+        total = 0
+        for src in _staged_files(staging):
+            rel = os.path.relpath(src, staging).replace(os.sep, "/")
+            dst = os.path.join(local, rel)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            if os.path.exists(dst):  # Spark names carry a per-job UUID; never clobber a file
+                raise FileExistsError(f"refusing to overwrite existing data file {dst}")
+            n = pq.read_metadata(src).num_rows
+            os.replace(src, dst)
+            st = os.stat(dst)
+            pvals = _partition_values(rel, partition_by)
+            adds.append(AddAction(
+                path=rel, size=st.st_size, partition_values=pvals,
+                modification_time=int(st.st_mtime * 1000), data_change=True,
+                stats=json.dumps({"numRecords": n}),
+            ))
+            total += n
+            if partition_by:
+                key = pvals[partition_by[0]] or ""
+                by_part[key] = by_part.get(key, 0) + n
+
+        schema = Schema.from_json(_nullable(df.schema).json())
+        if not table_exists(local):
+            create_table_with_add_actions(local, schema, adds, mode="error", partition_by=partition_by or None)
+        else:
+            dt = DeltaTable(local)
+            if mode == "overwrite" and replace_partitions is not None:
+                if replace_partitions:
+                    dt.create_write_transaction(
+                        adds, mode="overwrite", schema=schema, partition_by=partition_by,
+                        partition_filters=[(partition_by[0], "in", list(replace_partitions))],
+                    )
+                else:
+                    dt.create_write_transaction(adds, mode="append", schema=schema, partition_by=partition_by)
+            else:
+                dt.create_write_transaction(adds, mode=mode, schema=schema, partition_by=partition_by or None)
+        version = DeltaTable(local).version()
+        return WriteResult(version, len(adds), total, by_part)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        parent = os.path.join(local, STAGING_DIR)
+        if os.path.isdir(parent) and not os.listdir(parent):
+            os.rmdir(parent)
+
+
+def register_tables(spark: SparkSession, database: str, tables: dict[str, str]) -> None:
+    """Register Delta tables by name: ``CREATE TABLE IF NOT EXISTS db.name USING DELTA LOCATION``.
+
+    Only meaningful with Spark's Delta data source (Databricks, EMR).
+    """
+    spark.sql(f"CREATE DATABASE IF NOT EXISTS `{database}`")
+    for name, loc in tables.items():
+        spark.sql(f"CREATE TABLE IF NOT EXISTS `{database}`.`{name}` USING DELTA LOCATION '{loc}'")
+
