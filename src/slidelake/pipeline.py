@@ -69,7 +69,7 @@ def _new_record(spark: SparkSession, cfg: PipelineConfig, job: str, writer: str)
 
 
 def _write_run(spark: SparkSession, rec: RunRecord, paths: dict[str, str], writer: str) -> None:
-    df = spark.createDataFrame([rec.row()], schema=RUNS_SCHEMA)
+    df = spark.createDataFrame([rec.row()], schema=RUNS_SCHEMA).coalesce(1)
     write_table(spark, df, paths["runs"], writer, mode="append", description="write runs")
 
 
@@ -103,7 +103,7 @@ def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord) ->
     with _stage(rec, "write"):
         existing = read_table(spark, paths["slides"], writer, SLIDES_SCHEMA)
         kept = existing.join(found.select("path"), on="path", how="left_anti").select(*SLIDES_SCHEMA.fieldNames())
-        res = write_table(spark, kept.unionByName(found), paths["slides"], writer, mode="overwrite",
+        res = write_table(spark, kept.unionByName(found).coalesce(1), paths["slides"], writer, mode="overwrite",
                           description="write slides")
         rec.table_versions["slides"] = res.version if res.version is not None else -1
     n_ok = sum(1 for r in rows if r["status"] == "ok")

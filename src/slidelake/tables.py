@@ -111,7 +111,7 @@ def read_table(spark: SparkSession, path: str, writer: str, schema: T.StructType
 
     dt = DeltaTable(local)
     tschema = T.StructType.fromJson(json.loads(dt.schema().to_json()))
-    files = [os.path.join(local, unquote(p)) for p in dt.files()]
+    files = list(dt.file_uris())
     if not files:
         return spark.createDataFrame([], tschema)
     return spark.read.schema(tschema).option("basePath", local).parquet(*files)

@@ -1,0 +1,211 @@
+"""Command line: ``slidelake discover | tile | run | sql``.
+
+Settings come from a YAML file (``--config conf/<name>.yaml``) and are overridden by flags.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Whole-slide images to Delta tables of tiles (slides, tiles, runs).")
+console = Console()
+
+_ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (see conf/).")
+_LakeOpt = typer.Option(None, "--lake", help="Lake root folder holding the Delta tables.")
+
+
+def _overrides(inputs: list[str] | None, lake: str | None, **flags: Any) -> dict[str, Any]:
+    o: dict[str, Any] = {}
+    if inputs:
+        o["inputs"] = list(inputs)
+    if lake:
+        o["lake"] = lake
+    sections = {
+        "resolution": ("level", "mpp", "downsample", "magnification", "fallback", "tolerance", "assumed_mpp"),
+        "grid": ("tile_extent", "stride", "last", "roi"),
+        "decode": ("encoding", "quality", "batch_size"),
+        "filter": ("min_std", "max_background_fraction"),
+        "tables": ("writer", "tiles_table"),
+    }
+    for section, keys in sections.items():
+        for k in keys:
+            v = flags.get(k)
+            if v is not None:
+                o.setdefault(section, {})[k] = v
+    return o
+
+
+def _load(config: Optional[str], overrides: dict[str, Any]):
+    from slidelake.config import load_config
+
+    try:
+        return load_config(config, overrides)
+    except (ValidationError, ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]config error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+
+
+def _report(rec, cfg) -> None:
+    from slidelake.pipeline import lake_paths, summary
+
+    console.print(summary(rec), markup=False, highlight=False)
+    for name, p in lake_paths(cfg).items():
+        if name != "tiles" or rec.job != "discover":
+            console.print(f"  {name:7s} {p}", markup=False, highlight=False)
+
+
+def _xy(v: Optional[str]) -> Optional[list[int]]:
+    if v is None:
+        return None
+    parts = [int(p) for p in v.replace("x", ",").split(",") if p]
+    return parts * 2 if len(parts) == 1 else parts
+
+
+def _roi(v: Optional[str]) -> Optional[list[int]]:
+    return None if v is None else [int(p) for p in v.split(",")]
+
+
+def _run_job(job: str, inputs, config, lake, replace_table: bool, **flags) -> None:
+    from slidelake.pipeline import ConfigMismatchError, run_all, run_discover, run_tile
+    from slidelake.spark import get_spark
+
+    for key in ("tile_extent", "stride"):
+        flags[key] = _xy(flags.get(key))
+    flags["roi"] = _roi(flags.get("roi"))
+    cfg = _load(config, _overrides(inputs, lake, **flags))
+    if job in ("discover", "run") and not cfg.inputs:
+        console.print("[red]no inputs:[/red] give slide files/folders/manifests or 'inputs' in the config")
+        raise typer.Exit(2)
+    spark = get_spark()
+    try:
+        if job == "discover":
+            rec = run_discover(spark, cfg)
+        elif job == "tile":
+            rec = run_tile(spark, cfg, replace_table=replace_table)
+        else:
+            rec = run_all(spark, cfg, replace_table=replace_table)
+    except ConfigMismatchError as exc:
+        console.print(f"[red]refused:[/red] {exc}")
+        raise typer.Exit(3) from exc
+    _report(rec, cfg)
+
+
+TILE_FLAGS = dict(
+    level=typer.Option(None, help="Pyramid level to tile (0 = full resolution)."),
+    mpp=typer.Option(None, help="Tile resolution in µm/px."),
+    downsample=typer.Option(None, help="Tile resolution as downsample from level 0."),
+    magnification=typer.Option(None, help="Tile resolution as magnification (10/mag µm/px)."),
+    fallback=typer.Option(None, help="error | nearest | floor | ceil | resample."),
+    tolerance=typer.Option(None, help="Relative downsample deviation accepted as a match."),
+    assumed_mpp=typer.Option(None, "--assumed-mpp", help="Level-0 µm/px for slides without mpp."),
+    tile_extent=typer.Option(None, "--tile-extent", help="Tile size in px, '256' or '256,512'."),
+    stride=typer.Option(None, help="Stride in px, '224' or 'x,y' (overlap = extent - stride)."),
+    last=typer.Option(None, help="Edge policy: keep | drop | shift."),
+    roi=typer.Option(None, help="Rectangle 'x,y,w,h' in level-0 px."),
+    encoding=typer.Option(None, help="raw | png | jpeg | webp."),
+    quality=typer.Option(None, help="JPEG/WebP quality 1-100."),
+    batch_size=typer.Option(None, "--batch-size", help="Tiles per decode batch (worker memory)."),
+    min_std=typer.Option(None, "--min-std", help="Keep tiles with grey std >= this."),
+    max_background_fraction=typer.Option(None, "--max-background", help="Keep tiles with background fraction <= this."),
+    writer=typer.Option(None, help="Delta writer: auto | spark | delta-rs."),
+    tiles_table=typer.Option(None, "--tiles-table", help="Tile table name under the lake."),
+)
+
+
+@app.command()
+def discover(
+    inputs: Optional[list[str]] = typer.Argument(None, help="Slide files, folders, globs or manifests."),
+    config: Optional[str] = _ConfigOpt,
+    lake: Optional[str] = _LakeOpt,
+    assumed_mpp: Optional[float] = TILE_FLAGS["assumed_mpp"],
+    writer: Optional[str] = TILE_FLAGS["writer"],
+) -> None:
+    """Find slides and write one row per file to <lake>/slides."""
+    _run_job("discover", inputs, config, lake, False, assumed_mpp=assumed_mpp, writer=writer)
+
+
+def _tiling_command(job: str):
+    def command(
+        inputs: Optional[list[str]] = typer.Argument(None, help="Slide files, folders, globs or manifests."),
+        config: Optional[str] = _ConfigOpt,
+        lake: Optional[str] = _LakeOpt,
+        level: Optional[int] = TILE_FLAGS["level"],
+        mpp: Optional[float] = TILE_FLAGS["mpp"],
+        downsample: Optional[float] = TILE_FLAGS["downsample"],
+        magnification: Optional[float] = TILE_FLAGS["magnification"],
+        fallback: Optional[str] = TILE_FLAGS["fallback"],
+        tolerance: Optional[float] = TILE_FLAGS["tolerance"],
+        assumed_mpp: Optional[float] = TILE_FLAGS["assumed_mpp"],
+        tile_extent: Optional[str] = TILE_FLAGS["tile_extent"],
+        stride: Optional[str] = TILE_FLAGS["stride"],
+        last: Optional[str] = TILE_FLAGS["last"],
+        roi: Optional[str] = TILE_FLAGS["roi"],
+        encoding: Optional[str] = TILE_FLAGS["encoding"],
+        quality: Optional[int] = TILE_FLAGS["quality"],
+        batch_size: Optional[int] = TILE_FLAGS["batch_size"],
+        min_std: Optional[float] = TILE_FLAGS["min_std"],
+        max_background_fraction: Optional[float] = TILE_FLAGS["max_background_fraction"],
+        writer: Optional[str] = TILE_FLAGS["writer"],
+        tiles_table: Optional[str] = TILE_FLAGS["tiles_table"],
+        replace_table: bool = typer.Option(False, "--replace-table", help="Replace the whole tile table."),
+    ) -> None:
+        flags = {k: v for k, v in locals().items() if k not in ("inputs", "config", "lake", "replace_table", "job")}
+        _run_job(job, inputs, config, lake, replace_table, **flags)
+
+    return command
+
+
+app.command("tile", help="Tile slides already in <lake>/slides (all ok slides, or the given inputs).")(
+    _tiling_command("tile"))
+app.command("run", help="Discover the inputs, then tile them (one run).")(_tiling_command("run"))
+
+
+@app.command()
+def sql(
+    query: str = typer.Argument(..., help="SQL over the views slides, tiles, runs."),
+    lake: str = typer.Option("lake", "--lake", help="Lake root folder."),
+    tiles_table: str = typer.Option("tiles", "--tiles-table", help="Tile table name under the lake."),
+    limit: int = typer.Option(50, help="Rows to print at most."),
+) -> None:
+    """Run a SQL query on the lake's tables (registered as temporary views)."""
+    from slidelake.pipeline import lake_paths
+    from slidelake.config import PipelineConfig, TablesConfig
+    from slidelake.spark import get_spark
+    from slidelake.tables import read_table, resolve_writer
+
+    spark = get_spark()
+    cfg = PipelineConfig(lake=lake, tables=TablesConfig(tiles_table=tiles_table))
+    writer = resolve_writer(spark, "auto")
+    for name, p in lake_paths(cfg).items():
+        try:
+            read_table(spark, p, writer).createOrReplaceTempView(name)
+        except FileNotFoundError:
+            pass
+    try:
+        df = spark.sql(query)
+    except Exception as exc:  # noqa: BLE001 - AnalysisException, ParseException
+        console.print(f"[red]query failed:[/red] {exc}", markup=True)
+        raise typer.Exit(1) from exc
+    cols = [f.name for f in df.schema.fields if f.dataType.typeName() != "binary"]
+    rows = df.select(*cols).limit(limit).collect()
+    table = Table(*cols)
+    for r in rows:
+        table.add_row(*["" if v is None else str(v) for v in r])
+    console.print(table)
+    console.print(f"{len(rows)} row(s)" + (f" (first {limit})" if len(rows) == limit else ""))
+
+
+def main() -> None:  # pragma: no cover - console entry
+    """Entry point for ``python -m slidelake.cli``."""
+    app(sys.argv[1:])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
