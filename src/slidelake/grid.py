@@ -8,8 +8,8 @@ Along one axis of length ``L`` (tile px), with tile extent ``E`` and stride ``S`
 * ``keep``: also partial tiles, until the edge is covered:
   ``n = min(ceil(L / S), ceil((L - E) / S) + 1)`` (1 when ``L <= E``); pixels past the slide
   are padded white by the decode stage;
-* ``shift``: the fitting tiles plus, when they leave a strip uncovered, one tile at ``L - E``
-  (clamped inside the slide); nothing when ``L < E``.
+* ``shift``: the tiles of ``keep``, with a partial last tile moved back to start at ``L - E``
+  (clamped inside the slide, overlapping its neighbour); nothing when ``L < E``.
 
 Tile positions are in px at the tile resolution; level-0 positions are
 ``floor(x * downsample + 0.5)`` (round half up).
@@ -42,7 +42,7 @@ def axis_count(length: int, extent: int, stride: int, last: str) -> int:
             return 1
         return min(math.ceil(length / stride), math.ceil((length - extent) / stride) + 1)
     if last == "shift":
-        return full + (1 if full >= 1 and (full - 1) * stride + extent < length else 0)
+        return axis_count(length, extent, stride, "keep") if length >= extent else 0
     raise ValueError(f"unknown edge policy last={last!r}")
 
 
@@ -61,14 +61,15 @@ def axis_positions(length: int, extent: int, stride: int, last: str) -> np.ndarr
 
 def _count_expr(length: Column, extent: Column, stride: Column, last: str) -> Column:
     full = F.when(length >= extent, F.floor((length - extent) / stride) + 1).otherwise(F.lit(0))
+    keep = F.when(length <= extent, F.lit(1)).otherwise(
+        F.least(F.ceil(length / stride), F.ceil((length - extent) / stride) + 1)
+    )
     if last == "drop":
         n = full
     elif last == "keep":
-        n = F.when(length <= extent, F.lit(1)).otherwise(
-            F.least(F.ceil(length / stride), F.ceil((length - extent) / stride) + 1)
-        )
+        n = keep
     elif last == "shift":
-        n = full + F.when((full >= 1) & ((full - 1) * stride + extent < length), 1).otherwise(0)
+        n = F.when(length >= extent, keep).otherwise(F.lit(0))
     else:
         raise ValueError(f"unknown edge policy last={last!r}")
     return F.when(length > 0, n).otherwise(F.lit(0)).cast("long")

@@ -1,0 +1,62 @@
+"""Shared fixtures: one Spark session per test session, the real slides, generated slides."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SLIDES = Path(os.environ.get("SLIDELAKE_TEST_SLIDES", ROOT.parent / "shared" / "slides"))
+
+CMU = SLIDES / "aperio" / "CMU-1-Small-Region.svs"
+TCGA = SLIDES / "aperio" / "tcga-cr-7395-01a-01-ts1.svs"
+DAPI = SLIDES / "hamamatsu" / "test3-DAPI-2-387.ndpi"
+TRITC = SLIDES / "hamamatsu" / "test3-TRITC-2-560.ndpi"
+
+
+def need(*paths: Path) -> None:
+    """Skip the test, with the reason, when a real slide is absent."""
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        pytest.skip(f"real slides absent (set SLIDELAKE_TEST_SLIDES): {', '.join(missing)}")
+
+
+@pytest.fixture(scope="session")
+def spark():
+    os.environ.setdefault("SLIDELAKE_SPARK_MASTER", "local[2]")
+    from slidelake.spark import get_spark
+
+    s = get_spark("slidelake-tests")
+    s.sparkContext.setLogLevel("ERROR")
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def lake(tmp_path: Path) -> Path:
+    return tmp_path / "lake"
+
+
+def make_tiff(path: Path, width: int, height: int, levels: int = 1, tile: int = 64,
+              mpp: float | None = 0.5, seed: int = 0) -> np.ndarray:
+    """Write a tiled, uncompressed pyramidal RGB TIFF (OpenSlide 'generic-tiff') and return its
+    level-0 pixels ``(height, width, 3)`` uint8. Level k is level 0 subsampled by 2**k."""
+    import tifffile
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    img = np.stack([(xx * 7) % 256, (yy * 5) % 256, (xx + yy) % 256], axis=-1).astype(np.uint8)
+    img[height // 4: height // 2, width // 4: width // 2] = rng.integers(0, 256, (height // 2 - height // 4, width // 2 - width // 4, 3), dtype=np.uint8)
+    res = {}
+    if mpp is not None:
+        res = dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    with tifffile.TiffWriter(path) as tw:
+        for k in range(levels):
+            lvl = img[:: 2 ** k, :: 2 ** k]
+            kw = res if k == 0 else {}
+            tw.write(np.ascontiguousarray(lvl), tile=(tile, tile), photometric="rgb",
+                     compression=None, subfiletype=0 if k == 0 else 1, **kw)
+    return img

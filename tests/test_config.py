@@ -1,0 +1,45 @@
+import pytest
+from pydantic import ValidationError
+
+from slidelake.config import PipelineConfig, ResolutionConfig, config_hash, load_config
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_every_shipped_config_loads():
+    for f in sorted((ROOT / "conf").glob("*.yaml")):
+        cfg = load_config(f)
+        assert isinstance(cfg, PipelineConfig), f
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("grid:\n  tile_extnt: 256\n")
+    with pytest.raises(ValidationError, match="tile_extnt"):
+        load_config(p)
+
+
+def test_resolution_needs_exactly_one_unit():
+    with pytest.raises(ValidationError, match="exactly one"):
+        ResolutionConfig(mpp=0.5, level=1)
+    with pytest.raises(ValidationError, match="exactly one"):
+        ResolutionConfig()
+    with pytest.raises(ValidationError, match="resample"):
+        ResolutionConfig(level=0, fallback="resample")
+
+
+def test_override_replaces_resolution_unit(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("resolution:\n  level: 1\n  fallback: floor\ngrid:\n  tile_extent: [128, 64]\n")
+    cfg = load_config(p, {"resolution": {"mpp": 0.25}, "grid": {"stride": 32}})
+    assert cfg.resolution.unit == "mpp" and cfg.resolution.level is None
+    assert cfg.resolution.fallback == "floor"
+    assert cfg.grid.tile_extent == (128, 64) and cfg.grid.stride_xy == (32, 32)
+
+
+def test_config_hash_tracks_tiling_settings_only():
+    a = PipelineConfig(lake="a", inputs=["x"])
+    b = PipelineConfig(lake="b", inputs=["y"])
+    c = PipelineConfig(grid={"tile_extent": 512})
+    assert config_hash(a) == config_hash(b)
+    assert config_hash(a) != config_hash(c)

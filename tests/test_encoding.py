@@ -1,0 +1,40 @@
+import numpy as np
+import pytest
+
+from slidelake.encoding import decode_tile, encode_tile
+
+
+@pytest.fixture
+def rgb():
+    rng = np.random.default_rng(1)
+    base = np.linspace(0, 255, 64 * 48, dtype=np.float64).reshape(48, 64)
+    img = np.stack([base, base[::-1], np.full_like(base, 128)], -1)
+    return np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "png"])
+def test_lossless_round_trip(rgb, fmt):
+    out = decode_tile(encode_tile(rgb, fmt), fmt, 64, 48)
+    assert out.dtype == np.uint8 and np.array_equal(out, rgb)
+
+
+def test_webp_lossless_at_quality_100(rgb):
+    assert np.array_equal(decode_tile(encode_tile(rgb, "webp", 100), "webp", 64, 48), rgb)
+
+
+@pytest.mark.parametrize("fmt,q,tol", [("jpeg", 90, 6.0), ("jpeg", 50, 12.0), ("webp", 90, 6.0)])
+def test_lossy_round_trip_close(rgb, fmt, q, tol):
+    data = encode_tile(rgb, fmt, q)
+    out = decode_tile(data, fmt, 64, 48)
+    assert out.shape == rgb.shape
+    assert np.abs(out.astype(float) - rgb).mean() < tol
+    assert len(data) < rgb.nbytes
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="unknown tile encoding"):
+        encode_tile(np.zeros((4, 4, 3), np.uint8), "gif")
+    with pytest.raises(ValueError, match="uint8"):
+        encode_tile(np.zeros((4, 4), np.uint8), "raw")
+    with pytest.raises(ValueError, match="expected"):
+        decode_tile(b"\x00" * 10, "raw", 4, 4)

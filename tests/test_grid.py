@@ -1,0 +1,94 @@
+"""Grid semantics against an independent brute-force reference (pixel coverage rules)."""
+
+import itertools
+
+import pytest
+
+from slidelake.grid import axis_positions, expand_grid, grid_size
+
+
+def reference(length, extent, stride, last):
+    """Walk k = 0, 1, ... and apply the edge rules literally."""
+    out = []
+    k = 0
+    while True:
+        p = k * stride
+        if p >= length:
+            break
+        fits = p + extent <= length
+        if fits:
+            out.append(p)
+        elif last == "keep":
+            # a partial tile, unless an earlier tile already reached the edge
+            if not out or out[-1] + extent < length:
+                out.append(p)
+            break
+        elif last == "shift":
+            if length >= extent and (not out or out[-1] + extent < length):
+                out.append(length - extent)
+            break
+        else:  # drop
+            break
+        k += 1
+    # "keep"/"shift" when the full tiles stop before the strip that needs covering (gaps):
+    return out
+
+
+CASES = list(itertools.product(
+    [1, 5, 100, 255, 256, 257, 511, 512, 1000, 1023],  # length
+    [1, 64, 100, 256],  # extent
+    [1, 32, 64, 100, 256, 300],  # stride (smaller and larger than extent)
+    ["keep", "drop", "shift"],
+))
+
+
+@pytest.mark.parametrize("length,extent,stride,last", CASES)
+def test_axis_positions_match_reference(length, extent, stride, last):
+    ref = reference(length, extent, stride, last)
+    assert list(axis_positions(length, extent, stride, last)) == ref
+
+
+def test_semantics_on_a_worked_example():
+    # 1000 px, 256 px tiles, no overlap: 3 full tiles cover 0..768, 232 px remain
+    assert list(axis_positions(1000, 256, 256, "drop")) == [0, 256, 512]
+    assert list(axis_positions(1000, 256, 256, "keep")) == [0, 256, 512, 768]
+    assert list(axis_positions(1000, 256, 256, "shift")) == [0, 256, 512, 744]
+    # 50 % overlap
+    assert list(axis_positions(512, 256, 128, "drop")) == [0, 128, 256]
+    # slide smaller than a tile
+    assert list(axis_positions(100, 256, 256, "keep")) == [0]
+    assert list(axis_positions(100, 256, 256, "drop")) == []
+    assert list(axis_positions(100, 256, 256, "shift")) == []
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("last", ["keep", "drop", "shift"])
+@pytest.mark.parametrize("extent,stride", [((64, 48), (64, 48)), ((64, 64), (40, 24)), ((50, 30), (80, 70))])
+def test_spark_expand_grid_matches_reference(spark, last, extent, stride):
+    slides = spark.createDataFrame(
+        [("a", 1000, 777, 1.0), ("b", 130, 50, 2.0), ("c", 10, 10, 4.0)],
+        "slide_id string, extent_x long, extent_y long, downsample double",
+    )
+    rows = expand_grid(slides, extent, stride, last).collect()
+    for sid, W, H, d in [("a", 1000, 777, 1.0), ("b", 130, 50, 2.0), ("c", 10, 10, 4.0)]:
+        got = sorted((r.tile_x, r.tile_y) for r in rows if r.slide_id == sid)
+        want = sorted(itertools.product(reference(W, extent[0], stride[0], last),
+                                         reference(H, extent[1], stride[1], last)))
+        assert got == want, sid
+        assert len(got) == grid_size(W, H, d, extent, stride, last)
+        for r in (r for r in rows if r.slide_id == sid):
+            assert r.level0_x == int(r.tile_x * d + 0.5) and r.level0_y == int(r.tile_y * d + 0.5)
+            assert r.valid_width == min(extent[0], W - r.tile_x)
+            assert r.valid_height == min(extent[1], H - r.tile_y)
+            assert r.stride_x == stride[0] and r.tile_extent_y == extent[1]
+
+
+@pytest.mark.spark
+def test_spark_expand_grid_roi(spark):
+    slides = spark.createDataFrame([("a", 1000, 800, 2.0)],
+                                   "slide_id string, extent_x long, extent_y long, downsample double")
+    # ROI in level-0 px: x 400..1000, y 200..600 -> tile px x 200..500, y 100..300
+    rows = expand_grid(slides, (100, 100), (100, 100), "drop", roi=(400, 200, 600, 400)).collect()
+    got = sorted((r.tile_x, r.tile_y) for r in rows)
+    assert got == sorted(itertools.product([200, 300, 400], [100, 200]))
+    assert len(rows) == grid_size(1000, 800, 2.0, (100, 100), (100, 100), "drop", (400, 200, 600, 400))

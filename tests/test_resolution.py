@@ -1,0 +1,88 @@
+import math
+
+import pytest
+
+from slidelake.config import ResolutionConfig
+from slidelake.resolution import ResolutionError, resolve
+
+# an NDPI-like pyramid: 40x, 0.228 µm/px, downsamples 1..64
+DIMS = [(3968 // 2**k, 4864 // 2**k) for k in range(7)]
+DOWNS = [float(2**k) for k in range(7)]
+MPP = 0.2281750559028887
+
+
+def R(**kw):
+    return ResolutionConfig(**kw)
+
+
+def test_level_request():
+    r = resolve(R(level=2), DIMS, DOWNS, MPP, MPP)
+    assert (r.level, r.downsample, r.scale) == (2, 4.0, 1.0)
+    assert r.mpp_x == pytest.approx(MPP * 4)
+    assert (r.width, r.height) == DIMS[2]
+    with pytest.raises(ResolutionError, match="level 7 requested"):
+        resolve(R(level=7), DIMS, DOWNS, MPP, MPP)
+
+
+def test_mpp_within_tolerance_picks_matching_level():
+    r = resolve(R(mpp=0.9127, fallback="error", tolerance=0.01), DIMS, DOWNS, MPP, MPP)
+    assert r.level == 2 and not r.resampled
+
+
+@pytest.mark.parametrize("fallback,level", [("nearest", 1), ("floor", 1), ("ceil", 2)])
+def test_fallbacks_between_levels(fallback, level):
+    # 0.6 µm/px -> downsample 2.63: between level 1 (2) and level 2 (4); nearest by log ratio is 1
+    r = resolve(R(mpp=0.6, fallback=fallback), DIMS, DOWNS, MPP, MPP)
+    assert r.level == level
+    assert r.mpp_x == pytest.approx(MPP * DOWNS[level])
+
+
+def test_error_fallback_reports_levels():
+    with pytest.raises(ResolutionError, match="no level within 5%"):
+        resolve(R(mpp=0.6, fallback="error"), DIMS, DOWNS, MPP, MPP)
+
+
+def test_resample_reads_finer_level_and_hits_exact_mpp():
+    r = resolve(R(mpp=0.6, fallback="resample"), DIMS, DOWNS, MPP, MPP)
+    assert r.level == 1 and r.resampled
+    assert r.mpp_x == pytest.approx(0.6)
+    assert r.downsample == pytest.approx(0.6 / MPP)
+    assert r.scale == pytest.approx(2.0 / (0.6 / MPP))
+    assert r.width == math.floor(3968 / (0.6 / MPP))
+
+
+def test_upsampling_and_beyond_pyramid_are_errors():
+    with pytest.raises(ResolutionError, match="finer than level 0"):
+        resolve(R(mpp=0.1, fallback="resample"), DIMS, DOWNS, MPP, MPP)
+    with pytest.raises(ResolutionError, match="at or finer"):
+        resolve(R(mpp=0.1, fallback="floor"), DIMS, DOWNS, MPP, MPP)
+    with pytest.raises(ResolutionError, match="at or coarser"):
+        resolve(R(mpp=100.0, fallback="ceil"), DIMS, DOWNS, MPP, MPP)
+    # nearest never fails: coarsest level
+    assert resolve(R(mpp=100.0, fallback="nearest"), DIMS, DOWNS, MPP, MPP).level == 6
+
+
+def test_missing_mpp_is_an_error_unless_assumed():
+    with pytest.raises(ResolutionError, match="no mpp"):
+        resolve(R(mpp=0.5), DIMS, DOWNS, None, None)
+    r = resolve(R(mpp=0.5, assumed_mpp=0.25), DIMS, DOWNS, None, None)
+    assert r.mpp_source == "assumed" and r.level == 1 and r.mpp_x == pytest.approx(0.5)
+    # level and downsample requests work without mpp; effective mpp stays unknown
+    r = resolve(R(downsample=4), DIMS, DOWNS, None, None)
+    assert r.level == 2 and r.mpp_x is None
+
+
+def test_magnification():
+    # 10x -> 1.0 µm/px -> downsample 4.38 from 0.228: level 2 (4) is nearest
+    assert resolve(R(magnification=10), DIMS, DOWNS, MPP, MPP).level == 2
+    # without mpp, objective power 40 gives downsample 4 exactly
+    assert resolve(R(magnification=10, fallback="error"), DIMS, DOWNS, None, None, objective_power=40).level == 2
+    with pytest.raises(ResolutionError, match="neither mpp nor objective"):
+        resolve(R(magnification=10), DIMS, DOWNS, None, None)
+
+
+def test_non_integer_downsamples_within_tolerance():
+    dims = [(4443, 3567), (2221, 1783)]
+    downs = [1.0, 2.0005055500659967]
+    r = resolve(R(downsample=2.0, fallback="error", tolerance=0.01), dims, downs, None, None)
+    assert r.level == 1 and r.downsample == pytest.approx(2.0005055500659967) and not r.resampled
