@@ -1,0 +1,195 @@
+"""End-to-end tiling on the real slides and generated ones."""
+
+import shutil
+
+import numpy as np
+import openslide
+import polars as pl
+import pytest
+from deltalake import DeltaTable
+from PIL import Image
+
+from conftest import CMU, DAPI, TCGA, make_tiff, need
+from slidelake.config import PipelineConfig
+from slidelake.decode import rgba_to_rgb
+from slidelake.encoding import decode_tile
+from slidelake.pipeline import ConfigMismatchError, run_all, run_tile
+
+pytestmark = pytest.mark.spark
+
+RAW_ALL = {"decode": {"encoding": "raw"}, "filter": {"max_background_fraction": None}}
+
+
+def cfg_for(lake, inputs, **kw):
+    base = {"inputs": [str(p) for p in inputs], "lake": str(lake), **RAW_ALL}
+    for k, v in kw.items():
+        base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
+    return PipelineConfig.model_validate(base)
+
+
+def tiles_of(lake, table="tiles"):
+    return pl.read_delta(str(lake / table))
+
+
+def test_tile_pixels_equal_read_region(spark, lake):
+    need(CMU)
+    cfg = cfg_for(lake, [CMU], resolution={"level": 0}, grid={"tile_extent": 256, "last": "keep"})
+    rec = run_all(spark, cfg)
+    t = tiles_of(lake)
+    # 2220 x 2967 with 256 px tiles, partial edge tiles kept: 9 x 12
+    assert t.height == 9 * 12 == rec.counts["tiles_written"] == rec.counts["tiles_generated"]
+    with openslide.OpenSlide(str(CMU)) as s:
+        for r in t.sample(12, seed=3).iter_rows(named=True):
+            px = decode_tile(r["tile"], r["tile_format"], r["tile_width"], r["tile_height"])
+            want = rgba_to_rgb(np.asarray(s.read_region((r["level0_x"], r["level0_y"]), r["level"], (256, 256))))
+            assert np.array_equal(px, want)
+        # an edge tile is padded white beyond the slide
+        edge = t.filter((pl.col("tile_x") == 2048) & (pl.col("tile_y") == 2816)).row(0, named=True)
+        px = decode_tile(edge["tile"], "raw", 256, 256)
+        assert (edge["valid_width"], edge["valid_height"]) == (2220 - 2048, 2967 - 2816)
+        assert (px[:, 172:] == 255).all() and (px[151:, :] == 255).all()
+        inside = rgba_to_rgb(np.asarray(s.read_region((2048, 2816), 0, (172, 151))))
+        assert np.array_equal(px[:151, :172], inside)
+    r = t.row(0, named=True)
+    assert r["mpp_x"] == pytest.approx(0.499) and r["level"] == 0 and r["downsample"] == 1.0
+    assert r["run_id"] == rec.run_id and r["config_hash"] == rec.config_hash
+    assert r["slidelake_version"] and r["fingerprint"].startswith(r["slide_id"])
+    assert t["tile_id"].n_unique() == t.height
+
+
+def test_ndpi_picks_level_for_mpp_and_pixels_match(spark, lake):
+    need(DAPI)
+    # 0.9127 µm/px = 0.22818 x 4: level 2 of the NDPI pyramid
+    cfg = cfg_for(lake, [DAPI], resolution={"mpp": 0.9127, "fallback": "error", "tolerance": 0.01},
+                  grid={"tile_extent": 128, "last": "drop"})
+    run_all(spark, cfg)
+    t = tiles_of(lake)
+    assert set(t["level"]) == {2}
+    assert t["mpp_x"][0] == pytest.approx(0.2281750559028887 * 4)
+    assert t.height == (992 // 128) * (1216 // 128)
+    with openslide.OpenSlide(str(DAPI)) as s:
+        for r in t.sample(5, seed=1).iter_rows(named=True):
+            assert r["level0_x"] == r["tile_x"] * 4
+            want = rgba_to_rgb(np.asarray(s.read_region((r["level0_x"], r["level0_y"]), 2, (128, 128))))
+            assert np.array_equal(decode_tile(r["tile"], "raw", 128, 128), want)
+
+
+def test_resample_reads_finer_level_and_resizes(spark, lake):
+    need(CMU)
+    # CMU has a single level at 0.499 µm/px; 1.0 µm/px needs resampling from level 0
+    cfg = cfg_for(lake, [CMU], resolution={"mpp": 1.0, "fallback": "resample"},
+                  grid={"tile_extent": 128, "last": "drop"})
+    run_all(spark, cfg)
+    t = tiles_of(lake)
+    d = 1.0 / 0.499
+    assert t["mpp_x"][0] == pytest.approx(1.0) and t["downsample"][0] == pytest.approx(d)
+    assert t.height == (int(2220 / d) // 128) * (int(2967 / d) // 128)
+    r = t.sort(["tile_y", "tile_x"]).row(5, named=True)
+    with openslide.OpenSlide(str(CMU)) as s:
+        n = round(128 * d)
+        region = rgba_to_rgb(np.asarray(s.read_region((r["level0_x"], r["level0_y"]), 0, (n, n))))
+    want = np.asarray(Image.fromarray(region).resize((128, 128), Image.Resampling.LANCZOS))
+    assert np.array_equal(decode_tile(r["tile"], "raw", 128, 128), want)
+
+
+def test_missing_mpp_is_a_slide_error_then_tiles_with_assumed_mpp(spark, lake):
+    need(TCGA, CMU)
+    cfg = cfg_for(lake, [TCGA, CMU], resolution={"mpp": 1.0}, grid={"tile_extent": 512})
+    rec = run_all(spark, cfg)
+    assert rec.status == "succeeded"
+    errs = [e for e in rec.slide_errors if e["stage"] == "resolution"]
+    assert len(errs) == 1 and errs[0]["path"] == str(TCGA) and "no mpp" in errs[0]["error"]
+    assert set(tiles_of(lake)["path"]) == {str(CMU)}
+    runs = pl.read_delta(str(lake / "runs"))
+    assert runs["slide_errors"][0][0]["stage"] == "resolution"
+
+    cfg2 = cfg_for(lake, [TCGA], resolution={"mpp": 1.0, "assumed_mpp": 0.5, "fallback": "error", "tolerance": 0.01},
+                   grid={"tile_extent": 512})
+    rec2 = run_all(spark, cfg2, replace_table=True)
+    t = tiles_of(lake)
+    assert not rec2.slide_errors
+    assert set(t["level"]) == {1} and t["mpp_x"][0] == pytest.approx(0.5 * 2.0005055500659967)
+    assert t.height == (2221 // 512) * (1783 // 512)
+
+
+def test_rerun_is_idempotent_and_other_readers_agree(spark, lake, tmp_path):
+    need(CMU, DAPI)
+    cfg = cfg_for(lake, [CMU, DAPI], resolution={"mpp": 0.5}, grid={"tile_extent": 256},
+                  decode={"encoding": "jpeg"}, filter={"max_background_fraction": 0.9})
+    r1 = run_all(spark, cfg)
+    n1 = tiles_of(lake).height
+    r2 = run_all(spark, cfg)
+    t = tiles_of(lake)
+    assert n1 == t.height == r1.counts["tiles_written"] == r2.counts["tiles_written"] > 0
+    assert set(t["run_id"]) == {r2.run_id}
+    assert t.select("slide_id", "tile_x", "tile_y").is_duplicated().sum() == 0
+    # delta-rs reader (not Spark) agrees, and sees two commits to the tile table
+    dt = DeltaTable(str(lake / "tiles"))
+    assert dt.version() == 1
+    assert len(dt.file_uris()) > 0
+    # filtered + written = generated
+    assert r2.counts["tiles_filtered"] + r2.counts["tiles_written"] + r2.counts["tiles_failed"] == r2.counts["tiles_generated"]
+    assert r2.counts["tiles_filtered"] > 0  # CMU has white background
+    kept = t.filter(pl.col("path") == str(CMU))
+    assert (kept["background_fraction"] <= 0.9).all()
+    # same content under a second path: one copy of its tiles
+    shutil.copy(CMU, tmp_path / "cmu-copy.svs")
+    cfg3 = cfg.model_copy(update={"inputs": [str(CMU), str(tmp_path / "cmu-copy.svs"), str(DAPI)]})
+    run_all(spark, cfg3)
+    assert tiles_of(lake).height == n1
+
+
+def test_different_config_never_mixes_silently(spark, lake, tmp_path):
+    need(CMU, DAPI)
+    run_all(spark, cfg_for(lake, [CMU, DAPI], resolution={"level": 0}, grid={"tile_extent": 512}))
+    other = cfg_for(lake, [CMU], resolution={"level": 0}, grid={"tile_extent": 256})
+    with pytest.raises(ConfigMismatchError, match="different tiling config"):
+        run_tile(spark, other)
+    runs = pl.read_delta(str(lake / "runs")).sort("started_at")
+    assert runs["status"].to_list() == ["succeeded", "failed"]
+    assert len(set(tiles_of(lake)["config_hash"])) == 1
+    # to a table of its own: fine
+    sep = other.model_copy(update={"tables": other.tables.model_copy(update={"tiles_table": "tiles_256"})})
+    run_tile(spark, sep)
+    assert set(tiles_of(lake, "tiles_256")["tile_extent_x"]) == {256}
+
+
+def test_corrupt_and_empty_files_among_good_slides(spark, lake, tmp_path):
+    need(CMU, DAPI)
+    d = tmp_path / "in"
+    d.mkdir()
+    shutil.copy(DAPI, d / "good.ndpi")
+    (d / "empty.svs").write_bytes(b"")
+    (d / "junk.svs").write_bytes(b"not a slide" * 100)
+    data = bytearray(CMU.read_bytes())
+    at = int(len(data) * 0.3)
+    data[at: at + 20000] = b"\xff\x00" * 10000  # corrupt JPEG tile data, header intact
+    (d / "corrupt-tiles.svs").write_bytes(bytes(data))
+    cfg = cfg_for(lake, [d], resolution={"level": 0}, grid={"tile_extent": 256})
+    rec = run_all(spark, cfg)
+    assert rec.status == "succeeded"
+    assert rec.counts["slides_error"] == 2
+    t = tiles_of(lake)
+    by_slide = dict(zip(*t.group_by("path").len().sort("path").to_dict(as_series=False).values()))
+    assert by_slide[str(d / "good.ndpi")] == (3968 // 256) * (4864 // 256)
+    counts = {c["path"]: c for c in rec.slide_counts}
+    bad = counts[str(d / "corrupt-tiles.svs")]
+    assert bad["tiles_failed"] > 0
+    assert bad["tiles_written"] == bad["tiles_generated"] - bad["tiles_failed"] > 0
+    assert any(e["stage"] == "decode" for e in rec.slide_errors)
+
+
+def test_generated_pyramid_tiff_level_and_roi(spark, lake, tmp_path):
+    img = make_tiff(tmp_path / "gen.tiff", 900, 700, levels=3, tile=64, mpp=0.25)
+    cfg = cfg_for(lake, [tmp_path / "gen.tiff"], resolution={"downsample": 2, "fallback": "error"},
+                  grid={"tile_extent": 100, "stride": 80, "last": "shift", "roi": [200, 100, 500, 400]})
+    run_all(spark, cfg)
+    t = tiles_of(lake)
+    assert set(t["level"]) == {1} and t["mpp_x"][0] == pytest.approx(0.5)
+    # ROI in tile px: x 100..350 (250 px), y 50..250 (200 px)
+    xs, ys = sorted(set(t["tile_x"])), sorted(set(t["tile_y"]))
+    assert xs == [100, 180, 250] and ys == [50, 130, 150]
+    lvl1 = img[::2, ::2]
+    for r in t.iter_rows(named=True):
+        px = decode_tile(r["tile"], "raw", 100, 100)
+        assert np.array_equal(px, lvl1[r["tile_y"]: r["tile_y"] + 100, r["tile_x"]: r["tile_x"] + 100])
