@@ -65,6 +65,8 @@ def get_spark(app_name: str = "slidelake", master: str | None = None) -> SparkSe
                     "spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog"
                 )
         spark = builder.getOrCreate()
+        if not _under_cluster_launcher():
+            spark.sparkContext.setLogLevel(os.environ.get("SLIDELAKE_SPARK_LOG_LEVEL", "ERROR"))
     for k, v in RUNTIME_CONF.items():
         try:
             spark.conf.set(k, v)

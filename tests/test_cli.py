@@ -1,0 +1,59 @@
+"""The CLI in-process (shares the test Spark session) and the spark-submit entry point."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from conftest import CMU, ROOT, need
+from slidelake.cli import app
+
+pytestmark = pytest.mark.spark
+
+
+def test_cli_run_then_sql(spark, lake):
+    need(CMU)
+    runner = CliRunner()
+    res = runner.invoke(app, ["run", str(CMU), "--lake", str(lake), "-c", str(ROOT / "conf" / "default.yaml"),
+                              "--tile-extent", "512", "--encoding", "png"])
+    assert res.exit_code == 0, res.output
+    assert "succeeded" in res.output and str(lake / "tiles") in res.output
+    t = pl.read_delta(str(lake / "tiles"))
+    assert t.height > 0 and set(t["tile_format"]) == {"png"} and set(t["tile_width"]) == {512}
+    res = runner.invoke(app, ["sql", "SELECT count(*) AS n FROM tiles", "--lake", str(lake)])
+    assert res.exit_code == 0, res.output
+    assert str(t.height) in res.output
+    res = runner.invoke(app, ["sql", "SELECT status, tiles_written FROM runs", "--lake", str(lake)])
+    assert "succeeded" in res.output and str(t.height) in res.output
+
+
+def test_cli_rejects_bad_config(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid:\n  last: sideways\n")
+    res = CliRunner().invoke(app, ["run", "x.svs", "-c", str(bad)])
+    assert res.exit_code == 2 and "last" in res.output
+
+
+def test_spark_submit_entry_point(tmp_path):
+    need(CMU)
+    spark_submit = Path(sys.executable).parent / "spark-submit"
+    if not spark_submit.exists():
+        pytest.skip("spark-submit not installed next to this Python")
+    lake = tmp_path / "lake"
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    for job in ("discover_slides.py", "tile_slides.py"):
+        out = subprocess.run(
+            [str(spark_submit), "--master", "local[1]", str(ROOT / "jobs" / job), "--lake", str(lake),
+             "--config", str(ROOT / "conf" / "default.yaml"), str(CMU)],
+            capture_output=True, text=True, env=env, timeout=600,
+        )
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "succeeded" in out.stdout
+    runs = pl.read_delta(str(lake / "runs"))
+    assert sorted(runs["job"]) == ["discover", "run"]
+    assert set(runs["spark_master"]) == {"local[1]"}
+    assert pl.read_delta(str(lake / "tiles")).height > 0
