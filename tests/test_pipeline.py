@@ -193,3 +193,21 @@ def test_generated_pyramid_tiff_level_and_roi(spark, lake, tmp_path):
     for r in t.iter_rows(named=True):
         px = decode_tile(r["tile"], "raw", 100, 100)
         assert np.array_equal(px, lvl1[r["tile_y"]: r["tile_y"] + 100, r["tile_x"]: r["tile_x"] + 100])
+
+
+def test_file_deleted_between_discovery_and_tiling(spark, lake, tmp_path):
+    make_tiff(tmp_path / "a.tiff", 300, 200, mpp=0.5)
+    make_tiff(tmp_path / "b.tiff", 300, 200, mpp=0.5, seed=1)
+    from slidelake.pipeline import run_discover
+
+    cfg = cfg_for(lake, [tmp_path], resolution={"level": 0}, grid={"tile_extent": 100})
+    run_discover(spark, cfg)
+    (tmp_path / "a.tiff").unlink()
+    rec = run_tile(spark, cfg.model_copy(update={"inputs": []}))
+    assert rec.status == "succeeded"
+    counts = {c["path"]: c for c in rec.slide_counts}
+    gone = counts[str(tmp_path / "a.tiff")]
+    assert gone["tiles_generated"] == 6 and gone["tiles_failed"] == 6 and gone["tiles_written"] == 0
+    assert counts[str(tmp_path / "b.tiff")]["tiles_written"] == 6
+    assert tiles_of(lake).height == 6
+    assert any("open failed" in e["error"] for e in rec.slide_errors if e["stage"] == "decode")

@@ -198,33 +198,35 @@ def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], 
                 std = np.full(n, np.nan)
                 bgf = np.full(n, np.nan)
                 errors: list[str | None] = [None] * n
+                col = {c: chunk[c].to_numpy() for c in (
+                    "level0_x", "level0_y", "level", "read_width", "read_height", "tile_extent_x",
+                    "tile_extent_y", "valid_width", "valid_height", "tile_x", "tile_y", "slide_id")}
                 for (path, fp), idx in chunk.groupby(["path", "fingerprint"], sort=False).indices.items():
-                    try:
-                        slide = handles.get(path, fp)
-                    except Exception as exc:  # noqa: BLE001
-                        msg = f"open failed: {type(exc).__name__}: {exc}"
-                        for i in idx:
-                            errors[i] = msg
-                        continue
+                    slide = None
                     for i in idx:
-                        r = chunk.iloc[i]
+                        try:
+                            if slide is None:
+                                slide = handles.get(path, fp)
+                        except Exception as exc:  # noqa: BLE001 - file gone or unreadable
+                            errors[i] = f"open failed: {type(exc).__name__}: {exc}"
+                            continue
                         try:
                             rgb = read_tile(
-                                slide, r.level0_x, r.level0_y, r.level,
-                                (int(r.read_width), int(r.read_height)),
-                                (int(r.tile_extent_x), int(r.tile_extent_y)),
-                                (int(r.valid_width), int(r.valid_height)),
+                                slide, col["level0_x"][i], col["level0_y"][i], col["level"][i],
+                                (int(col["read_width"][i]), int(col["read_height"][i])),
+                                (int(col["tile_extent_x"][i]), int(col["tile_extent_y"][i])),
+                                (int(col["valid_width"][i]), int(col["valid_height"][i])),
                             )
                             tiles[i] = encode_tile(rgb, encoding, quality)
                             mean[i], std[i], bgf[i] = tile_stats(rgb, thr)
                         except Exception as exc:  # noqa: BLE001 - recorded per tile
                             errors[i] = f"{type(exc).__name__}: {exc}"
-                            handles.evict(path, fp)
-                            slide = handles.get(path, fp)
+                            handles.evict(path, fp)  # handles are unusable after an error
+                            slide = None
                 for i, e in enumerate(errors):
                     if e is not None and on_failure is not None:
-                        r = chunk.iloc[i]
-                        on_failure(str(r.slide_id), {"tile_x": int(r.tile_x), "tile_y": int(r.tile_y), "error": e})
+                        on_failure(str(col["slide_id"][i]),
+                                   {"tile_x": int(col["tile_x"][i]), "tile_y": int(col["tile_y"][i]), "error": e})
                 out = chunk.assign(
                     tile=tiles,
                     tile_format=encoding,
