@@ -89,17 +89,12 @@ def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord) ->
     writer = rec.delta_writer or "delta-rs"
     with _stage(rec, "discover"):
         listed = list_inputs(cfg.inputs, cfg.discovery.extensions, cfg.discovery.recursive)
-        rows = discover(spark, listed, rec.run_id).collect() if len(listed) else []
-        found = spark.createDataFrame(rows, schema=SLIDES_SCHEMA)
+        rows = [r.asDict() for r in discover(spark, listed, rec.run_id).collect()] if len(listed) else []
         assumed = cfg.resolution.assumed_mpp
-        if assumed is not None:
-            fill = (F.col("status") == "ok") & F.col("mpp_x").isNull()
-            found = (
-                found.withColumn("mpp_source", F.when(fill, F.lit("assumed")).otherwise(F.col("mpp_source")))
-                .withColumn("mpp_y", F.when(fill, F.lit(float(assumed))).otherwise(F.col("mpp_y")))
-                .withColumn("mpp_x", F.when(fill, F.lit(float(assumed))).otherwise(F.col("mpp_x")))
-            )
-        found = spark.createDataFrame(found.collect(), schema=SLIDES_SCHEMA)
+        for r in rows:
+            if assumed is not None and r["status"] == "ok" and r["mpp_x"] is None:
+                r.update(mpp_x=float(assumed), mpp_y=float(assumed), mpp_source="assumed")
+        found = spark.createDataFrame(rows, schema=SLIDES_SCHEMA)
     with _stage(rec, "write"):
         existing = read_table(spark, paths["slides"], writer, SLIDES_SCHEMA)
         kept = existing.join(found.select("path"), on="path", how="left_anti").select(*SLIDES_SCHEMA.fieldNames())
@@ -156,7 +151,8 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     grid_cfg = cfg.grid
 
     with _stage(rec, "resolve"):
-        resolved_rows = resolve_slides(select_for_tiling(slides), cfg.resolution).collect()
+        resolved_df = resolve_slides(select_for_tiling(slides), cfg.resolution)
+        resolved_rows = resolved_df.collect()
     good = [r for r in resolved_rows if r["resolution_error"] is None]
     rec.slide_errors += [
         {"slide_id": r["slide_id"], "path": r["path"], "stage": "resolution", "error": r["resolution_error"]}
@@ -176,21 +172,22 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     def on_failure(slide_id: str, info: dict) -> None:
         failures.add({slide_id: {"count": 1, "samples": [info]}})
 
-    resolved = spark.createDataFrame(resolved_rows, schema=resolve_slides(slides.limit(0), cfg.resolution).schema)
+    resolved = spark.createDataFrame(resolved_rows, schema=resolved_df.schema)
     resolved = resolved.where(F.col("resolution_error").isNull())
     base = resolved.select(
         "slide_id", "path", "fingerprint", "attributes", "level", "level_downsample", "downsample",
         F.col("tile_mpp_x").alias("mpp_x"), F.col("tile_mpp_y").alias("mpp_y"),
         F.col("tile_mpp_source").alias("mpp_source"), "extent_x", "extent_y",
     )
-    # 1. grid (metadata only), sizes of the region to read at `level`
+    # size of one tile's region at the read level: once per slide, before the explode
     ex, ey = grid_cfg.tile_extent
-    tiles = expand_grid(base, grid_cfg.tile_extent, grid_cfg.stride_xy, grid_cfg.last, grid_cfg.roi)
     scale = F.col("downsample") / F.col("level_downsample")
-    tiles = (
-        tiles.withColumn("read_width", F.greatest(F.lit(1), F.round(F.lit(ex) * scale)).cast("int"))
+    base = (
+        base.withColumn("read_width", F.greatest(F.lit(1), F.round(F.lit(ex) * scale)).cast("int"))
         .withColumn("read_height", F.greatest(F.lit(1), F.round(F.lit(ey) * scale)).cast("int"))
     )
+    # 1. grid (metadata only)
+    tiles = expand_grid(base, grid_cfg.tile_extent, grid_cfg.stride_xy, grid_cfg.last, grid_cfg.roi)
     # 2. repartition, 3. decode, 4. filter
     tiles = repartition_tiles(tiles, cfg.partition, total)
     decoded = decode_tiles(tiles, cfg.decode, on_failure)
