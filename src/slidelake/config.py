@@ -34,10 +34,16 @@ class _Strict(BaseModel):
 
 
 class DiscoveryConfig(_Strict):
-    """Which files are slides. ``extensions`` are matched case-insensitively, without dot."""
+    """Which files are slides. ``extensions`` are matched case-insensitively, without dot.
+
+    ``exclude``: file-name glob patterns (``fnmatch``, case-insensitive) skipped when walking
+    folders and globs; by default the ``<slide>.mask.tif[f]`` overlay sidecars of
+    :class:`MaskConfig`.
+    """
 
     extensions: list[str] = Field(default_factory=lambda: list(SLIDE_EXTENSIONS))
     recursive: bool = True
+    exclude: list[str] = Field(default_factory=lambda: ["*.mask.tif", "*.mask.tiff"])
 
 
 class ResolutionConfig(_Strict):
@@ -103,13 +109,16 @@ class GridConfig(_Strict):
     larger than the extent leaves gaps. ``last`` is the edge policy (as ratiopath's
     ``grid_tiles``): ``keep`` a partial last tile padded white, ``drop`` it, or ``shift`` it
     back inside the slide. ``roi`` restricts the grid to a rectangle ``[x, y, width, height]``
-    in level-0 px.
+    in level-0 px. ``tile_roi`` is a region inside every tile (WKT polygon in tile px, origin
+    at the tile's top-left, e.g. ``"POLYGON ((64 64, 192 64, 192 192, 64 192, 64 64))"``) to
+    which tissue, overlay and annotation fractions are restricted; ``null`` = the whole tile.
     """
 
     tile_extent: tuple[int, int] = (256, 256)
     stride: tuple[int, int] | None = None
     last: Literal["keep", "drop", "shift"] = "drop"
     roi: tuple[int, int, int, int] | None = None
+    tile_roi: str | None = None
 
     _coerce_extent = field_validator("tile_extent", "stride", mode="before")(_pair)
 
@@ -121,6 +130,15 @@ class GridConfig(_Strict):
             raise ValueError("grid.stride must be >= 1 px")
         if self.roi is not None and (self.roi[2] < 1 or self.roi[3] < 1 or min(self.roi[:2]) < 0):
             raise ValueError("grid.roi must be [x >= 0, y >= 0, width >= 1, height >= 1] in level-0 px")
+        if self.tile_roi is not None:
+            import shapely
+
+            try:
+                geom = shapely.from_wkt(self.tile_roi)
+            except Exception as exc:  # noqa: BLE001 - shapely raises its own GEOSException
+                raise ValueError(f"grid.tile_roi is not valid WKT: {exc}") from None
+            if geom.is_empty or geom.area <= 0:
+                raise ValueError("grid.tile_roi must be a polygon with positive area (tile px)")
         return self
 
     @property
@@ -147,15 +165,88 @@ class DecodeConfig(_Strict):
 
 
 class FilterConfig(_Strict):
-    """Pixel rule applied before writing; a tile is kept when every given bound holds.
+    """Which tiles are kept; a tile is kept when every given bound holds (``null`` disables one).
 
-    ``min_std``: minimum standard deviation of the tile's grey levels (0-255 scale);
-    ``max_background_fraction``: maximum fraction (0-1) of background pixels.
-    ``null`` disables a bound.
+    Applied **before pixel decode**, from the overlap stage (metadata only):
+
+    * ``min_tissue_fraction``: minimum fraction (0-1) of the tile's in-slide area (or of its
+      ``grid.tile_roi``) covered by tissue in the slide's mask; used only when masks are
+      enabled;
+    * ``min_annotated_fraction``: minimum fraction covered by any annotation polygon
+      (restricts tiles to annotated regions; slides without annotations then keep no tiles).
+
+    Applied **after decode**, on the pixels:
+
+    * ``min_std``: minimum standard deviation of the tile's grey levels (0-255 scale);
+    * ``max_background_fraction``: maximum fraction (0-1) of background pixels.
     """
 
     min_std: float | None = Field(default=None, ge=0)
     max_background_fraction: float | None = Field(default=0.9, ge=0, le=1)
+    min_tissue_fraction: float | None = Field(default=0.5, ge=0, le=1)
+    min_annotated_fraction: float | None = Field(default=None, ge=0, le=1)
+
+
+class MaskConfig(_Strict):
+    """Tissue masks, one per slide, kept as reusable overlays (see :mod:`slidelake.masks`).
+
+    The mask is computed at ``mpp`` µm/px from the pyramid level nearest that resolution (the
+    finest level not finer than needed, read in ``chunk_px`` x ``chunk_px`` regions so memory
+    stays bounded) and saved as a pyramidal TIFF overlay (0 background, 255 tissue).
+
+    * ``method``: ``saturation`` (HSV saturation, the CLAM convention for H&E) or
+      ``grayscale`` (darkness, 255 - grey). Fluorescence slides always use the log of the
+      brightest channel (their background is black, so saturation is meaningless).
+    * ``polarity``: ``brightfield`` (dark tissue on white), ``fluorescence`` (bright tissue on
+      black) or ``auto`` (fluorescence when the median grey of the slide's border is below 80).
+    * ``threshold``: ``otsu``, ``multi_otsu`` (3 classes, tissue above the lowest threshold,
+      as ratiopath's ``tissue_mask``) or a fixed number on the method's scale (saturation
+      0-1, darkness 0-255, log intensity 0-5.55).
+    * ``smooth_um``: Gaussian sigma (µm) applied before thresholding; 0 disables.
+    * ``close_um`` / ``open_um``: radius (µm) of the disks of the morphological closing, then
+      opening; 0 disables.
+    * ``min_object_um2`` / ``min_hole_um2``: tissue objects and holes of at most this area
+      (µm²) are removed / filled.
+    * ``overlay_column`` / ``overlay_suffix``: a user overlay (e.g. a segmentation model's TIFF)
+      given by this manifest column, or found next to the slide as ``<stem><suffix>`` (also
+      ``.tif``), is used instead of computing a mask.
+    """
+
+    enabled: bool = True
+    mpp: float = Field(default=8.0, gt=0)
+    method: Literal["saturation", "grayscale"] = "saturation"
+    polarity: Literal["auto", "brightfield", "fluorescence"] = "auto"
+    threshold: Literal["otsu", "multi_otsu"] | float = "otsu"
+    smooth_um: float = Field(default=16.0, ge=0)
+    close_um: float = Field(default=16.0, ge=0)
+    open_um: float = Field(default=8.0, ge=0)
+    min_object_um2: float = Field(default=20000.0, ge=0)
+    min_hole_um2: float = Field(default=20000.0, ge=0)
+    chunk_px: int = Field(default=4096, ge=256)
+    overlay_column: str = "overlay_path"
+    overlay_suffix: str = ".mask.tiff"
+
+    def algorithm_dict(self) -> dict[str, Any]:
+        """The settings that determine a computed mask's pixels (hashed into ``params_hash``)."""
+        return self.model_dump(mode="json", include={
+            "mpp", "method", "polarity", "threshold", "smooth_um", "close_um", "open_um",
+            "min_object_um2", "min_hole_um2",
+        })
+
+
+class AnnotationConfig(_Strict):
+    """Polygon annotations (GeoJSON, QuPath export layout, coordinates in level-0 px).
+
+    Found by the manifest column ``column`` or as a sidecar ``<slide stem><sidecar_suffix>``
+    next to the slide. Each tile gets ``class_fractions`` (class name -> fraction of the
+    tile's area) and ``label``: the class with the largest fraction when that fraction is at
+    least ``label_min_fraction``, else null.
+    """
+
+    enabled: bool = True
+    column: str = "annotations_path"
+    sidecar_suffix: str = ".geojson"
+    label_min_fraction: float = Field(default=0.5, ge=0, le=1)
 
 
 class PartitionConfig(_Strict):
@@ -191,7 +282,8 @@ class PipelineConfig(_Strict):
 
     ``inputs``: files, folders (searched recursively), glob patterns, or manifests (``.csv`` or
     ``.parquet`` with a ``path`` column; other columns are carried along as slide columns).
-    ``lake``: the lake root holding ``slides/``, ``tiles/`` and ``runs/``.
+    ``lake``: the lake root holding the tables ``slides/``, ``masks/``, ``tiles/``, ``runs/``
+    and the mask overlay files under ``overlays/``.
     """
 
     inputs: list[str] = Field(default_factory=list)
@@ -201,6 +293,8 @@ class PipelineConfig(_Strict):
     grid: GridConfig = Field(default_factory=GridConfig)
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
+    masks: MaskConfig = Field(default_factory=MaskConfig)
+    annotations: AnnotationConfig = Field(default_factory=AnnotationConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     tables: TablesConfig = Field(default_factory=TablesConfig)
 
@@ -213,6 +307,9 @@ class PipelineConfig(_Strict):
                 mode="json", include={"encoding", "quality", "background_threshold"}
             ),
             "filter": self.filter.model_dump(mode="json"),
+            "masks": self.masks.model_dump(mode="json", exclude={"chunk_px"}) if self.masks.enabled
+            else {"enabled": False},
+            "annotations": self.annotations.model_dump(mode="json"),
         }
 
 

@@ -1,0 +1,471 @@
+"""Tissue masks: one label overlay per slide, computed once, saved as a pyramidal TIFF, reused.
+
+Stage ``masks``: for every readable slide, read the slide at the mask resolution
+(``masks.mpp``, default 8 µm/px) from the nearest pyramid level that is not coarser than needed,
+in bounded ``chunk_px`` regions, threshold it, clean it morphologically and save it as an
+overlay file ``<lake>/overlays/<slide_id>/tissue-<params_hash>.tiff``; write one row per slide
+to the ``masks`` table (:data:`MASKS_SCHEMA`).
+
+Overlay convention (also for overlays users bring, e.g. a segmentation model's output):
+
+* a single-channel uint8 label image; 0 = background, 255 = tissue; other values are further
+  labels (``overlay_fractions`` reports every value present);
+* it covers the slide's level-0 extent: overlay pixel ``(i, j)`` covers level-0 px
+  ``[j * ds_x, (j + 1) * ds_x) x [i * ds_y, (i + 1) * ds_y)`` with ``ds_x = width0 / mask_width``
+  and ``ds_y = height0 / mask_height``; the overlay's mpp is ``slide_mpp * ds``;
+* TIFF resolution tags hold that mpp (pixels per centimetre = 1e4 / mpp), so OpenSlide reports
+  it as ``openslide.mpp-x`` and tifffile as ``XResolution``.
+
+The thresholding follows CLAM (HSV saturation + Otsu, closing) for brightfield and ratiopath's
+``tissue_mask`` (grey levels, multi-Otsu, closing then opening) as an option; fluorescence
+slides (bright tissue on black) are thresholded on the log of their brightest channel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import types as T
+
+from slidelake.config import MaskConfig
+
+TISSUE = 255
+BACKGROUND = 0
+QC_MAX_SIDE = 1024  # px of the longer side of a QC picture (small slides are upscaled to it)
+
+MASKS_SCHEMA = T.StructType([
+    T.StructField("slide_id", T.StringType(), False),
+    T.StructField("path", T.StringType(), True),
+    T.StructField("fingerprint", T.StringType(), True),
+    T.StructField("source", T.StringType(), True),  # computed | user
+    T.StructField("mask_path", T.StringType(), True),
+    T.StructField("mask_mpp_x", T.DoubleType(), True),
+    T.StructField("mask_mpp_y", T.DoubleType(), True),
+    T.StructField("mask_downsample_x", T.DoubleType(), True),  # level-0 px per mask px
+    T.StructField("mask_downsample_y", T.DoubleType(), True),
+    T.StructField("mask_width", T.LongType(), True),
+    T.StructField("mask_height", T.LongType(), True),
+    T.StructField("slide_width", T.LongType(), True),
+    T.StructField("slide_height", T.LongType(), True),
+    T.StructField("read_level", T.IntegerType(), True),
+    T.StructField("algorithm", T.StringType(), True),
+    T.StructField("params", T.StringType(), True),  # JSON of the algorithm settings
+    T.StructField("params_hash", T.StringType(), False),
+    T.StructField("polarity", T.StringType(), True),
+    T.StructField("thresholds", T.ArrayType(T.DoubleType()), True),
+    T.StructField("tissue_fraction", T.DoubleType(), True),
+    T.StructField("qc_path", T.StringType(), True),
+    T.StructField("thumbnail_path", T.StringType(), True),
+    T.StructField("status", T.StringType(), False),
+    T.StructField("error", T.StringType(), True),
+    T.StructField("run_id", T.StringType(), True),
+    T.StructField("created_at", T.TimestampType(), True),
+])
+
+
+class MaskError(ValueError):
+    """A slide cannot get a mask (no mpp, unreadable overlay, ...)."""
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+def params_hash(cfg: MaskConfig) -> str:
+    """SHA-256 (16 hex digits) of the mask algorithm settings (:meth:`MaskConfig.algorithm_dict`)."""
+    blob = json.dumps(cfg.algorithm_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def mask_size(width0: int, height0: int, mpp_x: float, mpp_y: float, mask_mpp: float) -> tuple[int, int]:
+    """``(mask_width, mask_height)`` in mask px for a slide of ``width0 x height0`` level-0 px
+    at ``mpp_x, mpp_y`` µm/px: ``round(width0 * mpp_x / mask_mpp)``, at least 1.
+
+    The overlay then covers the level-0 extent exactly, with downsample ``width0 / mask_width``
+    (within half a mask pixel of ``mask_mpp / mpp``).
+    """
+    return (max(1, round(width0 * mpp_x / mask_mpp)), max(1, round(height0 * mpp_y / mask_mpp)))
+
+
+def read_slide_at(slide: Any, out_size: tuple[int, int], chunk_px: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Read a whole slide resized to ``out_size`` = ``(w, h)`` px, in bounded-memory regions.
+
+    The read level is OpenSlide's ``get_best_level_for_downsample`` of the needed downsample
+    (the coarsest level not coarser than needed); it is read in regions of at most
+    ``chunk_px`` x ``chunk_px`` px of that level, each resized (box filter = area average) to
+    the output pixels it covers, so memory is bounded by ``chunk_px`` whatever the slide's size
+    (a single-level slide is never decoded whole).
+
+    Args:
+        slide: an ``openslide.OpenSlide`` (or an object with its API).
+        out_size: output ``(width, height)`` px; output pixel ``(i, j)`` covers level-0 px
+            ``[j * W0 / w, (j + 1) * W0 / w) x [i * H0 / h, (i + 1) * H0 / h)``.
+        chunk_px: side of a region read at once, in px of the read level.
+
+    Returns:
+        ``(rgb, valid)``: uint8 ``(h, w, 3)`` colours (not premultiplied) and bool ``(h, w)``,
+        true where the slide has pixels (OpenSlide alpha >= 128).
+    """
+    from PIL import Image
+
+    w, h = out_size
+    W0, H0 = slide.dimensions
+    ds_x, ds_y = W0 / w, H0 / h
+    level = slide.get_best_level_for_downsample(min(ds_x, ds_y))
+    lds = slide.level_downsamples[level]
+    step_x = max(1, int(chunk_px * lds // ds_x))  # output px per region
+    step_y = max(1, int(chunk_px * lds // ds_y))
+    rgba = np.zeros((h, w, 4), np.uint8)
+    for oy in range(0, h, step_y):
+        for ox in range(0, w, step_x):
+            ow, oh = min(step_x, w - ox), min(step_y, h - oy)
+            x0, y0 = math.floor(ox * ds_x), math.floor(oy * ds_y)
+            x1, y1 = math.ceil((ox + ow) * ds_x), math.ceil((oy + oh) * ds_y)
+            rw = max(1, round((x1 - x0) / lds))
+            rh = max(1, round((y1 - y0) / lds))
+            region = slide.read_region((x0, y0), level, (rw, rh))
+            rgba[oy:oy + oh, ox:ox + ow] = np.asarray(region.resize((ow, oh), Image.Resampling.BOX))
+    return np.ascontiguousarray(rgba[..., :3]), rgba[..., 3] >= 128
+
+
+def detect_polarity(rgb: np.ndarray, valid: np.ndarray) -> str:
+    """``fluorescence`` when the median grey level of the image border (outer 5 %, slide pixels
+    only) is below 80 (dark background), else ``brightfield``.
+
+    Args:
+        rgb: uint8 ``(h, w, 3)``; valid: bool ``(h, w)``.
+    """
+    h, w = valid.shape
+    by, bx = max(1, h // 20), max(1, w // 20)
+    border = np.ones((h, w), bool)
+    border[by:h - by, bx:w - bx] = False
+    sel = border & valid
+    if not sel.any():
+        sel = valid
+    if not sel.any():
+        return "brightfield"
+    grey = rgb.mean(axis=2)[sel]
+    return "fluorescence" if float(np.median(grey)) < 80 else "brightfield"
+
+
+def _feature(rgb: np.ndarray, method: str, polarity: str) -> np.ndarray:
+    """float64 ``(h, w)``, larger = more tissue-like."""
+    if polarity == "fluorescence":
+        return rgb.max(axis=2).astype(np.float64)  # log taken after smoothing
+    if method == "saturation":
+        from skimage.color import rgb2hsv
+
+        return rgb2hsv(rgb)[..., 1].astype(np.float64)
+    return 255.0 - rgb.mean(axis=2, dtype=np.float64)
+
+
+def tissue_mask(rgb: np.ndarray, valid: np.ndarray, mask_mpp: tuple[float, float] | float,
+                cfg: MaskConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    """Threshold and clean a tissue mask.
+
+    Steps: feature image (HSV saturation or darkness for brightfield, the brightest channel for
+    fluorescence) -> Gaussian smoothing (sigma ``smooth_um``) -> log (fluorescence) -> threshold (Otsu,
+    3-class multi-Otsu taking the lowest threshold, or a fixed value; computed on slide pixels
+    only) -> closing (disk ``close_um``) -> opening (disk ``open_um``) -> removal of objects and
+    holes of at most ``min_object_um2`` / ``min_hole_um2``. Pixels outside the slide are
+    background.
+
+    Args:
+        rgb: uint8 ``(h, w, 3)`` at the mask resolution; valid: bool ``(h, w)``.
+        mask_mpp: µm/px of ``rgb`` (``(x, y)`` or one value), to convert µm to px.
+        cfg: the mask settings.
+
+    Returns:
+        ``(mask, info)``: uint8 ``(h, w)`` with 0 / 255, and ``{"polarity", "thresholds",
+        "algorithm"}``.
+    """
+    from skimage import filters, morphology
+
+    mx, my = (mask_mpp, mask_mpp) if isinstance(mask_mpp, (int, float)) else mask_mpp
+    um = math.sqrt(mx * my)  # µm per px (geometric mean for slightly anisotropic masks)
+    polarity = detect_polarity(rgb, valid) if cfg.polarity == "auto" else cfg.polarity
+    feat = _feature(rgb, cfg.method, polarity)
+    if cfg.smooth_um > 0:
+        feat = filters.gaussian(feat, sigma=cfg.smooth_um / um, preserve_range=True)
+    if polarity == "fluorescence":
+        # smoothing first spreads sparse nuclear signal (DAPI) over the tissue between nuclei
+        feat = np.log1p(feat)
+    values = feat[valid]
+    thresholds: list[float]
+    if values.size == 0 or float(values.max()) == float(values.min()):
+        thresholds = [float(values.max()) if values.size else 0.0]  # flat image: no tissue
+        fg = np.zeros(feat.shape, bool)
+    else:
+        if cfg.threshold == "otsu":
+            thresholds = [float(filters.threshold_otsu(values))]
+        elif cfg.threshold == "multi_otsu":
+            try:
+                thresholds = [float(t) for t in filters.threshold_multiotsu(values, classes=3)]
+            except ValueError:  # too few distinct values for 3 classes
+                thresholds = [float(filters.threshold_otsu(values))]
+        else:
+            thresholds = [float(cfg.threshold)]
+        fg = (feat > thresholds[0]) & valid
+    if cfg.close_um > 0:
+        fg = morphology.closing(fg, morphology.disk(max(1, round(cfg.close_um / um))))
+    if cfg.open_um > 0:
+        fg = morphology.opening(fg, morphology.disk(max(1, round(cfg.open_um / um))))
+    if cfg.min_object_um2 > 0:
+        fg = morphology.remove_small_objects(fg, max_size=int(cfg.min_object_um2 / (mx * my)))
+    if cfg.min_hole_um2 > 0:
+        fg = morphology.remove_small_holes(fg, max_size=int(cfg.min_hole_um2 / (mx * my)))
+    fg &= valid
+    feature = "log_max_channel" if polarity == "fluorescence" else cfg.method
+    algorithm = f"{polarity}:{feature}:{cfg.threshold if isinstance(cfg.threshold, str) else 'fixed'}"
+    mask = np.where(fg, np.uint8(TISSUE), np.uint8(BACKGROUND))
+    return mask, {"polarity": polarity, "thresholds": thresholds, "algorithm": algorithm}
+
+
+def write_overlay(path: str, labels: np.ndarray, mpp: tuple[float, float], tile: int = 256) -> None:
+    """Save a label image as a tiled, pyramidal, deflate-compressed (Big)TIFF overlay.
+
+    Level ``k`` is level 0 subsampled by ``2**k`` (nearest: labels are never blended), written
+    as successive IFDs (``NewSubfileType`` reduced image), which is how OpenSlide's generic
+    TIFF reader finds levels; levels stop when the longer side is at most ``tile`` px.
+
+    Args:
+        path: output file (parent folders are created; written to ``path + '.tmp'`` then
+            renamed, so readers never see a half-written overlay).
+        labels: uint8 ``(h, w)``.
+        mpp: ``(x, y)`` µm/px of level 0, stored as resolution tags in pixels per centimetre.
+    """
+    import tifffile
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    bigtiff = labels.nbytes > 2**31
+    with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
+        k, lvl = 0, labels
+        while True:
+            kw: dict[str, Any] = dict(
+                tile=(tile, tile), photometric="minisblack", compression="zlib",
+                subfiletype=0 if k == 0 else 1, metadata=None,
+                resolution=(1e4 / (mpp[0] * 2**k), 1e4 / (mpp[1] * 2**k)), resolutionunit="CENTIMETER",
+            )
+            tw.write(np.ascontiguousarray(lvl), **kw)
+            if max(lvl.shape) <= tile:
+                break
+            k, lvl = k + 1, labels[:: 2 ** (k + 1), :: 2 ** (k + 1)]
+    os.replace(tmp, path)
+
+
+def read_overlay(path: str) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """Read level 0 of an overlay TIFF.
+
+    Returns:
+        ``(labels, mpp)``: uint8 ``(h, w)`` (the first channel of a multi-channel image) and
+        ``(mpp_x, mpp_y)`` from the resolution tags, or None when the file has none.
+
+    Raises:
+        MaskError: not a readable TIFF or not an integer image.
+    """
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            page = tf.pages[0]
+            arr = page.asarray()
+            mpp = None
+            unit = page.tags.get("ResolutionUnit")
+            xr, yr = page.tags.get("XResolution"), page.tags.get("YResolution")
+            if xr is not None and yr is not None and unit is not None and int(unit.value) in (2, 3):
+                per_um = 1e4 if int(unit.value) == 3 else 25400.0  # 3 = cm, 2 = inch
+                fx = xr.value[0] / xr.value[1] if xr.value[1] else 0
+                fy = yr.value[0] / yr.value[1] if yr.value[1] else 0
+                if fx > 0 and fy > 0 and not (fx == 1 and fy == 1):
+                    mpp = (per_um / fx, per_um / fy)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad overlay
+        raise MaskError(f"cannot read overlay {path}: {type(exc).__name__}: {exc}") from None
+    if arr.ndim == 3:
+        arr = arr[..., 0] if arr.shape[-1] <= 4 else arr[0]
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+        raise MaskError(f"overlay {path} must be a single-channel integer label image, got {arr.dtype}{arr.shape}")
+    if arr.max(initial=0) > 255 or arr.min(initial=0) < 0:
+        raise MaskError(f"overlay {path}: label values must be 0-255")
+    return arr.astype(np.uint8, copy=False), mpp
+
+
+def mask_outline(mask: np.ndarray) -> np.ndarray:
+    """bool ``(h, w)``: tissue pixels with a background 4-neighbour (the mask's outline)."""
+    from skimage.segmentation import find_boundaries
+
+    return find_boundaries(mask > 0, mode="inner")
+
+
+def qc_picture(rgb: np.ndarray, mask: np.ndarray, tiles: np.ndarray | None = None,
+               max_side: int = QC_MAX_SIDE) -> np.ndarray:
+    """Draw the mask outline (green) and tile rectangles (blue) on a thumbnail.
+
+    Args:
+        rgb: uint8 ``(h, w, 3)`` thumbnail at the mask resolution.
+        mask: ``(h, w)`` labels (non-zero = tissue).
+        tiles: float ``(n, 4)`` rectangles ``x0, y0, x1, y1`` in mask px, or None.
+        max_side: the picture is upscaled by an integer factor so its longer side approaches
+            this (small slides stay legible); never downscaled.
+
+    Returns:
+        uint8 ``(h * k, w * k, 3)``.
+    """
+    from PIL import Image, ImageDraw
+
+    h, w = mask.shape
+    k = max(1, max_side // max(h, w))
+    base = rgb.copy()
+    base[mask_outline(mask)] = (0, 200, 0)
+    img = Image.fromarray(base).resize((w * k, h * k), Image.Resampling.NEAREST)
+    if tiles is not None and len(tiles):
+        draw = ImageDraw.Draw(img)
+        for x0, y0, x1, y1 in np.asarray(tiles, dtype=np.float64) * k:
+            draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=(30, 90, 255))
+    return np.asarray(img)
+
+
+# ------------------------------------------------------------------------------ the stage
+
+def overlay_dir(lake_root: str, slide_id: str) -> str:
+    """Folder of a slide's overlay files: ``<lake>/overlays/<slide_id>``."""
+    return os.path.join(lake_root, "overlays", slide_id)
+
+
+def user_overlay_path(path: str, attributes: dict[str, str] | None, cfg: MaskConfig) -> str | None:
+    """The user overlay of a slide: the manifest column ``cfg.overlay_column``, else a sidecar
+    ``<slide path without extension><cfg.overlay_suffix>`` (or the ``.tif`` spelling) that
+    exists; None when neither. A relative manifest value is relative to the slide's folder."""
+    attrs = attributes or {}
+    given = attrs.get(cfg.overlay_column)
+    if given:
+        return given if os.path.isabs(given) else os.path.join(os.path.dirname(path), given)
+    stem, _ = os.path.splitext(path)
+    suffixes = [cfg.overlay_suffix]
+    if cfg.overlay_suffix.endswith(".tiff"):
+        suffixes.append(cfg.overlay_suffix[:-1])
+    for suf in suffixes:
+        if os.path.isfile(stem + suf):
+            return stem + suf
+    return None
+
+
+def compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str,
+                 phash: str) -> dict[str, Any]:
+    """Make (or take the user's) overlay of one slide and return its ``masks`` row.
+
+    Never raises: failures give ``status='error'`` and the message in ``error``.
+
+    Args:
+        row: a ``slides`` row (``slide_id``, ``path``, ``fingerprint``, ``width``, ``height``,
+            ``mpp_x``, ``mpp_y``, ``attributes``).
+        cfg, lake_root, run_id, phash: settings, lake root, run id, :func:`params_hash`.
+    """
+    from datetime import datetime, timezone
+
+    out: dict[str, Any] = {f.name: None for f in MASKS_SCHEMA.fields}
+    out.update(slide_id=row["slide_id"], path=row["path"], fingerprint=row["fingerprint"],
+               params_hash=phash, run_id=run_id, status="error",
+               slide_width=int(row["width"]) if row["width"] is not None else None,
+               slide_height=int(row["height"]) if row["height"] is not None else None,
+               created_at=datetime.now(timezone.utc).replace(tzinfo=None))
+    try:
+        out.update(_compute_mask(row, cfg, lake_root, phash))
+        out["status"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - one slide's failure is its error row
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: str) -> dict[str, Any]:
+    import openslide
+    from PIL import Image
+
+    W0, H0 = int(row["width"]), int(row["height"])
+    folder = overlay_dir(lake_root, row["slide_id"])
+    user = user_overlay_path(row["path"], row.get("attributes"), cfg)
+    slide = openslide.OpenSlide(row["path"])
+    try:
+        if user is not None:
+            labels, _ = read_overlay(user)
+            h, w = labels.shape
+            rgb, _valid = read_slide_at(slide, (w, h), cfg.chunk_px)
+            res: dict[str, Any] = dict(source="user", mask_path=user, algorithm="user overlay",
+                                       params=json.dumps({"overlay": user}))
+        else:
+            if row["mpp_x"] is None or row["mpp_y"] is None:
+                raise MaskError("slide has no mpp; set resolution.assumed_mpp (µm/px) to make its mask")
+            w, h = mask_size(W0, H0, row["mpp_x"], row["mpp_y"], cfg.mpp)
+            rgb, valid = read_slide_at(slide, (w, h), cfg.chunk_px)
+            mpp = (row["mpp_x"] * W0 / w, row["mpp_y"] * H0 / h)
+            labels, info = tissue_mask(rgb, valid, mpp, cfg)
+            mask_path = os.path.join(folder, f"tissue-{phash}.tiff")
+            write_overlay(mask_path, labels, mpp)
+            res = dict(source="computed", mask_path=mask_path, algorithm=info["algorithm"],
+                       params=json.dumps(cfg.algorithm_dict(), sort_keys=True),
+                       polarity=info["polarity"], thresholds=info["thresholds"])
+        level = slide.get_best_level_for_downsample(min(W0 / w, H0 / h))
+    finally:
+        slide.close()
+    os.makedirs(folder, exist_ok=True)
+    thumb = os.path.join(folder, f"thumbnail-{phash}.jpg")
+    Image.fromarray(rgb).save(thumb, quality=90)
+    qc = os.path.join(folder, f"qc-{phash}.png")
+    Image.fromarray(qc_picture(rgb, labels)).save(qc)
+    ds_x, ds_y = W0 / w, H0 / h
+    mpp_x = row["mpp_x"] * ds_x if row["mpp_x"] is not None else None
+    mpp_y = row["mpp_y"] * ds_y if row["mpp_y"] is not None else None
+    res.update(
+        mask_mpp_x=mpp_x, mask_mpp_y=mpp_y, mask_downsample_x=ds_x, mask_downsample_y=ds_y,
+        mask_width=w, mask_height=h, read_level=int(level),
+        tissue_fraction=float((labels != BACKGROUND).mean()), qc_path=qc, thumbnail_path=thumb,
+    )
+    return res
+
+
+def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfig, lake_root: str,
+               run_id: str) -> DataFrame:
+    """Compute the masks of ``slides`` (``slides`` rows as dicts), one Spark task per slide.
+
+    Returns:
+        A DataFrame of ``masks`` rows (:data:`MASKS_SCHEMA`), one per slide, in any order.
+    """
+    phash = params_hash(cfg)
+    fields = ["slide_id", "path", "fingerprint", "width", "height", "mpp_x", "mpp_y", "attributes"]
+    in_schema = T.StructType([f for f in _slide_fields() if f.name in fields])
+    df = spark.createDataFrame([{k: r[k] for k in fields} for r in slides], schema=in_schema)
+    n = max(1, min(len(slides), 4 * spark.sparkContext.defaultParallelism))
+    df = df.repartition(n, "slide_id")
+
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for pdf in batches:
+            rows = []
+            for rec in pdf.to_dict("records"):
+                attrs = rec.get("attributes")
+                rec["attributes"] = dict(attrs) if attrs is not None else {}
+                for k in ("mpp_x", "mpp_y", "width", "height"):
+                    if rec[k] is not None and isinstance(rec[k], float) and math.isnan(rec[k]):
+                        rec[k] = None
+                rows.append(compute_mask(rec, cfg, lake_root, run_id, phash))
+            yield pd.DataFrame(rows, columns=MASKS_SCHEMA.fieldNames())
+
+    spark.sparkContext.setJobDescription("masks")
+    return df.mapInPandas(run, schema=MASKS_SCHEMA)
+
+
+def _slide_fields() -> list[T.StructField]:
+    from slidelake.slides import SLIDES_SCHEMA
+
+    return list(SLIDES_SCHEMA.fields)
+
+
+__all__ = [
+    "MASKS_SCHEMA", "TISSUE", "BACKGROUND", "MaskError", "params_hash", "mask_size", "read_slide_at",
+    "detect_polarity", "tissue_mask", "write_overlay", "read_overlay", "mask_outline", "qc_picture",
+    "overlay_dir", "user_overlay_path", "compute_mask", "make_masks",
+]

@@ -1,0 +1,401 @@
+"""Per-tile overlap with overlays and annotations, before any pixel is decoded.
+
+Stage ``overlap`` (a ``mapInPandas`` over grid rows that groups each batch's rows by slide):
+for every tile, the fraction of its area covered by each overlay label (``overlay_fractions``,
+``{"0": 0.17, "255": 0.83}`` as ratiopath's ``tile_overlay_overlap``), the ``tissue_fraction``
+(area under any non-zero label), the fraction covered by each annotation class
+(``class_fractions``), the ``annotated_fraction`` and a ``label``.
+
+The tile's area is the part of the tile inside the slide (partial ``keep`` edge tiles count
+only their in-slide area), optionally restricted to ``grid.tile_roi``.
+
+Exact overlay maths (:class:`OverlayIndex`): the overlay is piecewise constant over its pixels,
+so the integral of a label's indicator over ``[0, u) x [0, v)`` is exactly the bilinear
+interpolation of its summed-area table at integer corners. Covered areas of arbitrary
+(sub-pixel) rectangles are therefore exact, whatever the ratio of tile to overlay
+resolution, from four table lookups per rectangle: one vectorised pass per slide.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import OrderedDict
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pandas as pd
+import shapely
+import shapely.affinity
+import shapely.geometry
+from pyspark.sql import DataFrame
+from pyspark.sql import types as T
+
+OVERLAP_FIELDS = [
+    T.StructField("overlay_fractions", T.MapType(T.StringType(), T.DoubleType()), True),
+    T.StructField("tissue_fraction", T.DoubleType(), True),
+    T.StructField("class_fractions", T.MapType(T.StringType(), T.DoubleType()), True),
+    T.StructField("annotated_fraction", T.DoubleType(), True),
+    T.StructField("label", T.StringType(), True),
+    T.StructField("overlap_error", T.StringType(), True),
+]
+
+
+# ------------------------------------------------------------------------- overlay maths
+
+def summed_area_table(indicator: np.ndarray) -> np.ndarray:
+    """int64 ``(h + 1, w + 1)`` table ``S`` with ``S[i, j]`` = sum of ``indicator[:i, :j]``."""
+    h, w = indicator.shape
+    sat = np.zeros((h + 1, w + 1), np.int64)
+    np.cumsum(np.cumsum(indicator, axis=0, dtype=np.int64), axis=1, out=sat[1:, 1:])
+    return sat
+
+
+def integral(sat: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Integral of the image behind ``sat`` over ``[0, u) x [0, v)`` (overlay px, float).
+
+    Exact for a piecewise-constant image: bilinear interpolation of ``sat`` at integer
+    corners. ``u``, ``v`` are clipped to the image.
+    """
+    h, w = sat.shape[0] - 1, sat.shape[1] - 1
+    u = np.clip(u, 0.0, w)
+    v = np.clip(v, 0.0, h)
+    j = np.minimum(np.floor(u).astype(np.int64), max(w - 1, 0))
+    i = np.minimum(np.floor(v).astype(np.int64), max(h - 1, 0))
+    fu, fv = u - j, v - i
+    return (sat[i, j] * (1 - fu) * (1 - fv) + sat[i, j + 1] * fu * (1 - fv)
+            + sat[i + 1, j] * (1 - fu) * fv + sat[i + 1, j + 1] * fu * fv)
+
+
+def rect_sums(sat: np.ndarray, u0: np.ndarray, v0: np.ndarray, u1: np.ndarray, v1: np.ndarray) -> np.ndarray:
+    """Exact area-weighted sums of the image behind ``sat`` over rectangles ``[u0, u1) x [v0, v1)``
+    in overlay px (float arrays of one shape)."""
+    return integral(sat, u1, v1) - integral(sat, u0, v1) - integral(sat, u1, v0) + integral(sat, u0, v0)
+
+
+class OverlayIndex:
+    """One overlay, indexed for exact per-rectangle label fractions.
+
+    Args:
+        labels: uint8 ``(h, w)`` label image covering the slide's level-0 extent.
+        slide_size: ``(width0, height0)`` level-0 px; overlay px ``(i, j)`` covers level-0
+            ``[j * ds_x, (j + 1) * ds_x) x [i * ds_y, (i + 1) * ds_y)``, ``ds = size0 / size``.
+    """
+
+    def __init__(self, labels: np.ndarray, slide_size: tuple[int, int]) -> None:
+        self.labels_image = labels
+        self.height, self.width = labels.shape
+        self.ds_x = slide_size[0] / self.width
+        self.ds_y = slide_size[1] / self.height
+        self.values = [int(v) for v in np.unique(labels)]
+        self._sats = {v: summed_area_table(labels == v) for v in self.values}
+
+    def fractions(self, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray) -> dict[int, np.ndarray]:
+        """Fraction of each rectangle (level-0 px, float arrays) covered by each label value.
+
+        Returns ``{label: float64 array}``; a rectangle of zero area gets 0 for every label.
+        """
+        u0, u1 = np.asarray(x0, float) / self.ds_x, np.asarray(x1, float) / self.ds_x
+        v0, v1 = np.asarray(y0, float) / self.ds_y, np.asarray(y1, float) / self.ds_y
+        area = np.clip(u1 - u0, 0, None) * np.clip(v1 - v0, 0, None)
+        safe = np.where(area > 0, area, 1.0)
+        return {v: np.where(area > 0, rect_sums(s, u0, v0, u1, v1) / safe, 0.0) for v, s in self._sats.items()}
+
+    def polygon_fractions(self, polys: np.ndarray) -> dict[int, np.ndarray]:
+        """Fraction of each shapely polygon (level-0 px) covered by each label value, exactly,
+        from the polygon's intersection areas with the overlay pixel cells it touches."""
+        out = {v: np.zeros(len(polys)) for v in self.values}
+        for n, poly in enumerate(polys):
+            if poly is None or poly.is_empty or poly.area <= 0:
+                continue
+            bx0, by0, bx1, by1 = poly.bounds
+            j0, j1 = max(0, math.floor(bx0 / self.ds_x)), min(self.width, math.ceil(bx1 / self.ds_x))
+            i0, i1 = max(0, math.floor(by0 / self.ds_y)), min(self.height, math.ceil(by1 / self.ds_y))
+            if j1 <= j0 or i1 <= i0:
+                continue
+            jj, ii = np.meshgrid(np.arange(j0, j1), np.arange(i0, i1))
+            cells = shapely.box(jj * self.ds_x, ii * self.ds_y, (jj + 1) * self.ds_x, (ii + 1) * self.ds_y)
+            weights = shapely.area(shapely.intersection(cells, poly))
+            total = poly.area
+            sub = self.labels_image[i0:i1, j0:j1]
+            for v in self.values:
+                out[v][n] = float(weights[sub == v].sum()) / total
+        return out
+
+
+# ----------------------------------------------------------------------------- annotations
+
+def load_annotations(path: str) -> dict[str, Any]:
+    """Read a GeoJSON annotation file (QuPath export layout) into per-class geometries.
+
+    Accepts a FeatureCollection, a list of features or a single feature. A feature's class is
+    ``properties.classification.name`` (QuPath >= 0.2), ``properties.classification`` when a
+    string, else ``"Unclassified"``. Polygon and MultiPolygon geometries (level-0 px) are kept;
+    points and lines are ignored; invalid polygons are repaired (``make_valid``).
+
+    Returns:
+        ``{class_name: shapely geometry}`` (union of that class's polygons), sorted by name.
+
+    Raises:
+        ValueError: not JSON, or not GeoJSON features.
+    """
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        feats = data.get("features") or []
+    elif isinstance(data, dict) and data.get("type") == "Feature":
+        feats = [data]
+    elif isinstance(data, list):
+        feats = data
+    else:
+        raise ValueError(f"{path}: not a GeoJSON FeatureCollection or list of features")
+    by_class: dict[str, list[Any]] = {}
+    for f in feats:
+        if not isinstance(f, dict) or not f.get("geometry"):
+            continue
+        geom = shapely.geometry.shape(f["geometry"])
+        if geom.geom_type not in ("Polygon", "MultiPolygon"):
+            continue
+        props = f.get("properties") or {}
+        cls = props.get("classification")
+        name = cls.get("name") if isinstance(cls, dict) else cls
+        name = str(name) if name else "Unclassified"
+        by_class.setdefault(name, []).append(shapely.make_valid(geom))
+    return {k: shapely.union_all(v) for k, v in sorted(by_class.items())}
+
+
+class AnnotationIndex:
+    """Annotation polygons of one slide in an STRtree, for per-tile class fractions.
+
+    Args:
+        classes: ``{class_name: geometry}`` in level-0 px (:func:`load_annotations`).
+    """
+
+    def __init__(self, classes: dict[str, Any]) -> None:
+        self.names = list(classes)
+        parts, owner = [], []
+        for k, geom in enumerate(classes.values()):
+            for p in shapely.get_parts(geom):
+                if p.geom_type == "Polygon" and p.area > 0:
+                    parts.append(p)
+                    owner.append(k)
+        self.parts = np.array(parts, dtype=object)
+        self.owner = np.array(owner, dtype=np.int64)
+        self.tree = shapely.STRtree(self.parts)
+        union = shapely.union_all(list(classes.values())) if classes else shapely.Polygon()
+        self.union_parts = np.array([p for p in shapely.get_parts(union) if p.area > 0], dtype=object)
+        self.union_tree = shapely.STRtree(self.union_parts)
+
+    def fractions(self, geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For tile geometries (level-0 px): ``(class_fractions (n, classes), annotated (n,))``,
+        each the covered area divided by the tile geometry's area."""
+        n = len(geoms)
+        area = shapely.area(geoms)
+        safe = np.where(area > 0, area, 1.0)
+        per_class = np.zeros((n, len(self.names)))
+        annotated = np.zeros(n)
+        if len(self.parts):
+            ti, pi = self.tree.query(geoms, predicate="intersects")
+            a = shapely.area(shapely.intersection(geoms[ti], self.parts[pi]))
+            np.add.at(per_class, (ti, self.owner[pi]), a)
+        if len(self.union_parts):
+            ti, pi = self.union_tree.query(geoms, predicate="intersects")
+            np.add.at(annotated, ti, shapely.area(shapely.intersection(geoms[ti], self.union_parts[pi])))
+        return per_class / safe[:, None], np.minimum(annotated / safe, 1.0)
+
+
+def label_rule(names: list[str], fractions: np.ndarray, min_fraction: float) -> list[str | None]:
+    """Per tile, the class with the largest fraction when it is >= ``min_fraction`` (ties: the
+    first name in sorted order), else None."""
+    if not names:
+        return [None] * len(fractions)
+    best = fractions.argmax(axis=1)
+    top = fractions[np.arange(len(fractions)), best]
+    return [names[b] if t >= min_fraction and t > 0 else None for b, t in zip(best, top)]
+
+
+def annotation_path(path: str, attributes: dict[str, str] | None, column: str, suffix: str) -> str | None:
+    """A slide's annotation file: the manifest column ``column`` (relative to the slide's
+    folder when relative), else the sidecar ``<slide path without extension><suffix>`` when it
+    exists, else None."""
+    given = (attributes or {}).get(column)
+    if given:
+        return given if os.path.isabs(given) else os.path.join(os.path.dirname(path), given)
+    side = os.path.splitext(path)[0] + suffix
+    return side if os.path.isfile(side) else None
+
+
+# ------------------------------------------------------------------------- tile geometry
+
+def tile_rects(level0_x, level0_y, valid_w, valid_h, downsample, slide_w, slide_h):
+    """In-slide rectangles of tiles in level-0 px: ``(x0, y0, x1, y1)`` float arrays.
+
+    ``valid_w/h`` are tile px inside the slide, ``downsample`` tile px -> level-0 px; the
+    result is also clipped to the slide's level-0 size.
+    """
+    x0 = np.asarray(level0_x, float)
+    y0 = np.asarray(level0_y, float)
+    x1 = np.minimum(x0 + np.asarray(valid_w, float) * downsample, slide_w)
+    y1 = np.minimum(y0 + np.asarray(valid_h, float) * downsample, slide_h)
+    return x0, y0, x1, y1
+
+
+def tile_geometries(x0, y0, x1, y1, downsample, tile_roi: Any | None) -> np.ndarray:
+    """Tile regions as shapely geometries in level-0 px: the in-slide box, intersected with
+    ``tile_roi`` (a geometry in tile px, origin at the tile's top-left) when given."""
+    boxes = shapely.box(x0, y0, x1, y1)
+    if tile_roi is None:
+        return boxes
+    out = np.empty(len(boxes), dtype=object)
+    for k in range(len(boxes)):
+        roi = shapely.affinity.affine_transform(tile_roi, [downsample[k], 0, 0, downsample[k], x0[k], y0[k]])
+        out[k] = shapely.intersection(roi, boxes[k])
+    return out
+
+
+def roi_is_rect(tile_roi: Any | None) -> bool:
+    """True when the tile ROI is None or an axis-aligned rectangle (the fast exact path)."""
+    return tile_roi is None or tile_roi.equals(shapely.box(*tile_roi.bounds))
+
+
+# ----------------------------------------------------------------------------- the stage
+
+OVERLAP_INPUTS = (
+    "slide_id", "level0_x", "level0_y", "valid_width", "valid_height", "downsample",
+    "slide_width", "slide_height", "overlay_path", "annotations_path",
+)
+
+
+class _Cache:
+    def __init__(self, size: int = 2) -> None:
+        self.size, self.items = size, OrderedDict()
+
+    def get(self, key, make):
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        val = make()
+        self.items[key] = val
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+        return val
+
+
+_OVERLAYS = _Cache(2)
+_ANNOTATIONS = _Cache(4)
+
+
+def _load_overlay(path: str, size: tuple[int, int]) -> OverlayIndex:
+    from slidelake.masks import read_overlay
+
+    labels, _ = read_overlay(path)
+    return OverlayIndex(labels, size)
+
+
+def slide_overlap(pdf: pd.DataFrame, tile_roi_wkt: str | None, label_min_fraction: float) -> pd.DataFrame:
+    """Overlap columns (:data:`OVERLAP_FIELDS`) for the tile rows of ONE slide.
+
+    The slide's overlay and annotations are read once (cached per Python worker) and every
+    tile's fractions come from one vectorised pass. A slide without overlay gets null overlay
+    columns; without annotations, null class columns. Read errors go to ``overlap_error``.
+    """
+    n = len(pdf)
+    first = pdf.iloc[0]
+    W0, H0 = int(first["slide_width"]), int(first["slide_height"])
+    ds = pdf["downsample"].to_numpy(float)
+    x0, y0, x1, y1 = tile_rects(pdf["level0_x"], pdf["level0_y"], pdf["valid_width"], pdf["valid_height"],
+                                ds, W0, H0)
+    roi = shapely.from_wkt(tile_roi_wkt) if tile_roi_wkt else None
+    geoms = None
+    if roi is not None:
+        geoms = tile_geometries(x0, y0, x1, y1, ds, roi)
+        if roi_is_rect(roi):  # rectangle ROI: exact SAT path on its clipped bounds
+            b = shapely.bounds(geoms)
+            empty = shapely.is_empty(geoms)
+            x0, y0, x1, y1 = (np.where(empty, 0.0, b[:, k]) for k in range(4))
+    out: dict[str, Any] = {f.name: [None] * n for f in OVERLAP_FIELDS}
+    errors: list[str] = []
+    opath = first["overlay_path"]
+    if isinstance(opath, str) and opath:
+        try:
+            ov = _OVERLAYS.get((opath, W0, H0), lambda: _load_overlay(opath, (W0, H0)))
+            if roi is None or roi_is_rect(roi):
+                fr = ov.fractions(x0, y0, x1, y1)
+            else:
+                fr = ov.polygon_fractions(geoms)
+            keys = [str(v) for v in fr]
+            cols = [fr[v] for v in fr]
+            out["overlay_fractions"] = [dict(zip(keys, (float(c[k]) for c in cols))) for k in range(n)]
+            bg = fr.get(0, np.zeros(n))
+            total = np.sum(cols, axis=0) if cols else np.zeros(n)
+            out["tissue_fraction"] = list(np.clip(total - bg, 0.0, 1.0))
+        except Exception as exc:  # noqa: BLE001 - recorded on every tile of the slide
+            errors.append(f"overlay {opath}: {type(exc).__name__}: {exc}")
+    apath = first["annotations_path"]
+    if isinstance(apath, str) and apath:
+        try:
+            idx = _ANNOTATIONS.get(apath, lambda: AnnotationIndex(load_annotations(apath)))
+            g = geoms if geoms is not None else shapely.box(x0, y0, x1, y1)
+            per_class, annotated = idx.fractions(g)
+            out["class_fractions"] = [
+                {name: float(per_class[k, c]) for c, name in enumerate(idx.names) if per_class[k, c] > 0}
+                for k in range(n)
+            ]
+            out["annotated_fraction"] = list(annotated)
+            out["label"] = label_rule(idx.names, per_class, label_min_fraction)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"annotations {apath}: {type(exc).__name__}: {exc}")
+    if errors:
+        out["overlap_error"] = ["; ".join(errors)] * n
+    return pd.DataFrame(out, index=pdf.index)
+
+
+def make_overlap(tile_roi_wkt: str | None, label_min_fraction: float,
+                 on_failure: Callable[[str, dict[str, Any]], None] | None = None
+                 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """Build the ``mapInPandas`` function of the overlap stage (groups each batch by slide)."""
+
+    def overlap(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for pdf in batches:
+            if pdf.empty:
+                yield pdf.assign(**{f.name: [] for f in OVERLAP_FIELDS})
+                continue
+            parts = [slide_overlap(g, tile_roi_wkt, label_min_fraction)
+                     for _, g in pdf.groupby("slide_id", sort=False)]
+            extra = pd.concat(parts).loc[pdf.index]
+            if on_failure is not None:
+                for i in np.flatnonzero(extra["overlap_error"].notna().to_numpy()):
+                    on_failure(str(pdf["slide_id"].iloc[i]), {
+                        "tile_x": int(pdf["tile_x"].iloc[i]), "tile_y": int(pdf["tile_y"].iloc[i]),
+                        "error": extra["overlap_error"].iloc[i], "stage": "overlap"})
+            yield pd.concat([pdf, extra], axis=1)
+
+    return overlap
+
+
+def overlap_tiles(tiles: DataFrame, tile_roi_wkt: str | None, label_min_fraction: float,
+                  on_failure: Callable[[str, dict[str, Any]], None] | None = None) -> DataFrame:
+    """Add :data:`OVERLAP_FIELDS` to grid rows (a ``mapInPandas`` stage, metadata only).
+
+    Args:
+        tiles: grid rows with :data:`OVERLAP_INPUTS` (``overlay_path`` / ``annotations_path``
+            null when a slide has none) plus ``tile_x``, ``tile_y``.
+        tile_roi_wkt: ``grid.tile_roi`` (tile px) or None.
+        label_min_fraction: see :func:`label_rule`.
+        on_failure: called per tile whose overlay or annotations could not be read.
+
+    Returns:
+        The rows plus ``overlay_fractions`` (label value as string -> fraction 0-1),
+        ``tissue_fraction`` (0-1, area under non-zero labels), ``class_fractions`` (class name ->
+        fraction, classes present only), ``annotated_fraction``, ``label``, ``overlap_error``.
+    """
+    schema = T.StructType(list(tiles.schema.fields) + OVERLAP_FIELDS)
+    return tiles.mapInPandas(make_overlap(tile_roi_wkt, label_min_fraction, on_failure), schema=schema)
+
+
+__all__ = [
+    "OVERLAP_FIELDS", "summed_area_table", "integral", "rect_sums", "OverlayIndex", "load_annotations",
+    "AnnotationIndex", "label_rule", "annotation_path", "tile_rects", "tile_geometries", "roi_is_rect",
+    "slide_overlap", "make_overlap", "overlap_tiles",
+]

@@ -1,0 +1,189 @@
+"""Overlap maths against brute force, annotations against known polygons (no Spark)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import shapely
+
+from slidelake.grid import axis_positions
+from slidelake.overlap import (AnnotationIndex, OverlayIndex, label_rule, load_annotations,
+                               slide_overlap, summed_area_table)
+
+
+def brute_fraction(labels, ds, rect, value):
+    """Covered area of ``value`` in a level-0 rect: the overlap of the rect with every pixel
+    cell (product of the per-axis interval overlaps), summed directly; no summed-area table."""
+    x0, y0, x1, y1 = rect
+    h, w = labels.shape
+    j, i = np.arange(w), np.arange(h)
+    ox = np.clip(np.minimum(x1, (j + 1) * ds[0]) - np.maximum(x0, j * ds[0]), 0, None)
+    oy = np.clip(np.minimum(y1, (i + 1) * ds[1]) - np.maximum(y0, i * ds[1]), 0, None)
+    cell = np.outer(oy, ox)
+    area = cell.sum()
+    return float((cell * (labels == value)).sum() / area) if area else 0.0
+
+
+def make_overlay(w, h):
+    """Known shapes: a rectangle of label 255, a disc of label 7, background 0."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    lab = np.zeros((h, w), np.uint8)
+    lab[h // 5: h // 2, w // 6: (2 * w) // 3] = 255
+    lab[(yy - 0.7 * h) ** 2 + (xx - 0.6 * w) ** 2 < (0.2 * min(w, h)) ** 2] = 7
+    return lab
+
+
+def grid_rows(W0, H0, downsample, extent, stride, last="keep"):
+    W, H = int(W0 // downsample), int(H0 // downsample)
+    xs, ys = axis_positions(W, extent, stride, last), axis_positions(H, extent, stride, last)
+    rows = []
+    for ty in ys:
+        for tx in xs:
+            rows.append(dict(slide_id="s", tile_x=tx, tile_y=ty,
+                             level0_x=int(np.floor(tx * downsample + 0.5)), level0_y=int(np.floor(ty * downsample + 0.5)),
+                             valid_width=int(min(extent, W - tx)), valid_height=int(min(extent, H - ty)),
+                             downsample=float(downsample), slide_width=W0, slide_height=H0))
+    return pd.DataFrame(rows)
+
+
+def test_sat_counts_pixels():
+    rng = np.random.default_rng(1)
+    m = rng.integers(0, 2, (13, 17))
+    sat = summed_area_table(m)
+    assert sat.shape == (14, 18)
+    assert sat[5, 9] == m[:5, :9].sum() and sat[-1, -1] == m.sum()
+
+
+@pytest.mark.parametrize("mask_wh,downsample,extent,stride", [
+    ((61, 47), 1.0, 64, 64),      # overlay ~16.4 level-0 px per px, tiles at level 0
+    ((61, 47), 4.0, 32, 24),      # overlapping tiles, 128 level-0 px, non-integer ratio
+    ((250, 190), 2.0, 50, 50),    # overlay ~4 px per px
+    ((1000, 770), 1.0, 16, 20),   # overlay finer than a tile pixel (ratio 1)
+    ((37, 29), 3.3, 40, 40),      # odd everything
+])
+def test_overlay_fractions_equal_brute_force(mask_wh, downsample, extent, stride):
+    W0, H0 = 1000, 770
+    lab = make_overlay(*mask_wh)
+    ds = (W0 / mask_wh[0], H0 / mask_wh[1])
+    pdf = grid_rows(W0, H0, downsample, extent, stride)
+    pdf["overlay_path"], pdf["annotations_path"] = None, None
+    idx = OverlayIndex(lab, (W0, H0))
+    x0 = pdf.level0_x.to_numpy(float)
+    y0 = pdf.level0_y.to_numpy(float)
+    x1 = np.minimum(x0 + pdf.valid_width * downsample, W0)
+    y1 = np.minimum(y0 + pdf.valid_height * downsample, H0)
+    got = idx.fractions(x0, y0, x1, y1)
+    assert set(got) == {0, 7, 255}
+    edge = (pdf.valid_width < extent) | (pdf.valid_height < extent)
+    assert edge.any()  # keep-policy partial tiles are part of the check
+    check = sorted(set(np.flatnonzero(edge.to_numpy())) | set(range(0, len(pdf), max(1, len(pdf) // 150))))
+    for k in check:
+        rect = (x0[k], y0[k], x1[k], y1[k])
+        for v in (0, 7, 255):
+            assert got[v][k] == pytest.approx(brute_fraction(lab, ds, rect, v), abs=1e-9)
+    total = sum(got.values())
+    np.testing.assert_allclose(total, 1.0, atol=1e-9)
+
+
+def test_slide_overlap_uses_overlay_file_and_tile_roi(tmp_path):
+    from slidelake.masks import write_overlay
+
+    W0, H0 = 1000, 770
+    lab = make_overlay(61, 47)
+    path = str(tmp_path / "ov.tiff")
+    write_overlay(path, lab, (8.0, 8.0))
+    pdf = grid_rows(W0, H0, 2.0, 64, 64)
+    pdf["overlay_path"], pdf["annotations_path"] = path, None
+    ds = (W0 / 61, H0 / 47)
+    full = slide_overlap(pdf, None, 0.5)
+    # a rectangular and a triangular tile ROI (tile px)
+    rect = slide_overlap(pdf, "POLYGON ((16 16, 48 16, 48 48, 16 48, 16 16))", 0.5)
+    tri = slide_overlap(pdf, "POLYGON ((0 0, 64 0, 0 64, 0 0))", 0.5)
+    for k in range(len(pdf)):
+        r = pdf.iloc[k]
+        x1 = min(r.level0_x + r.valid_width * 2.0, W0)
+        y1 = min(r.level0_y + r.valid_height * 2.0, H0)
+        bf = 1 - brute_fraction(lab, ds, (r.level0_x, r.level0_y, x1, y1), 0)
+        assert full.tissue_fraction.iloc[k] == pytest.approx(bf, abs=1e-9)
+        assert full.overlay_fractions.iloc[k]["255"] == pytest.approx(
+            brute_fraction(lab, ds, (r.level0_x, r.level0_y, x1, y1), 255), abs=1e-9)
+        rx0, ry0 = r.level0_x + 32, r.level0_y + 32
+        rx1, ry1 = min(r.level0_x + 96, x1), min(r.level0_y + 96, y1)
+        if rx1 > rx0 and ry1 > ry0:
+            assert rect.tissue_fraction.iloc[k] == pytest.approx(1 - brute_fraction(lab, ds, (rx0, ry0, rx1, ry1), 0), abs=1e-9)
+    # triangle: compare with a fine supersampled estimate on tiles fully inside the slide
+    inner = np.flatnonzero((pdf.valid_width == 64) & (pdf.valid_height == 64))
+    for k in inner[::7]:
+        r = pdf.iloc[k]
+        yy, xx = np.mgrid[0:128, 0:128] + 0.5
+        inside = xx + yy < 128
+        cols = np.minimum(((r.level0_x + xx[inside]) / ds[0]).astype(int), 60)
+        rows_ = np.minimum(((r.level0_y + yy[inside]) / ds[1]).astype(int), 46)
+        est = (lab[rows_, cols] != 0).mean()
+        assert tri.tissue_fraction.iloc[k] == pytest.approx(est, abs=0.02)
+    assert (full.overlap_error.isna()).all()
+
+
+def test_missing_overlay_is_a_tile_error(tmp_path):
+    pdf = grid_rows(400, 300, 1.0, 100, 100)
+    pdf["overlay_path"], pdf["annotations_path"] = str(tmp_path / "gone.tiff"), None
+    out = slide_overlap(pdf, None, 0.5)
+    assert out.overlap_error.str.contains("cannot read overlay").all()
+    assert out.tissue_fraction.isna().all()
+
+
+def write_geojson(path, features):
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+
+
+def poly(coords, cls):
+    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [coords]},
+            "properties": {"objectType": "annotation", "classification": {"name": cls, "color": [255, 0, 0]}}}
+
+
+def test_annotation_class_fractions_and_labels(tmp_path):
+    gj = tmp_path / "slide.geojson"
+    write_geojson(gj, [
+        poly([[0, 0], [300, 0], [300, 200], [0, 200], [0, 0]], "Tumor"),          # rectangle
+        poly([[100, 100], [400, 100], [400, 300], [100, 300], [100, 100]], "Tumor"),  # overlaps it
+        poly([[500, 0], [800, 300], [500, 300], [500, 0]], "Stroma"),             # triangle
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [5, 5]}, "properties": {}},
+    ])
+    classes = load_annotations(str(gj))
+    assert list(classes) == ["Stroma", "Tumor"]
+    idx = AnnotationIndex(classes)
+    tiles = shapely.box([0, 200, 500, 600, 0], [0, 100, 0, 100, 400], [100, 300, 600, 700, 100], [100, 200, 100, 200, 500])
+    per_class, annotated = idx.fractions(tiles)
+    tumor = shapely.union_all([shapely.box(0, 0, 300, 200), shapely.box(100, 100, 400, 300)])
+    stroma = shapely.Polygon([(500, 0), (800, 300), (500, 300)])
+    for k, t in enumerate(tiles):
+        assert per_class[k, 1] == pytest.approx(t.intersection(tumor).area / t.area)
+        assert per_class[k, 0] == pytest.approx(t.intersection(stroma).area / t.area)
+    # by hand: tile (0,0,100,100) is inside the tumour rectangle; (500,0,600,100) is half stroma
+    assert per_class[0].tolist() == [0.0, 1.0]
+    assert per_class[2, 0] == pytest.approx(0.5)
+    assert annotated[4] == 0.0
+    labels = label_rule(idx.names, per_class, 0.5)
+    assert labels[0] == "Tumor" and labels[2] == "Stroma" and labels[4] is None
+
+
+def test_slide_overlap_annotations_column(tmp_path):
+    gj = tmp_path / "a.geojson"
+    write_geojson(gj, [poly([[0, 0], [200, 0], [200, 200], [0, 200], [0, 0]], "Tumor")])
+    pdf = grid_rows(400, 300, 1.0, 100, 100)
+    pdf["overlay_path"], pdf["annotations_path"] = None, str(gj)
+    out = slide_overlap(pdf, None, 0.5)
+    inside = (pdf.tile_x < 200) & (pdf.tile_y < 200)
+    assert out.label[inside].eq("Tumor").all() and out.label[~inside].isna().all()
+    assert out.annotated_fraction[inside].eq(1.0).all()
+    assert out.tissue_fraction.isna().all()
+
+
+def test_bad_geojson_is_a_tile_error(tmp_path):
+    bad = tmp_path / "bad.geojson"
+    bad.write_text("{not json")
+    pdf = grid_rows(400, 300, 1.0, 100, 100)
+    pdf["overlay_path"], pdf["annotations_path"] = None, str(bad)
+    out = slide_overlap(pdf, None, 0.5)
+    assert out.overlap_error.str.contains("annotations").all()
