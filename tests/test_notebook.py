@@ -25,3 +25,4 @@ def test_quickstart_notebook_runs(spark, tmp_path, monkeypatch, capsys):
     n = pl.read_delta(str(tmp_path / "lake" / "tiles")).height
     assert n == ns["rec"].counts["tiles_written"] > 0
     assert ns["mosaic"].shape == (256, 4 * 256, 3)
+    assert ns["qc"].size[0] >= 512  # the QC picture of the sample slide was drawn and shown

@@ -17,7 +17,8 @@ from slidelake.pipeline import ConfigMismatchError, run_all, run_tile
 
 pytestmark = pytest.mark.spark
 
-RAW_ALL = {"decode": {"encoding": "raw"}, "filter": {"max_background_fraction": None}}
+# every tile of the grid, undecoded pixels: no tissue masks, no pixel filter
+RAW_ALL = {"decode": {"encoding": "raw"}, "filter": {"max_background_fraction": None}, "masks": {"enabled": False}}
 
 
 def cfg_for(lake, inputs, **kw):

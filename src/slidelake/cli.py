@@ -1,4 +1,4 @@
-"""Command line: ``slidelake discover | tile | run | sql``.
+"""Command line: ``slidelake discover | masks | tile | run | sql``.
 
 Settings come from a YAML file (``--config conf/<name>.yaml``) and are overridden by flags.
 """
@@ -29,9 +29,9 @@ def _overrides(inputs: list[str] | None, lake: str | None, **flags: Any) -> dict
         o["lake"] = lake
     sections = {
         "resolution": ("level", "mpp", "downsample", "magnification", "fallback", "tolerance", "assumed_mpp"),
-        "grid": ("tile_extent", "stride", "last", "roi"),
+        "grid": ("tile_extent", "stride", "last", "roi", "tile_roi"),
         "decode": ("encoding", "quality", "batch_size"),
-        "filter": ("min_std", "max_background_fraction"),
+        "filter": ("min_std", "max_background_fraction", "min_tissue_fraction", "min_annotated_fraction"),
         "tables": ("writer", "tiles_table"),
     }
     for section, keys in sections.items():
@@ -39,6 +39,10 @@ def _overrides(inputs: list[str] | None, lake: str | None, **flags: Any) -> dict
             v = flags.get(k)
             if v is not None:
                 o.setdefault(section, {})[k] = v
+    if flags.get("mask_mpp") is not None:
+        o.setdefault("masks", {})["mpp"] = flags["mask_mpp"]
+    if flags.get("masks") is not None:
+        o.setdefault("masks", {})["enabled"] = flags["masks"]
     return o
 
 
@@ -56,8 +60,9 @@ def _report(rec, cfg) -> None:
     from slidelake.pipeline import lake_paths, summary
 
     console.print(summary(rec), markup=False, highlight=False)
+    shown = {"discover": ("slides", "runs"), "masks": ("masks", "runs")}.get(rec.job, ("slides", "masks", "tiles", "runs"))
     for name, p in lake_paths(cfg).items():
-        if name != "tiles" or rec.job != "discover":
+        if name in shown:
             console.print(f"  {name:7s} {p}", markup=False, highlight=False)
 
 
@@ -73,7 +78,7 @@ def _roi(v: Optional[str]) -> Optional[list[int]]:
 
 
 def _run_job(job: str, inputs, config, lake, replace_table: bool, **flags) -> None:
-    from slidelake.pipeline import ConfigMismatchError, run_all, run_discover, run_tile
+    from slidelake.pipeline import ConfigMismatchError, run_all, run_discover, run_masks, run_tile
     from slidelake.spark import get_spark
 
     for key in ("tile_extent", "stride"):
@@ -87,6 +92,8 @@ def _run_job(job: str, inputs, config, lake, replace_table: bool, **flags) -> No
     try:
         if job == "discover":
             rec = run_discover(spark, cfg)
+        elif job == "masks":
+            rec = run_masks(spark, cfg)
         elif job == "tile":
             rec = run_tile(spark, cfg, replace_table=replace_table)
         else:
@@ -114,6 +121,11 @@ TILE_FLAGS = dict(
     batch_size=typer.Option(None, "--batch-size", help="Tiles per decode batch (worker memory)."),
     min_std=typer.Option(None, "--min-std", help="Keep tiles with grey std >= this."),
     max_background_fraction=typer.Option(None, "--max-background", help="Keep tiles with background fraction <= this."),
+    min_tissue_fraction=typer.Option(None, "--min-tissue", help="Keep tiles whose tissue fraction >= this (before decode)."),
+    min_annotated_fraction=typer.Option(None, "--min-annotated", help="Keep tiles whose annotated fraction >= this (before decode)."),
+    tile_roi=typer.Option(None, "--tile-roi", help="WKT polygon in tile px: fractions are computed inside it."),
+    masks=typer.Option(None, "--masks/--no-masks", help="Compute tissue masks and filter on them (default: on)."),
+    mask_mpp=typer.Option(None, "--mask-mpp", help="Mask resolution in µm/px (default 8)."),
     writer=typer.Option(None, help="Delta writer: auto | spark | delta-rs."),
     tiles_table=typer.Option(None, "--tiles-table", help="Tile table name under the lake."),
 )
@@ -152,6 +164,11 @@ def _tiling_command(job: str):
         batch_size: Optional[int] = TILE_FLAGS["batch_size"],
         min_std: Optional[float] = TILE_FLAGS["min_std"],
         max_background_fraction: Optional[float] = TILE_FLAGS["max_background_fraction"],
+        min_tissue_fraction: Optional[float] = TILE_FLAGS["min_tissue_fraction"],
+        min_annotated_fraction: Optional[float] = TILE_FLAGS["min_annotated_fraction"],
+        tile_roi: Optional[str] = TILE_FLAGS["tile_roi"],
+        masks: Optional[bool] = TILE_FLAGS["masks"],
+        mask_mpp: Optional[float] = TILE_FLAGS["mask_mpp"],
         writer: Optional[str] = TILE_FLAGS["writer"],
         tiles_table: Optional[str] = TILE_FLAGS["tiles_table"],
         replace_table: bool = typer.Option(False, "--replace-table", help="Replace the whole tile table."),
@@ -162,14 +179,27 @@ def _tiling_command(job: str):
     return command
 
 
+@app.command("masks")
+def masks_command(
+    inputs: Optional[list[str]] = typer.Argument(None, help="Only these slides (default: every ok slide)."),
+    config: Optional[str] = _ConfigOpt,
+    lake: Optional[str] = _LakeOpt,
+    mask_mpp: Optional[float] = TILE_FLAGS["mask_mpp"],
+    assumed_mpp: Optional[float] = TILE_FLAGS["assumed_mpp"],
+    writer: Optional[str] = TILE_FLAGS["writer"],
+) -> None:
+    """Compute tissue masks (overlay TIFFs + QC pictures) of slides in <lake>/slides into <lake>/masks."""
+    _run_job("masks", inputs, config, lake, False, mask_mpp=mask_mpp, assumed_mpp=assumed_mpp, writer=writer)
+
+
 app.command("tile", help="Tile slides already in <lake>/slides (all ok slides, or the given inputs).")(
     _tiling_command("tile"))
-app.command("run", help="Discover the inputs, then tile them (one run).")(_tiling_command("run"))
+app.command("run", help="Discover the inputs, make their masks, then tile them (one run).")(_tiling_command("run"))
 
 
 @app.command()
 def sql(
-    query: str = typer.Argument(..., help="SQL over the views slides, tiles, runs."),
+    query: str = typer.Argument(..., help="SQL over the views slides, masks, tiles, runs."),
     lake: str = typer.Option("lake", "--lake", help="Lake root folder."),
     tiles_table: str = typer.Option("tiles", "--tiles-table", help="Tile table name under the lake."),
     limit: int = typer.Option(50, help="Rows to print at most."),

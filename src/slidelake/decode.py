@@ -177,12 +177,14 @@ def tile_stats(rgb: np.ndarray, background_threshold: int) -> tuple[float, float
     return float(grey.mean()), float(grey.std()), bg
 
 
-def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], None] | None = None
+def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], None] | None = None,
+                 on_decoded: Callable[[dict[str, int]], None] | None = None,
                  ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     """Build the ``mapInPandas`` function that decodes a partition's tiles.
 
-    ``on_failure(slide_id, info)`` is called for each tile that failed (e.g. to feed an
-    accumulator). Output batches have at most ``cfg.batch_size`` rows.
+    ``on_failure(slide_id, info)`` is called for each tile that failed, ``on_decoded({slide_id:
+    tiles})`` once per batch with the tiles whose decode was attempted (e.g. to feed
+    accumulators). Output batches have at most ``cfg.batch_size`` rows.
     """
     encoding, quality, thr, batch = cfg.encoding, cfg.quality, cfg.background_threshold, cfg.batch_size
     max_open = cfg.max_open_slides
@@ -223,6 +225,8 @@ def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], 
                             errors[i] = f"{type(exc).__name__}: {exc}"
                             handles.evict(path, fp)  # handles are unusable after an error
                             slide = None
+                if on_decoded is not None:
+                    on_decoded({str(k): int(v) for k, v in chunk["slide_id"].value_counts().items()})
                 for i, e in enumerate(errors):
                     if e is not None and on_failure is not None:
                         on_failure(str(col["slide_id"][i]),
@@ -243,14 +247,15 @@ def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], 
 
 
 def decode_tiles(tiles: DataFrame, cfg: DecodeConfig,
-                 on_failure: Callable[[str, dict[str, Any]], None] | None = None) -> DataFrame:
+                 on_failure: Callable[[str, dict[str, Any]], None] | None = None,
+                 on_decoded: Callable[[dict[str, int]], None] | None = None) -> DataFrame:
     """Add pixels and statistics to tile rows (a ``mapInPandas`` stage).
 
     Args:
         tiles: rows with the columns in :data:`DECODE_INPUTS` plus ``slide_id``, ``tile_x``,
             ``tile_y`` (typically from :func:`repartition_tiles`).
         cfg: encoding, quality, batch size, background threshold.
-        on_failure: see :func:`make_decoder`.
+        on_failure, on_decoded: see :func:`make_decoder`.
 
     Returns:
         The input columns plus :data:`DECODE_FIELDS`: ``tile`` (bytes in ``tile_format``,
@@ -259,4 +264,4 @@ def decode_tiles(tiles: DataFrame, cfg: DecodeConfig,
         (null when the tile decoded).
     """
     schema = T.StructType(list(tiles.schema.fields) + DECODE_FIELDS)
-    return tiles.mapInPandas(make_decoder(cfg, on_failure), schema=schema)
+    return tiles.mapInPandas(make_decoder(cfg, on_failure, on_decoded), schema=schema)

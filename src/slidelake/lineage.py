@@ -20,6 +20,8 @@ SLIDE_COUNT = T.StructType([
     T.StructField("level", T.IntegerType()),
     T.StructField("mpp_x", T.DoubleType()),
     T.StructField("tiles_generated", T.LongType()),
+    T.StructField("tiles_skipped", T.LongType()),
+    T.StructField("tiles_decoded", T.LongType()),
     T.StructField("tiles_failed", T.LongType()),
     T.StructField("tiles_filtered", T.LongType()),
     T.StructField("tiles_written", T.LongType()),
@@ -51,7 +53,12 @@ RUNS_SCHEMA = T.StructType([
     T.StructField("slides_ok", T.LongType()),
     T.StructField("slides_error", T.LongType()),
     T.StructField("slides_tiled", T.LongType()),
+    T.StructField("masks_computed", T.LongType()),
+    T.StructField("masks_reused", T.LongType()),
+    T.StructField("masks_failed", T.LongType()),
     T.StructField("tiles_generated", T.LongType()),
+    T.StructField("tiles_skipped", T.LongType()),
+    T.StructField("tiles_decoded", T.LongType()),
     T.StructField("tiles_failed", T.LongType()),
     T.StructField("tiles_filtered", T.LongType()),
     T.StructField("tiles_written", T.LongType()),
@@ -125,6 +132,19 @@ class FailureLog(AccumulatorParam):
         return a
 
 
+class CountLog(AccumulatorParam):
+    """Spark accumulator of per-slide counts ``{slide_id: n}`` (e.g. tiles decoded); a retried
+    task can add twice, like :class:`FailureLog`."""
+
+    def zero(self, value: dict[str, int]) -> dict[str, int]:
+        return {}
+
+    def addInPlace(self, a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+        for sid, n in b.items():
+            a[sid] = a.get(sid, 0) + n
+        return a
+
+
 @dataclass
 class RunRecord:
     """The ``runs`` row being built during a run (see :data:`RUNS_SCHEMA`)."""
@@ -150,8 +170,9 @@ class RunRecord:
     def row(self) -> dict[str, Any]:
         """The record as a dict matching :data:`RUNS_SCHEMA`."""
         ended = utcnow()
-        keys = ("slides_discovered", "slides_ok", "slides_error", "slides_tiled",
-                "tiles_generated", "tiles_failed", "tiles_filtered", "tiles_written")
+        keys = ("slides_discovered", "slides_ok", "slides_error", "slides_tiled", "masks_computed",
+                "masks_reused", "masks_failed", "tiles_generated", "tiles_skipped", "tiles_decoded",
+                "tiles_failed", "tiles_filtered", "tiles_written")
         return {
             "run_id": self.run_id, "job": self.job, "status": self.status, "error": self.error,
             "started_at": self.started_at, "ended_at": ended,

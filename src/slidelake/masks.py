@@ -304,7 +304,7 @@ def mask_outline(mask: np.ndarray) -> np.ndarray:
 
 def qc_picture(rgb: np.ndarray, mask: np.ndarray, tiles: np.ndarray | None = None,
                max_side: int = QC_MAX_SIDE) -> np.ndarray:
-    """Draw the mask outline (green) and tile rectangles (blue) on a thumbnail.
+    """Draw the mask outline (green) and tile rectangles (yellow) on a thumbnail.
 
     Args:
         rgb: uint8 ``(h, w, 3)`` thumbnail at the mask resolution.
@@ -326,7 +326,7 @@ def qc_picture(rgb: np.ndarray, mask: np.ndarray, tiles: np.ndarray | None = Non
     if tiles is not None and len(tiles):
         draw = ImageDraw.Draw(img)
         for x0, y0, x1, y1 in np.asarray(tiles, dtype=np.float64) * k:
-            draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=(30, 90, 255))
+            draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=(255, 200, 0))
     return np.asarray(img)
 
 

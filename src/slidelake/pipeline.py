@@ -1,10 +1,12 @@
 """The slidelake pipeline, top to bottom:
 
-discover -> resolve resolution -> expand grid -> repartition -> decode -> filter -> write,
-with a ``runs`` row recording what happened (also when the run fails).
+discover -> masks -> resolve resolution -> expand grid -> overlap (masks, annotations) ->
+filter before decode -> repartition -> decode -> pixel filter -> write, with a ``runs`` row
+recording what happened (also when the run fails).
 
-:func:`run_discover` and :func:`run_tile` are the two jobs; :func:`run_all` does both.
-Each returns the :class:`~slidelake.lineage.RunRecord` it wrote to ``<lake>/runs``.
+:func:`run_discover`, :func:`run_masks` and :func:`run_tile` are the jobs; :func:`run_all`
+does them all. Each returns the :class:`~slidelake.lineage.RunRecord` it wrote to
+``<lake>/runs``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from slidelake.config import PipelineConfig, config_hash
 from slidelake.decode import decode_tiles, repartition_tiles
 from slidelake.filtering import filter_tiles
 from slidelake.grid import expand_grid, grid_size
-from slidelake.lineage import RUNS_SCHEMA, FailureLog, RunRecord, versions
+from slidelake.lineage import RUNS_SCHEMA, CountLog, FailureLog, RunRecord, versions
+from slidelake.masks import MASKS_SCHEMA, make_masks, params_hash, qc_picture
+from slidelake.overlap import annotation_path, overlap_tiles
 from slidelake.resolution import resolve_slides
 from slidelake.slides import SLIDES_SCHEMA, discover, list_inputs, select_for_tiling
 from slidelake.tables import read_table, register_tables, resolve_writer, write_table
@@ -33,8 +37,9 @@ TILES_COLUMNS = (
     "mpp_x", "mpp_y", "mpp_source", "tile_x", "tile_y", "tile_col", "tile_row", "level0_x",
     "level0_y", "tile_extent_x", "tile_extent_y", "stride_x", "stride_y", "valid_width",
     "valid_height", "tile", "tile_format", "tile_width", "tile_height", "tile_mean", "tile_std",
-    "background_fraction", "attributes", "run_id", "config_hash", "slidelake_version",
-    "created_at",
+    "background_fraction", "tissue_fraction", "overlay_fractions", "overlay_path", "class_fractions",
+    "annotated_fraction", "label", "annotations_path", "attributes", "run_id", "config_hash",
+    "slidelake_version", "created_at",
 )
 
 
@@ -42,10 +47,16 @@ class ConfigMismatchError(RuntimeError):
     """The tiles table holds tiles of other slides made with a different tiling config."""
 
 
+def lake_root(cfg: PipelineConfig) -> str:
+    """Absolute path (or URI) of the lake root; mask overlays live under ``<root>/overlays``."""
+    return cfg.lake if "://" in cfg.lake else os.path.abspath(cfg.lake)
+
+
 def lake_paths(cfg: PipelineConfig) -> dict[str, str]:
-    """Absolute (or URI) paths of the lake's tables: ``slides``, ``tiles``, ``runs``."""
-    root = cfg.lake if "://" in cfg.lake else os.path.abspath(cfg.lake)
-    return {"slides": f"{root}/slides", "tiles": f"{root}/{cfg.tables.tiles_table}", "runs": f"{root}/runs"}
+    """Absolute (or URI) paths of the lake's tables: ``slides``, ``masks``, ``tiles``, ``runs``."""
+    root = lake_root(cfg)
+    return {"slides": f"{root}/slides", "masks": f"{root}/masks",
+            "tiles": f"{root}/{cfg.tables.tiles_table}", "runs": f"{root}/runs"}
 
 
 @contextmanager
@@ -88,7 +99,8 @@ def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord) ->
     paths = lake_paths(cfg)
     writer = rec.delta_writer or "delta-rs"
     with _stage(rec, "discover"):
-        listed = list_inputs(cfg.inputs, cfg.discovery.extensions, cfg.discovery.recursive)
+        listed = list_inputs(cfg.inputs, cfg.discovery.extensions, cfg.discovery.recursive,
+                             cfg.discovery.exclude)
         rows = [r.asDict() for r in discover(spark, listed, rec.run_id).collect()] if len(listed) else []
         assumed = cfg.resolution.assumed_mpp
         for r in rows:
@@ -108,6 +120,100 @@ def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord) ->
         for r in rows if r["status"] != "ok"
     ]
     return found
+
+
+# ------------------------------------------------------------------------------------- masks
+
+def mask_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides: list[dict]) -> dict[str, dict]:
+    """Masks stage: make sure each of ``slides`` (``slides`` rows as dicts) has a tissue mask.
+
+    A mask whose slide content (``slide_id`` is the content hash) and algorithm settings
+    (``params_hash``) are unchanged, and whose overlay file still exists, is reused; the others
+    are computed (one Spark task per slide) and merged into ``<lake>/masks`` in one commit
+    (rows of the same slide and ``params_hash`` are replaced). User overlays are re-read every
+    run. Slides whose mask fails are recorded in ``rec.slide_errors`` (stage ``masks``).
+
+    Returns:
+        ``{slide_id: masks row}`` for every slide with an ``ok`` mask.
+    """
+    paths = lake_paths(cfg)
+    writer = rec.delta_writer or "delta-rs"
+    phash = params_hash(cfg.masks)
+    assumed = cfg.resolution.assumed_mpp
+    slides = [dict(r) for r in slides]
+    for r in slides:
+        if assumed is not None and r.get("mpp_x") is None:
+            r.update(mpp_x=float(assumed), mpp_y=float(assumed))
+    with _stage(rec, "masks"):
+        existing = read_table(spark, paths["masks"], writer, MASKS_SCHEMA)
+        ids = [r["slide_id"] for r in slides]
+        prior = {
+            m["slide_id"]: m.asDict()
+            for m in existing.where((F.col("params_hash") == phash) & (F.col("status") == "ok")
+                                    & (F.col("source") == "computed") & F.col("slide_id").isin(ids)).collect()
+        }
+        reuse = {sid: m for sid, m in prior.items()
+                 if m["mask_path"] and os.path.isfile(m["mask_path"])}
+        todo = [r for r in slides if r["slide_id"] not in reuse]
+        made = [m.asDict() for m in make_masks(spark, todo, cfg.masks, lake_root(cfg), rec.run_id).collect()] if todo else []
+        if made:
+            new = spark.createDataFrame(made, schema=MASKS_SCHEMA)
+            kept = existing.join(new.select("slide_id", "params_hash"), on=["slide_id", "params_hash"], how="left_anti")
+            res = write_table(spark, kept.unionByName(new).coalesce(1), paths["masks"], writer,
+                              mode="overwrite", description="write masks")
+            rec.table_versions["masks"] = res.version if res.version is not None else -1
+    ok = {**reuse, **{m["slide_id"]: m for m in made if m["status"] == "ok"}}
+    failed = [m for m in made if m["status"] != "ok"]
+    rec.counts.update(
+        masks_computed=sum(1 for m in made if m["status"] == "ok"),
+        masks_reused=len(reuse), masks_failed=len(failed),
+    )
+    rec.slide_errors += [
+        {"slide_id": m["slide_id"], "path": m["path"], "stage": "masks", "error": m["error"]} for m in failed
+    ]
+    return ok
+
+
+def draw_qc(spark: SparkSession, tiles_path: str, writer: str, masks: dict[str, dict], run_id: str) -> None:
+    """Redraw each slide's QC picture (``masks.qc_path``) with the tiles this run kept.
+
+    The tiles' in-slide rectangles are read back from the committed tiles table and drawn, in
+    mask px, over the thumbnail and mask outline, one Spark task per slide.
+    """
+    if not masks:
+        return
+    import pandas as pd
+
+    info = spark.createDataFrame(
+        [(sid, m["mask_path"], m["thumbnail_path"], m["qc_path"], float(m["mask_downsample_x"]),
+          float(m["mask_downsample_y"])) for sid, m in masks.items() if m.get("qc_path") and m.get("thumbnail_path")],
+        "slide_id string, mask_path string, thumbnail_path string, qc_path string, mds_x double, mds_y double",
+    )
+    tiles = read_table(spark, tiles_path, writer).where(
+        (F.col("run_id") == run_id) & F.col("slide_id").isin(list(masks))
+    ).select(
+        "slide_id", F.col("level0_x").cast("double").alias("x0"), F.col("level0_y").cast("double").alias("y0"),
+        (F.col("level0_x") + F.col("valid_width") * F.col("downsample")).alias("x1"),
+        (F.col("level0_y") + F.col("valid_height") * F.col("downsample")).alias("y1"),
+    )
+    joined = info.join(tiles, on="slide_id", how="left")
+
+    def draw(pdf: pd.DataFrame) -> pd.DataFrame:
+        import numpy as np
+        from PIL import Image
+
+        from slidelake.masks import read_overlay
+
+        r = pdf.iloc[0]
+        rects = pdf[["x0", "y0", "x1", "y1"]].dropna().to_numpy(float)
+        rects = rects / np.array([r.mds_x, r.mds_y, r.mds_x, r.mds_y])
+        labels, _ = read_overlay(r.mask_path)
+        rgb = np.asarray(Image.open(r.thumbnail_path).convert("RGB"))
+        Image.fromarray(qc_picture(rgb, labels, rects)).save(r.qc_path)
+        return pd.DataFrame({"slide_id": [r.slide_id], "tiles_drawn": [len(rects)]})
+
+    spark.sparkContext.setJobDescription("qc pictures")
+    joined.groupBy("slide_id").applyInPandas(draw, "slide_id string, tiles_drawn long").collect()
 
 
 # -------------------------------------------------------------------------------------- tile
@@ -134,12 +240,14 @@ def _check_config_mix(spark, paths, writer, chash, slide_ids, replace_table) -> 
 
 def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides: DataFrame,
                 replace_table: bool = False) -> None:
-    """Tiling stages on ``slides`` rows (``slides`` table schema): resolve, grid, repartition,
-    decode, filter, write ``<lake>/<tiles_table>`` partitioned by ``slide_id``.
+    """Tiling stages on ``slides`` rows (``slides`` table schema): masks, resolve, grid,
+    overlap, filter before decode, repartition, decode, pixel filter, write
+    ``<lake>/<tiles_table>`` partitioned by ``slide_id``, then the QC pictures.
 
     Each tiled slide's partition is replaced in one commit, so a rerun does not duplicate tiles
-    and a slide with zero kept tiles ends with none. Slides that fail resolution are recorded in
-    ``rec.slide_errors`` and leave their old tiles untouched.
+    and a slide with zero kept tiles ends with none. Slides that fail resolution (or, with
+    masks enabled, whose mask fails) are recorded in ``rec.slide_errors`` and leave their old
+    tiles untouched.
 
     Raises:
         ConfigMismatchError: the table holds other slides' tiles of another config and
@@ -148,7 +256,7 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     paths = lake_paths(cfg)
     writer = rec.delta_writer or "delta-rs"
     chash = config_hash(cfg)
-    grid_cfg = cfg.grid
+    grid_cfg, fcfg = cfg.grid, cfg.filter
 
     with _stage(rec, "resolve"):
         resolved_df = resolve_slides(select_for_tiling(slides), cfg.resolution)
@@ -158,6 +266,10 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
         {"slide_id": r["slide_id"], "path": r["path"], "stage": "resolution", "error": r["resolution_error"]}
         for r in resolved_rows if r["resolution_error"] is not None
     ]
+    masks: dict[str, dict] = {}
+    if cfg.masks.enabled and good:
+        masks = mask_slides(spark, cfg, rec, [r.asDict() for r in good])
+        good = [r for r in good if r["slide_id"] in masks]
     generated = {
         r["slide_id"]: grid_size(r["extent_x"], r["extent_y"], r["downsample"], grid_cfg.tile_extent,
                                  grid_cfg.stride_xy, grid_cfg.last, grid_cfg.roi)
@@ -168,16 +280,35 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     _check_config_mix(spark, paths, writer, chash, slide_ids, replace_table)
 
     failures = spark.sparkContext.accumulator({}, FailureLog())
+    decoded_acc = spark.sparkContext.accumulator({}, CountLog())
 
     def on_failure(slide_id: str, info: dict) -> None:
         failures.add({slide_id: {"count": 1, "samples": [info]}})
 
-    resolved = spark.createDataFrame(resolved_rows, schema=resolved_df.schema)
-    resolved = resolved.where(F.col("resolution_error").isNull())
+    def on_decoded(counts: dict) -> None:
+        decoded_acc.add(counts)
+
+    # per-slide inputs of the overlap stage, decided on the driver
+    ann = cfg.annotations
+    side = {
+        r["slide_id"]: (
+            masks[r["slide_id"]]["mask_path"] if r["slide_id"] in masks else None,
+            annotation_path(r["path"], r["attributes"], ann.column, ann.sidecar_suffix) if ann.enabled else None,
+        )
+        for r in good
+    }
+    resolved = spark.createDataFrame([r for r in resolved_rows if r["slide_id"] in generated], schema=resolved_df.schema)
+    resolved = resolved.join(
+        spark.createDataFrame([(k, v[0], v[1]) for k, v in side.items()] or [("", None, None)],
+                              "slide_id string, overlay_path string, annotations_path string"),
+        on="slide_id", how="inner",
+    )
     base = resolved.select(
         "slide_id", "path", "fingerprint", "attributes", "level", "level_downsample", "downsample",
         F.col("tile_mpp_x").alias("mpp_x"), F.col("tile_mpp_y").alias("mpp_y"),
         F.col("tile_mpp_source").alias("mpp_source"), "extent_x", "extent_y",
+        F.col("width").alias("slide_width"), F.col("height").alias("slide_height"),
+        "overlay_path", "annotations_path",
     )
     # size of one tile's region at the read level: once per slide, before the explode
     ex, ey = grid_cfg.tile_extent
@@ -188,11 +319,20 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     )
     # 1. grid (metadata only)
     tiles = expand_grid(base, grid_cfg.tile_extent, grid_cfg.stride_xy, grid_cfg.last, grid_cfg.roi)
-    # 2. repartition, 3. decode, 4. filter
+    # 2. overlap with the mask and annotations, per slide, still metadata only
+    tiles = overlap_tiles(tiles, grid_cfg.tile_roi, ann.label_min_fraction, on_failure)
+    # 3. filter before decode: only tiles that pass are ever decoded
+    keep = F.col("overlap_error").isNull()
+    if cfg.masks.enabled and fcfg.min_tissue_fraction is not None:
+        keep = keep & (F.col("tissue_fraction") >= F.lit(fcfg.min_tissue_fraction))
+    if fcfg.min_annotated_fraction is not None:
+        keep = keep & (F.coalesce(F.col("annotated_fraction"), F.lit(0.0)) >= F.lit(fcfg.min_annotated_fraction))
+    tiles = tiles.where(keep).drop("overlap_error")
+    # 4. repartition, 5. decode, 6. pixel filter
     tiles = repartition_tiles(tiles, cfg.partition, total)
-    decoded = decode_tiles(tiles, cfg.decode, on_failure)
-    kept = filter_tiles(decoded, cfg.filter)
-    # 5. lineage columns, write
+    decoded = decode_tiles(tiles, cfg.decode, on_failure, on_decoded)
+    kept = filter_tiles(decoded, fcfg)
+    # 7. lineage columns, write
     out = (
         kept.withColumn("tile_id", F.xxhash64("slide_id", F.lit(chash), "tile_x", "tile_y"))
         .withColumn("run_id", F.lit(rec.run_id))
@@ -201,26 +341,29 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
         .withColumn("created_at", F.lit(rec.started_at).cast("timestamp"))
         .select(*TILES_COLUMNS)
     )
-    with _stage(rec, "decode+write"):
+    with _stage(rec, "overlap+decode+write"):
         res = write_table(
             spark, out, paths["tiles"], writer, mode="overwrite", partition_by=["slide_id"],
-            replace_partitions=None if replace_table else slide_ids, description="decode + write tiles",
+            replace_partitions=None if replace_table else slide_ids, description="overlap + decode + write tiles",
         )
     rec.table_versions[cfg.tables.tiles_table] = res.version if res.version is not None else -1
-    fails = failures.value
+    with _stage(rec, "qc"):
+        draw_qc(spark, paths["tiles"], writer, {sid: masks[sid] for sid in slide_ids if sid in masks}, rec.run_id)
+    fails, decoded_n = failures.value, decoded_acc.value
     counts = []
     for r in good:
         sid = r["slide_id"]
         gen, wrote = generated[sid], res.rows_by_partition.get(sid, 0)
+        dec = min(max(decoded_n.get(sid, 0), wrote), gen)
         failed = min(fails.get(sid, {}).get("count", 0), gen - wrote)
         counts.append({
             "slide_id": sid, "path": r["path"], "level": r["level"], "mpp_x": r["tile_mpp_x"],
-            "tiles_generated": gen, "tiles_failed": failed, "tiles_filtered": gen - wrote - failed,
-            "tiles_written": wrote,
+            "tiles_generated": gen, "tiles_skipped": gen - dec, "tiles_decoded": dec,
+            "tiles_failed": failed, "tiles_filtered": max(0, dec - wrote - failed), "tiles_written": wrote,
         })
         for s in fails.get(sid, {}).get("samples", []):
             rec.slide_errors.append({
-                "slide_id": sid, "path": r["path"], "stage": "decode",
+                "slide_id": sid, "path": r["path"], "stage": s.get("stage", "decode"),
                 "error": f"tile ({s['tile_x']}, {s['tile_y']}): {s['error']}",
             })
     rec.slide_counts = counts
@@ -228,8 +371,7 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
         slides_tiled=len(good),
         tiles_generated=total,
         tiles_written=res.rows,
-        tiles_failed=sum(c["tiles_failed"] for c in counts),
-        tiles_filtered=sum(c["tiles_filtered"] for c in counts),
+        **{k: sum(c[k] for c in counts) for k in ("tiles_skipped", "tiles_decoded", "tiles_failed", "tiles_filtered")},
     )
 
 
@@ -251,7 +393,8 @@ def _run(spark: SparkSession, cfg: PipelineConfig, job: str, body) -> RunRecord:
         _write_run(spark, rec, paths, writer)
         if cfg.tables.catalog_database and writer == "spark" and rec.status == "succeeded":
             register_tables(spark, cfg.tables.catalog_database,
-                            {"slides": paths["slides"], cfg.tables.tiles_table: paths["tiles"], "runs": paths["runs"]})
+                            {"slides": paths["slides"], "masks": paths["masks"], cfg.tables.tiles_table: paths["tiles"],
+                             "runs": paths["runs"]})
     return rec
 
 
@@ -260,8 +403,27 @@ def run_discover(spark: SparkSession, cfg: PipelineConfig) -> RunRecord:
     return _run(spark, cfg, "discover", lambda rec: discover_slides(spark, cfg, rec))
 
 
+def _listed_slides(spark: SparkSession, cfg: PipelineConfig, writer: str) -> DataFrame:
+    slides = read_table(spark, lake_paths(cfg)["slides"], writer, SLIDES_SCHEMA)
+    if cfg.inputs:
+        listed = list_inputs(cfg.inputs, cfg.discovery.extensions, cfg.discovery.recursive, cfg.discovery.exclude)
+        slides = slides.where(F.col("path").isin(list(listed["path"])))
+    return slides
+
+
+def run_masks(spark: SparkSession, cfg: PipelineConfig) -> RunRecord:
+    """The masks job on slides already in ``<lake>/slides`` (only the listed inputs when
+    ``cfg.inputs`` is set): compute missing or outdated tissue masks into ``<lake>/masks``."""
+    def body(rec: RunRecord) -> None:
+        rows = [r.asDict() for r in select_for_tiling(_listed_slides(spark, cfg, rec.delta_writer or "delta-rs")).collect()]
+        mask_slides(spark, cfg, rec, rows)
+
+    return _run(spark, cfg, "masks", body)
+
+
 def run_tile(spark: SparkSession, cfg: PipelineConfig, replace_table: bool = False) -> RunRecord:
-    """The tiling job on slides already in ``<lake>/slides``.
+    """The tiling job on slides already in ``<lake>/slides`` (masks included when enabled;
+    existing masks are reused).
 
     With ``cfg.inputs`` set, only slides whose path is among the listed inputs are tiled;
     otherwise every ``ok`` slide of the table.
@@ -270,7 +432,8 @@ def run_tile(spark: SparkSession, cfg: PipelineConfig, replace_table: bool = Fal
         paths = lake_paths(cfg)
         slides = read_table(spark, paths["slides"], rec.delta_writer or "delta-rs", SLIDES_SCHEMA)
         if cfg.inputs:
-            listed = list_inputs(cfg.inputs, cfg.discovery.extensions, cfg.discovery.recursive)
+            listed = list_inputs(cfg.inputs, cfg.discovery.extensions, cfg.discovery.recursive,
+                             cfg.discovery.exclude)
             slides = slides.where(F.col("path").isin(list(listed["path"])))
         tile_slides(spark, cfg, rec, slides, replace_table)
 
@@ -278,7 +441,7 @@ def run_tile(spark: SparkSession, cfg: PipelineConfig, replace_table: bool = Fal
 
 
 def run_all(spark: SparkSession, cfg: PipelineConfig, replace_table: bool = False) -> RunRecord:
-    """Discover ``cfg.inputs`` then tile the slides found, as one run."""
+    """Discover ``cfg.inputs``, then make masks (when enabled) and tile the slides found, as one run."""
     def body(rec: RunRecord) -> None:
         found = discover_slides(spark, cfg, rec)
         tile_slides(spark, cfg, rec, found, replace_table)
@@ -292,10 +455,13 @@ def summary(rec: RunRecord) -> str:
     parts = [f"run {rec.run_id} {rec.status}"]
     if "slides_discovered" in c:
         parts.append(f"slides: {c['slides_discovered']} found, {c['slides_ok']} ok, {c['slides_error']} error")
+    if c.get("masks_computed") is not None:
+        parts.append(f"masks: {c['masks_computed']} computed, {c['masks_reused']} reused, {c['masks_failed']} failed")
     if "tiles_generated" in c:
         parts.append(
-            f"tiles: {c['tiles_generated']} generated, {c['tiles_filtered']} filtered, "
-            f"{c['tiles_failed']} failed, {c['tiles_written']} written from {c['slides_tiled']} slide(s)"
+            f"tiles: {c['tiles_generated']} generated, {c['tiles_skipped']} skipped before decode, "
+            f"{c['tiles_decoded']} decoded, {c['tiles_filtered']} filtered, {c['tiles_failed']} failed, "
+            f"{c['tiles_written']} written from {c['slides_tiled']} slide(s)"
         )
     for e in rec.slide_errors[:10]:
         parts.append(f"  ! {e['stage']}: {e['path']}: {e['error']}")
@@ -304,5 +470,5 @@ def summary(rec: RunRecord) -> str:
     return "\n".join(parts)
 
 
-__all__ = ["run_discover", "run_tile", "run_all", "discover_slides", "tile_slides", "lake_paths",
-           "summary", "ConfigMismatchError", "TILES_COLUMNS"]
+__all__ = ["run_discover", "run_masks", "run_tile", "run_all", "discover_slides", "mask_slides", "tile_slides",
+           "draw_qc", "lake_paths", "lake_root", "summary", "ConfigMismatchError", "TILES_COLUMNS"]

@@ -17,6 +17,7 @@ file keeps it. Label and macro images are never read.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import hashlib
 import os
@@ -214,6 +215,11 @@ def _matches(name: str, extensions: Sequence[str]) -> bool:
     return any(low.endswith("." + e.lower().lstrip(".")) for e in extensions)
 
 
+def _excluded(path: str, patterns: Sequence[str]) -> bool:
+    name = os.path.basename(path).lower()
+    return any(fnmatch.fnmatchcase(name, p.lower()) for p in patterns)
+
+
 def _walk(folder: str, extensions: Sequence[str], recursive: bool) -> Iterator[str]:
     if not recursive:
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
@@ -243,7 +249,8 @@ def _read_manifest(path: str) -> pd.DataFrame:
     return df
 
 
-def list_inputs(inputs: Sequence[str], extensions: Sequence[str], recursive: bool = True) -> pd.DataFrame:
+def list_inputs(inputs: Sequence[str], extensions: Sequence[str], recursive: bool = True,
+                exclude: Sequence[str] = ()) -> pd.DataFrame:
     """Expand inputs into one row per slide path.
 
     Args:
@@ -254,6 +261,8 @@ def list_inputs(inputs: Sequence[str], extensions: Sequence[str], recursive: boo
             ``extensions``.
         extensions: slide file extensions without dot, e.g. ``["svs", "ome.tiff"]``.
         recursive: descend into sub-folders.
+        exclude: file-name glob patterns (case-insensitive) skipped in folders and globs, e.g.
+            overlay sidecars ``*.mask.tiff``.
 
     Returns:
         pandas frame with ``path`` (absolute, normalised) and ``attributes`` (dict of manifest
@@ -276,13 +285,14 @@ def list_inputs(inputs: Sequence[str], extensions: Sequence[str], recursive: boo
                     "attributes": {c: (None if pd.isna(rec[c]) else str(rec[c])) for c in extra},
                 })
         elif os.path.isdir(item):
-            rows += [{"path": os.path.abspath(p), "attributes": {}} for p in _walk(item, extensions, recursive)]
+            rows += [{"path": os.path.abspath(p), "attributes": {}} for p in _walk(item, extensions, recursive)
+                     if not _excluded(p, exclude)]
         elif os.path.lexists(item):
             rows.append({"path": os.path.abspath(item), "attributes": {}})
         elif any(c in item for c in "*?["):
             hits = sorted(glob.glob(item, recursive=True))
             rows += [{"path": os.path.abspath(p), "attributes": {}} for p in hits
-                     if os.path.isfile(p) and _matches(p, extensions)]
+                     if os.path.isfile(p) and _matches(p, extensions) and not _excluded(p, exclude)]
         else:
             raise FileNotFoundError(f"input not found: {item}")
     out = pd.DataFrame(rows, columns=["path", "attributes"])
