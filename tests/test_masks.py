@@ -1,0 +1,224 @@
+"""Tissue masks, overlays, mask-first tiling, annotations and labels."""
+
+import json
+
+import numpy as np
+import openslide
+import polars as pl
+import pytest
+import tifffile
+from PIL import Image
+from scipy import ndimage
+from skimage.color import rgb2hsv
+
+from conftest import CMU, DAPI, TCGA, TRITC, make_tiff, need
+from slidelake.config import MaskConfig, PipelineConfig
+from slidelake.masks import (compute_mask, mask_outline, params_hash, read_overlay, read_slide_at,
+                             tissue_mask, write_overlay)
+from slidelake.pipeline import run_all, run_masks
+from slidelake.slides import probe_slide
+
+
+# ------------------------------------------------------------------ masks of the real slides
+
+def test_he_mask_is_plausible_and_its_outline_sits_on_tissue():
+    need(CMU)
+    slide = openslide.OpenSlide(str(CMU))
+    W, H = slide.dimensions
+    rgb, valid = read_slide_at(slide, (W // 4, H // 4))
+    mask, info = tissue_mask(rgb, valid, 0.499 * 4, MaskConfig(mpp=2.0))
+    assert info["polarity"] == "brightfield"
+    frac = (mask > 0).mean()
+    assert 0.15 < frac < 0.7  # a strip of skin on white glass
+    sat = rgb2hsv(rgb)[..., 1]
+    thr = info["thresholds"][0]
+    inside, outside = sat[mask > 0], sat[mask == 0]
+    assert np.median(inside) > thr > np.median(outside)
+    assert inside.mean() > 10 * outside.mean()
+    # just outside the outline is glass; on the outline the stain fades into it
+    ring = ndimage.binary_dilation(mask > 0, iterations=2) & (mask == 0)
+    outline = mask_outline(mask)
+    assert np.median(sat[ring]) < thr / 2
+    assert np.median(sat[ring]) < sat[outline].mean() < inside.mean()
+
+
+@pytest.mark.parametrize("path", [DAPI, TRITC], ids=["DAPI", "TRITC"])
+def test_fluorescence_mask_is_not_trivial(path, tmp_path):
+    need(path)
+    cfg = MaskConfig()
+    row = probe_slide(str(path))
+    m = compute_mask(row, cfg, str(tmp_path), "run", params_hash(cfg))
+    assert m["status"] == "ok", m["error"]
+    assert m["polarity"] == "fluorescence"
+    assert 0.5 < m["tissue_fraction"] < 0.95
+    labels, _ = read_overlay(m["mask_path"])
+    h, w = labels.shape
+    # the black glass at the top-left corner is background, the section's middle is tissue
+    assert (labels[: h // 20, : w // 20] == 0).all()
+    assert (labels[h // 2 - 5: h // 2 + 5, w // 2 - 5: w // 2 + 5] == 255).all()
+    # tissue is brighter than background in the slide itself
+    thumb = np.asarray(Image.open(m["thumbnail_path"]).convert("RGB")).max(axis=2)
+    assert np.median(thumb[labels > 0]) > 2 * max(1, np.median(thumb[labels == 0]))
+
+
+def test_mask_tiff_reopens_at_recorded_mpp(tmp_path):
+    need(CMU)
+    cfg = MaskConfig(mpp=2.0)
+    m = compute_mask(probe_slide(str(CMU)), cfg, str(tmp_path), "run", params_hash(cfg))
+    assert m["status"] == "ok", m["error"]
+    assert m["mask_width"] == round(2220 * 0.499 / 2.0) and m["mask_height"] == round(2967 * 0.499 / 2.0)
+    assert m["mask_mpp_x"] == pytest.approx(2.0, rel=0.01)
+    assert m["mask_downsample_x"] == pytest.approx(2220 / m["mask_width"])
+    osr = openslide.OpenSlide(m["mask_path"])
+    assert osr.dimensions == (m["mask_width"], m["mask_height"])
+    assert osr.level_count >= 2  # pyramidal
+    assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(m["mask_mpp_x"], rel=1e-6)
+    assert float(osr.properties["openslide.mpp-y"]) == pytest.approx(m["mask_mpp_y"], rel=1e-6)
+    with tifffile.TiffFile(m["mask_path"]) as tf:
+        page = tf.pages[0]
+        assert page.is_tiled and page.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+        labels = page.asarray()
+    assert set(np.unique(labels)) == {0, 255}
+    assert labels.mean() / 255 == pytest.approx(m["tissue_fraction"])
+    got, mpp = read_overlay(m["mask_path"])
+    assert mpp == pytest.approx((m["mask_mpp_x"], m["mask_mpp_y"]), rel=1e-6)
+
+
+class RecordingSlide:
+    """Wraps an OpenSlide handle and records the size of every region read."""
+
+    def __init__(self, slide):
+        self.slide, self.sizes = slide, []
+        self.dimensions, self.level_downsamples = slide.dimensions, slide.level_downsamples
+
+    def get_best_level_for_downsample(self, d):
+        return self.slide.get_best_level_for_downsample(d)
+
+    def read_region(self, loc, level, size):
+        self.sizes.append(size)
+        return self.slide.read_region(loc, level, size)
+
+
+def test_single_level_slide_is_read_in_bounded_regions(tmp_path):
+    img = make_tiff(tmp_path / "big.tiff", 3000, 2000, levels=1, tile=128)
+    rec = RecordingSlide(openslide.OpenSlide(str(tmp_path / "big.tiff")))
+    rgb, valid = read_slide_at(rec, (300, 200), chunk_px=512)
+    assert len(rec.sizes) > 4 and max(max(s) for s in rec.sizes) <= 512 + 10
+    assert valid.all()
+    whole = np.asarray(Image.fromarray(img).resize((300, 200), Image.Resampling.BOX)).astype(int)
+    assert np.abs(rgb.astype(int) - whole).mean() < 3
+
+
+# ----------------------------------------------------------------------- mask-first pipeline
+
+def cfg_for(lake, inputs, **kw):
+    base = {"inputs": [str(p) for p in inputs], "lake": str(lake), "decode": {"encoding": "raw"},
+            "filter": {"max_background_fraction": None}}
+    for k, v in kw.items():
+        base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
+    return PipelineConfig.model_validate(base)
+
+
+pipeline = pytest.mark.spark
+
+
+@pipeline
+def test_mask_first_decodes_only_kept_tiles_and_matches_filtering_after_decode(spark, lake):
+    need(CMU, DAPI, TCGA)
+    first = cfg_for(lake, [CMU, DAPI, TCGA], filter={"min_tissue_fraction": 0.5})
+    rec = run_all(spark, first)
+    c = rec.counts
+    assert c["masks_computed"] == 2 and c["masks_failed"] == 0
+    assert [e["stage"] for e in rec.slide_errors] == ["resolution"]  # TCGA has no mpp: not tiled
+    # the masks job on its own gives the mpp-less slide an error row, and does not stop
+    rec_m = run_masks(spark, cfg_for(lake, [TCGA, CMU]))
+    assert rec_m.status == "succeeded"
+    assert (rec_m.counts["masks_failed"], rec_m.counts["masks_reused"]) == (1, 1)
+    assert any(e["stage"] == "masks" and "no mpp" in e["error"] for e in rec_m.slide_errors)
+    kept = pl.read_delta(str(lake / "tiles"))
+    assert c["tiles_decoded"] == c["tiles_written"] == kept.height > 0
+    assert c["tiles_skipped"] == c["tiles_generated"] - c["tiles_decoded"] > 0
+    assert (kept["tissue_fraction"] >= 0.5).all()
+    # the same slides, every tile decoded, tissue fraction kept as a column, no mask filter
+    after = cfg_for(lake, [CMU, DAPI], filter={"min_tissue_fraction": None}, tables={"tiles_table": "all_tiles"})
+    rec2 = run_all(spark, after)
+    assert rec2.counts["masks_reused"] == 2 and rec2.counts["masks_computed"] == 0
+    every = pl.read_delta(str(lake / "all_tiles"))
+    assert rec2.counts["tiles_decoded"] == every.height == rec2.counts["tiles_generated"]
+    key = ["slide_id", "tile_x", "tile_y"]
+    post = every.filter(pl.col("tissue_fraction") >= 0.5).select(key).sort(key)
+    assert post.equals(kept.select(key).sort(key))
+    both = kept.join(every, on=key, suffix="_all")
+    assert (both["tissue_fraction"] == both["tissue_fraction_all"]).all()
+    assert (both["tile"] == both["tile_all"]).all()
+    # per-slide tissue fractions are plausible on both stains and the map sums to one
+    per = every.group_by("slide_id").agg(pl.col("tissue_fraction").mean())
+    assert per["tissue_fraction"].is_between(0.05, 0.98).all()
+    sums = [sum(m.values()) for m in every["overlay_fractions"]]
+    assert np.allclose(sums, 1.0)
+    # the masks table and the QC pictures, redrawn with the kept tiles
+    masks = pl.read_delta(str(lake / "masks"))
+    assert masks.height == 3 and sorted(masks["status"].to_list()) == ["error", "ok", "ok"]
+    for qc in masks.filter(pl.col("status") == "ok")["qc_path"]:
+        pic = np.asarray(Image.open(qc).convert("RGB"))
+        yellow = (pic[..., 0] == 255) & (pic[..., 1] == 200) & (pic[..., 2] == 0)
+        green = (pic[..., 0] == 0) & (pic[..., 1] == 200) & (pic[..., 2] == 0)
+        assert yellow.sum() > 100 and green.sum() > 100
+
+
+@pipeline
+def test_user_overlay_sidecar_and_geojson_annotations_from_manifest(spark, lake, tmp_path):
+    src = tmp_path / "slides"
+    src.mkdir()
+    make_tiff(src / "gen.tiff", 1024, 768, levels=1, tile=64, mpp=0.5)
+    # user overlay at 1/8 scale: left half tissue (255), a 'tumour' label 3 block, right half 0
+    ov = np.zeros((96, 128), np.uint8)
+    ov[:, :64] = 255
+    ov[48:96, 64:96] = 3
+    write_overlay(str(src / "gen.mask.tiff"), ov, (4.0, 4.0))
+    gj = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"classification": {"name": "Tumor"}},
+         "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [512, 0], [512, 256], [0, 256], [0, 0]]]}},
+        {"type": "Feature", "properties": {"classification": {"name": "Stroma"}},
+         "geometry": {"type": "Polygon", "coordinates": [[[512, 512], [1024, 512], [1024, 768], [512, 768], [512, 512]]]}},
+    ]}
+    (tmp_path / "ann.geojson").write_text(json.dumps(gj))
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"path,annotations_path,split,patient\n{src / 'gen.tiff'},{tmp_path / 'ann.geojson'},train,P7\n")
+    # the folder walk must not take the sidecar for a slide
+    from slidelake.slides import list_inputs
+
+    assert list(list_inputs([str(src)], ["tiff"], True, ["*.mask.tiff"])["path"]) == [str(src / "gen.tiff")]
+
+    cfg = cfg_for(lake, [manifest], resolution={"level": 0}, grid={"tile_extent": 128},
+                  filter={"min_tissue_fraction": None})
+    rec = run_all(spark, cfg)
+    assert rec.status == "succeeded" and rec.counts["masks_failed"] == 0
+    m = pl.read_delta(str(lake / "masks")).row(0, named=True)
+    assert m["source"] == "user" and m["mask_path"] == str(src / "gen.mask.tiff")
+    t = pl.read_delta(str(lake / "tiles")).sort(["tile_y", "tile_x"])
+    assert t.height == 8 * 6
+    for r in t.iter_rows(named=True):
+        x, y = r["tile_x"], r["tile_y"]
+        fr = r["overlay_fractions"]
+        assert set(fr) == {"0", "3", "255"}
+        want_tissue = 1.0 if x < 512 else (1.0 if (y >= 384 and x < 768) else 0.0)
+        assert r["tissue_fraction"] == pytest.approx(want_tissue)
+        assert fr["3"] == pytest.approx(1.0 if (x >= 512 and x < 768 and y >= 384) else 0.0)
+        cls = r["class_fractions"] or {}
+        if x < 512 and y < 256:
+            assert cls == {"Tumor": 1.0} and r["label"] == "Tumor"
+        elif x >= 512 and y >= 512:
+            assert cls == {"Stroma": 1.0} and r["label"] == "Stroma"
+        else:
+            assert cls == {} and r["label"] is None
+        assert r["attributes"]["split"] == "train" and r["attributes"]["patient"] == "P7"
+    # restricted to annotated regions, with the tissue filter on top
+    cfg2 = cfg_for(lake, [manifest], resolution={"level": 0}, grid={"tile_extent": 128},
+                   filter={"min_tissue_fraction": 0.5, "min_annotated_fraction": 0.5},
+                   tables={"tiles_table": "annotated"})
+    rec2 = run_all(spark, cfg2)
+    a = pl.read_delta(str(lake / "annotated"))
+    # Tumor: 4 x 2 tiles all tissue; Stroma: x 512-1023, y 512-767 = 4 x 2 tiles, tissue where x < 768
+    assert sorted(a["label"].to_list()) == ["Stroma"] * 4 + ["Tumor"] * 8
+    assert rec2.counts["tiles_decoded"] == 12 and rec2.counts["tiles_skipped"] == 48 - 12
