@@ -31,6 +31,20 @@ def test_cli_run_then_sql(spark, lake):
     assert "succeeded" in res.output and str(t.height) in res.output
 
 
+def test_cli_discover_then_masks(spark, lake):
+    need(CMU)
+    runner = CliRunner()
+    assert runner.invoke(app, ["discover", str(CMU), "--lake", str(lake)]).exit_code == 0
+    res = runner.invoke(app, ["masks", "--lake", str(lake), "--mask-mpp", "4"])
+    assert res.exit_code == 0, res.output
+    assert "1 computed" in res.output and str(lake / "masks") in res.output
+    m = pl.read_delta(str(lake / "masks"))
+    assert m["status"].to_list() == ["ok"] and m["mask_mpp_x"][0] == pytest.approx(4.0, rel=0.01)
+    assert Path(m["qc_path"][0]).is_file() and Path(m["mask_path"][0]).is_file()
+    res = runner.invoke(app, ["masks", "--lake", str(lake), "--mask-mpp", "4"])
+    assert "0 computed, 1 reused" in res.output
+
+
 def test_cli_rejects_bad_config(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("grid:\n  last: sideways\n")

@@ -43,3 +43,17 @@ def test_config_hash_tracks_tiling_settings_only():
     c = PipelineConfig(grid={"tile_extent": 512})
     assert config_hash(a) == config_hash(b)
     assert config_hash(a) != config_hash(c)
+
+
+def test_mask_and_annotation_settings_are_validated_and_hashed():
+    with pytest.raises(ValidationError, match="tile_roi"):
+        PipelineConfig(grid={"tile_roi": "POLYGON ((0 0, 1 1"})
+    with pytest.raises(ValidationError, match="positive area"):
+        PipelineConfig(grid={"tile_roi": "LINESTRING (0 0, 10 10)"})
+    with pytest.raises(ValidationError, match="threshold"):
+        PipelineConfig(masks={"threshold": "mean"})
+    base = PipelineConfig()
+    assert base.masks.enabled and base.filter.min_tissue_fraction == 0.5
+    assert config_hash(PipelineConfig(masks={"mpp": 4.0})) != config_hash(base)
+    assert config_hash(PipelineConfig(masks={"chunk_px": 1024})) == config_hash(base)  # memory only
+    assert config_hash(PipelineConfig(filter={"min_tissue_fraction": 0.2})) != config_hash(base)
