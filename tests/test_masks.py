@@ -1,6 +1,7 @@
 """Tissue masks, overlays, mask-first tiling, annotations and labels."""
 
 import json
+import shutil
 
 import numpy as np
 import openslide
@@ -15,7 +16,7 @@ from conftest import CMU, DAPI, TCGA, TRITC, make_tiff, need
 from slidelake.config import MaskConfig, PipelineConfig
 from slidelake.masks import (compute_mask, mask_outline, params_hash, read_overlay, read_slide_at,
                              tissue_mask, write_overlay)
-from slidelake.pipeline import run_all, run_masks
+from slidelake.pipeline import run_all, run_discover, run_masks
 from slidelake.slides import probe_slide
 
 
@@ -130,11 +131,20 @@ def test_mask_first_decodes_only_kept_tiles_and_matches_filtering_after_decode(s
     c = rec.counts
     assert c["masks_computed"] == 2 and c["masks_failed"] == 0
     assert [e["stage"] for e in rec.slide_errors] == ["resolution"]  # TCGA has no mpp: not tiled
-    # the masks job on its own gives the mpp-less slide an error row, and does not stop
-    rec_m = run_masks(spark, cfg_for(lake, [TCGA, CMU]))
+    # the masks job on its own: the mpp-less slide gets a mask at a nominal 0.25 µm/px (said so),
+    # a slide file gone since discovery gets an error row, and neither stops the other
+    gone = lake.parent / "gone.svs"
+    shutil.copy(CMU, gone)
+    gone.write_bytes(gone.read_bytes()[:-1] + b"x")  # other content: another slide_id
+    run_discover(spark, cfg_for(lake, [gone]))
+    gone.unlink()
+    rec_m = run_masks(spark, cfg_for(lake, []))
     assert rec_m.status == "succeeded"
-    assert (rec_m.counts["masks_failed"], rec_m.counts["masks_reused"]) == (1, 1)
-    assert any(e["stage"] == "masks" and "no mpp" in e["error"] for e in rec_m.slide_errors)
+    assert (rec_m.counts["masks_computed"], rec_m.counts["masks_reused"], rec_m.counts["masks_failed"]) == (1, 2, 1)
+    assert [e["path"] for e in rec_m.slide_errors if e["stage"] == "masks"] == [str(gone)]
+    tcga = pl.read_delta(str(lake / "masks")).filter(pl.col("path") == str(TCGA)).row(0, named=True)
+    assert tcga["status"] == "ok" and tcga["mask_mpp_x"] is None and "no mpp" in tcga["algorithm"]
+    assert 0.1 < tcga["tissue_fraction"] < 0.95
     kept = pl.read_delta(str(lake / "tiles"))
     assert c["tiles_decoded"] == c["tiles_written"] == kept.height > 0
     assert c["tiles_skipped"] == c["tiles_generated"] - c["tiles_decoded"] > 0
@@ -158,8 +168,8 @@ def test_mask_first_decodes_only_kept_tiles_and_matches_filtering_after_decode(s
     assert np.allclose(sums, 1.0)
     # the masks table and the QC pictures, redrawn with the kept tiles
     masks = pl.read_delta(str(lake / "masks"))
-    assert masks.height == 3 and sorted(masks["status"].to_list()) == ["error", "ok", "ok"]
-    for qc in masks.filter(pl.col("status") == "ok")["qc_path"]:
+    assert masks.height == 4 and sorted(masks["status"].to_list()) == ["error", "ok", "ok", "ok"]
+    for qc in masks.filter(pl.col("path").is_in([str(CMU), str(DAPI)]))["qc_path"]:
         pic = np.asarray(Image.open(qc).convert("RGB"))
         yellow = (pic[..., 0] == 255) & (pic[..., 1] == 200) & (pic[..., 2] == 0)
         green = (pic[..., 0] == 0) & (pic[..., 1] == 200) & (pic[..., 2] == 0)

@@ -210,6 +210,9 @@ class MaskConfig(_Strict):
     * ``overlay_column`` / ``overlay_suffix``: a user overlay (e.g. a segmentation model's TIFF)
       given by this manifest column, or found next to the slide as ``<stem><suffix>`` (also
       ``.tif``), is used instead of computing a mask.
+    * ``overlay_root``: folder for the overlay files (``null``: ``<lake>/overlays``). Overlays are
+      written with ordinary file I/O by the executors: with a lake on object storage
+      (``s3://``), point this at a shared mounted folder (EFS, FSx, a Databricks Volume).
     """
 
     enabled: bool = True
@@ -225,6 +228,7 @@ class MaskConfig(_Strict):
     chunk_px: int = Field(default=4096, ge=256)
     overlay_column: str = "overlay_path"
     overlay_suffix: str = ".mask.tiff"
+    overlay_root: str | None = None
 
     def algorithm_dict(self) -> dict[str, Any]:
         """The settings that determine a computed mask's pixels (hashed into ``params_hash``)."""
@@ -307,7 +311,7 @@ class PipelineConfig(_Strict):
                 mode="json", include={"encoding", "quality", "background_threshold"}
             ),
             "filter": self.filter.model_dump(mode="json"),
-            "masks": self.masks.model_dump(mode="json", exclude={"chunk_px"}) if self.masks.enabled
+            "masks": self.masks.model_dump(mode="json", exclude={"chunk_px", "overlay_root"}) if self.masks.enabled
             else {"enabled": False},
             "annotations": self.annotations.model_dump(mode="json"),
         }

@@ -38,6 +38,7 @@ from slidelake.config import MaskConfig
 
 TISSUE = 255
 BACKGROUND = 0
+NOMINAL_MPP = 0.25  # µm/px assumed for the mask of a slide without mpp (40x; recorded in `algorithm`)
 QC_MAX_SIDE = 1024  # px of the longer side of a QC picture (small slides are upscaled to it)
 
 MASKS_SCHEMA = T.StructType([
@@ -359,7 +360,9 @@ def compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: s
                  phash: str) -> dict[str, Any]:
     """Make (or take the user's) overlay of one slide and return its ``masks`` row.
 
-    Never raises: failures give ``status='error'`` and the message in ``error``.
+    A slide without mpp gets a mask made as if level 0 were :data:`NOMINAL_MPP` µm/px (said in
+    ``algorithm``; ``mask_mpp_x/y`` stay null). Never raises: failures (unreadable slide or
+    overlay) give ``status='error'`` and the message in ``error``.
 
     Args:
         row: a ``slides`` row (``slide_id``, ``path``, ``fingerprint``, ``width``, ``height``,
@@ -398,12 +401,15 @@ def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: s
             res: dict[str, Any] = dict(source="user", mask_path=user, algorithm="user overlay",
                                        params=json.dumps({"overlay": user}))
         else:
-            if row["mpp_x"] is None or row["mpp_y"] is None:
-                raise MaskError("slide has no mpp; set resolution.assumed_mpp (µm/px) to make its mask")
-            w, h = mask_size(W0, H0, row["mpp_x"], row["mpp_y"], cfg.mpp)
+            known = row["mpp_x"] is not None and row["mpp_y"] is not None
+            # without mpp the mask geometry and µm settings assume NOMINAL_MPP at level 0
+            mx, my = (row["mpp_x"], row["mpp_y"]) if known else (NOMINAL_MPP, NOMINAL_MPP)
+            w, h = mask_size(W0, H0, mx, my, cfg.mpp)
             rgb, valid = read_slide_at(slide, (w, h), cfg.chunk_px)
-            mpp = (row["mpp_x"] * W0 / w, row["mpp_y"] * H0 / h)
+            mpp = (mx * W0 / w, my * H0 / h)
             labels, info = tissue_mask(rgb, valid, mpp, cfg)
+            if not known:
+                info["algorithm"] += f" (slide has no mpp: {NOMINAL_MPP} µm/px assumed for the mask)"
             mask_path = os.path.join(folder, f"tissue-{phash}.tiff")
             write_overlay(mask_path, labels, mpp)
             res = dict(source="computed", mask_path=mask_path, algorithm=info["algorithm"],

@@ -52,6 +52,12 @@ def lake_root(cfg: PipelineConfig) -> str:
     return cfg.lake if "://" in cfg.lake else os.path.abspath(cfg.lake)
 
 
+def overlay_root(cfg: PipelineConfig) -> str:
+    """Folder holding ``overlays/<slide_id>/`` mask files: ``masks.overlay_root`` or the lake root."""
+    root = cfg.masks.overlay_root
+    return os.path.abspath(root) if root else lake_root(cfg)
+
+
 def lake_paths(cfg: PipelineConfig) -> dict[str, str]:
     """Absolute (or URI) paths of the lake's tables: ``slides``, ``masks``, ``tiles``, ``runs``."""
     root = lake_root(cfg)
@@ -155,7 +161,7 @@ def mask_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
         reuse = {sid: m for sid, m in prior.items()
                  if m["mask_path"] and os.path.isfile(m["mask_path"])}
         todo = [r for r in slides if r["slide_id"] not in reuse]
-        made = [m.asDict() for m in make_masks(spark, todo, cfg.masks, lake_root(cfg), rec.run_id).collect()] if todo else []
+        made = [m.asDict() for m in make_masks(spark, todo, cfg.masks, overlay_root(cfg), rec.run_id).collect()] if todo else []
         if made:
             new = spark.createDataFrame(made, schema=MASKS_SCHEMA)
             kept = existing.join(new.select("slide_id", "params_hash"), on=["slide_id", "params_hash"], how="left_anti")
