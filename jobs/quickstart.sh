@@ -28,5 +28,7 @@ fi
 
 .venv/bin/slidelake run "$SAMPLE" --config conf/default.yaml --lake lake
 .venv/bin/slidelake sql --lake lake \
-  "SELECT slide_id, level, round(mpp_x, 3) AS mpp, count(*) AS tiles, round(avg(tile_std), 1) AS mean_std
+  "SELECT slide_id, level, round(mpp_x, 3) AS mpp, count(*) AS tiles, round(avg(tissue_fraction), 2) AS tissue,
+          round(avg(tile_std), 1) AS mean_std
    FROM tiles GROUP BY slide_id, level, mpp_x"
+.venv/bin/slidelake sql --lake lake "SELECT algorithm, round(tissue_fraction, 2) AS tissue, qc_path FROM masks"

@@ -232,3 +232,19 @@ def test_user_overlay_sidecar_and_geojson_annotations_from_manifest(spark, lake,
     # Tumor: 4 x 2 tiles all tissue; Stroma: x 512-1023, y 512-767 = 4 x 2 tiles, tissue where x < 768
     assert sorted(a["label"].to_list()) == ["Stroma"] * 4 + ["Tumor"] * 8
     assert rec2.counts["tiles_decoded"] == 12 and rec2.counts["tiles_skipped"] == 48 - 12
+
+
+@pytest.mark.parametrize("method,threshold", [("grayscale", "multi_otsu"), ("grayscale", "otsu"), ("saturation", 0.1)])
+def test_threshold_variants_agree_on_the_he_sample(method, threshold):
+    need(CMU)
+    slide = openslide.OpenSlide(str(CMU))
+    rgb, valid = read_slide_at(slide, (2220 // 8, 2967 // 8))
+    cfg = MaskConfig(mpp=4.0, method=method, threshold=threshold)
+    mask, info = tissue_mask(rgb, valid, 0.499 * 8, cfg)
+    ref, _ = tissue_mask(rgb, valid, 0.499 * 8, MaskConfig(mpp=4.0))
+    assert len(info["thresholds"]) == (2 if threshold == "multi_otsu" else 1)
+    if not isinstance(threshold, str):
+        assert info["thresholds"] == [0.1] and info["algorithm"].endswith(":fixed")
+    a, b = mask > 0, ref > 0
+    assert 0.15 < a.mean() < 0.7
+    assert (a & b).sum() / (a | b).sum() > 0.7  # the variants find the same tissue
