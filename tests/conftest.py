@@ -41,9 +41,10 @@ def lake(tmp_path: Path) -> Path:
 
 
 def make_tiff(path: Path, width: int, height: int, levels: int = 1, tile: int = 64,
-              mpp: float | None = 0.5, seed: int = 0) -> np.ndarray:
-    """Write a tiled, uncompressed pyramidal RGB TIFF (OpenSlide 'generic-tiff') and return its
-    level-0 pixels ``(height, width, 3)`` uint8. Level k is level 0 subsampled by 2**k."""
+              mpp: float | None = 0.5, seed: int = 0, compression: str | None = None) -> np.ndarray:
+    """Write a tiled pyramidal RGB TIFF (OpenSlide 'generic-tiff'; uncompressed unless
+    ``compression``, e.g. ``"jpeg"``) and return its level-0 pixels ``(height, width, 3)``
+    uint8. Level k is level 0 subsampled by 2**k."""
     import tifffile
 
     rng = np.random.default_rng(seed)
@@ -58,5 +59,5 @@ def make_tiff(path: Path, width: int, height: int, levels: int = 1, tile: int = 
             lvl = img[:: 2 ** k, :: 2 ** k]
             kw = res if k == 0 else {}
             tw.write(np.ascontiguousarray(lvl), tile=(tile, tile), photometric="rgb",
-                     compression=None, subfiletype=0 if k == 0 else 1, **kw)
+                     compression=compression, subfiletype=0 if k == 0 else 1, **kw)
     return img

@@ -155,6 +155,10 @@ class DecodeConfig(_Strict):
     measurement in ``docs/encoding.md``. ``batch_size`` bounds the tiles decoded per Arrow
     batch, hence the memory of a Python worker. A pixel is *background* when all of R, G, B are
     >= ``background_threshold`` (near-white, brightfield convention; padding counts too).
+    ``reader``: ``auto`` decodes the file's own JPEG tiles where a level qualifies (Aperio SVS,
+    generic tiled TIFF; :mod:`slidelake.native`) and uses OpenSlide elsewhere; ``openslide``
+    always uses ``read_region``. ``native_cache_tiles``: decoded stored tiles kept per open
+    level (memory: tiles x tile area x 3 bytes).
     """
 
     encoding: Literal["raw", "png", "jpeg", "webp"] = "jpeg"
@@ -162,6 +166,8 @@ class DecodeConfig(_Strict):
     batch_size: int = Field(default=256, ge=1)
     background_threshold: int = Field(default=220, ge=0, le=255)
     max_open_slides: int = Field(default=8, ge=1)
+    reader: Literal["auto", "openslide"] = "auto"
+    native_cache_tiles: int = Field(default=64, ge=1)
 
 
 class FilterConfig(_Strict):
@@ -308,7 +314,7 @@ class PipelineConfig(_Strict):
             "resolution": self.resolution.model_dump(mode="json"),
             "grid": self.grid.model_dump(mode="json"),
             "decode": self.decode.model_dump(
-                mode="json", include={"encoding", "quality", "background_threshold"}
+                mode="json", include={"encoding", "quality", "background_threshold", "reader"}
             ),
             "filter": self.filter.model_dump(mode="json"),
             "masks": self.masks.model_dump(mode="json", exclude={"chunk_px", "overlay_root"}) if self.masks.enabled

@@ -3,12 +3,14 @@
 * :func:`repartition_tiles` hashes ``(slide_id, region_row, region_col)`` so work is spread over
   tasks while neighbouring tiles of one slide stay in one task, then sorts each partition in
   raster order (slide, then tile_y, tile_x) so reads walk the file forwards.
-* :func:`decode_tiles` reads each tile with ``OpenSlide.read_region`` at the row's level-0
-  coordinates and level, composites transparent pixels (outside the slide) on white, resizes
-  when resampling (Pillow Lanczos), encodes the tile and computes cheap statistics.
+* :func:`decode_tiles` reads each tile's region at its level, from the file's own JPEG tiles
+  (:mod:`slidelake.native`) where the level qualifies, else with ``OpenSlide.read_region`` at
+  the row's level-0 coordinates (transparent pixels composited on white); resizes when
+  resampling (Pillow Lanczos), encodes the tile and computes cheap statistics. A tile the
+  native reader finds corrupt is re-read by OpenSlide, which decides.
 
-One OpenSlide handle per slide per Python worker process is kept in an LRU cache
-(:class:`SlideHandles`) and reused across batches and tasks (``spark.python.worker.reuse``).
+One OpenSlide handle and one native reader per slide per Python worker process are kept in LRU
+caches (:class:`SlideHandles`) and reused across batches and tasks (``spark.python.worker.reuse``).
 Memory of a worker is bounded by ``decode.batch_size`` tiles, whatever the slide's size.
 A tile that fails to decode gets ``decode_error`` set and no pixels; the slide goes on.
 """
@@ -27,6 +29,7 @@ from pyspark.sql import types as T
 
 from slidelake.config import DecodeConfig, PartitionConfig
 from slidelake.encoding import encode_tile
+from slidelake.native import CorruptTileError
 
 DECODE_FIELDS = [
     T.StructField("tile", T.BinaryType(), True),
@@ -36,12 +39,13 @@ DECODE_FIELDS = [
     T.StructField("tile_mean", T.DoubleType(), True),
     T.StructField("tile_std", T.DoubleType(), True),
     T.StructField("background_fraction", T.DoubleType(), True),
+    T.StructField("reader", T.StringType(), True),
     T.StructField("decode_error", T.StringType(), True),
 ]
 
 # columns the decode UDF needs; everything else is passed through untouched
 DECODE_INPUTS = (
-    "path", "fingerprint", "level", "level0_x", "level0_y", "read_width", "read_height",
+    "path", "fingerprint", "level", "level_downsample", "level0_x", "level0_y", "read_width", "read_height",
     "tile_extent_x", "tile_extent_y", "valid_width", "valid_height",
 )
 
@@ -70,27 +74,34 @@ def repartition_tiles(tiles: DataFrame, cfg: PartitionConfig, total_tiles: int) 
     )
 
 
-class SlideHandles:
-    """LRU cache of open ``OpenSlide`` handles keyed by ``(path, fingerprint)``.
+def _open_openslide(path: str) -> Any:
+    import openslide
 
-    A handle that raised during a read is evicted (OpenSlide handles enter an error state).
+    return openslide.OpenSlide(path)
+
+
+class SlideHandles:
+    """LRU cache of open slide handles keyed by ``(path, fingerprint)``.
+
+    ``opener(path)`` makes a handle (default ``openslide.OpenSlide``); handles need a
+    ``close()``. A handle that raised during a read is evicted (OpenSlide handles enter an
+    error state).
     """
 
-    def __init__(self, max_open: int = 8) -> None:
+    def __init__(self, max_open: int = 8, opener: Callable[[str], Any] = _open_openslide) -> None:
         self.max_open = max_open
+        self.opener = opener
         self._handles: OrderedDict[tuple[str, str], Any] = OrderedDict()
 
     def get(self, path: str, fingerprint: str) -> Any:
         """Return an open handle for ``path`` (opening it, and closing the least recently used
-        one beyond ``max_open``). Raises what ``openslide.OpenSlide`` raises."""
-        import openslide
-
+        one beyond ``max_open``). Raises what ``opener`` raises."""
         key = (path, fingerprint)
         h = self._handles.get(key)
         if h is not None:
             self._handles.move_to_end(key)
             return h
-        h = openslide.OpenSlide(path)
+        h = self.opener(path)
         self._handles[key] = h
         while len(self._handles) > self.max_open:
             _, old = self._handles.popitem(last=False)
@@ -105,6 +116,7 @@ class SlideHandles:
 
 
 _HANDLES: SlideHandles | None = None
+_NATIVE: SlideHandles | None = None
 
 
 def _handles(max_open: int) -> SlideHandles:
@@ -113,6 +125,16 @@ def _handles(max_open: int) -> SlideHandles:
         _HANDLES = SlideHandles(max_open)
     _HANDLES.max_open = max_open
     return _HANDLES
+
+
+def _natives(max_open: int, cache_tiles: int) -> SlideHandles:
+    global _NATIVE
+    from slidelake.native import open_native
+
+    if _NATIVE is None:
+        _NATIVE = SlideHandles(max_open, lambda p: open_native(p, cache_tiles))
+    _NATIVE.max_open = max_open
+    return _NATIVE
 
 
 def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
@@ -152,10 +174,16 @@ def read_tile(
     Returns:
         uint8 ``(out_h, out_w, 3)``.
     """
+    region = np.asarray(slide.read_region((int(level0_x), int(level0_y)), int(level), read_size))
+    return finish_tile(rgba_to_rgb(region), out_size, valid_size)
+
+
+def finish_tile(rgb: np.ndarray, out_size: tuple[int, int], valid_size: tuple[int, int]) -> np.ndarray:
+    """Resize a read region uint8 ``(h, w, 3)`` to ``out_size`` ``(w, h)`` (Lanczos, only when the
+    sizes differ) and paint white the part beyond ``valid_size`` (tile px outside the slide)."""
     from PIL import Image
 
-    region = np.asarray(slide.read_region((int(level0_x), int(level0_y)), int(level), read_size))
-    rgb = rgba_to_rgb(region)
+    read_size = (rgb.shape[1], rgb.shape[0])
     if tuple(read_size) != tuple(out_size):
         rgb = np.asarray(Image.fromarray(rgb).resize(out_size, Image.Resampling.LANCZOS))
     vw, vh = valid_size
@@ -187,10 +215,11 @@ def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], 
     accumulators). Output batches have at most ``cfg.batch_size`` rows.
     """
     encoding, quality, thr, batch = cfg.encoding, cfg.quality, cfg.background_threshold, cfg.batch_size
-    max_open = cfg.max_open_slides
+    max_open, use_native, cache_tiles = cfg.max_open_slides, cfg.reader == "auto", cfg.native_cache_tiles
 
     def decode(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         handles = _handles(max_open)
+        natives = _natives(max_open, cache_tiles) if use_native else None
         for pdf in batches:
             for start in range(0, len(pdf), batch):
                 chunk = pdf.iloc[start:start + batch].reset_index(drop=True)
@@ -200,12 +229,36 @@ def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], 
                 std = np.full(n, np.nan)
                 bgf = np.full(n, np.nan)
                 errors: list[str | None] = [None] * n
+                readers: list[str | None] = [None] * n
                 col = {c: chunk[c].to_numpy() for c in (
-                    "level0_x", "level0_y", "level", "read_width", "read_height", "tile_extent_x",
-                    "tile_extent_y", "valid_width", "valid_height", "tile_x", "tile_y", "slide_id")}
+                    "level0_x", "level0_y", "level", "level_downsample", "read_width", "read_height",
+                    "tile_extent_x", "tile_extent_y", "valid_width", "valid_height", "tile_x", "tile_y",
+                    "slide_id")}
                 for (path, fp), idx in chunk.groupby(["path", "fingerprint"], sort=False).indices.items():
                     slide = None
+                    native = None
+                    if natives is not None:
+                        try:
+                            native = natives.get(path, fp)
+                        except Exception:  # noqa: BLE001 - OpenSlide below reports the problem
+                            native = None
                     for i in idx:
+                        out_size = (int(col["tile_extent_x"][i]), int(col["tile_extent_y"][i]))
+                        valid = (int(col["valid_width"][i]), int(col["valid_height"][i]))
+                        read_size = (int(col["read_width"][i]), int(col["read_height"][i]))
+                        lvl = native.level(col["level"][i]) if native is not None else None
+                        if lvl is not None:
+                            ds = float(col["level_downsample"][i])
+                            try:
+                                region = lvl.read(round(col["level0_x"][i] / ds), round(col["level0_y"][i] / ds),
+                                                  *read_size)
+                                rgb = finish_tile(region, out_size, valid)
+                                tiles[i] = encode_tile(rgb, encoding, quality)
+                                mean[i], std[i], bgf[i] = tile_stats(rgb, thr)
+                                readers[i] = "native"
+                                continue
+                            except CorruptTileError:
+                                pass  # OpenSlide decides whether the tile is readable
                         try:
                             if slide is None:
                                 slide = handles.get(path, fp)
@@ -213,13 +266,10 @@ def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], 
                             errors[i] = f"open failed: {type(exc).__name__}: {exc}"
                             continue
                         try:
-                            rgb = read_tile(
-                                slide, col["level0_x"][i], col["level0_y"][i], col["level"][i],
-                                (int(col["read_width"][i]), int(col["read_height"][i])),
-                                (int(col["tile_extent_x"][i]), int(col["tile_extent_y"][i])),
-                                (int(col["valid_width"][i]), int(col["valid_height"][i])),
-                            )
+                            rgb = read_tile(slide, col["level0_x"][i], col["level0_y"][i], col["level"][i],
+                                            read_size, out_size, valid)
                             tiles[i] = encode_tile(rgb, encoding, quality)
+                            readers[i] = "openslide"
                             mean[i], std[i], bgf[i] = tile_stats(rgb, thr)
                         except Exception as exc:  # noqa: BLE001 - recorded per tile
                             errors[i] = f"{type(exc).__name__}: {exc}"
@@ -239,6 +289,7 @@ def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], 
                     tile_mean=mean,
                     tile_std=std,
                     background_fraction=bgf,
+                    reader=readers,
                     decode_error=errors,
                 )
                 yield out

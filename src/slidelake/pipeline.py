@@ -37,7 +37,7 @@ TILES_COLUMNS = (
     "mpp_x", "mpp_y", "mpp_source", "tile_x", "tile_y", "tile_col", "tile_row", "level0_x",
     "level0_y", "tile_extent_x", "tile_extent_y", "stride_x", "stride_y", "valid_width",
     "valid_height", "tile", "tile_format", "tile_width", "tile_height", "tile_mean", "tile_std",
-    "background_fraction", "tissue_fraction", "overlay_fractions", "overlay_path", "class_fractions",
+    "background_fraction", "reader", "tissue_fraction", "overlay_fractions", "overlay_path", "class_fractions",
     "annotated_fraction", "label", "annotations_path", "attributes", "run_id", "config_hash",
     "slidelake_version", "created_at",
 )

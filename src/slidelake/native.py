@@ -1,0 +1,220 @@
+"""Native-tile reader: decode a TIFF-based slide's own JPEG tiles, past OpenSlide's read overhead.
+
+On a JPEG-tiled Aperio-style slide most of ``OpenSlide.read_region``'s time per 256 px tile is
+overhead, not JPEG decoding (``../shared/GUIDE.md``; ``docs/benchmarks.md``). This reader finds
+the TIFF page of a pyramid level (tifffile), reads each stored tile's bytes with one ``pread``,
+decodes them with tifffile's decoder for that page (imagecodecs / libjpeg-turbo, with the page's
+JPEG tables and colour space) and crops / assembles output regions from the decoded tiles. A
+decoded stored tile is kept in a small LRU cache, so a task walking its tiles in raster order
+decodes each stored tile about once.
+
+It applies to levels stored as 8-bit RGB/YCbCr JPEG tiles of Aperio SVS and generic tiled TIFF
+files (``openslide.vendor`` ``aperio`` or ``generic-tiff``); everything else (NDPI strips,
+JPEG 2000, MRXS, DICOM, ...) is read by OpenSlide. On the real CMU sample its output equals
+``read_region`` bit for bit.
+
+libjpeg-turbo only *warns* about some corrupt data where OpenSlide fails the read, so every stored
+tile is checked structurally first (:func:`check_jpeg`: SOI ... EOI, only stuffed bytes or
+restart markers inside the entropy-coded data); a tile that fails the check or the decode raises
+:class:`CorruptTileError` and the caller falls back to OpenSlide, which decides.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+NATIVE_VENDORS = ("aperio", "generic-tiff")
+JPEG = 7  # TIFF Compression tag value
+WHITE = 255
+
+
+class CorruptTileError(ValueError):
+    """A stored tile's bytes are not a complete, well-formed JPEG stream or did not decode."""
+
+
+def check_jpeg(data: bytes) -> None:
+    """Check that ``data`` is one complete baseline JPEG stream (abbreviated streams without
+    tables allowed).
+
+    Checks: starts with SOI (FFD8), ends with EOI (FFD9), the marker segments before the first
+    SOS (FFDA) are well formed, and inside the entropy-coded data every 0xFF byte is followed by
+    0x00 (stuffing) or a restart marker (D0-D7).
+
+    Raises:
+        CorruptTileError: with the first problem found.
+    """
+    n = len(data)
+    if n < 4 or data[:2] != b"\xff\xd8":
+        raise CorruptTileError("stored tile does not start with a JPEG SOI marker")
+    if data[-2:] != b"\xff\xd9":
+        raise CorruptTileError("stored tile does not end with a JPEG EOI marker (truncated or overwritten)")
+    p = 2
+    while True:
+        if p + 4 > n or data[p] != 0xFF:
+            raise CorruptTileError(f"malformed JPEG marker segment at byte {p}")
+        marker = data[p + 1]
+        length = (data[p + 2] << 8) | data[p + 3]
+        if length < 2 or p + 2 + length > n:
+            raise CorruptTileError(f"JPEG segment 0x{marker:02x} at byte {p} runs past the data")
+        p += 2 + length
+        if marker == 0xDA:  # SOS: entropy-coded data follows
+            break
+    ent = np.frombuffer(data, np.uint8, count=n - 2 - p, offset=p)
+    ff = np.flatnonzero(ent == 0xFF)
+    if len(ff):
+        if ff[-1] == len(ent) - 1:
+            raise CorruptTileError("JPEG entropy data ends with a lone 0xFF")
+        nxt = ent[ff + 1]
+        bad = ~((nxt == 0) | ((nxt >= 0xD0) & (nxt <= 0xD7)))
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            raise CorruptTileError(f"invalid marker 0xff{int(nxt[k]):02x} inside JPEG entropy data at byte {p + int(ff[k])}")
+
+
+class NativeLevel:
+    """One pyramid level stored as JPEG tiles (a tifffile page), readable by region.
+
+    Args:
+        fd: an open file descriptor of the slide (read with ``os.pread``).
+        page: the ``tifffile.TiffPage`` of the level.
+        cache_tiles: decoded stored tiles kept (LRU); memory ~ ``cache_tiles * tile_w * tile_h * 3``.
+    """
+
+    def __init__(self, fd: int, page: Any, cache_tiles: int = 64) -> None:
+        self.fd = fd
+        self.width, self.height = int(page.imagewidth), int(page.imagelength)
+        self.tile_w, self.tile_h = int(page.tilewidth), int(page.tilelength)
+        self.across = math.ceil(self.width / self.tile_w)
+        self.offsets = page.dataoffsets
+        self.counts = page.databytecounts
+        self.tables = page.jpegtables
+        self._decode = page.decode
+        self.cache_tiles = cache_tiles
+        self._cache: OrderedDict[int, np.ndarray | None] = OrderedDict()
+
+    def stored_tile(self, col: int, row: int) -> np.ndarray | None:
+        """Decoded stored tile ``(tile_h, tile_w, 3)`` uint8, or None for a tile absent from the
+        file (byte count 0: OpenSlide paints it transparent, i.e. white here).
+
+        Raises:
+            CorruptTileError: bad JPEG structure or a decoder error.
+        """
+        idx = row * self.across + col
+        hit = self._cache.get(idx, False)
+        if hit is not False:
+            self._cache.move_to_end(idx)
+            return hit
+        count = int(self.counts[idx])
+        tile = None
+        if count:
+            data = os.pread(self.fd, count, int(self.offsets[idx]))
+            check_jpeg(data)
+            try:
+                seg, _, _ = self._decode(data, idx, jpegtables=self.tables)
+            except Exception as exc:  # noqa: BLE001 - imagecodecs raises its own error types
+                raise CorruptTileError(f"stored tile {idx}: {type(exc).__name__}: {exc}") from None
+            tile = seg.reshape(seg.shape[-3:])[..., :3]
+        self._cache[idx] = tile
+        while len(self._cache) > self.cache_tiles:
+            self._cache.popitem(last=False)
+        return tile
+
+    def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Region ``[x, x + w) x [y, y + h)`` in px of this level, uint8 ``(h, w, 3)``; pixels
+        outside the level are white (as OpenSlide's transparent pixels composited on white).
+
+        Raises:
+            CorruptTileError: a stored tile under the region is corrupt.
+        """
+        out = np.full((h, w, 3), WHITE, np.uint8)
+        x0, y0 = max(x, 0), max(y, 0)
+        x1, y1 = min(x + w, self.width), min(y + h, self.height)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        tw, th = self.tile_w, self.tile_h
+        for row in range(y0 // th, (y1 - 1) // th + 1):
+            ty = row * th
+            sy0, sy1 = max(y0, ty), min(y1, ty + th)
+            for col in range(x0 // tw, (x1 - 1) // tw + 1):
+                tx = col * tw
+                sx0, sx1 = max(x0, tx), min(x1, tx + tw)
+                tile = self.stored_tile(col, row)
+                if tile is not None:
+                    out[sy0 - y:sy1 - y, sx0 - x:sx1 - x] = tile[sy0 - ty:sy1 - ty, sx0 - tx:sx1 - tx]
+        return out
+
+
+def _eligible(page: Any) -> bool:
+    return (
+        page.is_tiled and int(page.compression) == JPEG and page.samplesperpixel == 3
+        and int(page.planarconfig) == 1 and page.bitspersample == 8 and int(page.photometric) in (2, 6)
+        and page.imagedepth == 1
+    )
+
+
+class NativeSlide:
+    """Native readers for the levels of one slide that qualify (see the module docstring).
+
+    Args:
+        path: the slide file.
+        level_dimensions: OpenSlide's ``level_dimensions`` (``(w, h)`` per level); each level is
+            matched to the first tiled TIFF page of the same size not matched yet, in file order.
+        vendor: OpenSlide's ``openslide.vendor``; other vendors get no native levels.
+        cache_tiles: see :class:`NativeLevel`.
+    """
+
+    def __init__(self, path: str, level_dimensions: list[tuple[int, int]], vendor: str | None,
+                 cache_tiles: int = 64) -> None:
+        self.levels: dict[int, NativeLevel] = {}
+        self._tf = None
+        self._fd = None
+        if vendor not in NATIVE_VENDORS:
+            return
+        import tifffile
+
+        self._tf = tifffile.TiffFile(path)
+        self._fd = os.open(path, os.O_RDONLY)
+        pages = [p for p in self._tf.pages if p.is_tiled]
+        used: set[int] = set()
+        for k, (w, h) in enumerate(level_dimensions):
+            for i, p in enumerate(pages):
+                if i not in used and (int(p.imagewidth), int(p.imagelength)) == (int(w), int(h)):
+                    used.add(i)
+                    if _eligible(p):
+                        self.levels[k] = NativeLevel(self._fd, p, cache_tiles)
+                    break
+
+    def level(self, k: int) -> NativeLevel | None:
+        """The native reader of level ``k``, or None when that level must be read by OpenSlide."""
+        return self.levels.get(int(k))
+
+    def close(self) -> None:
+        """Release the file handles."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._tf is not None:
+            self._tf.close()
+            self._tf = None
+
+
+def open_native(path: str, cache_tiles: int = 64) -> NativeSlide:
+    """A :class:`NativeSlide` for ``path`` using OpenSlide for the level sizes and vendor.
+
+    Raises:
+        What ``openslide.OpenSlide`` or ``tifffile.TiffFile`` raise for unreadable files.
+    """
+    import openslide
+
+    with openslide.OpenSlide(path) as osr:
+        dims = list(osr.level_dimensions)
+        vendor = osr.properties.get("openslide.vendor")
+    return NativeSlide(path, dims, vendor, cache_tiles)
+
+
+__all__ = ["CorruptTileError", "check_jpeg", "NativeLevel", "NativeSlide", "open_native", "NATIVE_VENDORS"]
