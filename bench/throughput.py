@@ -1,0 +1,427 @@
+"""Throughput and memory benchmark: slidelake against the read limit and the naive baseline.
+
+One command, everything measured in the same run on the same slide and cores:
+
+    .venv/bin/python bench/throughput.py                   # 40,960 x 30,720 synthetic slide
+    .venv/bin/python bench/throughput.py --width 12288 --height 9216 --quick   # a smaller check
+
+1. read limit: ``OpenSlide.read_region`` in a tight loop over exactly the tiles the pipeline
+   keeps, one process per core, one handle per process, pixels discarded;
+2. naive baseline (what the seed blog does): a ``ProcessPoolExecutor`` over tile coordinates,
+   opening the slide inside the worker function, tiles collected on the driver and saved as
+   ``raw`` bytes in one Parquet file (given the same kept tiles, which flatters it: it has no
+   mask);
+3. slidelake end to end (discover, masks, overlap, decode, write Delta) on ``local[N]``, raw
+   encoding, level 0, 256 px tiles, in a fresh process per run: with masks, without masks (the
+   pixel filter alone), on 1 core, and with ``decode.reader=openslide``;
+4. stage costs: grid expansion (rows/s, >= 1 million tiles), mask overlap (tiles/s), encoding per
+   format (ms/tile, bytes/tile), Delta write (MB/s);
+5. peak memory (VmHWM) of the driver JVM, the driver Python and the Python workers, on the
+   large slide and on the small real CMU sample.
+
+Writes ``docs/benchmarks.json`` and the tables of ``docs/benchmarks.md`` (between the
+``<!-- results -->`` markers). The slide is SYNTHETIC (``bench/make_slide.py``), cached in
+``bench/data/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(HERE))
+SHARED = Path(os.environ.get("SLIDELAKE_TEST_SLIDES", ROOT.parent / "shared" / "slides"))
+CMU = SHARED / "aperio" / "CMU-1-Small-Region.svs"
+
+
+# ------------------------------------------------------------------------------- helpers
+
+def vm_hwm_kib(pid: int | str = "self") -> int:
+    """Peak resident set size (VmHWM, KiB) of a process, 0 when unknown."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def descendants(root: int) -> dict[int, str]:
+    """``{pid: command line}`` of every live descendant of ``root``."""
+    parent, cmd = {}, {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            parent[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+            cmd[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+    out, frontier = {}, [root]
+    while frontier:
+        p = frontier.pop()
+        for c, pp in parent.items():
+            if pp == p and c not in out:
+                out[c] = cmd.get(c, "")
+                frontier.append(c)
+    return out
+
+
+def machine() -> dict:
+    cpu = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
+    import openslide
+    import pyspark
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_mib": mem, "python": platform.python_version(),
+            "pyspark": pyspark.__version__, "openslide": openslide.__library_version__,
+            "platform": platform.platform()}
+
+
+# ------------------------------------------------------------------- 1. the read limit
+
+def _read_chunk(args) -> int:
+    import openslide
+
+    path, coords, size = args
+    n = 0
+    with openslide.OpenSlide(path) as s:
+        for x, y, level in coords:
+            np.asarray(s.read_region((int(x), int(y)), int(level), size))
+            n += 1
+    return n
+
+
+def read_limit(path: str, coords: np.ndarray, size: tuple[int, int], cores: int) -> dict:
+    """Tight ``read_region`` loop over ``coords`` (rows ``x, y, level`` in level-0 px), split in
+    raster order into one contiguous chunk per process."""
+    chunks = [(path, c, size) for c in np.array_split(coords, cores)]
+    with get_context("fork").Pool(cores) as pool:
+        pool.map(_read_chunk, [(path, coords[:20], size)] * cores)  # warm the page cache + imports
+        t = time.perf_counter()
+        n = sum(pool.map(_read_chunk, chunks))
+        wall = time.perf_counter() - t
+    return {"tiles": n, "wall_s": wall, "tiles_per_s_per_core": n / wall / cores}
+
+
+# ----------------------------------------------------------------- 2. the naive baseline
+
+def _naive_tile(path: str, x: int, y: int, level: int, size: tuple[int, int]) -> bytes:
+    import openslide  # the seed blog: open the slide inside the worker function, per tile
+
+    slide = openslide.OpenSlide(path)
+    rgb = slide.read_region((x, y), level, size).convert("RGB")
+    slide.close()
+    return np.asarray(rgb).tobytes()
+
+
+def naive_baseline(path: str, coords: np.ndarray, size: tuple[int, int], cores: int, out: str) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=cores, mp_context=get_context("fork")) as ex:
+        futures = [ex.submit(_naive_tile, path, int(x), int(y), int(lv), size) for x, y, lv in coords]
+        tiles = [f.result() for f in futures]
+    table = pa.table({"x": coords[:, 0], "y": coords[:, 1], "tile": tiles})
+    pq.write_table(table, out, compression="zstd")
+    wall = time.perf_counter() - t
+    return {"tiles": len(tiles), "wall_s": wall, "tiles_per_s_per_core": len(tiles) / wall / cores,
+            "driver_peak_rss_mib": vm_hwm_kib() / 1024}
+
+
+# --------------------------------------------------------------- 3. slidelake end to end
+
+def slidelake_child(args) -> None:
+    """Run one slidelake job in this (fresh) process and print its figures as JSON."""
+    os.environ["SLIDELAKE_SPARK_MASTER"] = f"local[{args.cores}]"
+    from slidelake.config import PipelineConfig
+    from slidelake.pipeline import run_all
+    from slidelake.spark import get_spark
+
+    t0 = time.perf_counter()
+    spark = get_spark("slidelake-bench")
+    started = time.perf_counter() - t0
+    cfg = PipelineConfig.model_validate({
+        "inputs": [args.slide], "lake": args.lake,
+        "resolution": {"level": 0}, "grid": {"tile_extent": 256},
+        "decode": {"encoding": "raw", "reader": args.reader},
+        "masks": {"enabled": args.masks == "on"},
+        # with masks: keep tiles >= 50 % tissue; without: the pixel filter alone decides
+        "filter": {"min_tissue_fraction": 0.5, "max_background_fraction": None if args.masks == "on" else 0.5},
+    })
+    t = time.perf_counter()
+    rec = run_all(spark, cfg)
+    wall = time.perf_counter() - t
+    kids = descendants(os.getpid())
+    jvm = [p for p, c in kids.items() if "java" in c.split(" ")[0]]
+    workers = [p for p, c in kids.items() if "python" in c and p not in jvm]
+    out = {
+        "wall_s": wall, "spark_start_s": started, "status": rec.status, "counts": rec.counts,
+        "stage_seconds": rec.stage_seconds, "cores": args.cores, "masks": args.masks, "reader": args.reader,
+        "tiles_per_s_per_core": rec.counts.get("tiles_written", 0) / wall / args.cores,
+        "peak_rss_mib": {
+            "driver_python": vm_hwm_kib() / 1024,
+            "driver_jvm": max([vm_hwm_kib(p) for p in jvm] or [0]) / 1024,
+            "python_worker_max": max([vm_hwm_kib(p) for p in workers] or [0]) / 1024,
+        },
+    }
+    if args.kept_out:
+        from slidelake.tables import read_table
+
+        t = read_table(spark, f"{args.lake}/tiles", "delta-rs").select("level0_x", "level0_y", "level")
+        rows = np.array(t.orderBy("level0_y", "level0_x").collect(), dtype=np.int64).reshape(-1, 3)
+        np.save(args.kept_out, rows)
+    spark.stop()
+    print("BENCH-JSON " + json.dumps(out))
+
+
+def run_slidelake(slide: str, cores: int, masks: str = "on", reader: str = "auto", kept_out: str | None = None) -> dict:
+    lake = tempfile.mkdtemp(prefix="slidelake-bench-")
+    cmd = [sys.executable, str(Path(__file__)), "--child", "--slide", slide, "--lake", lake, "--cores", str(cores),
+           "--masks", masks, "--reader", reader] + (["--kept-out", kept_out] if kept_out else [])
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        for line in proc.stdout.splitlines():
+            if line.startswith("BENCH-JSON "):
+                return json.loads(line[len("BENCH-JSON "):])
+        raise RuntimeError(f"slidelake child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    finally:
+        shutil.rmtree(lake, ignore_errors=True)
+
+
+# --------------------------------------------------------------------- 4. stage costs
+
+def grid_expansion(cores: int) -> dict:
+    """Rows/s of :func:`slidelake.grid.expand_grid` for 4.9 million tiles (16 px tiles on a
+    40,960 x 30,720 slide), forced by an aggregate over the positions."""
+    code = f"""
+import os, time, json
+os.environ["SLIDELAKE_SPARK_MASTER"] = "local[{cores}]"
+from pyspark.sql import functions as F
+from slidelake.spark import get_spark
+from slidelake.grid import expand_grid
+spark = get_spark("grid-bench")
+slides = spark.createDataFrame([("s%d" % i, 40960, 30720, 1.0) for i in range({cores})],
+                               "slide_id string, extent_x long, extent_y long, downsample double")
+g = expand_grid(slides, (16, 16), (16, 16), "keep")
+g.agg(F.sum("level0_x")).collect()  # warm-up
+t = time.perf_counter()
+r = g.agg(F.count("*"), F.sum("level0_x"), F.sum("valid_width")).collect()[0]
+wall = time.perf_counter() - t
+print("BENCH-JSON " + json.dumps({{"rows": r[0], "wall_s": wall, "rows_per_s": r[0] / wall}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH-JSON "):
+            return json.loads(line[len("BENCH-JSON "):])
+    raise RuntimeError(proc.stderr[-3000:])
+
+
+def mask_overlap(n_tiles: int = 1_000_000) -> dict:
+    """Tiles/s of the overlap stage's per-slide pass (:func:`slidelake.overlap.slide_overlap`)
+    on one core: a 5,120 x 3,840 px two-label overlay (8 µm/px of a 40,960 x 30,720 slide)."""
+    import pandas as pd
+
+    from slidelake.masks import write_overlay
+    from slidelake.overlap import slide_overlap
+
+    W0, H0 = 40960 * 8, 30720 * 8  # a slide large enough for a million 256 px tiles
+    rng = np.random.default_rng(0)
+    ov = (rng.random((3840, 5120)) < 0.3).astype(np.uint8) * 255
+    tmp = tempfile.mkdtemp()
+    path = os.path.join(tmp, "ov.tiff")
+    write_overlay(path, ov, (64.0, 64.0))
+    side = int(np.sqrt(n_tiles))
+    yy, xx = np.mgrid[0:side, 0:side]
+    pdf = pd.DataFrame({
+        "slide_id": "s", "level0_x": (xx.ravel() * 256).astype(np.int64), "level0_y": (yy.ravel() * 256).astype(np.int64),
+        "valid_width": 256, "valid_height": 256, "downsample": 1.0, "slide_width": W0, "slide_height": H0,
+        "overlay_path": path, "annotations_path": None,
+    })
+    slide_overlap(pdf.iloc[:1000], None, 0.5)  # load the overlay once (cached per worker)
+    t = time.perf_counter()
+    out = slide_overlap(pdf, None, 0.5)
+    wall = time.perf_counter() - t
+    shutil.rmtree(tmp, ignore_errors=True)
+    assert out["tissue_fraction"].notna().all()
+    return {"tiles": len(pdf), "wall_s": wall, "tiles_per_s": len(pdf) / wall}
+
+
+def encodings(slide: str, coords: np.ndarray, n: int = 200) -> list[dict]:
+    """ms/tile to encode and bytes/tile per format on ``n`` kept tiles of the slide."""
+    import openslide
+
+    from slidelake.decode import read_tile
+    from slidelake.encoding import encode_tile
+
+    with openslide.OpenSlide(slide) as s:
+        pick = coords[np.linspace(0, len(coords) - 1, min(n, len(coords))).astype(int)]
+        tiles = [read_tile(s, x, y, lv, (256, 256), (256, 256), (256, 256)) for x, y, lv in pick]
+    out = []
+    for fmt, q in (("raw", 0), ("png", 0), ("jpeg", 90), ("webp", 90)):
+        t = time.perf_counter()
+        sizes = [len(encode_tile(rgb, fmt, q)) for rgb in tiles]
+        out.append({"format": fmt if fmt in ("raw", "png") else f"{fmt} q{q}",
+                    "ms_per_tile": (time.perf_counter() - t) / len(tiles) * 1000,
+                    "bytes_per_tile": float(np.mean(sizes))})
+    return out
+
+
+def delta_write(cores: int, rows: int = 1500) -> dict:
+    """MB/s of :func:`slidelake.tables.write_table` (delta-rs path) for raw 256 px tiles."""
+    code = f"""
+import os, time, json, tempfile, shutil
+os.environ["SLIDELAKE_SPARK_MASTER"] = "local[{cores}]"
+from pyspark.sql import functions as F
+from slidelake.spark import get_spark
+from slidelake.tables import write_table
+spark = get_spark("write-bench")
+n = {rows}
+df = (spark.range(n).withColumn("slide_id", (F.col("id") % 2).cast("string"))
+      .withColumn("tile", F.expr("unhex(repeat(sha2(cast(id as string), 512), 1536))")))
+df = df.repartition({cores}).cache(); df.count()
+lake = tempfile.mkdtemp()
+t = time.perf_counter()
+res = write_table(spark, df, lake + "/t", "delta-rs", mode="overwrite", partition_by=["slide_id"])
+wall = time.perf_counter() - t
+mb = n * 196608 / 1e6
+shutil.rmtree(lake, ignore_errors=True)
+print("BENCH-JSON " + json.dumps({{"rows": res.rows, "mb": mb, "wall_s": wall, "mb_per_s": mb / wall, "files": res.files}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH-JSON "):
+            return json.loads(line[len("BENCH-JSON "):])
+    raise RuntimeError(proc.stderr[-3000:])
+
+
+# ----------------------------------------------------------------------------- report
+
+def table(rows: list[list], head: list[str]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def report(res: dict) -> str:
+    m, c = res["machine"], res["cores"]
+    lim, naive = res["read_limit"], res["naive"]
+    runs = res["slidelake"]
+    lines = [f"Run {res['date']} on {m['cpu']}, {m['cores']} cores, {m['memory_mib']} MiB; Python {m['python']}, "
+             f"PySpark {m['pyspark']}, OpenSlide {m['openslide']}. Slide: SYNTHETIC {res['slide']['width']} x "
+             f"{res['slide']['height']} px Aperio-style SVS at 0.25 µm/px, 256 px JPEG tiles, tissue ellipses over "
+             f"{res['slide']['tissue_area_fraction']:.0%} of the area; level 0, 256 px tiles, raw encoding, "
+             f"{lim['tiles']} kept tiles (>= 50 % tissue). N = {c} cores.", ""]
+    rows = [["read limit (`read_region` loop)", c, lim["tiles"], f"{lim['wall_s']:.1f}", f"{lim['tiles_per_s_per_core']:.0f}", "1.00"],
+            ["naive baseline (ProcessPoolExecutor)", c, naive["tiles"], f"{naive['wall_s']:.1f}",
+             f"{naive['tiles_per_s_per_core']:.0f}", f"{naive['tiles_per_s_per_core'] / lim['tiles_per_s_per_core']:.2f}"]]
+    for name, r in runs.items():
+        rows.append([f"slidelake: {name}", r["cores"], r["counts"]["tiles_written"], f"{r['wall_s']:.1f}",
+                     f"{r['tiles_per_s_per_core']:.0f}", f"{r['tiles_per_s_per_core'] / lim['tiles_per_s_per_core']:.2f}"])
+    lines.append(table(rows, ["what", "cores", "tiles", "wall s", "tiles/s/core", "x read limit"]))
+    best = runs["masks, native reader"]
+    lines += ["", "Ratios from this run:", "",
+              f"- slidelake end to end / read limit: **{best['tiles_per_s_per_core'] / lim['tiles_per_s_per_core']:.2f}x** "
+              f"(with `decode.reader=openslide`: {runs['masks, openslide reader']['tiles_per_s_per_core'] / lim['tiles_per_s_per_core']:.2f}x)",
+              f"- slidelake / naive baseline: **{best['tiles_per_s_per_core'] / naive['tiles_per_s_per_core']:.1f}x**",
+              f"- mask-first wall time / the same run without masks: **{best['wall_s'] / runs['no masks (pixel filter)']['wall_s']:.2f}**",
+              f"- {c} cores / 1 core (tiles per second): **{(best['counts']['tiles_written'] / best['wall_s']) / (runs['masks, 1 core']['counts']['tiles_written'] / runs['masks, 1 core']['wall_s']):.2f}x**",
+              ""]
+    st = res["stages"]
+    lines.append(table([
+        ["grid expansion", f"{st['grid']['rows']:,} rows", f"{st['grid']['rows_per_s']:,.0f} rows/s ({c} cores)"],
+        ["mask overlap", f"{st['overlap']['tiles']:,} tiles", f"{st['overlap']['tiles_per_s']:,.0f} tiles/s (1 core)"],
+        ["Delta write (delta-rs)", f"{st['delta_write']['mb']:.0f} MB", f"{st['delta_write']['mb_per_s']:.0f} MB/s ({c} cores)"],
+    ], ["stage", "size", "rate"]))
+    lines += ["", table([[e["format"], f"{e['ms_per_tile']:.2f}", f"{e['bytes_per_tile'] / 1024:.1f}"] for e in st["encoding"]],
+                        ["encoding (256 px tile)", "ms/tile", "KiB/tile"]), ""]
+    mem = [[name, f"{r['peak_rss_mib']['python_worker_max']:.0f}", f"{r['peak_rss_mib']['driver_python']:.0f}",
+            f"{r['peak_rss_mib']['driver_jvm']:.0f}"] for name, r in list(runs.items()) + [("small real slide (CMU), masks", res["small"])]]
+    mem.append(["naive baseline (driver)", "", f"{naive['driver_peak_rss_mib']:.0f}", ""])
+    lines.append(table(mem, ["peak RSS (MiB)", "Python worker", "driver Python", "driver JVM"]))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--width", type=int, default=40960)
+    ap.add_argument("--height", type=int, default=30720)
+    ap.add_argument("--cores", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.json"))
+    ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    # child mode (one slidelake run in a fresh process)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--slide", help=argparse.SUPPRESS)
+    ap.add_argument("--lake", help=argparse.SUPPRESS)
+    ap.add_argument("--masks", default="on", help=argparse.SUPPRESS)
+    ap.add_argument("--reader", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--kept-out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        slidelake_child(args)
+        return
+
+    from make_slide import make_slide
+
+    cores = args.cores
+    slide = HERE / "data" / f"synthetic-{args.width}x{args.height}.svs"
+    if not slide.exists():
+        print(f"making {slide} ...", flush=True)
+        make_slide(slide, args.width, args.height)
+    info = {"width": args.width, "height": args.height, "tissue_area_fraction": 0.3, "synthetic": True}
+    res: dict = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "cores": cores, "slide": info}
+    kept = str(HERE / "data" / "kept.npy")
+    runs = {}
+    print("slidelake: masks, native reader ...", flush=True)
+    runs["masks, native reader"] = run_slidelake(str(slide), cores, "on", "auto", kept_out=kept)
+    coords = np.load(kept)
+    print(f"read limit over {len(coords)} kept tiles ...", flush=True)
+    res["read_limit"] = read_limit(str(slide), coords, (256, 256), cores)
+    print("naive baseline ...", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        res["naive"] = naive_baseline(str(slide), coords, (256, 256), cores, os.path.join(tmp, "naive.parquet"))
+    print("slidelake: other runs ...", flush=True)
+    runs["masks, openslide reader"] = run_slidelake(str(slide), cores, "on", "openslide")
+    runs["no masks (pixel filter)"] = run_slidelake(str(slide), cores, "off", "auto")
+    runs["masks, 1 core"] = run_slidelake(str(slide), 1, "on", "auto")
+    res["slidelake"] = runs
+    res["small"] = run_slidelake(str(CMU), cores, "on", "auto")
+    print("stage costs ...", flush=True)
+    res["stages"] = {"grid": grid_expansion(cores), "overlap": mask_overlap(), "encoding": encodings(str(slide), coords),
+                     "delta_write": delta_write(cores)}
+    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    text = report(res)
+    print(text)
+    md = ROOT / "docs" / "benchmarks.md"
+    if not args.no_docs and md.exists():
+        doc = md.read_text()
+        a, b = doc.index("<!-- results -->"), doc.index("<!-- /results -->")
+        md.write_text(doc[:a] + "<!-- results -->\n" + text + "\n" + doc[b:])
+
+
+if __name__ == "__main__":
+    main()
