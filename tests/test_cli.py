@@ -19,9 +19,15 @@ def test_cli_run_then_sql(spark, lake):
     need(CMU)
     runner = CliRunner()
     res = runner.invoke(app, ["run", str(CMU), "--lake", str(lake), "-c", str(ROOT / "conf" / "default.yaml"),
-                              "--tile-extent", "512", "--encoding", "png"])
+                              "--tile-extent", "512", "--encoding", "png", "--profile", "--progress"])
     assert res.exit_code == 0, res.output
     assert "succeeded" in res.output and str(lake / "tiles") in res.output
+    runs = pl.read_delta(str(lake / "runs"))
+    prof = runs["profile"][0]
+    assert prof["decode.tiles"] == prof["tiles.generated"] - runs["tiles_skipped"][0] > 0
+    assert prof["decode.tiles_native"] == prof["decode.tiles"]  # the SVS is read natively
+    assert 0 < prof["decode.encode_s"] < prof["decode.batch_s"] and prof["overlap.tiles"] == prof["tiles.generated"]
+    assert "decode.read_s" in res.output  # the profile table is printed
     t = pl.read_delta(str(lake / "tiles"))
     assert t.height > 0 and set(t["tile_format"]) == {"png"} and set(t["tile_width"]) == {512}
     res = runner.invoke(app, ["sql", "SELECT count(*) AS n FROM tiles", "--lake", str(lake)])

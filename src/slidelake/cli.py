@@ -60,6 +60,11 @@ def _report(rec, cfg) -> None:
     from slidelake.pipeline import lake_paths, summary
 
     console.print(summary(rec), markup=False, highlight=False)
+    if rec.profile:
+        table = Table("profile", "value")
+        for k, v in sorted(rec.profile.items()):
+            table.add_row(k, f"{v:,.2f}")
+        console.print(table)
     shown = {"discover": ("slides", "runs"), "masks": ("masks", "runs")}.get(rec.job, ("slides", "masks", "tiles", "runs"))
     for name, p in lake_paths(cfg).items():
         if name in shown:
@@ -77,7 +82,8 @@ def _roi(v: Optional[str]) -> Optional[list[int]]:
     return None if v is None else [int(p) for p in v.split(",")]
 
 
-def _run_job(job: str, inputs, config, lake, replace_table: bool, **flags) -> None:
+def _run_job(job: str, inputs, config, lake, replace_table: bool, progress: Optional[bool] = None,
+             profile: bool = False, **flags) -> None:
     from slidelake.pipeline import ConfigMismatchError, run_all, run_discover, run_masks, run_tile
     from slidelake.spark import get_spark
 
@@ -94,10 +100,10 @@ def _run_job(job: str, inputs, config, lake, replace_table: bool, **flags) -> No
             rec = run_discover(spark, cfg)
         elif job == "masks":
             rec = run_masks(spark, cfg)
-        elif job == "tile":
-            rec = run_tile(spark, cfg, replace_table=replace_table)
         else:
-            rec = run_all(spark, cfg, replace_table=replace_table)
+            show = sys.stderr.isatty() if progress is None else progress
+            job_fn = run_tile if job == "tile" else run_all
+            rec = job_fn(spark, cfg, replace_table=replace_table, progress=show, profile=profile)
     except ConfigMismatchError as exc:
         console.print(f"[red]refused:[/red] {exc}")
         raise typer.Exit(3) from exc
@@ -172,9 +178,13 @@ def _tiling_command(job: str):
         writer: Optional[str] = TILE_FLAGS["writer"],
         tiles_table: Optional[str] = TILE_FLAGS["tiles_table"],
         replace_table: bool = typer.Option(False, "--replace-table", help="Replace the whole tile table."),
+        progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
+                                                help="Live tile counts (default: when the terminal is interactive)."),
+        profile: bool = typer.Option(False, "--profile", help="Record seconds and tiles per stage in runs.profile."),
     ) -> None:
-        flags = {k: v for k, v in locals().items() if k not in ("inputs", "config", "lake", "replace_table", "job")}
-        _run_job(job, inputs, config, lake, replace_table, **flags)
+        flags = {k: v for k, v in locals().items()
+                 if k not in ("inputs", "config", "lake", "replace_table", "job", "progress", "profile")}
+        _run_job(job, inputs, config, lake, replace_table, progress, profile, **flags)
 
     return command
 

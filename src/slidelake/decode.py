@@ -18,6 +18,7 @@ A tile that fails to decode gets ``decode_error`` set and no pixels; the slide g
 from __future__ import annotations
 
 import math
+import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
@@ -207,12 +208,15 @@ def tile_stats(rgb: np.ndarray, background_threshold: int) -> tuple[float, float
 
 def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], None] | None = None,
                  on_decoded: Callable[[dict[str, int]], None] | None = None,
+                 on_profile: Callable[[dict[str, float]], None] | None = None,
                  ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     """Build the ``mapInPandas`` function that decodes a partition's tiles.
 
     ``on_failure(slide_id, info)`` is called for each tile that failed, ``on_decoded({slide_id:
-    tiles})`` once per batch with the tiles whose decode was attempted (e.g. to feed
-    accumulators). Output batches have at most ``cfg.batch_size`` rows.
+    tiles})`` once per batch with the tiles whose decode was attempted, ``on_profile({name:
+    value})`` once per batch with seconds spent reading pixels (``decode.read_s``), encoding
+    (``decode.encode_s``) and in the whole batch (``decode.batch_s``) and tiles per reader (e.g.
+    to feed accumulators). Output batches have at most ``cfg.batch_size`` rows.
     """
     encoding, quality, thr, batch = cfg.encoding, cfg.quality, cfg.background_threshold, cfg.batch_size
     max_open, use_native, cache_tiles = cfg.max_open_slides, cfg.reader == "auto", cfg.native_cache_tiles
@@ -222,6 +226,8 @@ def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], 
         natives = _natives(max_open, cache_tiles) if use_native else None
         for pdf in batches:
             for start in range(0, len(pdf), batch):
+                t_batch = time.perf_counter()
+                t_enc = 0.0
                 chunk = pdf.iloc[start:start + batch].reset_index(drop=True)
                 n = len(chunk)
                 tiles: list[bytes | None] = [None] * n
@@ -253,7 +259,9 @@ def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], 
                                 region = lvl.read(round(col["level0_x"][i] / ds), round(col["level0_y"][i] / ds),
                                                   *read_size)
                                 rgb = finish_tile(region, out_size, valid)
+                                t0 = time.perf_counter()
                                 tiles[i] = encode_tile(rgb, encoding, quality)
+                                t_enc += time.perf_counter() - t0
                                 mean[i], std[i], bgf[i] = tile_stats(rgb, thr)
                                 readers[i] = "native"
                                 continue
@@ -268,7 +276,9 @@ def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], 
                         try:
                             rgb = read_tile(slide, col["level0_x"][i], col["level0_y"][i], col["level"][i],
                                             read_size, out_size, valid)
+                            t0 = time.perf_counter()
                             tiles[i] = encode_tile(rgb, encoding, quality)
+                            t_enc += time.perf_counter() - t0
                             readers[i] = "openslide"
                             mean[i], std[i], bgf[i] = tile_stats(rgb, thr)
                         except Exception as exc:  # noqa: BLE001 - recorded per tile
@@ -277,6 +287,11 @@ def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], 
                             slide = None
                 if on_decoded is not None:
                     on_decoded({str(k): int(v) for k, v in chunk["slide_id"].value_counts().items()})
+                if on_profile is not None:
+                    spent = time.perf_counter() - t_batch
+                    on_profile({"decode.batch_s": spent, "decode.encode_s": t_enc, "decode.read_s": spent - t_enc,
+                                "decode.tiles": float(n),
+                                "decode.tiles_native": float(sum(r == "native" for r in readers))})
                 for i, e in enumerate(errors):
                     if e is not None and on_failure is not None:
                         on_failure(str(col["slide_id"][i]),
@@ -299,14 +314,15 @@ def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], 
 
 def decode_tiles(tiles: DataFrame, cfg: DecodeConfig,
                  on_failure: Callable[[str, dict[str, Any]], None] | None = None,
-                 on_decoded: Callable[[dict[str, int]], None] | None = None) -> DataFrame:
+                 on_decoded: Callable[[dict[str, int]], None] | None = None,
+                 on_profile: Callable[[dict[str, float]], None] | None = None) -> DataFrame:
     """Add pixels and statistics to tile rows (a ``mapInPandas`` stage).
 
     Args:
         tiles: rows with the columns in :data:`DECODE_INPUTS` plus ``slide_id``, ``tile_x``,
             ``tile_y`` (typically from :func:`repartition_tiles`).
         cfg: encoding, quality, batch size, background threshold.
-        on_failure, on_decoded: see :func:`make_decoder`.
+        on_failure, on_decoded, on_profile: see :func:`make_decoder`.
 
     Returns:
         The input columns plus :data:`DECODE_FIELDS`: ``tile`` (bytes in ``tile_format``,
@@ -315,4 +331,4 @@ def decode_tiles(tiles: DataFrame, cfg: DecodeConfig,
         (null when the tile decoded).
     """
     schema = T.StructType(list(tiles.schema.fields) + DECODE_FIELDS)
-    return tiles.mapInPandas(make_decoder(cfg, on_failure, on_decoded), schema=schema)
+    return tiles.mapInPandas(make_decoder(cfg, on_failure, on_decoded, on_profile), schema=schema)

@@ -66,6 +66,7 @@ RUNS_SCHEMA = T.StructType([
     T.StructField("slide_counts", T.ArrayType(SLIDE_COUNT)),
     T.StructField("slide_errors", T.ArrayType(SLIDE_ERROR)),
     T.StructField("stage_seconds", T.MapType(T.StringType(), T.DoubleType())),
+    T.StructField("profile", T.MapType(T.StringType(), T.DoubleType())),
 ])
 
 
@@ -132,6 +133,18 @@ class FailureLog(AccumulatorParam):
         return a
 
 
+class SumLog(AccumulatorParam):
+    """Spark accumulator of named sums ``{name: float}`` (``--profile`` timings and counts)."""
+
+    def zero(self, value: dict[str, float]) -> dict[str, float]:
+        return {}
+
+    def addInPlace(self, a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+        for k, v in b.items():
+            a[k] = a.get(k, 0.0) + v
+        return a
+
+
 class CountLog(AccumulatorParam):
     """Spark accumulator of per-slide counts ``{slide_id: n}`` (e.g. tiles decoded); a retried
     task can add twice, like :class:`FailureLog`."""
@@ -166,6 +179,7 @@ class RunRecord:
     slide_counts: list[dict[str, Any]] = field(default_factory=list)
     slide_errors: list[dict[str, Any]] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    profile: dict[str, float] | None = None
 
     def row(self) -> dict[str, Any]:
         """The record as a dict matching :data:`RUNS_SCHEMA`."""
@@ -182,5 +196,5 @@ class RunRecord:
             "delta_writer": self.delta_writer, "spark_master": self.spark_master,
             **{k: self.counts.get(k) for k in keys},
             "table_versions": self.table_versions, "slide_counts": self.slide_counts,
-            "slide_errors": self.slide_errors, "stage_seconds": self.stage_seconds,
+            "slide_errors": self.slide_errors, "stage_seconds": self.stage_seconds, "profile": self.profile,
         }

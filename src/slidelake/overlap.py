@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
@@ -352,12 +353,15 @@ def slide_overlap(pdf: pd.DataFrame, tile_roi_wkt: str | None, label_min_fractio
 
 
 def make_overlap(tile_roi_wkt: str | None, label_min_fraction: float,
-                 on_failure: Callable[[str, dict[str, Any]], None] | None = None
+                 on_failure: Callable[[str, dict[str, Any]], None] | None = None,
+                 on_profile: Callable[[dict[str, float]], None] | None = None,
                  ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
-    """Build the ``mapInPandas`` function of the overlap stage (groups each batch by slide)."""
+    """Build the ``mapInPandas`` function of the overlap stage (groups each batch by slide).
+    ``on_profile({"overlap.batch_s": s, "overlap.tiles": n})`` is called once per batch."""
 
     def overlap(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:
+            t0 = time.perf_counter()
             if pdf.empty:
                 yield pdf.assign(**{f.name: [] for f in OVERLAP_FIELDS})
                 continue
@@ -369,13 +373,17 @@ def make_overlap(tile_roi_wkt: str | None, label_min_fraction: float,
                     on_failure(str(pdf["slide_id"].iloc[i]), {
                         "tile_x": int(pdf["tile_x"].iloc[i]), "tile_y": int(pdf["tile_y"].iloc[i]),
                         "error": extra["overlap_error"].iloc[i], "stage": "overlap"})
-            yield pd.concat([pdf, extra], axis=1)
+            out = pd.concat([pdf, extra], axis=1)
+            if on_profile is not None:
+                on_profile({"overlap.batch_s": time.perf_counter() - t0, "overlap.tiles": float(len(pdf))})
+            yield out
 
     return overlap
 
 
 def overlap_tiles(tiles: DataFrame, tile_roi_wkt: str | None, label_min_fraction: float,
-                  on_failure: Callable[[str, dict[str, Any]], None] | None = None) -> DataFrame:
+                  on_failure: Callable[[str, dict[str, Any]], None] | None = None,
+                  on_profile: Callable[[dict[str, float]], None] | None = None) -> DataFrame:
     """Add :data:`OVERLAP_FIELDS` to grid rows (a ``mapInPandas`` stage, metadata only).
 
     Args:
@@ -384,6 +392,7 @@ def overlap_tiles(tiles: DataFrame, tile_roi_wkt: str | None, label_min_fraction
         tile_roi_wkt: ``grid.tile_roi`` (tile px) or None.
         label_min_fraction: see :func:`label_rule`.
         on_failure: called per tile whose overlay or annotations could not be read.
+        on_profile: see :func:`make_overlap`.
 
     Returns:
         The rows plus ``overlay_fractions`` (label value as string -> fraction 0-1),
@@ -391,7 +400,7 @@ def overlap_tiles(tiles: DataFrame, tile_roi_wkt: str | None, label_min_fraction
         fraction, classes present only), ``annotated_fraction``, ``label``, ``overlap_error``.
     """
     schema = T.StructType(list(tiles.schema.fields) + OVERLAP_FIELDS)
-    return tiles.mapInPandas(make_overlap(tile_roi_wkt, label_min_fraction, on_failure), schema=schema)
+    return tiles.mapInPandas(make_overlap(tile_roi_wkt, label_min_fraction, on_failure, on_profile), schema=schema)
 
 
 __all__ = [

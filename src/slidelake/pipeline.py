@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 
 from slidelake import __version__
@@ -24,10 +24,11 @@ from slidelake.config import PipelineConfig, config_hash
 from slidelake.decode import decode_tiles, repartition_tiles
 from slidelake.filtering import filter_tiles
 from slidelake.grid import expand_grid, grid_size
-from slidelake.lineage import RUNS_SCHEMA, CountLog, FailureLog, RunRecord, versions
+from slidelake.lineage import RUNS_SCHEMA, CountLog, FailureLog, RunRecord, SumLog, versions
 from slidelake.masks import MASKS_SCHEMA, make_masks, params_hash, qc_picture
 from slidelake.overlap import annotation_path, overlap_tiles
-from slidelake.resolution import resolve_slides
+from slidelake.progress import TileProgress
+from slidelake.resolution import resolve_row, resolved_schema
 from slidelake.slides import SLIDES_SCHEMA, discover, list_inputs, select_for_tiling
 from slidelake.tables import read_table, register_tables, resolve_writer, write_table
 
@@ -67,7 +68,11 @@ def lake_paths(cfg: PipelineConfig) -> dict[str, str]:
 
 @contextmanager
 def _stage(rec: RunRecord, name: str) -> Iterator[None]:
+    """Time a pipeline stage into ``rec.stage_seconds`` and name its Spark jobs after it."""
     t = time.perf_counter()
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        active.sparkContext.setJobDescription(name)
     try:
         yield
     finally:
@@ -245,7 +250,7 @@ def _check_config_mix(spark, paths, writer, chash, slide_ids, replace_table) -> 
 
 
 def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides: DataFrame,
-                replace_table: bool = False) -> None:
+                replace_table: bool = False, progress: bool = False, profile: bool = False) -> None:
     """Tiling stages on ``slides`` rows (``slides`` table schema): masks, resolve, grid,
     overlap, filter before decode, repartition, decode, pixel filter, write
     ``<lake>/<tiles_table>`` partitioned by ``slide_id``, then the QC pictures.
@@ -254,6 +259,10 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     and a slide with zero kept tiles ends with none. Slides that fail resolution (or, with
     masks enabled, whose mask fails) are recorded in ``rec.slide_errors`` and leave their old
     tiles untouched.
+
+    ``progress`` shows live tile counts on the driver (:class:`~slidelake.progress.TileProgress`);
+    ``profile`` records seconds and tiles per stage, summed over the Python workers, into
+    ``rec.profile`` (the ``runs.profile`` column).
 
     Raises:
         ConfigMismatchError: the table holds other slides' tiles of another config and
@@ -265,8 +274,9 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     grid_cfg, fcfg = cfg.grid, cfg.filter
 
     with _stage(rec, "resolve"):
-        resolved_df = resolve_slides(select_for_tiling(slides), cfg.resolution)
-        resolved_rows = resolved_df.collect()
+        selected = select_for_tiling(slides)
+        schema = resolved_schema(selected.schema)
+        resolved_rows = [Row(**{**r.asDict(), **resolve_row(r.asDict(), cfg.resolution)}) for r in selected.collect()]
     good = [r for r in resolved_rows if r["resolution_error"] is None]
     rec.slide_errors += [
         {"slide_id": r["slide_id"], "path": r["path"], "stage": "resolution", "error": r["resolution_error"]}
@@ -294,6 +304,9 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     def on_decoded(counts: dict) -> None:
         decoded_acc.add(counts)
 
+    prof_acc = spark.sparkContext.accumulator({}, SumLog()) if profile else None
+    on_profile = (lambda d: prof_acc.add(d)) if prof_acc is not None else None
+
     # per-slide inputs of the overlap stage, decided on the driver
     ann = cfg.annotations
     side = {
@@ -303,7 +316,8 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
         )
         for r in good
     }
-    resolved = spark.createDataFrame([r for r in resolved_rows if r["slide_id"] in generated], schema=resolved_df.schema)
+    resolved = spark.createDataFrame([tuple(r[f] for f in schema.fieldNames()) for r in resolved_rows
+                                      if r["slide_id"] in generated], schema=schema)
     resolved = resolved.join(
         spark.createDataFrame([(k, v[0], v[1]) for k, v in side.items()] or [("", None, None)],
                               "slide_id string, overlay_path string, annotations_path string"),
@@ -326,7 +340,7 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     # 1. grid (metadata only)
     tiles = expand_grid(base, grid_cfg.tile_extent, grid_cfg.stride_xy, grid_cfg.last, grid_cfg.roi)
     # 2. overlap with the mask and annotations, per slide, still metadata only
-    tiles = overlap_tiles(tiles, grid_cfg.tile_roi, ann.label_min_fraction, on_failure)
+    tiles = overlap_tiles(tiles, grid_cfg.tile_roi, ann.label_min_fraction, on_failure, on_profile)
     # 3. filter before decode: only tiles that pass are ever decoded
     keep = F.col("overlap_error").isNull()
     if cfg.masks.enabled and fcfg.min_tissue_fraction is not None:
@@ -336,7 +350,7 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     tiles = tiles.where(keep).drop("overlap_error")
     # 4. repartition, 5. decode, 6. pixel filter
     tiles = repartition_tiles(tiles, cfg.partition, total)
-    decoded = decode_tiles(tiles, cfg.decode, on_failure, on_decoded)
+    decoded = decode_tiles(tiles, cfg.decode, on_failure, on_decoded, on_profile)
     kept = filter_tiles(decoded, fcfg)
     # 7. lineage columns, write
     out = (
@@ -347,7 +361,8 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
         .withColumn("created_at", F.lit(rec.started_at).cast("timestamp"))
         .select(*TILES_COLUMNS)
     )
-    with _stage(rec, "overlap+decode+write"):
+    with _stage(rec, "overlap+decode+write"), TileProgress(spark, total, lambda: sum(decoded_acc.value.values()),
+                                                            enabled=progress):
         res = write_table(
             spark, out, paths["tiles"], writer, mode="overwrite", partition_by=["slide_id"],
             replace_partitions=None if replace_table else slide_ids, description="overlap + decode + write tiles",
@@ -373,6 +388,10 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
                 "error": f"tile ({s['tile_x']}, {s['tile_y']}): {s['error']}",
             })
     rec.slide_counts = counts
+    if prof_acc is not None:
+        rec.profile = {**(rec.profile or {}), **{k: float(v) for k, v in prof_acc.value.items()},
+                       **{f"wall.{k}": v for k, v in rec.stage_seconds.items()},
+                       "tiles.generated": float(total), "tiles.written": float(res.rows)}
     rec.counts.update(
         slides_tiled=len(good),
         tiles_generated=total,
@@ -427,7 +446,8 @@ def run_masks(spark: SparkSession, cfg: PipelineConfig) -> RunRecord:
     return _run(spark, cfg, "masks", body)
 
 
-def run_tile(spark: SparkSession, cfg: PipelineConfig, replace_table: bool = False) -> RunRecord:
+def run_tile(spark: SparkSession, cfg: PipelineConfig, replace_table: bool = False, progress: bool = False,
+             profile: bool = False) -> RunRecord:
     """The tiling job on slides already in ``<lake>/slides`` (masks included when enabled;
     existing masks are reused).
 
@@ -446,11 +466,12 @@ def run_tile(spark: SparkSession, cfg: PipelineConfig, replace_table: bool = Fal
     return _run(spark, cfg, "tile", body)
 
 
-def run_all(spark: SparkSession, cfg: PipelineConfig, replace_table: bool = False) -> RunRecord:
+def run_all(spark: SparkSession, cfg: PipelineConfig, replace_table: bool = False, progress: bool = False,
+            profile: bool = False) -> RunRecord:
     """Discover ``cfg.inputs``, then make masks (when enabled) and tile the slides found, as one run."""
     def body(rec: RunRecord) -> None:
         found = discover_slides(spark, cfg, rec)
-        tile_slides(spark, cfg, rec, found, replace_table)
+        tile_slides(spark, cfg, rec, found, replace_table, progress, profile)
 
     return _run(spark, cfg, "run", body)
 

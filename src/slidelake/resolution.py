@@ -209,8 +209,47 @@ RESOLVED_FIELDS = (
 )
 
 
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def resolve_row(row: dict, req: ResolutionConfig) -> dict:
+    """The :data:`RESOLVED_FIELDS` of one ``slides`` row (a dict with ``levels``, ``mpp_x``,
+    ``mpp_y``, ``mpp_source``, ``objective_power``), by :func:`resolve`; never raises: a
+    :class:`ResolutionError` becomes ``resolution_error`` with the other fields None."""
+    out = dict.fromkeys(n for n, _ in RESOLVED_FIELDS)
+    try:
+        levels = list(row["levels"]) if row["levels"] is not None else []
+        mx, my, src, obj = row["mpp_x"], row["mpp_y"], row["mpp_source"], row["objective_power"]
+        r = resolve(
+            req,
+            [(int(lv["width"]), int(lv["height"])) for lv in levels],
+            [float(lv["downsample"]) for lv in levels],
+            None if _missing(mx) else float(mx),
+            None if _missing(my) else float(my),
+            None if _missing(src) else str(src),
+            None if _missing(obj) else float(obj),
+        )
+        out.update(level=r.level, level_downsample=r.level_downsample, downsample=r.downsample,
+                   tile_mpp_x=r.mpp_x, tile_mpp_y=r.mpp_y, tile_mpp_source=r.mpp_source,
+                   extent_x=r.width, extent_y=r.height)
+    except ResolutionError as exc:
+        out["resolution_error"] = str(exc)
+    return out
+
+
+def resolved_schema(slides_schema):
+    """Spark schema of ``slides`` rows plus :data:`RESOLVED_FIELDS`."""
+    from pyspark.sql import types as T
+
+    types = {"int": T.IntegerType(), "double": T.DoubleType(), "string": T.StringType(), "long": T.LongType()}
+    return T.StructType(list(slides_schema.fields) + [T.StructField(n, types[t], True) for n, t in RESOLVED_FIELDS])
+
+
 def resolve_slides(slides, req: ResolutionConfig):
-    """Spark stage: add the chosen resolution to each ``slides`` row (a ``mapInPandas``).
+    """Spark stage: add the chosen resolution to each ``slides`` row (a ``mapInPandas`` of
+    :func:`resolve_row`). The pipeline resolves the (few, driver-held) slide rows with
+    :func:`resolve_row` directly; this stage is for large slide tables.
 
     Args:
         slides: DataFrame with the ``slides`` table's columns (``levels``, ``mpp_x``,
@@ -223,37 +262,14 @@ def resolve_slides(slides, req: ResolutionConfig):
         ``extent_y`` (slide size in tile px) and ``resolution_error`` (null when resolved;
         otherwise the other new columns are null).
     """
-    from pyspark.sql import types as T
-
-    types = {"int": T.IntegerType(), "double": T.DoubleType(), "string": T.StringType(), "long": T.LongType()}
-    schema = T.StructType(list(slides.schema.fields) + [T.StructField(n, types[t], True) for n, t in RESOLVED_FIELDS])
+    schema = resolved_schema(slides.schema)
     names = [n for n, _ in RESOLVED_FIELDS]
 
     def _resolve(batches):
         import pandas as pd
 
         for pdf in batches:
-            rows = []
-            for levels, mx, my, src, obj in zip(pdf["levels"], pdf["mpp_x"], pdf["mpp_y"],
-                                                pdf["mpp_source"], pdf["objective_power"]):
-                out = dict.fromkeys(names)
-                try:
-                    levels = list(levels) if levels is not None else []
-                    r = resolve(
-                        req,
-                        [(int(lv["width"]), int(lv["height"])) for lv in levels],
-                        [float(lv["downsample"]) for lv in levels],
-                        None if pd.isna(mx) else float(mx),
-                        None if pd.isna(my) else float(my),
-                        None if src is None or pd.isna(src) else str(src),
-                        None if obj is None or pd.isna(obj) else float(obj),
-                    )
-                    out.update(level=r.level, level_downsample=r.level_downsample, downsample=r.downsample,
-                               tile_mpp_x=r.mpp_x, tile_mpp_y=r.mpp_y, tile_mpp_source=r.mpp_source,
-                               extent_x=r.width, extent_y=r.height)
-                except ResolutionError as exc:
-                    out["resolution_error"] = str(exc)
-                rows.append(out)
+            rows = [resolve_row(r, req) for r in pdf.to_dict("records")]
             new = pd.DataFrame(rows, columns=names).astype({"level": "Int32", "extent_x": "Int64", "extent_y": "Int64"})
             yield pd.concat([pdf.reset_index(drop=True), new], axis=1)
 
