@@ -94,3 +94,27 @@ def test_corrupt_tiles_are_flagged_where_openslide_fails(tmp_path):
             os_ok = False
         # never silently accept a tile OpenSlide rejects
         assert native_ok <= os_ok, f"stored tile {idx}"
+
+
+def test_benchmark_slide_native_reads_equal_read_region(tmp_path):
+    """The benchmark's synthetic Aperio-style slide (small here), every level."""
+    need(CMU)
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from make_slide import make_slide
+
+    info = make_slide(tmp_path / "bench.svs", 3000, 2200, source=str(CMU))
+    osr = openslide.OpenSlide(info["path"])
+    assert osr.properties["openslide.vendor"] == "aperio"
+    assert float(osr.properties["openslide.mpp-x"]) == 0.25 and osr.level_count == 2
+    native = open_native(info["path"])
+    rng = np.random.default_rng(2)
+    for k in range(osr.level_count):
+        W, H = osr.level_dimensions[k]
+        ds = int(round(osr.level_downsamples[k]))
+        for x, y, w, h in regions(rng, W, H, 15):
+            ref = rgba_to_rgb(np.asarray(osr.read_region((x * ds, y * ds), k, (w, h))))
+            np.testing.assert_array_equal(native.level(k).read(x, y, w, h), ref)
