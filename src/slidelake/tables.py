@@ -216,7 +216,8 @@ def _write_delta_rs(df, path, mode, partition_by, replace_partitions) -> WriteRe
     os.makedirs(local, exist_ok=True)
     staging = os.path.join(local, STAGING_DIR, uuid.uuid4().hex)
     try:
-        w = df.write.mode("overwrite").option("compression", "zstd")
+        # zstd level 1: tile bytes (already-compressed JPEG or raw pixels) gain little from higher levels
+        w = df.write.mode("overwrite").option("compression", "zstd").option("parquet.compression.codec.zstd.level", "1")
         if partition_by:
             w = w.partitionBy(*partition_by)
         w.parquet(staging)
