@@ -30,7 +30,7 @@ from slidelake.overlap import annotation_path, overlap_tiles
 from slidelake.progress import TileProgress
 from slidelake.resolution import resolve_row, resolved_schema
 from slidelake.slides import SLIDES_SCHEMA, discover, list_inputs, select_for_tiling
-from slidelake.tables import read_table, register_tables, resolve_writer, write_table
+from slidelake.tables import read_rows, read_table, register_tables, resolve_writer, write_rows, write_table
 
 # column order of the tiles table
 TILES_COLUMNS = (
@@ -91,8 +91,7 @@ def _new_record(spark: SparkSession, cfg: PipelineConfig, job: str, writer: str)
 
 
 def _write_run(spark: SparkSession, rec: RunRecord, paths: dict[str, str], writer: str) -> None:
-    df = spark.createDataFrame([rec.row()], schema=RUNS_SCHEMA).coalesce(1)
-    write_table(spark, df, paths["runs"], writer, mode="append", description="write runs")
+    write_rows(spark, [rec.row()], RUNS_SCHEMA, paths["runs"], writer, mode="append", description="write runs")
 
 
 # ---------------------------------------------------------------------------------- discover
@@ -112,17 +111,17 @@ def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord) ->
     with _stage(rec, "discover"):
         listed = list_inputs(cfg.inputs, cfg.discovery.extensions, cfg.discovery.recursive,
                              cfg.discovery.exclude)
-        rows = [r.asDict() for r in discover(spark, listed, rec.run_id).collect()] if len(listed) else []
+        rows = [r.asDict(recursive=True) for r in discover(spark, listed, rec.run_id).collect()] if len(listed) else []
         assumed = cfg.resolution.assumed_mpp
         for r in rows:
             if assumed is not None and r["status"] == "ok" and r["mpp_x"] is None:
                 r.update(mpp_x=float(assumed), mpp_y=float(assumed), mpp_source="assumed")
         found = spark.createDataFrame(rows, schema=SLIDES_SCHEMA)
     with _stage(rec, "write"):
-        existing = read_table(spark, paths["slides"], writer, SLIDES_SCHEMA)
-        kept = existing.join(found.select("path"), on="path", how="left_anti").select(*SLIDES_SCHEMA.fieldNames())
-        res = write_table(spark, kept.unionByName(found).coalesce(1), paths["slides"], writer, mode="overwrite",
-                          description="write slides")
+        scanned = {r["path"] for r in rows}
+        kept = [r for r in read_rows(spark, paths["slides"], writer, SLIDES_SCHEMA) if r["path"] not in scanned]
+        res = write_rows(spark, kept + rows, SLIDES_SCHEMA, paths["slides"], writer, mode="overwrite",
+                         description="write slides")
         rec.table_versions["slides"] = res.version if res.version is not None else -1
     n_ok = sum(1 for r in rows if r["status"] == "ok")
     rec.counts.update(slides_discovered=len(rows), slides_ok=n_ok, slides_error=len(rows) - n_ok)
@@ -156,22 +155,20 @@ def mask_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
         if assumed is not None and r.get("mpp_x") is None:
             r.update(mpp_x=float(assumed), mpp_y=float(assumed))
     with _stage(rec, "masks"):
-        existing = read_table(spark, paths["masks"], writer, MASKS_SCHEMA)
-        ids = [r["slide_id"] for r in slides]
-        prior = {
-            m["slide_id"]: m.asDict()
-            for m in existing.where((F.col("params_hash") == phash) & (F.col("status") == "ok")
-                                    & (F.col("source") == "computed") & F.col("slide_id").isin(ids)).collect()
-        }
+        existing = read_rows(spark, paths["masks"], writer, MASKS_SCHEMA)
+        ids = {r["slide_id"] for r in slides}
+        prior = {m["slide_id"]: m for m in existing
+                 if m["params_hash"] == phash and m["status"] == "ok" and m["source"] == "computed"
+                 and m["slide_id"] in ids}
         reuse = {sid: m for sid, m in prior.items()
                  if m["mask_path"] and os.path.isfile(m["mask_path"])}
         todo = [r for r in slides if r["slide_id"] not in reuse]
-        made = [m.asDict() for m in make_masks(spark, todo, cfg.masks, overlay_root(cfg), rec.run_id).collect()] if todo else []
+        made = [m.asDict(recursive=True) for m in make_masks(spark, todo, cfg.masks, overlay_root(cfg), rec.run_id).collect()] if todo else []
         if made:
-            new = spark.createDataFrame(made, schema=MASKS_SCHEMA)
-            kept = existing.join(new.select("slide_id", "params_hash"), on=["slide_id", "params_hash"], how="left_anti")
-            res = write_table(spark, kept.unionByName(new).coalesce(1), paths["masks"], writer,
-                              mode="overwrite", description="write masks")
+            redone = {(m["slide_id"], m["params_hash"]) for m in made}
+            kept = [m for m in existing if (m["slide_id"], m["params_hash"]) not in redone]
+            res = write_rows(spark, kept + made, MASKS_SCHEMA, paths["masks"], writer, mode="overwrite",
+                             description="write masks")
             rec.table_versions["masks"] = res.version if res.version is not None else -1
     ok = {**reuse, **{m["slide_id"]: m for m in made if m["status"] == "ok"}}
     failed = [m for m in made if m["status"] != "ok"]

@@ -269,6 +269,66 @@ def _write_delta_rs(df, path, mode, partition_by, replace_partitions) -> WriteRe
             os.rmdir(parent)
 
 
+def read_rows(spark: SparkSession, path: str, writer: str, schema: T.StructType) -> list[dict]:
+    """All rows of a small table (``slides``, ``masks``, ``runs``) as dicts on the driver.
+
+    With ``delta-rs`` the table's active Parquet files (from the Delta log) are read with
+    pyarrow directly, without a Spark job; with ``spark`` through Spark. A missing table gives
+    ``[]``.
+    """
+    if writer == "spark":
+        return [r.asDict(recursive=True) for r in read_table(spark, path, writer, schema).collect()]
+    local = _local(path)
+    if not table_exists(local):
+        return []
+    import pyarrow.parquet as pq
+    from deltalake import DeltaTable
+
+    files = [unquote(u.removeprefix("file://")) for u in DeltaTable(local).file_uris()]
+    if not files:
+        return []
+    table = pq.read_table(files, schema=_arrow_schema(schema))
+    return _maps_to_dicts(table.to_pylist(), schema)
+
+
+def write_rows(spark: SparkSession, rows: list[dict], schema: T.StructType, path: str, writer: str,
+               mode: str = "append", description: str = "write") -> WriteResult:
+    """Write a few driver-held rows (``slides``, ``masks``, ``runs``) as one Delta commit.
+
+    With ``delta-rs`` the rows go from Arrow straight to ``deltalake.write_deltalake`` (no Spark
+    job: a small table costs milliseconds, not a Spark job's seconds); with ``spark`` they go
+    through :func:`write_table`.
+    """
+    if writer == "spark":
+        df = spark.createDataFrame(rows, schema=schema).coalesce(1)
+        return write_table(spark, df, path, writer, mode=mode, description=description)
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
+
+    local = _local(path)
+    os.makedirs(local, exist_ok=True)
+    table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema.fields} for r in rows],
+                                 schema=_arrow_schema(schema))
+    write_deltalake(local, table, mode=mode)
+    return WriteResult(DeltaTable(local).version(), 1, len(rows))
+
+
+def _arrow_schema(schema: T.StructType):
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    return to_arrow_schema(_nullable(schema), timezone="UTC")
+
+
+def _maps_to_dicts(rows: list[dict], schema: T.StructType) -> list[dict]:
+    """pyarrow gives map columns as lists of (key, value) tuples; make them dicts."""
+    maps = [f.name for f in schema.fields if isinstance(f.dataType, T.MapType)]
+    for r in rows:
+        for m in maps:
+            if r.get(m) is not None:
+                r[m] = dict(r[m])
+    return rows
+
+
 def register_tables(spark: SparkSession, database: str, tables: dict[str, str]) -> None:
     """Register Delta tables by name: ``CREATE TABLE IF NOT EXISTS db.name USING DELTA LOCATION``.
 
