@@ -118,3 +118,40 @@ def test_benchmark_slide_native_reads_equal_read_region(tmp_path):
         for x, y, w, h in regions(rng, W, H, 15):
             ref = rgba_to_rgb(np.asarray(osr.read_region((x * ds, y * ds), k, (w, h))))
             np.testing.assert_array_equal(native.level(k).read(x, y, w, h), ref)
+
+
+def test_decoder_uses_native_reader_with_byte_bounded_batches(tmp_path):
+    import pandas as pd
+
+    from slidelake.config import DecodeConfig
+    from slidelake.decode import make_decoder, tile_stats
+    from slidelake.encoding import decode_tile
+
+    path = tmp_path / "jpeg.tiff"
+    make_tiff(path, 1500, 1100, levels=2, tile=128, compression="jpeg")
+    xs, ys = np.meshgrid(np.arange(0, 1500, 256), np.arange(0, 1100, 256))
+    n = xs.size
+    pdf = pd.DataFrame({
+        "slide_id": "s", "path": str(path), "fingerprint": "f", "level": np.int32(0), "level_downsample": 1.0,
+        "level0_x": xs.ravel(), "level0_y": ys.ravel(), "read_width": 256, "read_height": 256,
+        "tile_extent_x": 256, "tile_extent_y": 256,
+        "valid_width": np.minimum(256, 1500 - xs.ravel()), "valid_height": np.minimum(256, 1100 - ys.ravel()),
+        "tile_x": xs.ravel(), "tile_y": ys.ravel(),
+    })
+    out = list(make_decoder(DecodeConfig(encoding="raw", batch_mb=1.0))(iter([pdf])))
+    assert [len(o) for o in out] == [5] * (n // 5) + ([n % 5] if n % 5 else [])  # 1 MiB = 5 raw 256 px tiles
+    got = pd.concat(out, ignore_index=True)
+    assert set(got["reader"]) == {"native"} and got["decode_error"].isna().all()
+    osr = openslide.OpenSlide(str(path))
+    for r in got.itertuples():
+        rgb = decode_tile(r.tile, "raw", 256, 256)
+        ref = rgba_to_rgb(np.asarray(osr.read_region((int(r.level0_x), int(r.level0_y)), 0, (256, 256))))
+        ref = ref.copy()
+        ref[:, r.valid_width:] = 255
+        ref[r.valid_height:, :] = 255
+        np.testing.assert_array_equal(rgb, ref)
+        mean, std, bg = tile_stats(ref, 220)
+        assert (r.tile_mean, r.tile_std, r.background_fraction) == pytest.approx((mean, std, bg))
+    # the statistics agree with the plain NumPy definitions
+    grey = ref.mean(axis=2)
+    assert (mean, std, bg) == pytest.approx((grey.mean(), grey.std(), (ref.min(axis=2) >= 220).mean()))

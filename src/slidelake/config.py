@@ -152,7 +152,8 @@ class DecodeConfig(_Strict):
 
     ``encoding``: ``raw`` (uint8 RGB, row-major, shape (h, w, 3)), ``png``, ``jpeg`` (``quality``)
     or ``webp`` (``quality``; 100 = lossless). The default ``jpeg`` q90 is justified by the
-    measurement in ``docs/encoding.md``. ``batch_size`` bounds the tiles decoded per Arrow
+    measurement in ``docs/encoding.md``. ``batch_size`` and ``batch_mb`` (MiB of uncompressed
+    RGB tiles, whichever is smaller) bound the tiles decoded per Arrow
     batch, hence the memory of a Python worker. A pixel is *background* when all of R, G, B are
     >= ``background_threshold`` (near-white, brightfield convention; padding counts too).
     ``reader``: ``auto`` decodes the file's own JPEG tiles where a level qualifies (Aperio SVS,
@@ -164,6 +165,7 @@ class DecodeConfig(_Strict):
     encoding: Literal["raw", "png", "jpeg", "webp"] = "jpeg"
     quality: int = Field(default=90, ge=1, le=100)
     batch_size: int = Field(default=256, ge=1)
+    batch_mb: float = Field(default=16.0, gt=0)
     background_threshold: int = Field(default=220, ge=0, le=255)
     max_open_slides: int = Field(default=8, ge=1)
     reader: Literal["auto", "openslide"] = "auto"

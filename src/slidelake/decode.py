@@ -11,7 +11,8 @@
 
 One OpenSlide handle and one native reader per slide per Python worker process are kept in LRU
 caches (:class:`SlideHandles`) and reused across batches and tasks (``spark.python.worker.reuse``).
-Memory of a worker is bounded by ``decode.batch_size`` tiles, whatever the slide's size.
+Memory of a worker is bounded by ``decode.batch_size`` tiles and ``decode.batch_mb`` MiB of
+uncompressed pixels per output batch, whatever the slide's size.
 A tile that fails to decode gets ``decode_error`` set and no pixels; the slide goes on.
 """
 
@@ -231,19 +232,25 @@ def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], 
     tiles})`` once per batch with the tiles whose decode was attempted, ``on_profile({name:
     value})`` once per batch with seconds spent reading pixels (``decode.read_s``), encoding
     (``decode.encode_s``) and in the whole batch (``decode.batch_s``) and tiles per reader (e.g.
-    to feed accumulators). Output batches have at most ``cfg.batch_size`` rows.
+    to feed accumulators). Output batches have at most ``cfg.batch_size`` rows and at most
+    ``cfg.batch_mb`` MiB of uncompressed RGB tiles.
     """
     encoding, quality, thr, batch = cfg.encoding, cfg.quality, cfg.background_threshold, cfg.batch_size
+    batch_mb = cfg.batch_mb
     max_open, use_native, cache_tiles = cfg.max_open_slides, cfg.reader == "auto", cfg.native_cache_tiles
 
     def decode(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         handles = _handles(max_open)
         natives = _natives(max_open, cache_tiles) if use_native else None
         for pdf in batches:
-            for start in range(0, len(pdf), batch):
+            if pdf.empty:
+                continue
+            tile_bytes = int(pdf["tile_extent_x"].iloc[0]) * int(pdf["tile_extent_y"].iloc[0]) * 3
+            rows = max(1, min(batch, int(batch_mb * 2**20) // tile_bytes))
+            for start in range(0, len(pdf), rows):
                 t_batch = time.perf_counter()
                 t_enc = 0.0
-                chunk = pdf.iloc[start:start + batch].reset_index(drop=True)
+                chunk = pdf.iloc[start:start + rows].reset_index(drop=True)
                 n = len(chunk)
                 tiles: list[bytes | None] = [None] * n
                 mean = np.full(n, np.nan)
