@@ -202,16 +202,25 @@ def run_slidelake(slide: str, cores: int, masks: str = "on", reader: str = "auto
     cmd = [sys.executable, str(Path(__file__)), "--child", "--slide", slide, "--lake", lake, "--cores", str(cores),
            "--masks", masks, "--reader", reader] + (["--kept-out", kept_out] if kept_out else [])
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        for line in proc.stdout.splitlines():
-            if line.startswith("BENCH-JSON "):
-                return json.loads(line[len("BENCH-JSON "):])
-        raise RuntimeError(f"slidelake child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        return bench_json(subprocess.run(cmd, capture_output=True, text=True, check=False))
     finally:
         shutil.rmtree(lake, ignore_errors=True)
 
 
 # --------------------------------------------------------------------- 4. stage costs
+
+def bench_json(proc: subprocess.CompletedProcess) -> dict:
+    """The ``BENCH-JSON {...}`` line a child printed; raises with its stderr when absent."""
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH-JSON "):
+            return json.loads(line[len("BENCH-JSON "):])
+    raise RuntimeError(f"benchmark child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+def run_code(code: str) -> dict:
+    """Run ``code`` in a fresh Python (its own Spark session) and return its BENCH-JSON."""
+    return bench_json(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT / "src")}))
 
 def grid_expansion(cores: int) -> dict:
     """Rows/s of :func:`slidelake.grid.expand_grid` for 4.9 million tiles (16 px tiles on a
@@ -232,12 +241,7 @@ r = g.agg(F.count("*"), F.sum("level0_x"), F.sum("valid_width")).collect()[0]
 wall = time.perf_counter() - t
 print("BENCH-JSON " + json.dumps({{"rows": r[0], "wall_s": wall, "rows_per_s": r[0] / wall}}))
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    for line in proc.stdout.splitlines():
-        if line.startswith("BENCH-JSON "):
-            return json.loads(line[len("BENCH-JSON "):])
-    raise RuntimeError(proc.stderr[-3000:])
+    return run_code(code)
 
 
 def mask_overlap(n_tiles: int = 1_000_000) -> dict:
@@ -311,12 +315,7 @@ mb = n * 196608 / 1e6
 shutil.rmtree(lake, ignore_errors=True)
 print("BENCH-JSON " + json.dumps({{"rows": res.rows, "mb": mb, "wall_s": wall, "mb_per_s": mb / wall, "files": res.files}}))
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    for line in proc.stdout.splitlines():
-        if line.startswith("BENCH-JSON "):
-            return json.loads(line[len("BENCH-JSON "):])
-    raise RuntimeError(proc.stderr[-3000:])
+    return run_code(code)
 
 
 # ----------------------------------------------------------------------------- report
