@@ -29,7 +29,7 @@ from slidelake.masks import MASKS_SCHEMA, make_masks, params_hash, qc_picture
 from slidelake.overlap import annotation_path, overlap_tiles
 from slidelake.progress import TileProgress
 from slidelake.resolution import resolve_row, resolved_schema
-from slidelake.slides import SLIDES_SCHEMA, discover, list_inputs, select_for_tiling
+from slidelake.slides import SLIDES_SCHEMA, discover, list_inputs, select_rows_for_tiling
 from slidelake.tables import read_rows, read_table, register_tables, resolve_writer, write_rows, write_table
 
 # column order of the tiles table
@@ -271,9 +271,10 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     grid_cfg, fcfg = cfg.grid, cfg.filter
 
     with _stage(rec, "resolve"):
-        selected = select_for_tiling(slides)
-        schema = resolved_schema(selected.schema)
-        resolved_rows = [Row(**{**r.asDict(), **resolve_row(r.asDict(), cfg.resolution)}) for r in selected.collect()]
+        # a few rows per slide: deduplicate and resolve on the driver, no Spark job
+        schema = resolved_schema(slides.schema)
+        selected = select_rows_for_tiling([r.asDict(recursive=True) for r in slides.where(F.col("status") == "ok").collect()])
+        resolved_rows = [Row(**{**r, **resolve_row(r, cfg.resolution)}) for r in selected]
     good = [r for r in resolved_rows if r["resolution_error"] is None]
     rec.slide_errors += [
         {"slide_id": r["slide_id"], "path": r["path"], "stage": "resolution", "error": r["resolution_error"]}
@@ -437,7 +438,8 @@ def run_masks(spark: SparkSession, cfg: PipelineConfig) -> RunRecord:
     """The masks job on slides already in ``<lake>/slides`` (only the listed inputs when
     ``cfg.inputs`` is set): compute missing or outdated tissue masks into ``<lake>/masks``."""
     def body(rec: RunRecord) -> None:
-        rows = [r.asDict() for r in select_for_tiling(_listed_slides(spark, cfg, rec.delta_writer or "delta-rs")).collect()]
+        listed = _listed_slides(spark, cfg, rec.delta_writer or "delta-rs")
+        rows = select_rows_for_tiling([r.asDict(recursive=True) for r in listed.where(F.col("status") == "ok").collect()])
         mask_slides(spark, cfg, rec, rows)
 
     return _run(spark, cfg, "masks", body)

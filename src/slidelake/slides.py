@@ -353,8 +353,21 @@ def select_for_tiling(slides: DataFrame) -> DataFrame:
     )
 
 
+def select_rows_for_tiling(rows: list[dict]) -> list[dict]:
+    """:func:`select_for_tiling` on driver-held ``slides`` rows (dicts): ``ok`` rows, one per
+    ``slide_id``, the lexicographically first path winning; in ``slide_id`` order."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        cur = best.get(r["slide_id"])
+        if cur is None or r["path"] < cur["path"]:
+            best[r["slide_id"]] = r
+    return [best[k] for k in sorted(best)]
+
+
 __all__ = [
     "SLIDES_SCHEMA", "PROPERTY_ALLOWLIST", "fingerprint_file", "slide_id_from_fingerprint",
     "mpp_from_properties", "objective_from_properties", "probe_slide", "list_inputs",
-    "discover", "select_for_tiling",
+    "discover", "select_for_tiling", "select_rows_for_tiling",
 ]
