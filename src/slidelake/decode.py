@@ -31,7 +31,7 @@ from pyspark.sql import types as T
 
 from slidelake.config import DecodeConfig, PartitionConfig
 from slidelake.encoding import encode_tile
-from slidelake.native import CorruptTileError
+from slidelake.native import CorruptTileError, open_native
 
 DECODE_FIELDS = [
     T.StructField("tile", T.BinaryType(), True),
@@ -117,26 +117,16 @@ class SlideHandles:
             h.close()
 
 
-_HANDLES: SlideHandles | None = None
-_NATIVE: SlideHandles | None = None
+# per Python worker process (reused across tasks): one cache of OpenSlide handles, one of native readers
+_CACHES: dict[str, SlideHandles] = {}
 
 
-def _handles(max_open: int) -> SlideHandles:
-    global _HANDLES
-    if _HANDLES is None:
-        _HANDLES = SlideHandles(max_open)
-    _HANDLES.max_open = max_open
-    return _HANDLES
-
-
-def _natives(max_open: int, cache_tiles: int) -> SlideHandles:
-    global _NATIVE
-    from slidelake.native import open_native
-
-    if _NATIVE is None:
-        _NATIVE = SlideHandles(max_open, lambda p: open_native(p, cache_tiles))
-    _NATIVE.max_open = max_open
-    return _NATIVE
+def _worker_cache(kind: str, max_open: int, opener: Callable[[str], Any]) -> SlideHandles:
+    cache = _CACHES.get(kind)
+    if cache is None:
+        cache = _CACHES[kind] = SlideHandles(max_open, opener)
+    cache.max_open = max_open
+    return cache
 
 
 def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
@@ -240,8 +230,8 @@ def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], 
     max_open, use_native, cache_tiles = cfg.max_open_slides, cfg.reader == "auto", cfg.native_cache_tiles
 
     def decode(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        handles = _handles(max_open)
-        natives = _natives(max_open, cache_tiles) if use_native else None
+        handles = _worker_cache("openslide", max_open, _open_openslide)
+        natives = _worker_cache("native", max_open, lambda p: open_native(p, cache_tiles)) if use_native else None
         for pdf in batches:
             if pdf.empty:
                 continue

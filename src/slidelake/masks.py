@@ -35,6 +35,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
 from slidelake.config import MaskConfig
+from slidelake.slides import SLIDES_SCHEMA
 
 TISSUE = 255
 BACKGROUND = 0
@@ -443,7 +444,7 @@ def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfi
     """
     phash = params_hash(cfg)
     fields = ["slide_id", "path", "fingerprint", "width", "height", "mpp_x", "mpp_y", "attributes"]
-    in_schema = T.StructType([f for f in _slide_fields() if f.name in fields])
+    in_schema = T.StructType([f for f in SLIDES_SCHEMA.fields if f.name in fields])
     df = spark.createDataFrame([{k: r[k] for k in fields} for r in slides], schema=in_schema)
     n = max(1, min(len(slides), 4 * spark.sparkContext.defaultParallelism))
     df = df.repartition(n, "slide_id")
@@ -462,12 +463,6 @@ def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfi
 
     spark.sparkContext.setJobDescription("masks")
     return df.mapInPandas(run, schema=MASKS_SCHEMA)
-
-
-def _slide_fields() -> list[T.StructField]:
-    from slidelake.slides import SLIDES_SCHEMA
-
-    return list(SLIDES_SCHEMA.fields)
 
 
 __all__ = [

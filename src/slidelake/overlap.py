@@ -327,7 +327,7 @@ def slide_overlap(pdf: pd.DataFrame, tile_roi_wkt: str | None, label_min_fractio
                 fr = ov.polygon_fractions(geoms)
             keys = [str(v) for v in fr]
             cols = [fr[v] for v in fr]
-            out["overlay_fractions"] = [dict(zip(keys, (float(c[k]) for c in cols))) for k in range(n)]
+            out["overlay_fractions"] = [dict(zip(keys, row)) for row in np.column_stack(cols).tolist()]
             bg = fr.get(0, np.zeros(n))
             total = np.sum(cols, axis=0) if cols else np.zeros(n)
             out["tissue_fraction"] = list(np.clip(total - bg, 0.0, 1.0))

@@ -273,7 +273,7 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     with _stage(rec, "resolve"):
         # a few rows per slide: deduplicate and resolve on the driver, no Spark job
         schema = resolved_schema(slides.schema)
-        selected = select_rows_for_tiling([r.asDict(recursive=True) for r in slides.where(F.col("status") == "ok").collect()])
+        selected = _rows_to_tile(slides)
         resolved_rows = [Row(**{**r, **resolve_row(r, cfg.resolution)}) for r in selected]
     good = [r for r in resolved_rows if r["resolution_error"] is None]
     rec.slide_errors += [
@@ -426,6 +426,11 @@ def run_discover(spark: SparkSession, cfg: PipelineConfig) -> RunRecord:
     return _run(spark, cfg, "discover", lambda rec: discover_slides(spark, cfg, rec))
 
 
+def _rows_to_tile(slides: DataFrame) -> list[dict]:
+    """The ``ok`` rows of ``slides``, deduplicated by content (:func:`select_rows_for_tiling`), as dicts."""
+    return select_rows_for_tiling([r.asDict(recursive=True) for r in slides.where(F.col("status") == "ok").collect()])
+
+
 def _listed_slides(spark: SparkSession, cfg: PipelineConfig, writer: str) -> DataFrame:
     slides = read_table(spark, lake_paths(cfg)["slides"], writer, SLIDES_SCHEMA)
     if cfg.inputs:
@@ -438,8 +443,7 @@ def run_masks(spark: SparkSession, cfg: PipelineConfig) -> RunRecord:
     """The masks job on slides already in ``<lake>/slides`` (only the listed inputs when
     ``cfg.inputs`` is set): compute missing or outdated tissue masks into ``<lake>/masks``."""
     def body(rec: RunRecord) -> None:
-        listed = _listed_slides(spark, cfg, rec.delta_writer or "delta-rs")
-        rows = select_rows_for_tiling([r.asDict(recursive=True) for r in listed.where(F.col("status") == "ok").collect()])
+        rows = _rows_to_tile(_listed_slides(spark, cfg, rec.delta_writer or "delta-rs"))
         mask_slides(spark, cfg, rec, rows)
 
     return _run(spark, cfg, "masks", body)

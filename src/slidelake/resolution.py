@@ -244,33 +244,3 @@ def resolved_schema(slides_schema):
 
     types = {"int": T.IntegerType(), "double": T.DoubleType(), "string": T.StringType(), "long": T.LongType()}
     return T.StructType(list(slides_schema.fields) + [T.StructField(n, types[t], True) for n, t in RESOLVED_FIELDS])
-
-
-def resolve_slides(slides, req: ResolutionConfig):
-    """Spark stage: add the chosen resolution to each ``slides`` row (a ``mapInPandas`` of
-    :func:`resolve_row`). The pipeline resolves the (few, driver-held) slide rows with
-    :func:`resolve_row` directly; this stage is for large slide tables.
-
-    Args:
-        slides: DataFrame with the ``slides`` table's columns (``levels``, ``mpp_x``,
-            ``mpp_y``, ``mpp_source``, ``objective_power``).
-        req: the resolution request.
-
-    Returns:
-        The input plus ``level``, ``level_downsample``, ``downsample``, ``tile_mpp_x``,
-        ``tile_mpp_y`` (effective µm/px of the tiles), ``tile_mpp_source``, ``extent_x``,
-        ``extent_y`` (slide size in tile px) and ``resolution_error`` (null when resolved;
-        otherwise the other new columns are null).
-    """
-    schema = resolved_schema(slides.schema)
-    names = [n for n, _ in RESOLVED_FIELDS]
-
-    def _resolve(batches):
-        import pandas as pd
-
-        for pdf in batches:
-            rows = [resolve_row(r, req) for r in pdf.to_dict("records")]
-            new = pd.DataFrame(rows, columns=names).astype({"level": "Int32", "extent_x": "Int64", "extent_y": "Int64"})
-            yield pd.concat([pdf.reset_index(drop=True), new], axis=1)
-
-    return slides.mapInPandas(_resolve, schema=schema)

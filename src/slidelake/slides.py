@@ -338,24 +338,10 @@ def discover(spark: SparkSession, paths: pd.DataFrame, run_id: str) -> DataFrame
     return src.mapInPandas(_probe_batches, schema=SLIDES_SCHEMA)
 
 
-def select_for_tiling(slides: DataFrame) -> DataFrame:
-    """``ok`` slides, one per ``slide_id`` (duplicate content under several paths is tiled once,
-    from the lexicographically first path)."""
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    w = Window.partitionBy("slide_id").orderBy(F.col("path"))
-    return (
-        slides.where(F.col("status") == "ok")
-        .withColumn("_rank", F.row_number().over(w))
-        .where("_rank = 1")
-        .drop("_rank")
-    )
-
-
 def select_rows_for_tiling(rows: list[dict]) -> list[dict]:
-    """:func:`select_for_tiling` on driver-held ``slides`` rows (dicts): ``ok`` rows, one per
-    ``slide_id``, the lexicographically first path winning; in ``slide_id`` order."""
+    """The slides to tile from ``slides`` rows (dicts): ``ok`` rows, one per ``slide_id``
+    (content seen under several paths is tiled once, from the lexicographically first path), in
+    ``slide_id`` order. Runs on the driver: a run tiles at most a few thousand slides."""
     best: dict[str, dict] = {}
     for r in rows:
         if r["status"] != "ok":
@@ -369,5 +355,5 @@ def select_rows_for_tiling(rows: list[dict]) -> list[dict]:
 __all__ = [
     "SLIDES_SCHEMA", "PROPERTY_ALLOWLIST", "fingerprint_file", "slide_id_from_fingerprint",
     "mpp_from_properties", "objective_from_properties", "probe_slide", "list_inputs",
-    "discover", "select_for_tiling", "select_rows_for_tiling",
+    "discover", "select_rows_for_tiling",
 ]
