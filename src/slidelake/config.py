@@ -282,11 +282,16 @@ class TablesConfig(_Strict):
     ``catalog_database``: also register the tables by name in this database (e.g. on
     Databricks); ``null`` keeps them path-only. ``tiles_table`` names the tile table folder
     under the lake root, so several tiling configs can live side by side.
+    ``tile_compression``: Parquet compression of the ``tile`` column when the workers write the
+    tile files (``delta-rs`` writer; the other columns always use zstd). ``none`` by default:
+    ``jpeg``/``png``/``webp`` tiles are already compressed, and raw pixels of tissue gained
+    ~8 % from zstd level 1 for ~0.4 ms per 256 px tile (``docs/benchmarks.md``).
     """
 
     writer: Literal["auto", "spark", "delta-rs"] = "auto"
     catalog_database: str | None = None
     tiles_table: str = Field(default="tiles", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    tile_compression: Literal["none", "zstd", "lz4", "snappy"] = "none"
 
 
 class PipelineConfig(_Strict):

@@ -16,32 +16,25 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from pyspark.sql import DataFrame, Row, SparkSession
+from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from slidelake import __version__
 from slidelake.config import PipelineConfig, config_hash
-from slidelake.decode import decode_tiles, repartition_tiles
-from slidelake.filtering import filter_tiles
+from slidelake.decode import repartition_tiles
 from slidelake.grid import expand_grid, grid_size
-from slidelake.lineage import RUNS_SCHEMA, CountLog, FailureLog, RunRecord, SumLog, versions
+from slidelake.lineage import RUNS_SCHEMA, CountLog, RunRecord, SumLog, versions
 from slidelake.masks import MASKS_SCHEMA, make_masks, params_hash, qc_picture
 from slidelake.overlap import annotation_path, overlap_tiles
 from slidelake.progress import TileProgress
 from slidelake.resolution import resolve_row, resolved_schema
 from slidelake.slides import SLIDES_SCHEMA, discover, list_inputs, select_rows_for_tiling
-from slidelake.tables import read_rows, read_table, register_tables, resolve_writer, write_rows, write_table
+from slidelake.tables import read_columns, read_rows, register_tables, resolve_writer, write_rows
+from slidelake.write import TILES_COLUMNS, Lineage, write_tiles  # noqa: F401 - TILES_COLUMNS re-exported
 
-# column order of the tiles table
-TILES_COLUMNS = (
-    "slide_id", "tile_id", "path", "fingerprint", "level", "level_downsample", "downsample",
-    "mpp_x", "mpp_y", "mpp_source", "tile_x", "tile_y", "tile_col", "tile_row", "level0_x",
-    "level0_y", "tile_extent_x", "tile_extent_y", "stride_x", "stride_y", "valid_width",
-    "valid_height", "tile", "tile_format", "tile_width", "tile_height", "tile_mean", "tile_std",
-    "background_fraction", "reader", "tissue_fraction", "overlay_fractions", "overlay_path", "class_fractions",
-    "annotated_fraction", "label", "annotations_path", "attributes", "run_id", "config_hash",
-    "slidelake_version", "created_at",
-)
+# failed tiles listed per slide in runs.slide_errors
+MAX_ERROR_SAMPLES = 20
 
 
 class ConfigMismatchError(RuntimeError):
@@ -96,7 +89,7 @@ def _write_run(spark: SparkSession, rec: RunRecord, paths: dict[str, str], write
 
 # ---------------------------------------------------------------------------------- discover
 
-def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord) -> DataFrame:
+def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord) -> list[dict]:
     """Discovery stage: list the inputs, probe every file, merge into ``<lake>/slides``.
 
     Rows of paths scanned again replace their previous rows (no duplicates); other rows are
@@ -104,7 +97,7 @@ def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord) ->
     that have none.
 
     Returns:
-        The rows of this scan (a DataFrame held on the driver, one row per path).
+        The rows of this scan as dicts (:data:`~slidelake.slides.SLIDES_SCHEMA`), one per path.
     """
     paths = lake_paths(cfg)
     writer = rec.delta_writer or "delta-rs"
@@ -116,7 +109,6 @@ def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord) ->
         for r in rows:
             if assumed is not None and r["status"] == "ok" and r["mpp_x"] is None:
                 r.update(mpp_x=float(assumed), mpp_y=float(assumed), mpp_source="assumed")
-        found = spark.createDataFrame(rows, schema=SLIDES_SCHEMA)
     with _stage(rec, "write"):
         scanned = {r["path"] for r in rows}
         kept = [r for r in read_rows(spark, paths["slides"], writer, SLIDES_SCHEMA) if r["path"] not in scanned]
@@ -129,7 +121,7 @@ def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord) ->
         {"slide_id": r["slide_id"], "path": r["path"], "stage": "discover", "error": r["error"]}
         for r in rows if r["status"] != "ok"
     ]
-    return found
+    return rows
 
 
 # ------------------------------------------------------------------------------------- masks
@@ -185,60 +177,57 @@ def mask_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
 def draw_qc(spark: SparkSession, tiles_path: str, writer: str, masks: dict[str, dict], run_id: str) -> None:
     """Redraw each slide's QC picture (``masks.qc_path``) with the tiles this run kept.
 
-    The tiles' in-slide rectangles are read back from the committed tiles table and drawn, in
-    mask px, over the thumbnail and mask outline, one Spark task per slide.
+    The tiles' in-slide rectangles (five numeric columns, no pixels) are read back from the
+    committed tiles table (:func:`slidelake.tables.read_columns`) and drawn, in mask px, over the
+    thumbnail and mask outline, on the driver with one thread per core (a picture takes tens
+    of ms).
     """
-    if not masks:
+    todo = {sid: m for sid, m in masks.items() if m.get("qc_path") and m.get("thumbnail_path")}
+    if not todo:
         return
-    import pandas as pd
+    from concurrent.futures import ThreadPoolExecutor
 
-    info = spark.createDataFrame(
-        [(sid, m["mask_path"], m["thumbnail_path"], m["qc_path"], float(m["mask_downsample_x"]),
-          float(m["mask_downsample_y"])) for sid, m in masks.items() if m.get("qc_path") and m.get("thumbnail_path")],
-        "slide_id string, mask_path string, thumbnail_path string, qc_path string, mds_x double, mds_y double",
-    )
-    tiles = read_table(spark, tiles_path, writer).where(
-        (F.col("run_id") == run_id) & F.col("slide_id").isin(list(masks))
-    ).select(
-        "slide_id", F.col("level0_x").cast("double").alias("x0"), F.col("level0_y").cast("double").alias("y0"),
-        (F.col("level0_x") + F.col("valid_width") * F.col("downsample")).alias("x1"),
-        (F.col("level0_y") + F.col("valid_height") * F.col("downsample")).alias("y1"),
-    )
-    joined = info.join(tiles, on="slide_id", how="left")
+    import numpy as np
+    from PIL import Image
 
-    def draw(pdf: pd.DataFrame) -> pd.DataFrame:
-        import numpy as np
-        from PIL import Image
+    from slidelake.masks import read_overlay
 
-        from slidelake.masks import read_overlay
+    cols = read_columns(spark, tiles_path, writer, ["slide_id", "run_id", "level0_x", "level0_y", "valid_width",
+                                                    "valid_height", "downsample"], list(todo)).to_pandas()
+    cols = cols[cols["run_id"] == run_id]
+    by_slide = dict(tuple(cols.groupby("slide_id", sort=False)))
 
-        r = pdf.iloc[0]
-        rects = pdf[["x0", "y0", "x1", "y1"]].dropna().to_numpy(float)
-        rects = rects / np.array([r.mds_x, r.mds_y, r.mds_x, r.mds_y])
-        labels, _ = read_overlay(r.mask_path)
-        rgb = np.asarray(Image.open(r.thumbnail_path).convert("RGB"))
-        Image.fromarray(qc_picture(rgb, labels, rects)).save(r.qc_path)
-        return pd.DataFrame({"slide_id": [r.slide_id], "tiles_drawn": [len(rects)]})
+    def draw(sid: str) -> None:
+        m = todo[sid]
+        t = by_slide.get(sid)
+        rects = np.zeros((0, 4))
+        if t is not None:
+            x0, y0 = t["level0_x"].to_numpy(float), t["level0_y"].to_numpy(float)
+            ds = t["downsample"].to_numpy(float)
+            rects = np.stack([x0, y0, x0 + t["valid_width"].to_numpy(float) * ds,
+                              y0 + t["valid_height"].to_numpy(float) * ds], axis=1)
+            rects /= np.array([m["mask_downsample_x"], m["mask_downsample_y"]] * 2, dtype=float)
+        labels, _ = read_overlay(m["mask_path"])
+        rgb = np.asarray(Image.open(m["thumbnail_path"]).convert("RGB"))
+        Image.fromarray(qc_picture(rgb, labels, rects)).save(m["qc_path"])
 
-    spark.sparkContext.setJobDescription("qc pictures")
-    joined.groupBy("slide_id").applyInPandas(draw, "slide_id string, tiles_drawn long").collect()
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(draw, list(todo)))
 
 
 # -------------------------------------------------------------------------------------- tile
 
 def _check_config_mix(spark, paths, writer, chash, slide_ids, replace_table) -> None:
-    try:
-        existing = read_table(spark, paths["tiles"], writer)
-    except FileNotFoundError:
-        return
     if replace_table:
         return
-    others = (
-        existing.where((F.col("config_hash") != chash) & ~F.col("slide_id").isin(list(slide_ids)))
-        .select("config_hash").distinct().limit(5).collect()
-    )
+    t = read_columns(spark, paths["tiles"], writer, ["slide_id", "config_hash"])
+    if t.num_columns == 0 or t.num_rows == 0:
+        return
+    pdf = t.to_pandas()
+    others = sorted(set(pdf.loc[(pdf["config_hash"] != chash) & ~pdf["slide_id"].isin(list(slide_ids)),
+                                "config_hash"].dropna()))[:5]
     if others:
-        hashes = ", ".join(r[0] for r in others)
+        hashes = ", ".join(others)
         raise ConfigMismatchError(
             f"the tiles table {paths['tiles']} holds tiles of other slides made with a different "
             f"tiling config (config_hash {hashes}; this run: {chash}). Write to another table "
@@ -246,9 +235,10 @@ def _check_config_mix(spark, paths, writer, chash, slide_ids, replace_table) -> 
         )
 
 
-def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides: DataFrame,
+def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides: list[dict],
                 replace_table: bool = False, progress: bool = False, profile: bool = False) -> None:
-    """Tiling stages on ``slides`` rows (``slides`` table schema): masks, resolve, grid,
+    """Tiling stages on ``slides`` rows (dicts of the ``slides`` table schema; ``ok`` rows are
+    tiled, once per ``slide_id``): masks, resolve, grid,
     overlap, filter before decode, repartition, decode, pixel filter, write
     ``<lake>/<tiles_table>`` partitioned by ``slide_id``, then the QC pictures.
 
@@ -272,9 +262,9 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
 
     with _stage(rec, "resolve"):
         # a few rows per slide: deduplicate and resolve on the driver, no Spark job
-        schema = resolved_schema(slides.schema)
-        selected = _rows_to_tile(slides)
-        resolved_rows = [Row(**{**r, **resolve_row(r, cfg.resolution)}) for r in selected]
+        schema = resolved_schema(SLIDES_SCHEMA)
+        selected = select_rows_for_tiling(slides)
+        resolved_rows = [{**r, **resolve_row(r, cfg.resolution)} for r in selected]
     good = [r for r in resolved_rows if r["resolution_error"] is None]
     rec.slide_errors += [
         {"slide_id": r["slide_id"], "path": r["path"], "stage": "resolution", "error": r["resolution_error"]}
@@ -282,7 +272,7 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     ]
     masks: dict[str, dict] = {}
     if cfg.masks.enabled and good:
-        masks = mask_slides(spark, cfg, rec, [r.asDict() for r in good])
+        masks = mask_slides(spark, cfg, rec, good)
         good = [r for r in good if r["slide_id"] in masks]
     generated = {
         r["slide_id"]: grid_size(r["extent_x"], r["extent_y"], r["downsample"], grid_cfg.tile_extent,
@@ -293,34 +283,21 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     slide_ids = [r["slide_id"] for r in good]
     _check_config_mix(spark, paths, writer, chash, slide_ids, replace_table)
 
-    failures = spark.sparkContext.accumulator({}, FailureLog())
-    decoded_acc = spark.sparkContext.accumulator({}, CountLog())
-
-    def on_failure(slide_id: str, info: dict) -> None:
-        failures.add({slide_id: {"count": 1, "samples": [info]}})
-
-    def on_decoded(counts: dict) -> None:
-        decoded_acc.add(counts)
+    decoded_acc = spark.sparkContext.accumulator({}, CountLog())  # live progress only
 
     prof_acc = spark.sparkContext.accumulator({}, SumLog()) if profile else None
     on_profile = (lambda d: prof_acc.add(d)) if prof_acc is not None else None
 
     # per-slide inputs of the overlap stage, decided on the driver
     ann = cfg.annotations
-    side = {
-        r["slide_id"]: (
-            masks[r["slide_id"]]["mask_path"] if r["slide_id"] in masks else None,
-            annotation_path(r["path"], r["attributes"], ann.column, ann.sidecar_suffix) if ann.enabled else None,
-        )
+    sides = T.StructType([T.StructField("overlay_path", T.StringType()),
+                          T.StructField("annotations_path", T.StringType())])
+    resolved = spark.createDataFrame([
+        (*(r[f] for f in schema.fieldNames()),
+         masks[r["slide_id"]]["mask_path"] if r["slide_id"] in masks else None,
+         annotation_path(r["path"], r["attributes"], ann.column, ann.sidecar_suffix) if ann.enabled else None)
         for r in good
-    }
-    resolved = spark.createDataFrame([tuple(r[f] for f in schema.fieldNames()) for r in resolved_rows
-                                      if r["slide_id"] in generated], schema=schema)
-    resolved = resolved.join(
-        spark.createDataFrame([(k, v[0], v[1]) for k, v in side.items()] or [("", None, None)],
-                              "slide_id string, overlay_path string, annotations_path string"),
-        on="slide_id", how="inner",
-    )
+    ], schema=T.StructType(schema.fields + sides.fields))
     base = resolved.select(
         "slide_id", "path", "fingerprint", "attributes", "level", "level_downsample", "downsample",
         F.col("tile_mpp_x").alias("mpp_x"), F.col("tile_mpp_y").alias("mpp_y"),
@@ -338,49 +315,44 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     # 1. grid (metadata only)
     tiles = expand_grid(base, grid_cfg.tile_extent, grid_cfg.stride_xy, grid_cfg.last, grid_cfg.roi)
     # 2. overlap with the mask and annotations, per slide, still metadata only
-    tiles = overlap_tiles(tiles, grid_cfg.tile_roi, ann.label_min_fraction, on_failure, on_profile)
+    tiles = overlap_tiles(tiles, grid_cfg.tile_roi, ann.label_min_fraction, None, on_profile)
     # 3. filter before decode: only tiles that pass are ever decoded
-    keep = F.col("overlap_error").isNull()
+    # (tiles whose overlap failed go on, undecoded, so the write stage records them exactly)
+    keep = F.lit(True)
     if cfg.masks.enabled and fcfg.min_tissue_fraction is not None:
         keep = keep & (F.col("tissue_fraction") >= F.lit(fcfg.min_tissue_fraction))
     if fcfg.min_annotated_fraction is not None:
         keep = keep & (F.coalesce(F.col("annotated_fraction"), F.lit(0.0)) >= F.lit(fcfg.min_annotated_fraction))
-    tiles = tiles.where(keep).drop("overlap_error")
-    # 4. repartition, 5. decode, 6. pixel filter
-    tiles = repartition_tiles(tiles, cfg.partition, total)
-    decoded = decode_tiles(tiles, cfg.decode, on_failure, on_decoded, on_profile)
-    kept = filter_tiles(decoded, fcfg)
-    # 7. lineage columns, write
-    out = (
-        kept.withColumn("tile_id", F.xxhash64("slide_id", F.lit(chash), "tile_x", "tile_y"))
-        .withColumn("run_id", F.lit(rec.run_id))
-        .withColumn("config_hash", F.lit(chash))
-        .withColumn("slidelake_version", F.lit(__version__))
-        .withColumn("created_at", F.lit(rec.started_at).cast("timestamp"))
-        .select(*TILES_COLUMNS)
-    )
+    tiles = tiles.where(F.col("overlap_error").isNotNull() | keep)
+    # 4. repartition (with the tile id: a hash of slide, config and position)
+    tiles = repartition_tiles(tiles, cfg.partition, total).withColumn(
+        "tile_id", F.xxhash64("slide_id", F.lit(chash), "tile_x", "tile_y"))
+    # 5. decode, 6. pixel filter, 7. write with lineage columns: in the Python workers
+    lineage = Lineage(rec.run_id, chash, __version__, rec.started_at)
     with _stage(rec, "overlap+decode+write"), TileProgress(spark, total, lambda: sum(decoded_acc.value.values()),
                                                             enabled=progress):
-        res = write_table(
-            spark, out, paths["tiles"], writer, mode="overwrite", partition_by=["slide_id"],
-            replace_partitions=None if replace_table else slide_ids, description="overlap + decode + write tiles",
-        )
+        wrote = write_tiles(spark, tiles, paths["tiles"], writer, cfg.decode, fcfg, lineage,
+                            None if replace_table else slide_ids, cfg.tables.tile_compression, decoded_acc.add,
+                            on_profile)
+    res = wrote.result
     rec.table_versions[cfg.tables.tiles_table] = res.version if res.version is not None else -1
     with _stage(rec, "qc"):
         draw_qc(spark, paths["tiles"], writer, {sid: masks[sid] for sid in slide_ids if sid in masks}, rec.run_id)
-    fails, decoded_n = failures.value, decoded_acc.value
     counts = []
     for r in good:
         sid = r["slide_id"]
-        gen, wrote = generated[sid], res.rows_by_partition.get(sid, 0)
-        dec = min(max(decoded_n.get(sid, 0), wrote), gen)
-        failed = min(fails.get(sid, {}).get("count", 0), gen - wrote)
+        gen, written = generated[sid], res.rows_by_partition.get(sid, 0)
+        dec = min(max(wrote.decoded.get(sid, 0), written), gen)
+        failed = min(wrote.failed.get(sid, 0), gen - written)
+        # tiles whose overlap failed were neither skipped by the mask nor decoded
+        no_overlap = min(sum(1 for f in wrote.failures.get(sid, []) if f.get("stage") == "overlap"), gen - dec)
         counts.append({
             "slide_id": sid, "path": r["path"], "level": r["level"], "mpp_x": r["tile_mpp_x"],
-            "tiles_generated": gen, "tiles_skipped": gen - dec, "tiles_decoded": dec,
-            "tiles_failed": failed, "tiles_filtered": max(0, dec - wrote - failed), "tiles_written": wrote,
+            "tiles_generated": gen, "tiles_skipped": gen - dec - no_overlap, "tiles_decoded": dec,
+            "tiles_failed": failed, "tiles_filtered": max(0, dec - written - (failed - no_overlap)),
+            "tiles_written": written,
         })
-        for s in fails.get(sid, {}).get("samples", []):
+        for s in wrote.failures.get(sid, [])[:MAX_ERROR_SAMPLES]:
             rec.slide_errors.append({
                 "slide_id": sid, "path": r["path"], "stage": s.get("stage", "decode"),
                 "error": f"tile ({s['tile_x']}, {s['tile_y']}): {s['error']}",
@@ -426,16 +398,13 @@ def run_discover(spark: SparkSession, cfg: PipelineConfig) -> RunRecord:
     return _run(spark, cfg, "discover", lambda rec: discover_slides(spark, cfg, rec))
 
 
-def _rows_to_tile(slides: DataFrame) -> list[dict]:
-    """The ``ok`` rows of ``slides``, deduplicated by content (:func:`select_rows_for_tiling`), as dicts."""
-    return select_rows_for_tiling([r.asDict(recursive=True) for r in slides.where(F.col("status") == "ok").collect()])
-
-
-def _listed_slides(spark: SparkSession, cfg: PipelineConfig, writer: str) -> DataFrame:
-    slides = read_table(spark, lake_paths(cfg)["slides"], writer, SLIDES_SCHEMA)
+def _listed_slides(spark: SparkSession, cfg: PipelineConfig, writer: str) -> list[dict]:
+    """Rows of ``<lake>/slides`` (dicts), only those of the listed inputs when ``cfg.inputs`` is set."""
+    slides = read_rows(spark, lake_paths(cfg)["slides"], writer, SLIDES_SCHEMA)
     if cfg.inputs:
-        listed = list_inputs(cfg.inputs, cfg.discovery.extensions, cfg.discovery.recursive, cfg.discovery.exclude)
-        slides = slides.where(F.col("path").isin(list(listed["path"])))
+        listed = set(list_inputs(cfg.inputs, cfg.discovery.extensions, cfg.discovery.recursive,
+                                 cfg.discovery.exclude)["path"])
+        slides = [r for r in slides if r["path"] in listed]
     return slides
 
 
@@ -443,7 +412,7 @@ def run_masks(spark: SparkSession, cfg: PipelineConfig) -> RunRecord:
     """The masks job on slides already in ``<lake>/slides`` (only the listed inputs when
     ``cfg.inputs`` is set): compute missing or outdated tissue masks into ``<lake>/masks``."""
     def body(rec: RunRecord) -> None:
-        rows = _rows_to_tile(_listed_slides(spark, cfg, rec.delta_writer or "delta-rs"))
+        rows = select_rows_for_tiling(_listed_slides(spark, cfg, rec.delta_writer or "delta-rs"))
         mask_slides(spark, cfg, rec, rows)
 
     return _run(spark, cfg, "masks", body)
@@ -458,13 +427,8 @@ def run_tile(spark: SparkSession, cfg: PipelineConfig, replace_table: bool = Fal
     otherwise every ``ok`` slide of the table.
     """
     def body(rec: RunRecord) -> None:
-        paths = lake_paths(cfg)
-        slides = read_table(spark, paths["slides"], rec.delta_writer or "delta-rs", SLIDES_SCHEMA)
-        if cfg.inputs:
-            listed = list_inputs(cfg.inputs, cfg.discovery.extensions, cfg.discovery.recursive,
-                             cfg.discovery.exclude)
-            slides = slides.where(F.col("path").isin(list(listed["path"])))
-        tile_slides(spark, cfg, rec, slides, replace_table)
+        slides = _listed_slides(spark, cfg, rec.delta_writer or "delta-rs")
+        tile_slides(spark, cfg, rec, slides, replace_table, progress, profile)
 
     return _run(spark, cfg, "tile", body)
 

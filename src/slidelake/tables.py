@@ -3,9 +3,11 @@
 Two writers produce the same standard Delta tables:
 
 * ``spark``: Spark's own Delta data source (Databricks, EMR with Delta, ``--packages``);
-* ``delta-rs``: where the Delta jars are absent (offline machines, this project's CI). Spark
-  writes Parquet files into ``<table>/_staging/<uuid>/``; they are moved next to the table's
-  data and committed to the Delta log by delta-rs in **one** commit. A failure before the commit
+* ``delta-rs``: where the Delta jars are absent (offline machines, this project's CI). Parquet
+  files are written into ``<table>/_staging/<uuid>/`` (by Spark, or for the tiles by the
+  Python workers themselves, :mod:`slidelake.write`); exactly the files of the successful task
+  attempts are moved next to the table's data and committed to the Delta log by delta-rs in
+  **one** commit (:func:`commit_files`). A failure before the commit
   leaves the table as it was (staged files are deleted; files never committed are invisible to
   every Delta reader). Reads list the log's active files only, never the folder.
 
@@ -207,66 +209,118 @@ def _write_spark(spark, df, path, mode, partition_by, replace_partitions) -> Wri
     return WriteResult(version, files, rows, by_part)
 
 
-def _write_delta_rs(df, path, mode, partition_by, replace_partitions) -> WriteResult:
-    import pyarrow.parquet as pq
+def new_staging(path: str) -> str:
+    """Create and return a fresh staging folder ``<table>/_staging/<uuid>/`` for data files
+    that :func:`commit_files` will move into the table. Local paths only.
+
+    Raises:
+        ValueError: ``path`` is a remote URI (the delta-rs writer is local only).
+    """
+    local = _local(path)
+    staging = os.path.join(local, STAGING_DIR, uuid.uuid4().hex)
+    os.makedirs(staging, exist_ok=True)
+    return staging
+
+
+def discard_staging(staging: str) -> None:
+    """Delete a staging folder and whatever it holds (files of failed or superseded task
+    attempts included), and its ``_staging`` parent when that is left empty."""
+    shutil.rmtree(staging, ignore_errors=True)
+    parent = os.path.dirname(staging)
+    if os.path.basename(parent) == STAGING_DIR and os.path.isdir(parent) and not os.listdir(parent):
+        os.rmdir(parent)
+
+
+def commit_files(
+    path: str,
+    staging: str,
+    files: list[tuple[str, int]],
+    schema: T.StructType,
+    mode: str = "append",
+    partition_by: list[str] | None = None,
+    replace_partitions: list[str] | None = None,
+) -> WriteResult:
+    """Move exactly ``files`` from ``staging`` into the table at ``path`` and commit them to
+    the Delta log with delta-rs in **one** commit.
+
+    Only the listed files are committed: files a failed or superseded task attempt left in
+    ``staging`` are not, so a retried task never duplicates rows. The caller discards
+    ``staging`` afterwards (:func:`discard_staging`), also on failure; files moved but never
+    committed are invisible to every Delta reader.
+
+    Args:
+        path: table folder (created with the first commit).
+        staging: folder from :func:`new_staging`.
+        files: ``(relative path under staging, rows)``; Hive-style ``key=value`` folders give
+            the partition values.
+        schema: the table's Spark schema (partition columns included).
+        mode, partition_by, replace_partitions: as for :func:`write_table`.
+
+    Raises:
+        FileExistsError: a data file of that name already exists in the table.
+    """
     from deltalake import DeltaTable, Schema
     from deltalake.transaction import AddAction, create_table_with_add_actions
 
     local = _local(path)
+    partition_by = partition_by or []
+    adds: list[AddAction] = []
+    by_part: dict[str, int] = {}
+    total = 0
+    for rel, n in sorted(files):
+        src = os.path.join(staging, rel)
+        dst = os.path.join(local, rel)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if os.path.exists(dst):  # names carry a UUID; never clobber a file
+            raise FileExistsError(f"refusing to overwrite existing data file {dst}")
+        os.replace(src, dst)
+        st = os.stat(dst)
+        pvals = _partition_values(rel, partition_by)
+        adds.append(AddAction(
+            path=rel, size=st.st_size, partition_values=pvals,
+            modification_time=int(st.st_mtime * 1000), data_change=True,
+            stats=json.dumps({"numRecords": int(n)}),
+        ))
+        total += int(n)
+        if partition_by:
+            key = pvals[partition_by[0]] or ""
+            by_part[key] = by_part.get(key, 0) + int(n)
+
+    dschema = Schema.from_json(_nullable(schema).json())
+    if not table_exists(local):
+        create_table_with_add_actions(local, dschema, adds, mode="error", partition_by=partition_by or None)
+    else:
+        dt = DeltaTable(local)
+        if mode == "overwrite" and replace_partitions is not None:
+            if replace_partitions:
+                dt.create_write_transaction(
+                    adds, mode="overwrite", schema=dschema, partition_by=partition_by,
+                    partition_filters=[(partition_by[0], "in", list(replace_partitions))],
+                )
+            else:
+                dt.create_write_transaction(adds, mode="append", schema=dschema, partition_by=partition_by)
+        else:
+            dt.create_write_transaction(adds, mode=mode, schema=dschema, partition_by=partition_by or None)
+    return WriteResult(DeltaTable(local).version(), len(adds), total, by_part)
+
+
+def _write_delta_rs(df, path, mode, partition_by, replace_partitions) -> WriteResult:
+    import pyarrow.parquet as pq
+
+    local = _local(path)
     os.makedirs(local, exist_ok=True)
-    staging = os.path.join(local, STAGING_DIR, uuid.uuid4().hex)
+    staging = new_staging(local)
     try:
         # zstd level 1: tile bytes (already-compressed JPEG or raw pixels) gain little from higher levels
         w = df.write.mode("overwrite").option("compression", "zstd").option("parquet.compression.codec.zstd.level", "1")
         if partition_by:
             w = w.partitionBy(*partition_by)
         w.parquet(staging)
-
-        adds: list[AddAction] = []
-        by_part: dict[str, int] = {}
-        total = 0
-        for src in _staged_files(staging):
-            rel = os.path.relpath(src, staging).replace(os.sep, "/")
-            dst = os.path.join(local, rel)
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            if os.path.exists(dst):  # Spark names carry a per-job UUID; never clobber a file
-                raise FileExistsError(f"refusing to overwrite existing data file {dst}")
-            n = pq.read_metadata(src).num_rows
-            os.replace(src, dst)
-            st = os.stat(dst)
-            pvals = _partition_values(rel, partition_by)
-            adds.append(AddAction(
-                path=rel, size=st.st_size, partition_values=pvals,
-                modification_time=int(st.st_mtime * 1000), data_change=True,
-                stats=json.dumps({"numRecords": n}),
-            ))
-            total += n
-            if partition_by:
-                key = pvals[partition_by[0]] or ""
-                by_part[key] = by_part.get(key, 0) + n
-
-        schema = Schema.from_json(_nullable(df.schema).json())
-        if not table_exists(local):
-            create_table_with_add_actions(local, schema, adds, mode="error", partition_by=partition_by or None)
-        else:
-            dt = DeltaTable(local)
-            if mode == "overwrite" and replace_partitions is not None:
-                if replace_partitions:
-                    dt.create_write_transaction(
-                        adds, mode="overwrite", schema=schema, partition_by=partition_by,
-                        partition_filters=[(partition_by[0], "in", list(replace_partitions))],
-                    )
-                else:
-                    dt.create_write_transaction(adds, mode="append", schema=schema, partition_by=partition_by)
-            else:
-                dt.create_write_transaction(adds, mode=mode, schema=schema, partition_by=partition_by or None)
-        version = DeltaTable(local).version()
-        return WriteResult(version, len(adds), total, by_part)
+        files = [(os.path.relpath(f, staging).replace(os.sep, "/"), pq.read_metadata(f).num_rows)
+                 for f in _staged_files(staging)]
+        return commit_files(local, staging, files, df.schema, mode, partition_by, replace_partitions)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        parent = os.path.join(local, STAGING_DIR)
-        if os.path.isdir(parent) and not os.listdir(parent):
-            os.rmdir(parent)
+        discard_staging(staging)
 
 
 def read_rows(spark: SparkSession, path: str, writer: str, schema: T.StructType) -> list[dict]:
@@ -289,6 +343,38 @@ def read_rows(spark: SparkSession, path: str, writer: str, schema: T.StructType)
         return []
     table = pq.read_table(files, schema=_arrow_schema(schema))
     return _maps_to_dicts(table.to_pylist(), schema)
+
+
+def read_columns(spark: SparkSession, path: str, writer: str, columns: list[str],
+                 slide_ids: list[str] | None = None):
+    """A few columns of a table (e.g. tile coordinates, never the pixels) as a ``pyarrow.Table``,
+    optionally only the ``slide_id`` partitions in ``slide_ids``.
+
+    With ``delta-rs`` only those columns of the matching active files are read, with pyarrow
+    (no Spark job); with ``spark`` through Spark (``DataFrame.toArrow``). A missing table gives
+    an empty table with no columns.
+    """
+    import pyarrow as pa
+
+    if writer == "spark":
+        from pyspark.sql import functions as F
+
+        try:
+            df = read_table(spark, path, writer)
+        except Exception:  # noqa: BLE001 - no table yet
+            return pa.table({})
+        if slide_ids is not None:
+            df = df.where(F.col("slide_id").isin(list(slide_ids)))
+        return df.select(*columns).toArrow()
+    local = _local(path)
+    if not table_exists(local):
+        return pa.table({})
+    from deltalake import DeltaTable
+
+    if slide_ids is not None and not slide_ids:
+        return pa.table({c: [] for c in columns})
+    parts = [("slide_id", "in", list(slide_ids))] if slide_ids else None
+    return DeltaTable(local).to_pyarrow_table(filters=parts, columns=columns)
 
 
 def write_rows(spark: SparkSession, rows: list[dict], schema: T.StructType, path: str, writer: str,

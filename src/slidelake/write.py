@@ -1,0 +1,323 @@
+"""Decode, pixel filter and write stage: tile rows in, committed Delta tiles table out.
+
+Two sinks share one decode (:func:`slidelake.decode.make_decoder`) and one pixel filter
+(:func:`slidelake.filtering.keep_mask`), both inside the Python workers:
+
+* ``delta-rs`` writer (local lakes, the default here): **the Python workers write the tiles'
+  Parquet files themselves** with pyarrow, one file per (task, slide) in the table's staging
+  folder, row groups of one decode batch. Only file names, row counts and per-slide decode
+  outcomes (tiles decoded, every failed tile with its coordinates and error) go back to the
+  driver, which commits exactly those files in one Delta commit
+  (:func:`slidelake.tables.commit_files`). Tile bytes never cross into the JVM: in
+  ``docs/benchmarks.md`` that JVM path cost as much as the decoding. The outcomes are Spark task
+  results, so a task retried after an executor loss is counted once, and the files of failed or
+  superseded attempts are never committed.
+* ``spark`` writer (Databricks, EMR with Delta): kept tiles go back to Spark as rows and
+  Spark's Delta writer writes them; per-slide outcomes then come from accumulators, which can
+  count a retried task twice.
+
+Units: tile coordinates (``tile_x``, ``tile_y``) are px at the tile resolution.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable, Iterator
+from urllib.parse import quote
+
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from slidelake.config import DecodeConfig, FilterConfig
+from slidelake.decode import DECODE_FIELDS, make_decoder
+from slidelake.filtering import keep_mask
+from slidelake.lineage import CountLog, FailureLog
+from slidelake.tables import WriteResult, commit_files, discard_staging, new_staging, write_table
+
+# column order of the tiles table
+TILES_COLUMNS = (
+    "slide_id", "tile_id", "path", "fingerprint", "level", "level_downsample", "downsample",
+    "mpp_x", "mpp_y", "mpp_source", "tile_x", "tile_y", "tile_col", "tile_row", "level0_x",
+    "level0_y", "tile_extent_x", "tile_extent_y", "stride_x", "stride_y", "valid_width",
+    "valid_height", "tile", "tile_format", "tile_width", "tile_height", "tile_mean", "tile_std",
+    "background_fraction", "reader", "tissue_fraction", "overlay_fractions", "overlay_path", "class_fractions",
+    "annotated_fraction", "label", "annotations_path", "attributes", "run_id", "config_hash",
+    "slidelake_version", "created_at",
+)
+
+LINEAGE_FIELDS = [
+    T.StructField("run_id", T.StringType(), True),
+    T.StructField("config_hash", T.StringType(), True),
+    T.StructField("slidelake_version", T.StringType(), True),
+    T.StructField("created_at", T.TimestampType(), True),
+]
+
+TILE_FAILURE = T.StructType([
+    T.StructField("tile_x", T.LongType()),
+    T.StructField("tile_y", T.LongType()),
+    T.StructField("stage", T.StringType()),
+    T.StructField("error", T.StringType()),
+])
+
+# one row per (task, slide) from the workers' file sink
+TILE_FILES_SCHEMA = T.StructType([
+    T.StructField("slide_id", T.StringType()),
+    T.StructField("file", T.StringType()),  # relative to the staging folder; null when no tile was kept
+    T.StructField("rows", T.LongType()),
+    T.StructField("decoded", T.LongType()),
+    T.StructField("failed", T.LongType()),
+    T.StructField("failures", T.ArrayType(TILE_FAILURE)),
+])
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """The run's lineage columns, identical on every tile it writes."""
+
+    run_id: str
+    config_hash: str
+    slidelake_version: str
+    created_at: datetime  # naive UTC
+
+
+@dataclass
+class TileWrite:
+    """What the decode + write stage did.
+
+    Attributes:
+        result: the tiles table commit (:class:`~slidelake.tables.WriteResult`).
+        decoded: ``{slide_id: tiles whose decode was attempted}``.
+        failed: ``{slide_id: tiles that failed to decode}``.
+        failures: ``{slide_id: [{"tile_x", "tile_y", "stage", "error"}, ...]}``: every failed
+            tile with the ``delta-rs`` writer, up to 20 samples per slide with ``spark``.
+        exact: True when the counts come from task results (counted once per task, retries
+            included), False when from accumulators.
+    """
+
+    result: WriteResult
+    decoded: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    exact: bool = True
+
+
+def tiles_schema(pre: T.StructType) -> T.StructType:
+    """Spark schema of the tiles table, in :data:`TILES_COLUMNS` order, from the schema of the
+    tile rows entering decode (``pre``, which carries ``tile_id``) plus the decode and lineage
+    fields."""
+    by_name = {f.name: f for f in [*pre.fields, *DECODE_FIELDS, *LINEAGE_FIELDS]}
+    return T.StructType([by_name[c] for c in TILES_COLUMNS])
+
+
+def _failed_tiles(pdf: pd.DataFrame, column: str, stage: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(slide_id, {"tile_x", "tile_y", "stage", "error"})`` for each row whose ``column`` is set."""
+    bad = pdf.loc[pdf[column].notna(), ["slide_id", "tile_x", "tile_y", column]]
+    return [(str(sid), {"tile_x": int(x), "tile_y": int(y), "stage": stage, "error": str(e)})
+            for sid, x, y, e in bad.itertuples(index=False, name=None)]
+
+
+def _without_overlap_failures(batches: Iterator[pd.DataFrame],
+                              record: Callable[[str, dict[str, Any]], None]) -> Iterator[pd.DataFrame]:
+    """Pass on the rows whose overlap succeeded; ``record`` each tile whose overlap failed
+    (its overlay or annotations could not be read: it is neither decoded nor written)."""
+    for pdf in batches:
+        if "overlap_error" in pdf.columns:
+            for sid, info in _failed_tiles(pdf, "overlap_error", "overlap"):
+                record(sid, info)
+            pdf = pdf.loc[pdf["overlap_error"].isna()]
+        if len(pdf):
+            yield pdf
+
+
+def make_file_sink(
+    dcfg: DecodeConfig,
+    fcfg: FilterConfig,
+    lineage: Lineage,
+    schema: T.StructType,
+    staging: str,
+    partition_col: str = "slide_id",
+    tile_compression: str = "none",
+    on_decoded: Callable[[dict[str, int]], None] | None = None,
+    on_profile: Callable[[dict[str, float]], None] | None = None,
+) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """Build the ``mapInPandas`` function that decodes, filters and writes a task's tiles.
+
+    Kept tiles of each slide go to ``<staging>/<partition_col>=<value>/part-<uuid>.parquet``
+    (one row group per decode batch; the ``tile`` bytes compressed with ``tile_compression``
+    and without dictionary or statistics, the other columns zstd level 1; the partition column
+    is not stored in the file, as Spark and Delta do).
+    Yields :data:`TILE_FILES_SCHEMA` rows, one per slide the task saw. ``on_decoded`` and
+    ``on_profile`` are as in :func:`slidelake.decode.make_decoder` (progress, ``--profile``;
+    ``write.s`` adds the seconds spent in Arrow and Parquet).
+    """
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    file_fields = [f for f in schema.fields if f.name != partition_col]
+    columns = [f.name for f in file_fields]
+    arrow_schema = to_arrow_schema(T.StructType(file_fields), timezone="UTC")
+    small = [c for c in columns if c != "tile"]
+    codecs = {**{c: "zstd" for c in small}, "tile": tile_compression}
+    decoder = make_decoder(dcfg, None, on_decoded, on_profile)
+
+    def sink(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        writers: dict[str, pq.ParquetWriter] = {}
+        stats: dict[str, dict[str, Any]] = {}  # slide_id -> decoded, failures, files [[rel, rows]]
+
+        def slide(sid: str) -> dict[str, Any]:
+            return stats.setdefault(sid, {"decoded": 0, "failures": [], "files": []})
+
+        def record(sid: str, info: dict[str, Any]) -> None:
+            slide(sid)["failures"].append(info)
+
+        try:
+            for out in decoder(_without_overlap_failures(batches, record)):
+                t0 = time.perf_counter()
+                for sid, n in out["slide_id"].value_counts().items():
+                    slide(str(sid))["decoded"] += int(n)
+                for sid, info in _failed_tiles(out, "decode_error", "decode"):
+                    record(sid, info)
+                kept = out.loc[keep_mask(out, fcfg)]
+                for sid, part in kept.groupby("slide_id", sort=False):
+                    sid = str(sid)
+                    for other in [k for k in writers if k != sid]:  # rows arrive sorted by slide
+                        writers.pop(other).close()
+                    if sid not in writers:
+                        rel = f"{partition_col}={quote(sid, safe='')}/part-{uuid.uuid4().hex}.parquet"
+                        full = os.path.join(staging, rel)
+                        os.makedirs(os.path.dirname(full), exist_ok=True)
+                        writers[sid] = pq.ParquetWriter(full, arrow_schema, compression=codecs,
+                                                        compression_level={c: 1 for c in small},
+                                                        use_dictionary=small, write_statistics=small)
+                        stats[sid]["files"].append([rel, 0])
+                    part = part.assign(run_id=lineage.run_id, config_hash=lineage.config_hash,
+                                       slidelake_version=lineage.slidelake_version,
+                                       created_at=pd.Timestamp(lineage.created_at))
+                    writers[sid].write_table(pa.Table.from_pandas(part[columns], schema=arrow_schema,
+                                                                  preserve_index=False))
+                    stats[sid]["files"][-1][1] += len(part)
+                if on_profile is not None:
+                    on_profile({"write.s": time.perf_counter() - t0})
+        finally:
+            for w in writers.values():
+                w.close()
+        rows = []
+        for sid, s in stats.items():
+            for i, (rel, n) in enumerate(s["files"] or [[None, 0]]):
+                rows.append({"slide_id": sid, "file": rel, "rows": n,
+                             "decoded": s["decoded"] if i == 0 else 0,
+                             "failed": len(s["failures"]) if i == 0 else 0,
+                             "failures": s["failures"] if i == 0 else []})
+        if rows:
+            yield pd.DataFrame(rows)
+
+    return sink
+
+
+def make_row_sink(
+    dcfg: DecodeConfig,
+    fcfg: FilterConfig,
+    on_failure: Callable[[str, dict[str, Any]], None] | None = None,
+    on_decoded: Callable[[dict[str, int]], None] | None = None,
+    on_profile: Callable[[dict[str, float]], None] | None = None,
+) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """Build the ``mapInPandas`` function that decodes and filters a task's tiles and yields the
+    kept rows (input columns plus :data:`~slidelake.decode.DECODE_FIELDS`, ``decode_error``
+    always null) for Spark's own writer."""
+    decoder = make_decoder(dcfg, on_failure, on_decoded, on_profile)
+
+    def sink(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for out in decoder(_without_overlap_failures(batches, on_failure or (lambda sid, info: None))):
+            kept = out.loc[keep_mask(out, fcfg)]
+            if len(kept):
+                yield kept.drop(columns=["overlap_error"], errors="ignore")
+
+    return sink
+
+
+def write_tiles(
+    spark: SparkSession,
+    tiles: DataFrame,
+    path: str,
+    writer: str,
+    dcfg: DecodeConfig,
+    fcfg: FilterConfig,
+    lineage: Lineage,
+    replace_partitions: list[str] | None,
+    tile_compression: str = "none",
+    on_decoded: Callable[[dict[str, int]], None] | None = None,
+    on_profile: Callable[[dict[str, float]], None] | None = None,
+) -> TileWrite:
+    """Decode, filter and write ``tiles`` (repartitioned tile rows with ``tile_id``) to the
+    tiles table at ``path``, partitioned by ``slide_id``, in one Delta commit.
+
+    Args:
+        spark: the session.
+        tiles: rows with the decode inputs (:data:`slidelake.decode.DECODE_INPUTS`) and every
+            non-pixel column of :data:`TILES_COLUMNS`.
+        path: table folder.
+        writer: ``delta-rs`` (the workers write the files) or ``spark``.
+        dcfg, fcfg: decode and pixel filter settings.
+        lineage: run id, config hash, version, time.
+        tile_compression: Parquet codec of the ``tile`` column (``delta-rs`` writer only).
+        replace_partitions: slide ids whose partitions this commit replaces (``None``: the
+            whole table).
+        on_decoded, on_profile: progress and ``--profile`` callbacks (accumulators).
+
+    Returns:
+        :class:`TileWrite`. Nothing is committed when a task fails for good (Spark raises).
+    """
+    schema = tiles_schema(tiles.schema)
+    spark.sparkContext.setJobDescription("decode + write tiles")
+    if writer != "delta-rs":
+        failures = spark.sparkContext.accumulator({}, FailureLog())
+        decoded = spark.sparkContext.accumulator({}, CountLog())
+
+        def count(d: dict[str, int]) -> None:
+            decoded.add(d)
+            if on_decoded is not None:
+                on_decoded(d)
+
+        rows = tiles.mapInPandas(
+            make_row_sink(dcfg, fcfg, lambda sid, info: failures.add({sid: {"count": 1, "samples": [info]}}),
+                          count, on_profile),
+            schema=T.StructType([f for f in tiles.schema.fields if f.name != "overlap_error"] + DECODE_FIELDS),
+        )
+        out = (
+            rows.withColumn("run_id", F.lit(lineage.run_id))
+            .withColumn("config_hash", F.lit(lineage.config_hash))
+            .withColumn("slidelake_version", F.lit(lineage.slidelake_version))
+            .withColumn("created_at", F.lit(lineage.created_at).cast("timestamp"))
+            .select(*TILES_COLUMNS)
+        )
+        res = write_table(spark, out, path, writer, mode="overwrite", partition_by=["slide_id"],
+                          replace_partitions=replace_partitions, description="decode + write tiles")
+        fails = failures.value
+        return TileWrite(res, dict(decoded.value), {k: v["count"] for k, v in fails.items()},
+                         {k: v["samples"] for k, v in fails.items()}, exact=False)
+
+    staging = new_staging(path)
+    try:
+        sink = make_file_sink(dcfg, fcfg, lineage, schema, staging, "slide_id", tile_compression, on_decoded,
+                              on_profile)
+        results = tiles.mapInPandas(sink, schema=TILE_FILES_SCHEMA).collect()
+        files = [(r["file"], int(r["rows"])) for r in results if r["file"]]
+        res = commit_files(path, staging, files, schema, mode="overwrite", partition_by=["slide_id"],
+                           replace_partitions=replace_partitions)
+    finally:
+        discard_staging(staging)
+    out = TileWrite(res)
+    for r in results:
+        sid = r["slide_id"]
+        out.decoded[sid] = out.decoded.get(sid, 0) + int(r["decoded"])
+        out.failed[sid] = out.failed.get(sid, 0) + int(r["failed"])
+        out.failures.setdefault(sid, []).extend(f.asDict() for f in r["failures"] or [])
+    return out

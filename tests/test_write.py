@@ -1,0 +1,162 @@
+"""The write stage: Python workers write the tile Parquet files, the driver commits exactly the
+files the task results list (delta-rs), every failed tile is reported with its coordinates."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pandas as pd
+import polars as pl
+import pyarrow.parquet as pq
+from conftest import make_tiff
+from pyspark.sql import types as T
+
+from slidelake.config import DecodeConfig, FilterConfig
+from slidelake.decode import rgba_to_rgb
+from slidelake.encoding import decode_tile
+from slidelake.filtering import keep_mask
+from slidelake.tables import commit_files, discard_staging, new_staging
+from slidelake.write import TILES_COLUMNS, Lineage, make_file_sink, tiles_schema
+
+LINEAGE = Lineage("run-1", "cfg-1", "0.test", datetime(2026, 11, 21, 12, 30, 0))
+
+
+def _rows(path: str, slide_id: str, width: int, height: int, tile: int = 256) -> pd.DataFrame:
+    xs, ys = np.meshgrid(np.arange(0, width, tile), np.arange(0, height, tile))
+    x, y = xs.ravel(), ys.ravel()
+    n = x.size
+    return pd.DataFrame({
+        "slide_id": slide_id, "tile_id": np.arange(n, dtype=np.int64), "path": path, "fingerprint": "f",
+        "level": np.int32(0), "level_downsample": 1.0, "downsample": 1.0, "mpp_x": 0.5, "mpp_y": 0.5,
+        "mpp_source": "tiff", "tile_x": x, "tile_y": y, "tile_col": (x // tile).astype(np.int64),
+        "tile_row": (y // tile).astype(np.int64), "level0_x": x, "level0_y": y, "tile_extent_x": np.int32(tile),
+        "tile_extent_y": np.int32(tile), "stride_x": np.int32(tile), "stride_y": np.int32(tile),
+        "valid_width": np.minimum(tile, width - x).astype(np.int32),
+        "valid_height": np.minimum(tile, height - y).astype(np.int32),
+        "read_width": np.int32(tile), "read_height": np.int32(tile), "tissue_fraction": 1.0,
+        "overlay_fractions": [{"255": 1.0}] * n, "overlay_path": None, "class_fractions": [{}] * n,
+        "annotated_fraction": None, "label": None, "annotations_path": None, "attributes": [{"split": "train"}] * n,
+        "overlap_error": None,
+    })
+
+
+def _schema() -> T.StructType:
+    f = T.StructField
+    pre = T.StructType([
+        f("slide_id", T.StringType()), f("tile_id", T.LongType()), f("path", T.StringType()),
+        f("fingerprint", T.StringType()), f("level", T.IntegerType()), f("level_downsample", T.DoubleType()),
+        f("downsample", T.DoubleType()), f("mpp_x", T.DoubleType()), f("mpp_y", T.DoubleType()),
+        f("mpp_source", T.StringType()), f("tile_x", T.LongType()), f("tile_y", T.LongType()),
+        f("tile_col", T.LongType()), f("tile_row", T.LongType()), f("level0_x", T.LongType()),
+        f("level0_y", T.LongType()), f("tile_extent_x", T.IntegerType()), f("tile_extent_y", T.IntegerType()),
+        f("stride_x", T.IntegerType()), f("stride_y", T.IntegerType()), f("valid_width", T.IntegerType()),
+        f("valid_height", T.IntegerType()), f("tissue_fraction", T.DoubleType()),
+        f("overlay_fractions", T.MapType(T.StringType(), T.DoubleType())), f("overlay_path", T.StringType()),
+        f("class_fractions", T.MapType(T.StringType(), T.DoubleType())), f("annotated_fraction", T.DoubleType()),
+        f("label", T.StringType()), f("annotations_path", T.StringType()),
+        f("attributes", T.MapType(T.StringType(), T.StringType())),
+    ])
+    return tiles_schema(pre)
+
+
+def test_file_sink_writes_kept_tiles_and_reports_every_failure(tmp_path):
+    good = tmp_path / "good.tiff"
+    make_tiff(good, 1000, 700, levels=1, tile=128, compression="jpeg")
+    a = _rows(str(good), "a", 1000, 700)  # 4 x 3 = 12 tiles, the right and bottom ones partial
+    b = _rows(str(tmp_path / "gone.tiff"), "b", 512, 256)  # 2 tiles of a file that does not exist
+    a.loc[a.index[-1], "overlap_error"] = "overlay unreadable"  # one tile whose overlap failed
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    fcfg = FilterConfig(max_background_fraction=None)
+    sink = make_file_sink(DecodeConfig(encoding="raw", batch_mb=1.0), fcfg, LINEAGE, _schema(), str(staging))
+    res = pd.concat(list(sink(iter([pd.concat([a, b], ignore_index=True)]))), ignore_index=True)
+
+    ra = res[res["slide_id"] == "a"]
+    rb = res[res["slide_id"] == "b"]
+    assert ra["decoded"].sum() == 11 and ra["rows"].sum() == 11 and ra["failed"].sum() == 1
+    assert [(f["tile_x"], f["tile_y"], f["stage"]) for f in ra["failures"].iloc[0]] == [(768, 512, "overlap")]
+    assert rb["rows"].sum() == 0 and rb["file"].isna().all() and rb["decoded"].sum() == 2 and rb["failed"].sum() == 2
+    fails = rb["failures"].iloc[0]
+    assert sorted((f["tile_x"], f["tile_y"]) for f in fails) == [(0, 0), (256, 0)]
+    assert all(f["stage"] == "decode" and "open failed" in f["error"] for f in fails)
+
+    # the file holds exactly the table's columns but the partition column, with the run's lineage
+    files = [f for f in ra["file"] if f]
+    assert all(f.startswith("slide_id=a/") for f in files)
+    t = pq.read_table([str(staging / f) for f in files], partitioning=None)
+    assert t.column_names == [c for c in TILES_COLUMNS if c != "slide_id"] and t.num_rows == 11
+    meta = pq.read_metadata(str(staging / files[0]))
+    cols = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i) for i in range(meta.num_columns)}
+    assert cols["tile"].compression == "UNCOMPRESSED" and cols["tile_x"].compression == "ZSTD"
+    assert meta.num_row_groups == 3  # 1 MiB batches: 5 raw 256 px tiles each (5 + 5 + 1)
+    df = t.to_pandas()
+    assert set(df["run_id"]) == {"run-1"} and set(df["config_hash"]) == {"cfg-1"}
+    assert set(df["created_at"].dt.tz_convert(None)) == {pd.Timestamp(LINEAGE.created_at)}
+    assert df["attributes"].map(dict).tolist() == [{"split": "train"}] * 11
+    osr = openslide.OpenSlide(str(good))
+    for r in df.itertuples():
+        ref = rgba_to_rgb(np.asarray(osr.read_region((int(r.level0_x), int(r.level0_y)), 0, (256, 256)))).copy()
+        ref[:, r.valid_width:] = 255
+        ref[r.valid_height:, :] = 255
+        np.testing.assert_array_equal(decode_tile(r.tile, "raw", 256, 256), ref)
+
+
+def test_keep_mask_applies_each_bound_and_rejects_failures():
+    pdf = pd.DataFrame({
+        "tile": [b"x", b"x", b"x", None, b"x"],
+        "decode_error": [None, None, None, None, "bad"],
+        "tile_std": [10.0, 2.0, 10.0, 10.0, 10.0],
+        "background_fraction": [0.1, 0.1, 0.95, 0.1, 0.1],
+    })
+    assert keep_mask(pdf, FilterConfig(min_std=5, max_background_fraction=0.9)).tolist() == [True, False, False, False, False]
+    assert keep_mask(pdf, FilterConfig(min_std=None, max_background_fraction=None)).tolist() == [True, True, True, False, False]
+
+
+def test_commit_files_commits_only_the_listed_files(tmp_path):
+    """A retried task leaves the files of its first attempt in staging: they must not be committed."""
+    import pyarrow as pa
+
+    table = tmp_path / "t"
+    staging = new_staging(str(table))
+    schema = T.StructType([T.StructField("slide_id", T.StringType()), T.StructField("v", T.LongType())])
+    (Path(staging) / "slide_id=s").mkdir()
+    for name in ("kept", "orphan"):
+        pq.write_table(pa.table({"v": pa.array([1, 2, 3], pa.int64())}), f"{staging}/slide_id=s/{name}.parquet")
+    res = commit_files(str(table), staging, [("slide_id=s/kept.parquet", 3)], schema, mode="overwrite",
+                       partition_by=["slide_id"], replace_partitions=["s"])
+    discard_staging(staging)
+    assert res.rows == 3 and res.files == 1 and res.rows_by_partition == {"s": 3}
+    got = pl.read_delta(str(table))
+    assert sorted(got["v"].to_list()) == [1, 2, 3] and set(got["slide_id"]) == {"s"}
+    assert not (table / "_staging").exists()
+    assert sorted(p.name for p in (table / "slide_id=s").iterdir()) == ["kept.parquet"]
+
+
+def test_pipeline_decodes_each_kept_tile_once_in_the_workers(spark, lake):
+    """End to end on a generated slide: counts come from task results and the table holds each
+    kept tile exactly once."""
+    from slidelake.config import PipelineConfig
+    from slidelake.pipeline import run_all
+
+    path = lake.parent / "gen.tiff"
+    make_tiff(path, 1300, 900, levels=2, tile=128, compression="jpeg")
+    cfg = PipelineConfig.model_validate({
+        "inputs": [str(path)], "lake": str(lake), "resolution": {"level": 0, "assumed_mpp": 0.5},
+        "grid": {"tile_extent": 256, "last": "keep"}, "decode": {"encoding": "png"}, "masks": {"enabled": False},
+        "filter": {"max_background_fraction": None},
+    })
+    rec = run_all(spark, cfg)
+    assert rec.status == "succeeded", rec.error
+    tiles = pl.read_delta(str(lake / "tiles"))
+    assert rec.counts["tiles_generated"] == 6 * 4 == rec.counts["tiles_decoded"] == rec.counts["tiles_written"]
+    assert tiles.height == 24 and tiles.select("tile_x", "tile_y").n_unique() == 24
+    assert tiles["tile_format"].unique().to_list() == ["png"]
+    assert not (lake / "tiles" / "_staging").exists()
+    # every data file on disk is one the log references: no orphans from the workers
+    from deltalake import DeltaTable
+
+    on_disk = {str(p.resolve()) for p in (lake / "tiles").rglob("*.parquet")}
+    assert on_disk == set(DeltaTable(str(lake / "tiles")).file_uris()) and len(on_disk) >= 1
