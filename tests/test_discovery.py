@@ -10,7 +10,7 @@ import pytest
 from conftest import CMU, DAPI, TCGA, TRITC, make_tiff, need
 from slidelake.config import PipelineConfig
 from slidelake.pipeline import run_discover
-from slidelake.slides import fingerprint_file, list_inputs, probe_slide
+from slidelake.slides import discover, fingerprint_file, list_inputs, probe_slide
 
 
 def test_probe_matches_openslide_on_real_slides():
@@ -65,7 +65,8 @@ def test_list_inputs_folders_globs_manifest(tmp_path):
 
 
 @pytest.mark.spark
-def test_discover_job_with_broken_files_and_duplicates(spark, tmp_path, lake):
+@pytest.mark.parametrize("on_driver_below", [0, 100], ids=["executors", "driver"])
+def test_discover_job_with_broken_files_and_duplicates(spark, tmp_path, lake, on_driver_below):
     need(CMU, DAPI)
     d = tmp_path / "in"
     d.mkdir()
@@ -76,7 +77,7 @@ def test_discover_job_with_broken_files_and_duplicates(spark, tmp_path, lake):
     (d / "garbage.ndpi").write_bytes(os.urandom(5000))
     data = CMU.read_bytes()
     (d / "truncated.svs").write_bytes(data[: len(data) // 2])
-    cfg = PipelineConfig(inputs=[str(d)], lake=str(lake))
+    cfg = PipelineConfig(inputs=[str(d)], lake=str(lake), discovery={"on_driver_below": on_driver_below})
     rec = run_discover(spark, cfg)
     assert rec.status == "succeeded"
     assert (rec.counts["slides_discovered"], rec.counts["slides_ok"], rec.counts["slides_error"]) == (6, 3, 3)
@@ -105,3 +106,22 @@ def test_assumed_mpp_fills_missing_mpp(spark, lake):
     run_discover(spark, cfg)
     row = pl.read_delta(str(lake / "slides")).row(0, named=True)
     assert row["status"] == "ok" and row["mpp_x"] == 0.25 and row["mpp_source"] == "assumed"
+
+
+@pytest.mark.spark
+def test_driver_and_executor_probes_give_the_same_rows(spark, tmp_path):
+    need(CMU)
+    d = tmp_path / "in"
+    d.mkdir()
+    shutil.copy(CMU, d / "cmu.svs")
+    (d / "garbage.svs").write_bytes(os.urandom(3000))
+    make_tiff(d / "plain.tiff", 300, 200, levels=2, tile=64)
+    listed = list_inputs([str(d)], ["svs", "tiff"])
+    on_exec = discover(spark, listed, "r", on_driver_below=0)
+    on_driver = discover(spark, listed, "r", on_driver_below=10)
+
+    def key(rows):
+        return sorted(({k: v for k, v in r.items() if k != "discovered_at"} for r in rows), key=lambda r: r["path"])
+
+    assert len(on_exec) == 3 and key(on_exec) == key(on_driver)
+    assert [r["status"] for r in key(on_exec)] == ["ok", "error", "ok"]

@@ -39,11 +39,15 @@ class DiscoveryConfig(_Strict):
     ``exclude``: file-name glob patterns (``fnmatch``, case-insensitive) skipped when walking
     folders and globs; by default the ``<slide>.mask.tif[f]`` overlay sidecars of
     :class:`MaskConfig`.
+    ``on_driver_below``: fewer files than this are probed (SHA-256 and header) on the driver,
+    one thread per core, instead of in a Spark job whose start-up costs more (the rule Spark
+    itself uses to list a few paths on the driver); 0 always probes on the executors.
     """
 
     extensions: list[str] = Field(default_factory=lambda: list(SLIDE_EXTENSIONS))
     recursive: bool = True
     exclude: list[str] = Field(default_factory=lambda: ["*.mask.tif", "*.mask.tiff"])
+    on_driver_below: int = Field(default=8, ge=0)
 
 
 class ResolutionConfig(_Strict):

@@ -104,7 +104,7 @@ def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord) ->
     with _stage(rec, "discover"):
         listed = list_inputs(cfg.inputs, cfg.discovery.extensions, cfg.discovery.recursive,
                              cfg.discovery.exclude)
-        rows = [r.asDict(recursive=True) for r in discover(spark, listed, rec.run_id).collect()] if len(listed) else []
+        rows = discover(spark, listed, rec.run_id, cfg.discovery.on_driver_below)
         assumed = cfg.resolution.assumed_mpp
         for r in rows:
             if assumed is not None and r["status"] == "ok" and r["mpp_x"] is None:

@@ -300,42 +300,54 @@ def list_inputs(inputs: Sequence[str], extensions: Sequence[str], recursive: boo
     return out.drop_duplicates(subset="path", keep="first").reset_index(drop=True)
 
 
+def _probe_row(path: str, attrs: dict | None, run_id: str, at: datetime) -> dict[str, Any]:
+    row = probe_slide(path)
+    row["attributes"] = dict(attrs) if attrs is not None else {}
+    row["run_id"] = run_id
+    row["discovered_at"] = at
+    return row
+
+
 def _probe_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
     names = SLIDES_SCHEMA.fieldNames()
     for pdf in batches:
-        out = []
-        for path, attrs, run_id, at in zip(pdf["path"], pdf["attributes"], pdf["run_id"], pdf["discovered_at"]):
-            row = probe_slide(path)
-            row["attributes"] = dict(attrs) if attrs is not None else {}
-            row["run_id"] = run_id
-            row["discovered_at"] = at
-            out.append(row)
+        out = [_probe_row(*r) for r in zip(pdf["path"], pdf["attributes"], pdf["run_id"], pdf["discovered_at"])]
         yield pd.DataFrame(out, columns=names)
 
 
-def discover(spark: SparkSession, paths: pd.DataFrame, run_id: str) -> DataFrame:
-    """Probe every listed path on the executors; one ``slides`` row per path.
+def discover(spark: SparkSession, paths: pd.DataFrame, run_id: str, on_driver_below: int = 0) -> list[dict[str, Any]]:
+    """Probe every listed path; one ``slides`` row (a dict of :data:`SLIDES_SCHEMA`) per path.
+
+    Fewer than ``on_driver_below`` paths are probed on the driver, one thread per core (as
+    Spark lists fewer than ``spark.sql.sources.parallelPartitionDiscovery.threshold`` paths on
+    the driver: a Spark job's start-up costs more than a few probes); otherwise on the
+    executors (``mapInPandas``, one file per call).
 
     Args:
         spark: the session.
         paths: output of :func:`list_inputs`.
         run_id: written to each row's ``run_id``.
-
-    Returns:
-        DataFrame with :data:`SLIDES_SCHEMA` (lazy; the probing runs when it is written).
+        on_driver_below: see above; 0 always uses Spark.
     """
     now = datetime.now(timezone.utc).replace(tzinfo=None)
+    data = [(p, a, run_id, now) for p, a in zip(paths["path"], paths["attributes"])]
+    if not data:
+        return []
+    if len(data) < on_driver_below:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(len(data), os.cpu_count() or 1)) as pool:
+            return list(pool.map(lambda r: _probe_row(*r), data))
     src_schema = T.StructType([
         T.StructField("path", T.StringType(), False),
         T.StructField("attributes", T.MapType(T.StringType(), T.StringType()), True),
         T.StructField("run_id", T.StringType(), True),
         T.StructField("discovered_at", T.TimestampType(), True),
     ])
-    data = [(p, a, run_id, now) for p, a in zip(paths["path"], paths["attributes"])]
     n = max(1, min(len(data), spark.sparkContext.defaultParallelism * 4))
     src = spark.createDataFrame(data, schema=src_schema).repartition(n, "path")
     spark.sparkContext.setJobDescription("discover")
-    return src.mapInPandas(_probe_batches, schema=SLIDES_SCHEMA)
+    return [r.asDict(recursive=True) for r in src.mapInPandas(_probe_batches, schema=SLIDES_SCHEMA).collect()]
 
 
 def select_rows_for_tiling(rows: list[dict]) -> list[dict]:
