@@ -248,3 +248,21 @@ def test_threshold_variants_agree_on_the_he_sample(method, threshold):
     a, b = mask > 0, ref > 0
     assert 0.15 < a.mean() < 0.7
     assert (a & b).sum() / (a | b).sum() > 0.7  # the variants find the same tissue
+
+
+def test_saturation_feature_is_hsv_saturation():
+    """The mask's saturation feature is computed from channel planes (far less memory than
+    ``rgb2hsv``) and equals skimage's HSV saturation."""
+    from skimage.color import rgb2hsv
+
+    from slidelake.masks import _feature
+
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 256, (120, 90, 3), dtype=np.uint8)
+    rgb[:4] = 0  # black: saturation 0, no division by zero
+    rgb[4:8] = 200  # grey: saturation 0
+    got = _feature(rgb, "saturation", "brightfield")
+    np.testing.assert_allclose(got, rgb2hsv(rgb)[..., 1], rtol=0, atol=1e-12)
+    assert (got[:8] == 0).all()
+    np.testing.assert_allclose(_feature(rgb, "grayscale", "brightfield"), 255 - rgb.mean(axis=2), atol=1e-12)
+    np.testing.assert_array_equal(_feature(rgb, "saturation", "fluorescence"), rgb.max(axis=2))

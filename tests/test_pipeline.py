@@ -178,6 +178,15 @@ def test_corrupt_and_empty_files_among_good_slides(spark, lake, tmp_path):
     assert bad["tiles_failed"] > 0
     assert bad["tiles_written"] == bad["tiles_generated"] - bad["tiles_failed"] > 0
     assert any(e["stage"] == "decode" for e in rec.slide_errors)
+    # every failed tile is in tile_errors with its coordinates, none of them among the tiles
+    errs = pl.read_delta(str(lake / "tile_errors"))
+    assert errs.height == rec.counts["tiles_failed"] == bad["tiles_failed"]
+    assert set(errs["path"]) == {str(d / "corrupt-tiles.svs")} and set(errs["run_id"]) == {rec.run_id}
+    assert set(errs["stage"]) == {"decode"} and errs["error"].str.len_chars().min() > 0
+    failed_xy = set(zip(errs["tile_x"], errs["tile_y"]))
+    written_xy = set(zip(*t.filter(pl.col("path") == str(d / "corrupt-tiles.svs")).select("tile_x", "tile_y")))
+    assert len(failed_xy) == errs.height and not failed_xy & written_xy
+    assert len(failed_xy | written_xy) == bad["tiles_generated"]
 
 
 def test_generated_pyramid_tiff_level_and_roi(spark, lake, tmp_path):

@@ -65,10 +65,10 @@ def _report(rec, cfg) -> None:
         for k, v in sorted(rec.profile.items()):
             table.add_row(k, f"{v:,.2f}")
         console.print(table)
-    shown = {"discover": ("slides", "runs"), "masks": ("masks", "runs")}.get(rec.job, ("slides", "masks", "tiles", "runs"))
+    shown = {"discover": ("slides", "runs"), "masks": ("masks", "runs")}.get(rec.job, ("slides", "masks", "tiles", "tile_errors", "runs"))
     for name, p in lake_paths(cfg).items():
         if name in shown:
-            console.print(f"  {name:7s} {p}", markup=False, highlight=False)
+            console.print(f"  {name:11s} {p}", markup=False, highlight=False)
 
 
 def _xy(v: Optional[str]) -> Optional[list[int]]:
@@ -209,7 +209,7 @@ app.command("run", help="Discover the inputs, make their masks, then tile them (
 
 @app.command()
 def sql(
-    query: str = typer.Argument(..., help="SQL over the views slides, masks, tiles, runs."),
+    query: str = typer.Argument(..., help="SQL over the views slides, masks, tiles, tile_errors, runs."),
     lake: str = typer.Option("lake", "--lake", help="Lake root folder."),
     tiles_table: str = typer.Option("tiles", "--tiles-table", help="Tile table name under the lake."),
     limit: int = typer.Option(50, help="Rows to print at most."),

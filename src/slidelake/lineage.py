@@ -34,6 +34,20 @@ SLIDE_ERROR = T.StructType([
     T.StructField("error", T.StringType()),
 ])
 
+# <lake>/tile_errors: one row per tile that failed in a run (appended; filter by run_id)
+TILE_ERRORS_SCHEMA = T.StructType([
+    T.StructField("run_id", T.StringType()),
+    T.StructField("slide_id", T.StringType()),
+    T.StructField("path", T.StringType()),
+    T.StructField("config_hash", T.StringType()),
+    T.StructField("level", T.IntegerType()),
+    T.StructField("tile_x", T.LongType()),
+    T.StructField("tile_y", T.LongType()),
+    T.StructField("stage", T.StringType()),
+    T.StructField("error", T.StringType()),
+    T.StructField("created_at", T.TimestampType()),
+])
+
 RUNS_SCHEMA = T.StructType([
     T.StructField("run_id", T.StringType()),
     T.StructField("job", T.StringType()),

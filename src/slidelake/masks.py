@@ -158,12 +158,20 @@ def detect_polarity(rgb: np.ndarray, valid: np.ndarray) -> str:
 def _feature(rgb: np.ndarray, method: str, polarity: str) -> np.ndarray:
     """float64 ``(h, w)``, larger = more tissue-like."""
     if polarity == "fluorescence":
-        return rgb.max(axis=2).astype(np.float64)  # log taken after smoothing
+        return np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]).astype(np.float64)  # log after smoothing
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     if method == "saturation":
-        from skimage.color import rgb2hsv
-
-        return rgb2hsv(rgb)[..., 1].astype(np.float64)
-    return 255.0 - rgb.mean(axis=2, dtype=np.float64)
+        # HSV saturation (max - min) / max, 0 where max == 0, as skimage.color.rgb2hsv defines
+        # it; from the channel planes, without rgb2hsv's float64 (h, w, 3) copies (~10x the
+        # mask's size in memory)
+        mx = np.maximum(np.maximum(r, g), b).astype(np.float64)
+        delta = mx - np.minimum(np.minimum(r, g), b)
+        np.divide(delta, mx, out=delta, where=mx > 0)
+        return delta
+    grey = r.astype(np.float64)
+    grey += g
+    grey += b
+    return 255.0 - grey / 3.0
 
 
 def tissue_mask(rgb: np.ndarray, valid: np.ndarray, mask_mpp: tuple[float, float] | float,
@@ -435,6 +443,21 @@ def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: s
     return res
 
 
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS (``gc.collect`` then glibc ``malloc_trim(0)``;
+    a no-op elsewhere). A mask's working arrays are tens of MiB; without this, glibc keeps the
+    freed pages and a reused Python worker carries them into the decode stage (measured in
+    ``docs/benchmarks.md``)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfig, lake_root: str,
                run_id: str) -> DataFrame:
     """Compute the masks of ``slides`` (``slides`` rows as dicts), one Spark task per slide.
@@ -459,6 +482,7 @@ def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfi
                     if rec[k] is not None and isinstance(rec[k], float) and math.isnan(rec[k]):
                         rec[k] = None
                 rows.append(compute_mask(rec, cfg, lake_root, run_id, phash))
+                release_memory()  # the worker is reused by the decode stage next
             yield pd.DataFrame(rows, columns=MASKS_SCHEMA.fieldNames())
 
     spark.sparkContext.setJobDescription("masks")
@@ -468,5 +492,5 @@ def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfi
 __all__ = [
     "MASKS_SCHEMA", "TISSUE", "BACKGROUND", "MaskError", "params_hash", "mask_size", "read_slide_at",
     "detect_polarity", "tissue_mask", "write_overlay", "read_overlay", "mask_outline", "qc_picture",
-    "overlay_dir", "user_overlay_path", "compute_mask", "make_masks",
+    "overlay_dir", "user_overlay_path", "compute_mask", "release_memory", "make_masks",
 ]

@@ -24,7 +24,7 @@ from slidelake import __version__
 from slidelake.config import PipelineConfig, config_hash
 from slidelake.decode import repartition_tiles
 from slidelake.grid import expand_grid, grid_size
-from slidelake.lineage import RUNS_SCHEMA, CountLog, RunRecord, SumLog, versions
+from slidelake.lineage import RUNS_SCHEMA, TILE_ERRORS_SCHEMA, CountLog, RunRecord, SumLog, utcnow, versions
 from slidelake.masks import MASKS_SCHEMA, make_masks, params_hash, qc_picture
 from slidelake.overlap import annotation_path, overlap_tiles
 from slidelake.progress import TileProgress
@@ -53,10 +53,11 @@ def overlay_root(cfg: PipelineConfig) -> str:
 
 
 def lake_paths(cfg: PipelineConfig) -> dict[str, str]:
-    """Absolute (or URI) paths of the lake's tables: ``slides``, ``masks``, ``tiles``, ``runs``."""
+    """Absolute (or URI) paths of the lake's tables: ``slides``, ``masks``, ``tiles``,
+    ``tile_errors``, ``runs``."""
     root = lake_root(cfg)
     return {"slides": f"{root}/slides", "masks": f"{root}/masks",
-            "tiles": f"{root}/{cfg.tables.tiles_table}", "runs": f"{root}/runs"}
+            "tiles": f"{root}/{cfg.tables.tiles_table}", "tile_errors": f"{root}/tile_errors", "runs": f"{root}/runs"}
 
 
 @contextmanager
@@ -172,6 +173,25 @@ def mask_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
         {"slide_id": m["slide_id"], "path": m["path"], "stage": "masks", "error": m["error"]} for m in failed
     ]
     return ok
+
+
+def _write_tile_errors(spark: SparkSession, path: str, writer: str, rec: RunRecord, chash: str,
+                      slides: list[dict], failures: dict[str, list[dict]]) -> None:
+    """Append this run's failed tiles to ``<lake>/tile_errors`` (one commit; the table is
+    created empty on the first run so it can always be queried)."""
+    from slidelake.tables import table_exists
+
+    by_id = {r["slide_id"]: r for r in slides}
+    now = utcnow()
+    rows = [
+        {"run_id": rec.run_id, "slide_id": sid, "path": by_id[sid]["path"], "config_hash": chash,
+         "level": by_id[sid]["level"], "tile_x": f["tile_x"], "tile_y": f["tile_y"], "stage": f.get("stage", "decode"),
+         "error": f["error"], "created_at": now}
+        for sid, fails in failures.items() if sid in by_id for f in fails
+    ]
+    if rows or not table_exists(path):
+        res = write_rows(spark, rows, TILE_ERRORS_SCHEMA, path, writer, mode="append", description="write tile_errors")
+        rec.table_versions["tile_errors"] = res.version if res.version is not None else -1
 
 
 def draw_qc(spark: SparkSession, tiles_path: str, writer: str, masks: dict[str, dict], run_id: str) -> None:
@@ -336,6 +356,8 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
                             on_profile)
     res = wrote.result
     rec.table_versions[cfg.tables.tiles_table] = res.version if res.version is not None else -1
+    with _stage(rec, "write"):
+        _write_tile_errors(spark, paths["tile_errors"], writer, rec, chash, good, wrote.failures)
     with _stage(rec, "qc"):
         draw_qc(spark, paths["tiles"], writer, {sid: masks[sid] for sid in slide_ids if sid in masks}, rec.run_id)
     counts = []
@@ -389,7 +411,7 @@ def _run(spark: SparkSession, cfg: PipelineConfig, job: str, body) -> RunRecord:
         if cfg.tables.catalog_database and writer == "spark" and rec.status == "succeeded":
             register_tables(spark, cfg.tables.catalog_database,
                             {"slides": paths["slides"], "masks": paths["masks"], cfg.tables.tiles_table: paths["tiles"],
-                             "runs": paths["runs"]})
+                             "tile_errors": paths["tile_errors"], "runs": paths["runs"]})
     return rec
 
 
