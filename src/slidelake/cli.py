@@ -83,7 +83,7 @@ def _roi(v: Optional[str]) -> Optional[list[int]]:
 
 
 def _run_job(job: str, inputs, config, lake, replace_table: bool, progress: Optional[bool] = None,
-             profile: bool = False, **flags) -> None:
+             profile: bool = False, force: bool = False, **flags) -> None:
     from slidelake.pipeline import ConfigMismatchError, run_all, run_discover, run_masks, run_tile
     from slidelake.spark import get_spark
 
@@ -103,7 +103,7 @@ def _run_job(job: str, inputs, config, lake, replace_table: bool, progress: Opti
         else:
             show = sys.stderr.isatty() if progress is None else progress
             job_fn = run_tile if job == "tile" else run_all
-            rec = job_fn(spark, cfg, replace_table=replace_table, progress=show, profile=profile)
+            rec = job_fn(spark, cfg, replace_table=replace_table, progress=show, profile=profile, force=force)
     except ConfigMismatchError as exc:
         console.print(f"[red]refused:[/red] {exc}")
         raise typer.Exit(3) from exc
@@ -181,10 +181,12 @@ def _tiling_command(job: str):
         progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                                 help="Live tile counts (default: when the terminal is interactive)."),
         profile: bool = typer.Option(False, "--profile", help="Record seconds and tiles per stage in runs.profile."),
+        force: bool = typer.Option(False, "--force", help="Redo the given slides: probe them again and re-tile "
+                                                         "them even when unchanged and already tiled with this config."),
     ) -> None:
         flags = {k: v for k, v in locals().items()
-                 if k not in ("inputs", "config", "lake", "replace_table", "job", "progress", "profile")}
-        _run_job(job, inputs, config, lake, replace_table, progress, profile, **flags)
+                 if k not in ("inputs", "config", "lake", "replace_table", "job", "progress", "profile", "force")}
+        _run_job(job, inputs, config, lake, replace_table, progress, profile, force, **flags)
 
     return command
 

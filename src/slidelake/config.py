@@ -290,12 +290,15 @@ class TablesConfig(_Strict):
     tile files (``delta-rs`` writer; the other columns always use zstd). ``none`` by default:
     ``jpeg``/``png``/``webp`` tiles are already compressed, and raw pixels of tissue gained
     ~8 % from zstd level 1 for ~0.4 ms per 256 px tile (``docs/benchmarks.md``).
+    ``slides_per_commit``: slides tiled per tiles-table commit; a run killed half way keeps the
+    batches already committed, and running it again does the rest.
     """
 
     writer: Literal["auto", "spark", "delta-rs"] = "auto"
     catalog_database: str | None = None
     tiles_table: str = Field(default="tiles", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     tile_compression: Literal["none", "zstd", "lz4", "snappy"] = "none"
+    slides_per_commit: int = Field(default=16, ge=1)
 
 
 class PipelineConfig(_Strict):

@@ -48,6 +48,23 @@ TILE_ERRORS_SCHEMA = T.StructType([
     T.StructField("created_at", T.TimestampType()),
 ])
 
+# <lake>/run_slides: one row per slide a run committed tiles for (appended after each commit);
+# the record incremental runs skip by
+RUN_SLIDES_SCHEMA = T.StructType([
+    T.StructField("run_id", T.StringType()),
+    T.StructField("slide_id", T.StringType()),
+    T.StructField("path", T.StringType()),
+    T.StructField("fingerprint", T.StringType()),
+    T.StructField("config_hash", T.StringType()),
+    T.StructField("tiles_table", T.StringType()),
+    T.StructField("tiles_version", T.LongType()),
+    T.StructField("replaced_table", T.BooleanType()),
+    T.StructField("tiles_generated", T.LongType()),
+    T.StructField("tiles_written", T.LongType()),
+    T.StructField("tiles_failed", T.LongType()),
+    T.StructField("created_at", T.TimestampType()),
+])
+
 RUNS_SCHEMA = T.StructType([
     T.StructField("run_id", T.StringType()),
     T.StructField("job", T.StringType()),
@@ -66,7 +83,9 @@ RUNS_SCHEMA = T.StructType([
     T.StructField("slides_discovered", T.LongType()),
     T.StructField("slides_ok", T.LongType()),
     T.StructField("slides_error", T.LongType()),
+    T.StructField("slides_unchanged", T.LongType()),
     T.StructField("slides_tiled", T.LongType()),
+    T.StructField("slides_skipped", T.LongType()),
     T.StructField("masks_computed", T.LongType()),
     T.StructField("masks_reused", T.LongType()),
     T.StructField("masks_failed", T.LongType()),
@@ -198,7 +217,8 @@ class RunRecord:
     def row(self) -> dict[str, Any]:
         """The record as a dict matching :data:`RUNS_SCHEMA`."""
         ended = utcnow()
-        keys = ("slides_discovered", "slides_ok", "slides_error", "slides_tiled", "masks_computed",
+        keys = ("slides_discovered", "slides_ok", "slides_error", "slides_unchanged", "slides_tiled",
+                "slides_skipped", "masks_computed",
                 "masks_reused", "masks_failed", "tiles_generated", "tiles_skipped", "tiles_decoded",
                 "tiles_failed", "tiles_filtered", "tiles_written")
         return {

@@ -24,14 +24,16 @@ from slidelake import __version__
 from slidelake.config import PipelineConfig, config_hash
 from slidelake.decode import repartition_tiles
 from slidelake.grid import expand_grid, grid_size
-from slidelake.lineage import RUNS_SCHEMA, TILE_ERRORS_SCHEMA, CountLog, RunRecord, SumLog, utcnow, versions
+from slidelake.lineage import (
+    RUN_SLIDES_SCHEMA, RUNS_SCHEMA, TILE_ERRORS_SCHEMA, CountLog, RunRecord, SumLog, utcnow, versions,
+)
 from slidelake.masks import MASKS_SCHEMA, make_masks, params_hash, qc_picture
 from slidelake.overlap import annotation_path, overlap_tiles
 from slidelake.progress import TileProgress
 from slidelake.resolution import resolve_row, resolved_schema
 from slidelake.slides import SLIDES_SCHEMA, discover, list_inputs, select_rows_for_tiling
-from slidelake.tables import read_columns, read_rows, register_tables, resolve_writer, write_rows
-from slidelake.write import TILES_COLUMNS, Lineage, write_tiles  # noqa: F401 - TILES_COLUMNS re-exported
+from slidelake.tables import partition_values, read_columns, read_rows, register_tables, resolve_writer, write_rows
+from slidelake.write import TILES_COLUMNS, Lineage, TileWrite, write_tiles  # noqa: F401 - TILES_COLUMNS re-exported
 
 # failed tiles listed per slide in runs.slide_errors
 MAX_ERROR_SAMPLES = 20
@@ -54,10 +56,11 @@ def overlay_root(cfg: PipelineConfig) -> str:
 
 def lake_paths(cfg: PipelineConfig) -> dict[str, str]:
     """Absolute (or URI) paths of the lake's tables: ``slides``, ``masks``, ``tiles``,
-    ``tile_errors``, ``runs``."""
+    ``tile_errors``, ``run_slides``, ``runs``."""
     root = lake_root(cfg)
     return {"slides": f"{root}/slides", "masks": f"{root}/masks",
-            "tiles": f"{root}/{cfg.tables.tiles_table}", "tile_errors": f"{root}/tile_errors", "runs": f"{root}/runs"}
+            "tiles": f"{root}/{cfg.tables.tiles_table}", "tile_errors": f"{root}/tile_errors",
+            "run_slides": f"{root}/run_slides", "runs": f"{root}/runs"}
 
 
 @contextmanager
@@ -90,34 +93,53 @@ def _write_run(spark: SparkSession, rec: RunRecord, paths: dict[str, str], write
 
 # ---------------------------------------------------------------------------------- discover
 
-def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord) -> list[dict]:
-    """Discovery stage: list the inputs, probe every file, merge into ``<lake>/slides``.
+def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, force: bool = False) -> list[dict]:
+    """Discovery stage: list the inputs, probe the files, merge into ``<lake>/slides``.
 
-    Rows of paths scanned again replace their previous rows (no duplicates); other rows are
-    kept. A ``resolution.assumed_mpp`` fills mpp (``mpp_source='assumed'``) for readable slides
-    that have none.
+    A path whose ``slides`` row is ``ok`` and whose size and modification time are unchanged
+    keeps its row (no re-hashing: a nightly scan of an archive reads only new or changed
+    files); ``force`` probes every file again. Rows of paths scanned again replace their
+    previous rows (no duplicates); other rows are kept. A ``resolution.assumed_mpp`` fills mpp
+    (``mpp_source='assumed'``) for readable slides that have none.
 
     Returns:
         The rows of this scan as dicts (:data:`~slidelake.slides.SLIDES_SCHEMA`), one per path.
     """
+    from slidelake.slides import unchanged_since
+
     paths = lake_paths(cfg)
     writer = rec.delta_writer or "delta-rs"
     with _stage(rec, "discover"):
         listed = list_inputs(cfg.inputs, cfg.discovery.extensions, cfg.discovery.recursive,
                              cfg.discovery.exclude)
-        rows = discover(spark, listed, rec.run_id, cfg.discovery.on_driver_below)
+        previous = read_rows(spark, paths["slides"], writer, SLIDES_SCHEMA)
+        before = {r["path"]: r for r in previous}
+        now = utcnow()
+        reused, fresh = [], []
+        for i, (p, attrs) in enumerate(zip(listed["path"], listed["attributes"])):
+            old = before.get(p)
+            if not force and old is not None and unchanged_since(old, p):
+                r = {**old, "attributes": dict(attrs or {}), "run_id": rec.run_id, "discovered_at": now}
+                if r["mpp_source"] == "assumed":  # re-applied below from this run's config
+                    r.update(mpp_x=None, mpp_y=None, mpp_source=None)
+                reused.append(r)
+            else:
+                fresh.append(i)
+        rows = discover(spark, listed.iloc[fresh].reset_index(drop=True), rec.run_id,
+                        cfg.discovery.on_driver_below) + reused
         assumed = cfg.resolution.assumed_mpp
         for r in rows:
             if assumed is not None and r["status"] == "ok" and r["mpp_x"] is None:
                 r.update(mpp_x=float(assumed), mpp_y=float(assumed), mpp_source="assumed")
     with _stage(rec, "write"):
         scanned = {r["path"] for r in rows}
-        kept = [r for r in read_rows(spark, paths["slides"], writer, SLIDES_SCHEMA) if r["path"] not in scanned]
+        kept = [r for r in previous if r["path"] not in scanned]
         res = write_rows(spark, kept + rows, SLIDES_SCHEMA, paths["slides"], writer, mode="overwrite",
                          description="write slides")
         rec.table_versions["slides"] = res.version if res.version is not None else -1
     n_ok = sum(1 for r in rows if r["status"] == "ok")
-    rec.counts.update(slides_discovered=len(rows), slides_ok=n_ok, slides_error=len(rows) - n_ok)
+    rec.counts.update(slides_discovered=len(rows), slides_ok=n_ok, slides_error=len(rows) - n_ok,
+                      slides_unchanged=len(reused))
     rec.slide_errors += [
         {"slide_id": r["slide_id"], "path": r["path"], "stage": "discover", "error": r["error"]}
         for r in rows if r["status"] != "ok"
@@ -256,16 +278,22 @@ def _check_config_mix(spark, paths, writer, chash, slide_ids, replace_table) -> 
 
 
 def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides: list[dict],
-                replace_table: bool = False, progress: bool = False, profile: bool = False) -> None:
+                replace_table: bool = False, progress: bool = False, profile: bool = False,
+                force: bool = False) -> None:
     """Tiling stages on ``slides`` rows (dicts of the ``slides`` table schema; ``ok`` rows are
-    tiled, once per ``slide_id``): masks, resolve, grid,
-    overlap, filter before decode, repartition, decode, pixel filter, write
-    ``<lake>/<tiles_table>`` partitioned by ``slide_id``, then the QC pictures.
+    tiled, once per ``slide_id``): resolve, skip slides already tiled, masks, then per batch of
+    ``tables.slides_per_commit`` slides: grid, overlap, filter before decode, repartition,
+    decode, pixel filter, write ``<lake>/<tiles_table>`` partitioned by ``slide_id`` (one
+    commit), ``tile_errors`` and ``run_slides``; then the QC pictures.
 
-    Each tiled slide's partition is replaced in one commit, so a rerun does not duplicate tiles
-    and a slide with zero kept tiles ends with none. Slides that fail resolution (or, with
-    masks enabled, whose mask fails) are recorded in ``rec.slide_errors`` and leave their old
-    tiles untouched.
+    **Incremental**: a slide whose content (``slide_id``, a content hash) was already tiled into
+    this tiles table with the same tiling config (``config_hash``), as recorded in
+    ``<lake>/run_slides``, is skipped unless ``force``. Each batch's tiles are committed before
+    its ``run_slides`` rows, so a run killed half way is finished by running it again: committed
+    batches are skipped, a batch whose commit was lost is redone, and its partitions are
+    replaced, never duplicated. A slide with zero kept tiles ends with none. Slides that fail
+    resolution (or, with masks enabled, whose mask fails) are recorded in ``rec.slide_errors``
+    and leave their old tiles untouched.
 
     ``progress`` shows live tile counts on the driver (:class:`~slidelake.progress.TileProgress`);
     ``profile`` records seconds and tiles per stage, summed over the Python workers, into
@@ -278,11 +306,10 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     paths = lake_paths(cfg)
     writer = rec.delta_writer or "delta-rs"
     chash = config_hash(cfg)
-    grid_cfg, fcfg = cfg.grid, cfg.filter
+    grid_cfg = cfg.grid
 
     with _stage(rec, "resolve"):
         # a few rows per slide: deduplicate and resolve on the driver, no Spark job
-        schema = resolved_schema(SLIDES_SCHEMA)
         selected = select_rows_for_tiling(slides)
         resolved_rows = [{**r, **resolve_row(r, cfg.resolution)} for r in selected]
     good = [r for r in resolved_rows if r["resolution_error"] is None]
@@ -290,6 +317,9 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
         {"slide_id": r["slide_id"], "path": r["path"], "stage": "resolution", "error": r["resolution_error"]}
         for r in resolved_rows if r["resolution_error"] is not None
     ]
+    done = set() if force or replace_table else tiled_before(spark, paths, writer, chash, cfg.tables.tiles_table)
+    rec.counts["slides_skipped"] = sum(1 for r in good if r["slide_id"] in done)
+    good = [r for r in good if r["slide_id"] not in done]
     masks: dict[str, dict] = {}
     if cfg.masks.enabled and good:
         masks = mask_slides(spark, cfg, rec, good)
@@ -300,23 +330,69 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
         for r in good
     }
     total = sum(generated.values())
-    slide_ids = [r["slide_id"] for r in good]
-    _check_config_mix(spark, paths, writer, chash, slide_ids, replace_table)
+    _check_config_mix(spark, paths, writer, chash, [r["slide_id"] for r in good], replace_table)
+    # tiles of content no longer in the slides table (a file rewritten with other content since
+    # it was tiled) are removed with the first commit
+    current = {r["slide_id"] for r in read_rows(spark, paths["slides"], writer, SLIDES_SCHEMA)} | {r["slide_id"] for r in slides}
+    stale = sorted(partition_values(spark, paths["tiles"], writer) - current)
 
     decoded_acc = spark.sparkContext.accumulator({}, CountLog())  # live progress only
-
     prof_acc = spark.sparkContext.accumulator({}, SumLog()) if profile else None
     on_profile = (lambda d: prof_acc.add(d)) if prof_acc is not None else None
 
+    counts: list[dict] = []
+    written_total = 0
+    step = cfg.tables.slides_per_commit
+    batches = [good[i:i + step] for i in range(0, len(good), step)] or ([[]] if replace_table or stale else [])
+    with TileProgress(spark, total, lambda: sum(decoded_acc.value.values()), enabled=progress):
+        for i, batch in enumerate(batches):
+            with _stage(rec, "overlap+decode+write"):
+                wrote = _tile_batch(spark, cfg, rec, batch, masks, sum(generated[r["slide_id"]] for r in batch),
+                                    replace_table and i == 0, stale if i == 0 else [], decoded_acc.add, on_profile)
+            res = wrote.result
+            rec.table_versions[cfg.tables.tiles_table] = res.version if res.version is not None else -1
+            batch_counts = _slide_counts(rec, batch, generated, wrote)
+            with _stage(rec, "write"):
+                _write_tile_errors(spark, paths["tile_errors"], writer, rec, chash, batch, wrote.failures)
+                _write_run_slides(spark, paths["run_slides"], writer, rec, chash, cfg.tables.tiles_table,
+                                  batch, batch_counts, rec.table_versions[cfg.tables.tiles_table],
+                                  replace_table and i == 0)
+            counts += batch_counts
+            written_total += res.rows
+    with _stage(rec, "qc"):
+        draw_qc(spark, paths["tiles"], writer, {r["slide_id"]: masks[r["slide_id"]] for r in good
+                                                if r["slide_id"] in masks}, rec.run_id)
+    rec.slide_counts = counts
+    if prof_acc is not None:
+        rec.profile = {**(rec.profile or {}), **{k: float(v) for k, v in prof_acc.value.items()},
+                       **{f"wall.{k}": v for k, v in rec.stage_seconds.items()},
+                       "tiles.generated": float(total), "tiles.written": float(written_total)}
+    rec.counts.update(
+        slides_tiled=len(good),
+        tiles_generated=total,
+        tiles_written=written_total,
+        **{k: sum(c[k] for c in counts) for k in ("tiles_skipped", "tiles_decoded", "tiles_failed", "tiles_filtered")},
+    )
+
+
+def _tile_batch(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, batch: list[dict], masks: dict[str, dict],
+                total: int, replace_table: bool, drop: list[str], on_decoded, on_profile) -> TileWrite:
+    """Grid, overlap, filter, repartition, decode, write one batch of resolved slide rows as one
+    commit replacing their partitions and removing the ``drop`` partitions (the whole table
+    when ``replace_table``)."""
+    paths = lake_paths(cfg)
+    writer = rec.delta_writer or "delta-rs"
+    chash = config_hash(cfg)
+    grid_cfg, fcfg, ann = cfg.grid, cfg.filter, cfg.annotations
+    schema = resolved_schema(SLIDES_SCHEMA)
     # per-slide inputs of the overlap stage, decided on the driver
-    ann = cfg.annotations
     sides = T.StructType([T.StructField("overlay_path", T.StringType()),
                           T.StructField("annotations_path", T.StringType())])
     resolved = spark.createDataFrame([
         (*(r[f] for f in schema.fieldNames()),
          masks[r["slide_id"]]["mask_path"] if r["slide_id"] in masks else None,
          annotation_path(r["path"], r["attributes"], ann.column, ann.sidecar_suffix) if ann.enabled else None)
-        for r in good
+        for r in batch
     ], schema=T.StructType(schema.fields + sides.fields))
     base = resolved.select(
         "slide_id", "path", "fingerprint", "attributes", "level", "level_downsample", "downsample",
@@ -349,21 +425,18 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
         "tile_id", F.xxhash64("slide_id", F.lit(chash), "tile_x", "tile_y"))
     # 5. decode, 6. pixel filter, 7. write with lineage columns: in the Python workers
     lineage = Lineage(rec.run_id, chash, __version__, rec.started_at)
-    with _stage(rec, "overlap+decode+write"), TileProgress(spark, total, lambda: sum(decoded_acc.value.values()),
-                                                            enabled=progress):
-        wrote = write_tiles(spark, tiles, paths["tiles"], writer, cfg.decode, fcfg, lineage,
-                            None if replace_table else slide_ids, cfg.tables.tile_compression, decoded_acc.add,
-                            on_profile)
-    res = wrote.result
-    rec.table_versions[cfg.tables.tiles_table] = res.version if res.version is not None else -1
-    with _stage(rec, "write"):
-        _write_tile_errors(spark, paths["tile_errors"], writer, rec, chash, good, wrote.failures)
-    with _stage(rec, "qc"):
-        draw_qc(spark, paths["tiles"], writer, {sid: masks[sid] for sid in slide_ids if sid in masks}, rec.run_id)
+    return write_tiles(spark, tiles, paths["tiles"], writer, cfg.decode, fcfg, lineage,
+                       None if replace_table else [r["slide_id"] for r in batch] + list(drop), cfg.tables.tile_compression,
+                       on_decoded, on_profile)
+
+
+def _slide_counts(rec: RunRecord, batch: list[dict], generated: dict[str, int], wrote: TileWrite) -> list[dict]:
+    """Per-slide counts of a committed batch (``runs.slide_counts``); failed tiles sampled into
+    ``rec.slide_errors``."""
     counts = []
-    for r in good:
+    for r in batch:
         sid = r["slide_id"]
-        gen, written = generated[sid], res.rows_by_partition.get(sid, 0)
+        gen, written = generated[sid], wrote.result.rows_by_partition.get(sid, 0)
         dec = min(max(wrote.decoded.get(sid, 0), written), gen)
         failed = min(wrote.failed.get(sid, 0), gen - written)
         # tiles whose overlap failed were neither skipped by the mask nor decoded
@@ -379,17 +452,38 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
                 "slide_id": sid, "path": r["path"], "stage": s.get("stage", "decode"),
                 "error": f"tile ({s['tile_x']}, {s['tile_y']}): {s['error']}",
             })
-    rec.slide_counts = counts
-    if prof_acc is not None:
-        rec.profile = {**(rec.profile or {}), **{k: float(v) for k, v in prof_acc.value.items()},
-                       **{f"wall.{k}": v for k, v in rec.stage_seconds.items()},
-                       "tiles.generated": float(total), "tiles.written": float(res.rows)}
-    rec.counts.update(
-        slides_tiled=len(good),
-        tiles_generated=total,
-        tiles_written=res.rows,
-        **{k: sum(c[k] for c in counts) for k in ("tiles_skipped", "tiles_decoded", "tiles_failed", "tiles_filtered")},
-    )
+    return counts
+
+
+def tiled_before(spark: SparkSession, paths: dict[str, str], writer: str, chash: str, tiles_table: str) -> set[str]:
+    """``slide_id`` of slides whose tiles with tiling config ``chash`` are committed in
+    ``tiles_table`` by their latest commit, from ``<lake>/run_slides`` (rows since the table
+    was last replaced whole; none when the tiles table does not exist)."""
+    from slidelake.tables import table_exists
+
+    if "://" not in paths["tiles"] and not table_exists(paths["tiles"]):
+        return set()
+    rows = [r for r in read_rows(spark, paths["run_slides"], writer, RUN_SLIDES_SCHEMA) if r["tiles_table"] == tiles_table]
+    replaced = max((r["run_id"] for r in rows if r["replaced_table"]), default="")
+    latest: dict[str, dict] = {}  # the last commit of each slide decides (a later config may have replaced it)
+    for r in sorted(rows, key=lambda r: r["run_id"]):
+        if r["run_id"] >= replaced:
+            latest[r["slide_id"]] = r
+    return {sid for sid, r in latest.items() if r["config_hash"] == chash}
+
+
+def _write_run_slides(spark: SparkSession, path: str, writer: str, rec: RunRecord, chash: str, tiles_table: str,
+                      batch: list[dict], counts: list[dict], version: int, replaced_table: bool) -> None:
+    """Append one ``run_slides`` row per slide of a committed batch (after its tiles commit)."""
+    now = utcnow()
+    by_id = {c["slide_id"]: c for c in counts}
+    rows = [{"run_id": rec.run_id, "slide_id": r["slide_id"], "path": r["path"], "fingerprint": r["fingerprint"],
+             "config_hash": chash, "tiles_table": tiles_table, "tiles_version": version,
+             "replaced_table": replaced_table, "tiles_generated": by_id[r["slide_id"]]["tiles_generated"],
+             "tiles_written": by_id[r["slide_id"]]["tiles_written"], "tiles_failed": by_id[r["slide_id"]]["tiles_failed"],
+             "created_at": now} for r in batch]
+    if rows or replaced_table:
+        write_rows(spark, rows, RUN_SLIDES_SCHEMA, path, writer, mode="append", description="write run_slides")
 
 
 # ---------------------------------------------------------------------------------- the jobs
@@ -441,7 +535,7 @@ def run_masks(spark: SparkSession, cfg: PipelineConfig) -> RunRecord:
 
 
 def run_tile(spark: SparkSession, cfg: PipelineConfig, replace_table: bool = False, progress: bool = False,
-             profile: bool = False) -> RunRecord:
+             profile: bool = False, force: bool = False) -> RunRecord:
     """The tiling job on slides already in ``<lake>/slides`` (masks included when enabled;
     existing masks are reused).
 
@@ -450,17 +544,20 @@ def run_tile(spark: SparkSession, cfg: PipelineConfig, replace_table: bool = Fal
     """
     def body(rec: RunRecord) -> None:
         slides = _listed_slides(spark, cfg, rec.delta_writer or "delta-rs")
-        tile_slides(spark, cfg, rec, slides, replace_table, progress, profile)
+        tile_slides(spark, cfg, rec, slides, replace_table, progress, profile, force)
 
     return _run(spark, cfg, "tile", body)
 
 
 def run_all(spark: SparkSession, cfg: PipelineConfig, replace_table: bool = False, progress: bool = False,
-            profile: bool = False) -> RunRecord:
-    """Discover ``cfg.inputs``, then make masks (when enabled) and tile the slides found, as one run."""
+            profile: bool = False, force: bool = False) -> RunRecord:
+    """Discover ``cfg.inputs``, then make masks (when enabled) and tile the slides found, as one run.
+
+    Incremental: unchanged files are not re-hashed and slides already tiled with this config
+    are skipped (:func:`tile_slides`); ``force`` re-probes and re-tiles every listed slide."""
     def body(rec: RunRecord) -> None:
-        found = discover_slides(spark, cfg, rec)
-        tile_slides(spark, cfg, rec, found, replace_table, progress, profile)
+        found = discover_slides(spark, cfg, rec, force)
+        tile_slides(spark, cfg, rec, found, replace_table, progress, profile, force)
 
     return _run(spark, cfg, "run", body)
 

@@ -300,6 +300,22 @@ def list_inputs(inputs: Sequence[str], extensions: Sequence[str], recursive: boo
     return out.drop_duplicates(subset="path", keep="first").reset_index(drop=True)
 
 
+def unchanged_since(row: dict[str, Any], path: str) -> bool:
+    """True when ``row`` (the path's previous ``slides`` row) was ``ok`` and the file at
+    ``path`` still has its size and modification time (``os.stat``), so its fingerprint and
+    header facts still hold without reading the file again."""
+    if row.get("status") != "ok" or row.get("modified_at") is None:
+        return False
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    mtime = datetime.fromtimestamp(st.st_mtime, tz=timezone.utc).replace(tzinfo=None)
+    prev = row["modified_at"]
+    prev = prev.astimezone(timezone.utc).replace(tzinfo=None) if prev.tzinfo is not None else prev
+    return int(st.st_size) == row.get("file_size") and mtime == prev
+
+
 def _probe_row(path: str, attrs: dict | None, run_id: str, at: datetime) -> dict[str, Any]:
     row = probe_slide(path)
     row["attributes"] = dict(attrs) if attrs is not None else {}
@@ -367,5 +383,5 @@ def select_rows_for_tiling(rows: list[dict]) -> list[dict]:
 __all__ = [
     "SLIDES_SCHEMA", "PROPERTY_ALLOWLIST", "fingerprint_file", "slide_id_from_fingerprint",
     "mpp_from_properties", "objective_from_properties", "probe_slide", "list_inputs",
-    "discover", "select_rows_for_tiling",
+    "unchanged_since", "discover", "select_rows_for_tiling",
 ]

@@ -377,6 +377,24 @@ def read_columns(spark: SparkSession, path: str, writer: str, columns: list[str]
     return DeltaTable(local).to_pyarrow_table(filters=parts, columns=columns)
 
 
+def partition_values(spark: SparkSession, path: str, writer: str, column: str = "slide_id") -> set[str]:
+    """Values of a partition column present in a table's current version (from the Delta log's
+    add actions with ``delta-rs``; a distinct query with ``spark``); empty when no table."""
+    if writer == "spark":
+        try:
+            df = read_table(spark, path, writer)
+        except Exception:  # noqa: BLE001 - no table yet
+            return set()
+        return {r[0] for r in df.select(column).distinct().collect()}
+    local = _local(path)
+    if not table_exists(local):
+        return set()
+    from deltalake import DeltaTable
+
+    actions = DeltaTable(local).get_add_actions(flatten=True).to_pydict()
+    return {v for v in actions.get(f"partition.{column}", []) if v is not None}
+
+
 def write_rows(spark: SparkSession, rows: list[dict], schema: T.StructType, path: str, writer: str,
                mode: str = "append", description: str = "write") -> WriteResult:
     """Write a few driver-held rows (``slides``, ``masks``, ``runs``) as one Delta commit.
@@ -395,7 +413,8 @@ def write_rows(spark: SparkSession, rows: list[dict], schema: T.StructType, path
     os.makedirs(local, exist_ok=True)
     table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema.fields} for r in rows],
                                  schema=_arrow_schema(schema))
-    write_deltalake(local, table, mode=mode)
+    # a table written by an older slidelake gains the new columns (append) or the new schema (overwrite)
+    write_deltalake(local, table, mode=mode, schema_mode="merge" if mode == "append" else "overwrite")
     return WriteResult(DeltaTable(local).version(), 1, len(rows))
 
 

@@ -1,0 +1,112 @@
+"""Incremental and resumable runs: unchanged slides are neither re-hashed nor re-tiled, changed
+ones are, ``force`` redoes them, and a run killed between commits is finished by running it
+again, ending exactly as one clean run. Tables are read back with polars / delta-rs."""
+
+from __future__ import annotations
+
+import os
+
+import polars as pl
+import pytest
+from conftest import make_tiff
+from deltalake import DeltaTable
+
+from slidelake.config import PipelineConfig
+from slidelake.pipeline import run_all
+
+
+def _cfg(lake, inputs, **over) -> PipelineConfig:
+    base = {"inputs": [str(p) for p in inputs], "lake": str(lake), "resolution": {"level": 0},
+            "grid": {"tile_extent": 100, "last": "keep"}, "masks": {"enabled": False},
+            "filter": {"max_background_fraction": None}, "decode": {"encoding": "png"}}
+    return PipelineConfig.model_validate({**base, **over})
+
+
+def _tiles(lake) -> pl.DataFrame:
+    return pl.read_delta(str(lake / "tiles")).sort(["path", "tile_y", "tile_x"])
+
+
+@pytest.mark.spark
+def test_second_run_skips_unchanged_slides_and_redoes_changed_ones(spark, lake, tmp_path):
+    a, b = tmp_path / "a.tiff", tmp_path / "b.tiff"
+    make_tiff(a, 300, 200, mpp=0.5, seed=1)
+    make_tiff(b, 250, 150, mpp=0.5, seed=2)
+    cfg = _cfg(lake, [tmp_path])
+    r1 = run_all(spark, cfg)
+    assert r1.counts["slides_tiled"] == 2 and r1.counts["tiles_written"] == 6 + 6
+    v1 = DeltaTable(str(lake / "tiles")).version()
+
+    # nothing changed: no file is hashed again, no slide tiled again, the tiles table untouched
+    r2 = run_all(spark, cfg)
+    assert r2.status == "succeeded"
+    assert r2.counts["slides_unchanged"] == 2 and r2.counts["slides_skipped"] == 2
+    assert r2.counts["slides_tiled"] == 0 and r2.counts["tiles_written"] == 0
+    assert DeltaTable(str(lake / "tiles")).version() == v1
+    assert set(_tiles(lake)["run_id"]) == {r1.run_id}
+
+    # b rewritten with other content (same size class, new mtime): only b is probed and tiled,
+    # and the tiles of b's old content are removed
+    old_b = _tiles(lake).filter(pl.col("path") == str(b))["slide_id"][0]
+    make_tiff(b, 250, 150, mpp=0.5, seed=3)
+    os.utime(b, (1e9, 1e9))
+    r3 = run_all(spark, cfg)
+    assert r3.counts["slides_unchanged"] == 1 and r3.counts["slides_skipped"] == 1 and r3.counts["slides_tiled"] == 1
+    t = _tiles(lake)
+    assert t.height == 12 and old_b not in set(t["slide_id"])
+    assert set(t.filter(pl.col("path") == str(b))["run_id"]) == {r3.run_id}
+    assert set(t.filter(pl.col("path") == str(a))["run_id"]) == {r1.run_id}
+
+    # another tiling config is not "already tiled"
+    r4 = run_all(spark, _cfg(lake, [a], grid={"tile_extent": 150, "last": "keep"}, tables={"tiles_table": "t150"}))
+    assert r4.counts["slides_skipped"] == 0 and r4.counts["tiles_written"] == 2 * 2
+
+    # --force re-probes and re-tiles the given slide; the table ends with one copy of each tile
+    r5 = run_all(spark, _cfg(lake, [a]), force=True)
+    assert r5.counts["slides_unchanged"] == 0 and r5.counts["slides_tiled"] == 1 and r5.counts["tiles_written"] == 6
+    t = _tiles(lake)
+    assert t.height == 12 and t.select("slide_id", "tile_x", "tile_y").is_duplicated().sum() == 0
+    assert set(t.filter(pl.col("path") == str(a))["run_id"]) == {r5.run_id}
+    rs = pl.read_delta(str(lake / "run_slides"))
+    assert set(rs["run_id"]) == {r1.run_id, r3.run_id, r4.run_id, r5.run_id}
+
+
+@pytest.mark.spark
+def test_run_killed_between_commits_is_finished_by_running_it_again(spark, lake, tmp_path, monkeypatch):
+    import slidelake.pipeline as pipeline
+
+    slides = []
+    for i in range(3):
+        p = tmp_path / f"s{i}.tiff"
+        make_tiff(p, 220, 160, mpp=0.5, seed=10 + i)
+        slides.append(p)
+    cfg = _cfg(lake, slides, tables={"slides_per_commit": 1})
+
+    real = pipeline._tile_batch
+    calls = {"n": 0}
+
+    def dies_on_second_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("driver killed")  # as a kill between two commits
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_tile_batch", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run_all(spark, cfg)
+    monkeypatch.setattr(pipeline, "_tile_batch", real)
+    partial = _tiles(lake)
+    assert partial["slide_id"].n_unique() == 1 and partial.height == 6  # the first batch is committed
+    runs = pl.read_delta(str(lake / "runs"))
+    assert runs["status"].to_list() == ["failed"]
+
+    again = run_all(spark, cfg)
+    assert again.status == "succeeded"
+    assert again.counts["slides_skipped"] == 1 and again.counts["slides_tiled"] == 2
+    done = _tiles(lake)
+
+    clean_lake = tmp_path / "clean"
+    run_all(spark, cfg.model_copy(update={"lake": str(clean_lake)}))
+    clean = _tiles(clean_lake)
+    cols = ["slide_id", "tile_id", "tile_x", "tile_y", "tile"]
+    assert done.height == clean.height == 18
+    assert done.select(cols).sort(["slide_id", "tile_y", "tile_x"]).equals(clean.select(cols).sort(["slide_id", "tile_y", "tile_x"]))
