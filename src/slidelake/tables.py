@@ -391,8 +391,11 @@ def partition_values(spark: SparkSession, path: str, writer: str, column: str = 
         return set()
     from deltalake import DeltaTable
 
-    actions = DeltaTable(local).get_add_actions(flatten=True).to_pydict()
-    return {v for v in actions.get(f"partition.{column}", []) if v is not None}
+    import pyarrow as pa
+
+    actions = pa.table(DeltaTable(local).get_add_actions(flatten=True))
+    key = f"partition.{column}"
+    return {v for v in actions.column(key).to_pylist() if v is not None} if key in actions.column_names else set()
 
 
 def write_rows(spark: SparkSession, rows: list[dict], schema: T.StructType, path: str, writer: str,
