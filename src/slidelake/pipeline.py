@@ -32,7 +32,9 @@ from slidelake.overlap import annotation_path, overlap_tiles
 from slidelake.progress import TileProgress
 from slidelake.resolution import resolve_row, resolved_schema
 from slidelake.slides import SLIDES_SCHEMA, discover, list_inputs, select_rows_for_tiling
-from slidelake.tables import partition_values, read_columns, read_rows, register_tables, resolve_writer, write_rows
+from slidelake.tables import (
+    partition_values, read_columns, read_rows, register_tables, resolve_writer, sql_in, write_rows,
+)
 from slidelake.write import TILES_COLUMNS, Lineage, TileWrite, write_tiles  # noqa: F401 - TILES_COLUMNS re-exported
 
 # failed tiles listed per slide in runs.slide_errors
@@ -132,10 +134,9 @@ def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, fo
             if assumed is not None and r["status"] == "ok" and r["mpp_x"] is None:
                 r.update(mpp_x=float(assumed), mpp_y=float(assumed), mpp_source="assumed")
     with _stage(rec, "write"):
-        scanned = {r["path"] for r in rows}
-        kept = [r for r in previous if r["path"] not in scanned]
-        res = write_rows(spark, kept + rows, SLIDES_SCHEMA, paths["slides"], writer, mode="overwrite",
-                         description="write slides")
+        # replace the rows of the scanned paths only: a concurrent run scanning other paths keeps its rows
+        res = write_rows(spark, rows, SLIDES_SCHEMA, paths["slides"], writer, mode="overwrite",
+                         description="write slides", replace_where=sql_in("path", [r["path"] for r in rows]))
         rec.table_versions["slides"] = res.version if res.version is not None else -1
     n_ok = sum(1 for r in rows if r["status"] == "ok")
     rec.counts.update(slides_discovered=len(rows), slides_ok=n_ok, slides_error=len(rows) - n_ok,
@@ -180,10 +181,10 @@ def mask_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
         todo = [r for r in slides if r["slide_id"] not in reuse]
         made = [m.asDict(recursive=True) for m in make_masks(spark, todo, cfg.masks, overlay_root(cfg), rec.run_id).collect()] if todo else []
         if made:
-            redone = {(m["slide_id"], m["params_hash"]) for m in made}
-            kept = [m for m in existing if (m["slide_id"], m["params_hash"]) not in redone]
-            res = write_rows(spark, kept + made, MASKS_SCHEMA, paths["masks"], writer, mode="overwrite",
-                             description="write masks")
+            # replace the rows of these slides and settings only (concurrent runs keep theirs)
+            where = f"params_hash = '{phash}' AND " + sql_in("slide_id", [m["slide_id"] for m in made])
+            res = write_rows(spark, made, MASKS_SCHEMA, paths["masks"], writer, mode="overwrite",
+                             description="write masks", replace_where=where)
             rec.table_versions["masks"] = res.version if res.version is not None else -1
     ok = {**reuse, **{m["slide_id"]: m for m in made if m["status"] == "ok"}}
     failed = [m for m in made if m["status"] != "ok"]

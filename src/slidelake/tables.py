@@ -398,16 +398,39 @@ def partition_values(spark: SparkSession, path: str, writer: str, column: str = 
     return {v for v in actions.column(key).to_pylist() if v is not None} if key in actions.column_names else set()
 
 
+def sql_in(column: str, values) -> str:
+    """A SQL predicate ``column IN ('a', 'b')`` (quotes doubled; ``FALSE`` for no values)."""
+    vals = sorted({str(v) for v in values})
+    if not vals:
+        return "FALSE"
+    return f"{column} IN (" + ", ".join("'" + v.replace("'", "''") + "'" for v in vals) + ")"
+
+
 def write_rows(spark: SparkSession, rows: list[dict], schema: T.StructType, path: str, writer: str,
-               mode: str = "append", description: str = "write") -> WriteResult:
-    """Write a few driver-held rows (``slides``, ``masks``, ``runs``) as one Delta commit.
+               mode: str = "append", description: str = "write", replace_where: str | None = None) -> WriteResult:
+    """Write a few driver-held rows (``slides``, ``masks``, ``runs``, ...) as one Delta commit.
+
+    ``replace_where`` (with ``mode='overwrite'``): replace only the rows matching this SQL
+    predicate, e.g. :func:`sql_in` of the paths just scanned, so concurrent runs writing other
+    rows of the same table do not overwrite each other (Delta ``replaceWhere``; delta-rs
+    ``predicate``). Without it, ``overwrite`` replaces the whole table.
 
     With ``delta-rs`` the rows go from Arrow straight to ``deltalake.write_deltalake`` (no Spark
-    job: a small table costs milliseconds, not a Spark job's seconds); with ``spark`` they go
-    through :func:`write_table`.
+    job: a small table costs milliseconds, not a Spark job's seconds); with ``spark`` through
+    Spark's Delta writer.
     """
     if writer == "spark":
         df = spark.createDataFrame(rows, schema=schema).coalesce(1)
+        if mode == "overwrite" and replace_where is not None:
+            spark.sparkContext.setJobDescription(description)
+            w = df.write.format("delta")
+            try:
+                read_table(spark, path, writer)
+                w = w.mode("overwrite").option("replaceWhere", replace_where)
+            except Exception:  # noqa: BLE001 - no table yet: create it
+                w = w.mode("append")
+            w.save(path)
+            return WriteResult(None, 1, len(rows))
         return write_table(spark, df, path, writer, mode=mode, description=description)
     import pyarrow as pa
     from deltalake import DeltaTable, write_deltalake
@@ -416,8 +439,11 @@ def write_rows(spark: SparkSession, rows: list[dict], schema: T.StructType, path
     os.makedirs(local, exist_ok=True)
     table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema.fields} for r in rows],
                                  schema=_arrow_schema(schema))
-    # a table written by an older slidelake gains the new columns (append) or the new schema (overwrite)
-    write_deltalake(local, table, mode=mode, schema_mode="merge" if mode == "append" else "overwrite")
+    if mode == "overwrite" and replace_where is not None and table_exists(local):
+        write_deltalake(local, table, mode="overwrite", predicate=replace_where, schema_mode="merge")
+    else:
+        # a table written by an older slidelake gains the new columns (append) or the new schema (overwrite)
+        write_deltalake(local, table, mode=mode, schema_mode="merge" if mode == "append" else "overwrite")
     return WriteResult(DeltaTable(local).version(), 1, len(rows))
 
 
