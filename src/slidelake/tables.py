@@ -217,9 +217,33 @@ def new_staging(path: str) -> str:
         ValueError: ``path`` is a remote URI (the delta-rs writer is local only).
     """
     local = _local(path)
+    clean_stale_staging(local)
     staging = os.path.join(local, STAGING_DIR, uuid.uuid4().hex)
     os.makedirs(staging, exist_ok=True)
     return staging
+
+
+STALE_STAGING_S = 24 * 3600
+
+
+def clean_stale_staging(path: str, max_age_s: float = STALE_STAGING_S) -> list[str]:
+    """Delete staging folders of ``path`` not modified for ``max_age_s`` seconds: left by a
+    driver killed before its commit (never part of the table). Younger ones may belong to a
+    run in progress and are kept. Returns the folders deleted."""
+    import time
+
+    parent = os.path.join(path, STAGING_DIR)
+    if not os.path.isdir(parent):
+        return []
+    gone = []
+    for name in os.listdir(parent):
+        d = os.path.join(parent, name)
+        newest = max([os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs]
+                     + [os.path.getmtime(d)])
+        if time.time() - newest > max_age_s:
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
 
 
 def discard_staging(staging: str) -> None:
