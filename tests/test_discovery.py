@@ -125,3 +125,20 @@ def test_driver_and_executor_probes_give_the_same_rows(spark, tmp_path):
 
     assert len(on_exec) == 3 and key(on_exec) == key(on_driver)
     assert [r["status"] for r in key(on_exec)] == ["ok", "error", "ok"]
+
+
+@pytest.mark.spark
+def test_property_allowlist_is_configurable_and_identifiers_stay_out(spark, tmp_path, lake):
+    need(CMU)
+    with openslide.OpenSlide(str(CMU)) as s:
+        assert "aperio.Filename" in s.properties  # the file carries an identifier-like field
+    cfg = PipelineConfig(inputs=[str(CMU)], lake=str(lake), discovery={"properties": ["openslide.vendor", "aperio.MPP"]})
+    run_discover(spark, cfg)
+    row = pl.read_delta(str(lake / "slides")).row(0, named=True)
+    assert dict(row["properties"]) == {"openslide.vendor": "aperio", "aperio.MPP": "0.4990"}
+    # by default no free-text property is stored anywhere in the slides table
+    lake2 = tmp_path / "lake2"
+    run_discover(spark, PipelineConfig(inputs=[str(CMU)], lake=str(lake2)))
+    props = dict(pl.read_delta(str(lake2 / "slides")).row(0, named=True)["properties"])
+    assert not {"aperio.Filename", "aperio.User", "openslide.comment", "aperio.Date"} & set(props)
+    assert props["openslide.vendor"] == "aperio"

@@ -23,6 +23,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Slide properties copied into ``slides.properties``: scanner facts only. Free-text fields such
+# as ``openslide.comment`` or ``aperio.Filename`` can hold patient identifiers and are left out.
+PROPERTY_ALLOWLIST: tuple[str, ...] = (
+    "openslide.vendor", "openslide.mpp-x", "openslide.mpp-y", "openslide.objective-power",
+    "openslide.quickhash-1", "openslide.background-color", "openslide.bounds-x",
+    "openslide.bounds-y", "openslide.bounds-width", "openslide.bounds-height",
+    "openslide.level[0].tile-width", "openslide.level[0].tile-height",
+    "aperio.AppMag", "aperio.MPP", "hamamatsu.SourceLens", "mirax.GENERAL.OBJECTIVE_MAGNIFICATION",
+    "tiff.ResolutionUnit", "tiff.XResolution", "tiff.YResolution",
+)
+
 SLIDE_EXTENSIONS: tuple[str, ...] = (
     "svs", "tif", "tiff", "ndpi", "vms", "vmu", "scn", "mrxs", "bif", "svslide",
     "ome.tif", "ome.tiff", "dcm",
@@ -39,6 +50,10 @@ class DiscoveryConfig(_Strict):
     ``exclude``: file-name glob patterns (``fnmatch``, case-insensitive) skipped when walking
     folders and globs; by default the ``<slide>.mask.tif[f]`` overlay sidecars of
     :class:`MaskConfig`.
+    ``properties``: slide properties copied into ``slides.properties``, an allowlist (default
+    :data:`PROPERTY_ALLOWLIST`: scanner facts only). Free text such as ``aperio.Filename``,
+    ``openslide.comment`` or DICOM patient tags can identify a patient and is never copied unless
+    listed here; label and macro images are never read.
     ``on_driver_below``: fewer files than this are probed (SHA-256 and header) on the driver,
     one thread per core, instead of in a Spark job whose start-up costs more (the rule Spark
     itself uses to list a few paths on the driver); 0 always probes on the executors.
@@ -48,6 +63,7 @@ class DiscoveryConfig(_Strict):
     recursive: bool = True
     exclude: list[str] = Field(default_factory=lambda: ["*.mask.tif", "*.mask.tiff"])
     on_driver_below: int = Field(default=8, ge=0)
+    properties: list[str] = Field(default_factory=lambda: list(PROPERTY_ALLOWLIST))
 
 
 class ResolutionConfig(_Strict):

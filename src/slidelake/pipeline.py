@@ -128,7 +128,7 @@ def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, fo
             else:
                 fresh.append(i)
         rows = discover(spark, listed.iloc[fresh].reset_index(drop=True), rec.run_id,
-                        cfg.discovery.on_driver_below) + reused
+                        cfg.discovery.on_driver_below, cfg.discovery.properties) + reused
         assumed = cfg.resolution.assumed_mpp
         for r in rows:
             if assumed is not None and r["status"] == "ok" and r["mpp_x"] is None:

@@ -56,16 +56,7 @@ SLIDES_SCHEMA = T.StructType([
     T.StructField("discovered_at", T.TimestampType(), True),
 ])
 
-# Slide properties copied into ``slides.properties``: scanner facts only. Free-text fields such
-# as ``openslide.comment`` or ``aperio.Filename`` can hold patient identifiers and are left out.
-PROPERTY_ALLOWLIST: tuple[str, ...] = (
-    "openslide.vendor", "openslide.mpp-x", "openslide.mpp-y", "openslide.objective-power",
-    "openslide.quickhash-1", "openslide.background-color", "openslide.bounds-x",
-    "openslide.bounds-y", "openslide.bounds-width", "openslide.bounds-height",
-    "openslide.level[0].tile-width", "openslide.level[0].tile-height",
-    "aperio.AppMag", "aperio.MPP", "hamamatsu.SourceLens", "mirax.GENERAL.OBJECTIVE_MAGNIFICATION",
-    "tiff.ResolutionUnit", "tiff.XResolution", "tiff.YResolution",
-)
+from slidelake.config import PROPERTY_ALLOWLIST  # noqa: E402 - re-exported
 
 # Where level-0 mpp is looked up, in order (as TRIDENT's chain). TIFF resolution tags are in
 # pixels per unit; ``_tiff_mpp`` converts them.
@@ -151,11 +142,13 @@ def objective_from_properties(props: dict[str, str]) -> float | None:
     return None
 
 
-def probe_slide(path: str) -> dict[str, Any]:
+def probe_slide(path: str, properties: Sequence[str] = PROPERTY_ALLOWLIST) -> dict[str, Any]:
     """Fingerprint and open one slide; never raises.
 
     Args:
         path: absolute path of the file.
+        properties: slide property names copied into ``properties`` (an allowlist: scanner
+            facts only, never free text that may identify a patient).
 
     Returns:
         A dict with the fields of :data:`SLIDES_SCHEMA` except ``attributes``, ``run_id`` and
@@ -202,7 +195,7 @@ def probe_slide(path: str) -> dict[str, Any]:
             mpp_y=mpp_y,
             mpp_source=src,
             objective_power=objective_from_properties(props),
-            properties={k: str(props[k]) for k in PROPERTY_ALLOWLIST if k in props},
+            properties={k: str(props[k]) for k in properties if k in props},
             status="ok",
         )
     except Exception as exc:  # noqa: BLE001 - every failure becomes an error row
@@ -316,22 +309,29 @@ def unchanged_since(row: dict[str, Any], path: str) -> bool:
     return int(st.st_size) == row.get("file_size") and mtime == prev
 
 
-def _probe_row(path: str, attrs: dict | None, run_id: str, at: datetime) -> dict[str, Any]:
-    row = probe_slide(path)
+def _probe_row(path: str, attrs: dict | None, run_id: str, at: datetime,
+               properties: Sequence[str] = PROPERTY_ALLOWLIST) -> dict[str, Any]:
+    row = probe_slide(path, properties)
     row["attributes"] = dict(attrs) if attrs is not None else {}
     row["run_id"] = run_id
     row["discovered_at"] = at
     return row
 
 
-def _probe_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+def _prober(properties: Sequence[str]):
     names = SLIDES_SCHEMA.fieldNames()
-    for pdf in batches:
-        out = [_probe_row(*r) for r in zip(pdf["path"], pdf["attributes"], pdf["run_id"], pdf["discovered_at"])]
-        yield pd.DataFrame(out, columns=names)
+    props = list(properties)
+
+    def probe_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for pdf in batches:
+            out = [_probe_row(*r, props) for r in zip(pdf["path"], pdf["attributes"], pdf["run_id"], pdf["discovered_at"])]
+            yield pd.DataFrame(out, columns=names)
+
+    return probe_batches
 
 
-def discover(spark: SparkSession, paths: pd.DataFrame, run_id: str, on_driver_below: int = 0) -> list[dict[str, Any]]:
+def discover(spark: SparkSession, paths: pd.DataFrame, run_id: str, on_driver_below: int = 0,
+             properties: Sequence[str] = PROPERTY_ALLOWLIST) -> list[dict[str, Any]]:
     """Probe every listed path; one ``slides`` row (a dict of :data:`SLIDES_SCHEMA`) per path.
 
     Fewer than ``on_driver_below`` paths are probed on the driver, one thread per core (as
@@ -344,6 +344,7 @@ def discover(spark: SparkSession, paths: pd.DataFrame, run_id: str, on_driver_be
         paths: output of :func:`list_inputs`.
         run_id: written to each row's ``run_id``.
         on_driver_below: see above; 0 always uses Spark.
+        properties: slide properties copied (allowlist, see :func:`probe_slide`).
     """
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     data = [(p, a, run_id, now) for p, a in zip(paths["path"], paths["attributes"])]
@@ -353,7 +354,7 @@ def discover(spark: SparkSession, paths: pd.DataFrame, run_id: str, on_driver_be
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=min(len(data), os.cpu_count() or 1)) as pool:
-            return list(pool.map(lambda r: _probe_row(*r), data))
+            return list(pool.map(lambda r: _probe_row(*r, list(properties)), data))
     src_schema = T.StructType([
         T.StructField("path", T.StringType(), False),
         T.StructField("attributes", T.MapType(T.StringType(), T.StringType()), True),
@@ -363,7 +364,7 @@ def discover(spark: SparkSession, paths: pd.DataFrame, run_id: str, on_driver_be
     n = max(1, min(len(data), spark.sparkContext.defaultParallelism * 4))
     src = spark.createDataFrame(data, schema=src_schema).repartition(n, "path")
     spark.sparkContext.setJobDescription("discover")
-    return [r.asDict(recursive=True) for r in src.mapInPandas(_probe_batches, schema=SLIDES_SCHEMA).collect()]
+    return [r.asDict(recursive=True) for r in src.mapInPandas(_prober(properties), schema=SLIDES_SCHEMA).collect()]
 
 
 def select_rows_for_tiling(rows: list[dict]) -> list[dict]:
