@@ -1,5 +1,6 @@
 """End-to-end tiling on the real slides and generated ones."""
 
+import os
 import shutil
 
 import numpy as np
@@ -221,3 +222,29 @@ def test_file_deleted_between_discovery_and_tiling(spark, lake, tmp_path):
     assert counts[str(tmp_path / "b.tiff")]["tiles_written"] == 6
     assert tiles_of(lake).height == 6
     assert any("open failed" in e["error"] for e in rec.slide_errors if e["stage"] == "decode")
+
+
+def test_pathological_inputs_give_error_rows_and_the_good_slide_is_tiled(spark, lake, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    make_tiff(d / "good.tiff", 300, 200, mpp=0.5)
+    make_tiff(d / "absurd.tiff", 300, 200, mpp=400.0, seed=3)  # resolution tags claiming 400 µm/px
+    os.mkfifo(d / "pipe.svs")  # reading it would block forever
+    os.symlink(d / "missing.svs", d / "dangling.svs")
+    os.symlink(d / "loop.svs", d / "loop.svs")
+    (d / "zero.ndpi").write_bytes(b"")
+    cfg = cfg_for(lake, [d], resolution={"level": 0}, grid={"tile_extent": 100},
+                  masks={"enabled": True, "max_megapixels": 1.0}, filter={"min_tissue_fraction": None})
+    rec = run_all(spark, cfg)
+    assert rec.status == "succeeded"
+    slides = {os.path.basename(r["path"]): r for r in pl.read_delta(str(lake / "slides")).iter_rows(named=True)}
+    assert slides["pipe.svs"]["status"] == "error" and "not a regular file" in slides["pipe.svs"]["error"]
+    assert slides["dangling.svs"]["status"] == "error" and "No such file" in slides["dangling.svs"]["error"]
+    assert slides["loop.svs"]["status"] == "error" and "symbolic links" in slides["loop.svs"]["error"]
+    assert slides["zero.ndpi"]["status"] == "error" and "empty" in slides["zero.ndpi"]["error"]
+    # its mask would be 15,000 x 10,000 px at 8 µm/px: an error row, not an out-of-memory crash
+    assert rec.counts["masks_failed"] == 1
+    err = next(e for e in rec.slide_errors if e["stage"] == "masks")
+    assert err["path"] == str(d / "absurd.tiff") and "max_megapixels" in err["error"]
+    t = tiles_of(lake)
+    assert set(t["path"]) == {str(d / "good.tiff")} and t.height == 6

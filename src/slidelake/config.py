@@ -238,6 +238,9 @@ class MaskConfig(_Strict):
     * ``overlay_column`` / ``overlay_suffix``: a user overlay (e.g. a segmentation model's TIFF)
       given by this manifest column, or found next to the slide as ``<stem><suffix>`` (also
       ``.tif``), is used instead of computing a mask.
+    * ``max_megapixels``: a mask larger than this (a corrupt header claiming absurd dimensions,
+      or ``mpp`` far too fine) is refused with an error row instead of exhausting memory; a
+      200,000 x 100,000 px slide at 0.25 µm/px gives 20 Mpx at 8 µm/px.
     * ``overlay_root``: folder for the overlay files (``null``: ``<lake>/overlays``). Overlays are
       written with ordinary file I/O by the executors: with a lake on object storage
       (``s3://``), point this at a shared mounted folder (EFS, FSx, a Databricks Volume).
@@ -254,6 +257,7 @@ class MaskConfig(_Strict):
     min_object_um2: float = Field(default=20000.0, ge=0)
     min_hole_um2: float = Field(default=20000.0, ge=0)
     chunk_px: int = Field(default=4096, ge=256)
+    max_megapixels: float = Field(default=64.0, gt=0)
     overlay_column: str = "overlay_path"
     overlay_suffix: str = ".mask.tiff"
     overlay_root: str | None = None
@@ -347,7 +351,8 @@ class PipelineConfig(_Strict):
                 mode="json", include={"encoding", "quality", "background_threshold", "reader"}
             ),
             "filter": self.filter.model_dump(mode="json"),
-            "masks": self.masks.model_dump(mode="json", exclude={"chunk_px", "overlay_root"}) if self.masks.enabled
+            "masks": self.masks.model_dump(mode="json", exclude={"chunk_px", "overlay_root", "max_megapixels"})
+            if self.masks.enabled
             else {"enabled": False},
             "annotations": self.annotations.model_dump(mode="json"),
         }

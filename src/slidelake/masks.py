@@ -414,6 +414,10 @@ def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: s
             # without mpp the mask geometry and µm settings assume NOMINAL_MPP at level 0
             mx, my = (row["mpp_x"], row["mpp_y"]) if known else (NOMINAL_MPP, NOMINAL_MPP)
             w, h = mask_size(W0, H0, mx, my, cfg.mpp)
+            if w * h > cfg.max_megapixels * 1e6:
+                # absurd dimensions (a corrupt header, or masks.mpp far too fine) must not exhaust memory
+                raise MaskError(f"the mask would be {w} x {h} px ({w * h / 1e6:,.0f} Mpx) at {cfg.mpp} µm/px, over "
+                                f"masks.max_megapixels={cfg.max_megapixels:g}; raise masks.mpp or the limit")
             rgb, valid = read_slide_at(slide, (w, h), cfg.chunk_px)
             mpp = (mx * W0 / w, my * H0 / h)
             labels, info = tissue_mask(rgb, valid, mpp, cfg)

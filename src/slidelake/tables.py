@@ -311,9 +311,11 @@ def commit_files(
             by_part[key] = by_part.get(key, 0) + int(n)
 
     dschema = Schema.from_json(_nullable(schema).json())
-    if not table_exists(local):
-        create_table_with_add_actions(local, dschema, adds, mode="error", partition_by=partition_by or None)
-    else:
+
+    def commit() -> None:
+        if not table_exists(local):
+            create_table_with_add_actions(local, dschema, adds, mode="error", partition_by=partition_by or None)
+            return
         dt = DeltaTable(local)
         if mode == "overwrite" and replace_partitions is not None:
             if replace_partitions:
@@ -325,7 +327,38 @@ def commit_files(
                 dt.create_write_transaction(adds, mode="append", schema=dschema, partition_by=partition_by)
         else:
             dt.create_write_transaction(adds, mode=mode, schema=dschema, partition_by=partition_by or None)
+
+    retry_on_conflict(commit)
     return WriteResult(DeltaTable(local).version(), len(adds), total, by_part)
+
+
+def _is_conflict(exc: BaseException) -> bool:
+    from deltalake.exceptions import CommitFailedError, DeltaError
+
+    if isinstance(exc, CommitFailedError):
+        return True
+    msg = str(exc).lower()
+    return isinstance(exc, (DeltaError, OSError)) and any(
+        w in msg for w in ("already exists", "version", "conflict", "concurrent"))
+
+
+def retry_on_conflict(commit, attempts: int = 8) -> None:
+    """Run a Delta ``commit()``; when another writer committed first (a Delta commit conflict,
+    or two runs creating the same table at once), try again with a fresh snapshot after a short
+    random back-off. Delta's optimistic concurrency makes this safe: a transaction that really
+    conflicts (e.g. both replace the same partition) fails again and the error is raised after
+    ``attempts`` tries."""
+    import random
+    import time
+
+    for i in range(attempts):
+        try:
+            commit()
+            return
+        except Exception as exc:  # noqa: BLE001 - re-raised unless a commit conflict
+            if i == attempts - 1 or not _is_conflict(exc):
+                raise
+            time.sleep(random.uniform(0.01, 0.05) * 2 ** i)
 
 
 def _write_delta_rs(df, path, mode, partition_by, replace_partitions) -> WriteResult:
@@ -463,11 +496,17 @@ def write_rows(spark: SparkSession, rows: list[dict], schema: T.StructType, path
     os.makedirs(local, exist_ok=True)
     table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema.fields} for r in rows],
                                  schema=_arrow_schema(schema))
-    if mode == "overwrite" and replace_where is not None and table_exists(local):
-        write_deltalake(local, table, mode="overwrite", predicate=replace_where, schema_mode="merge")
-    else:
-        # a table written by an older slidelake gains the new columns (append) or the new schema (overwrite)
-        write_deltalake(local, table, mode=mode, schema_mode="merge" if mode == "append" else "overwrite")
+    def commit() -> None:
+        if mode == "overwrite" and replace_where is not None:
+            if table_exists(local):
+                write_deltalake(local, table, mode="overwrite", predicate=replace_where, schema_mode="merge")
+            else:  # a new table: append, so a concurrent creator's rows are never overwritten
+                write_deltalake(local, table, mode="append", schema_mode="merge")
+        else:
+            # a table written by an older slidelake gains the new columns (append) or the new schema (overwrite)
+            write_deltalake(local, table, mode=mode, schema_mode="merge" if mode == "append" else "overwrite")
+
+    retry_on_conflict(commit)
     return WriteResult(DeltaTable(local).version(), 1, len(rows))
 
 
