@@ -147,3 +147,28 @@ def test_two_runs_writing_the_same_tables_at_the_same_time(spark, lake, tmp_path
     assert t.select("slide_id", "tile_x", "tile_y").is_duplicated().sum() == 0
     assert pl.read_delta(str(lake / "runs")).height == 2
     assert pl.read_delta(str(lake / "run_slides")).height == 4
+
+
+@pytest.mark.spark
+def test_paths_stored_relative_to_path_root(spark, lake, tmp_path):
+    archive = tmp_path / "archive" / "patient-named-folder"
+    archive.mkdir(parents=True)
+    make_tiff(archive / "s.tiff", 300, 200, mpp=0.5, seed=4)
+    outside = tmp_path / "elsewhere.tiff"
+    make_tiff(outside, 200, 200, mpp=0.5, seed=6)
+    cfg = _cfg(lake, [archive, outside], tables={"path_root": str(tmp_path / "archive")})
+    rec = run_all(spark, cfg)
+    assert rec.status == "succeeded" and rec.counts["tiles_written"] == 6 + 4
+    rel = "patient-named-folder/s.tiff"
+    assert set(pl.read_delta(str(lake / "slides"))["path"]) == {rel, str(outside)}
+    assert set(_tiles(lake)["path"]) == {rel, str(outside)}
+    assert set(pl.read_delta(str(lake / "run_slides"))["path"]) == {rel, str(outside)}
+    runs = pl.read_delta(str(lake / "runs"))
+    assert {c["path"] for c in runs["slide_counts"][0]} == {rel, str(outside)}
+    # the stored paths resolve again: a tile job on the table's slides and an incremental rerun work
+    from slidelake.pipeline import run_tile
+
+    again = run_tile(spark, cfg.model_copy(update={"inputs": []}), force=True)
+    assert again.status == "succeeded" and again.counts["tiles_written"] == 10
+    rerun = run_all(spark, cfg)
+    assert rerun.counts["slides_unchanged"] == 2 and rerun.counts["slides_skipped"] == 2

@@ -312,6 +312,10 @@ class TablesConfig(_Strict):
     ~8 % from zstd level 1 for ~0.4 ms per 256 px tile (``docs/benchmarks.md``).
     ``slides_per_commit``: slides tiled per tiles-table commit; a run killed half way keeps the
     batches already committed, and running it again does the rest.
+    ``path_root``: slide paths under this folder are stored relative to it in every table
+    (``slides``, ``masks``, ``tiles``, ``tile_errors``, ``run_slides``, ``runs``), so the lake
+    does not record where (or under whose name) the archive is mounted; paths outside it stay
+    absolute. Jobs given the same ``path_root`` resolve them again.
     """
 
     writer: Literal["auto", "spark", "delta-rs"] = "auto"
@@ -319,6 +323,7 @@ class TablesConfig(_Strict):
     tiles_table: str = Field(default="tiles", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     tile_compression: Literal["none", "zstd", "lz4", "snappy"] = "none"
     slides_per_commit: int = Field(default=16, ge=1)
+    path_root: str | None = None
 
 
 class PipelineConfig(_Strict):

@@ -33,7 +33,7 @@ from slidelake.progress import TileProgress
 from slidelake.resolution import resolve_row, resolved_schema
 from slidelake.slides import SLIDES_SCHEMA, discover, list_inputs, select_rows_for_tiling
 from slidelake.tables import (
-    partition_values, read_columns, read_rows, register_tables, resolve_writer, sql_in, write_rows,
+    partition_values, read_columns, read_rows, register_tables, resolve_writer, sql_in, to_stored, write_rows,
 )
 from slidelake.write import TILES_COLUMNS, Lineage, TileWrite, write_tiles  # noqa: F401 - TILES_COLUMNS re-exported
 
@@ -89,8 +89,13 @@ def _new_record(spark: SparkSession, cfg: PipelineConfig, job: str, writer: str)
     return rec
 
 
-def _write_run(spark: SparkSession, rec: RunRecord, paths: dict[str, str], writer: str) -> None:
-    write_rows(spark, [rec.row()], RUNS_SCHEMA, paths["runs"], writer, mode="append", description="write runs")
+def _write_run(spark: SparkSession, rec: RunRecord, paths: dict[str, str], writer: str,
+               root: str | None = None) -> None:
+    row = rec.row()
+    if root:  # per-slide lists carry paths too
+        for key in ("slide_counts", "slide_errors"):
+            row[key] = [{**e, "path": to_stored(e.get("path"), root)} for e in row[key] or []]
+    write_rows(spark, [row], RUNS_SCHEMA, paths["runs"], writer, mode="append", description="write runs")
 
 
 # ---------------------------------------------------------------------------------- discover
@@ -114,7 +119,7 @@ def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, fo
     with _stage(rec, "discover"):
         listed = list_inputs(cfg.inputs, cfg.discovery.extensions, cfg.discovery.recursive,
                              cfg.discovery.exclude)
-        previous = read_rows(spark, paths["slides"], writer, SLIDES_SCHEMA)
+        previous = read_rows(spark, paths["slides"], writer, SLIDES_SCHEMA, cfg.tables.path_root)
         before = {r["path"]: r for r in previous}
         now = utcnow()
         reused, fresh = [], []
@@ -136,7 +141,8 @@ def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, fo
     with _stage(rec, "write"):
         # replace the rows of the scanned paths only: a concurrent run scanning other paths keeps its rows
         res = write_rows(spark, rows, SLIDES_SCHEMA, paths["slides"], writer, mode="overwrite",
-                         description="write slides", replace_where=sql_in("path", [r["path"] for r in rows]))
+                         description="write slides", path_root=cfg.tables.path_root,
+                         replace_where=sql_in("path", [to_stored(r["path"], cfg.tables.path_root) for r in rows]))
         rec.table_versions["slides"] = res.version if res.version is not None else -1
     n_ok = sum(1 for r in rows if r["status"] == "ok")
     rec.counts.update(slides_discovered=len(rows), slides_ok=n_ok, slides_error=len(rows) - n_ok,
@@ -171,7 +177,7 @@ def mask_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
         if assumed is not None and r.get("mpp_x") is None:
             r.update(mpp_x=float(assumed), mpp_y=float(assumed))
     with _stage(rec, "masks"):
-        existing = read_rows(spark, paths["masks"], writer, MASKS_SCHEMA)
+        existing = read_rows(spark, paths["masks"], writer, MASKS_SCHEMA, cfg.tables.path_root)
         ids = {r["slide_id"] for r in slides}
         prior = {m["slide_id"]: m for m in existing
                  if m["params_hash"] == phash and m["status"] == "ok" and m["source"] == "computed"
@@ -183,7 +189,7 @@ def mask_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
         if made:
             # replace the rows of these slides and settings only (concurrent runs keep theirs)
             where = f"params_hash = '{phash}' AND " + sql_in("slide_id", [m["slide_id"] for m in made])
-            res = write_rows(spark, made, MASKS_SCHEMA, paths["masks"], writer, mode="overwrite",
+            res = write_rows(spark, made, MASKS_SCHEMA, paths["masks"], writer, mode="overwrite", path_root=cfg.tables.path_root,
                              description="write masks", replace_where=where)
             rec.table_versions["masks"] = res.version if res.version is not None else -1
     ok = {**reuse, **{m["slide_id"]: m for m in made if m["status"] == "ok"}}
@@ -199,7 +205,7 @@ def mask_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
 
 
 def _write_tile_errors(spark: SparkSession, path: str, writer: str, rec: RunRecord, chash: str,
-                      slides: list[dict], failures: dict[str, list[dict]]) -> None:
+                      slides: list[dict], failures: dict[str, list[dict]], path_root: str | None = None) -> None:
     """Append this run's failed tiles to ``<lake>/tile_errors`` (one commit; the table is
     created empty on the first run so it can always be queried)."""
     from slidelake.tables import table_exists
@@ -213,7 +219,8 @@ def _write_tile_errors(spark: SparkSession, path: str, writer: str, rec: RunReco
         for sid, fails in failures.items() if sid in by_id for f in fails
     ]
     if rows or not table_exists(path):
-        res = write_rows(spark, rows, TILE_ERRORS_SCHEMA, path, writer, mode="append", description="write tile_errors")
+        res = write_rows(spark, rows, TILE_ERRORS_SCHEMA, path, writer, mode="append", description="write tile_errors",
+                         path_root=path_root)
         rec.table_versions["tile_errors"] = res.version if res.version is not None else -1
 
 
@@ -354,10 +361,11 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
             rec.table_versions[cfg.tables.tiles_table] = res.version if res.version is not None else -1
             batch_counts = _slide_counts(rec, batch, generated, wrote)
             with _stage(rec, "write"):
-                _write_tile_errors(spark, paths["tile_errors"], writer, rec, chash, batch, wrote.failures)
+                _write_tile_errors(spark, paths["tile_errors"], writer, rec, chash, batch, wrote.failures,
+                                   cfg.tables.path_root)
                 _write_run_slides(spark, paths["run_slides"], writer, rec, chash, cfg.tables.tiles_table,
                                   batch, batch_counts, rec.table_versions[cfg.tables.tiles_table],
-                                  replace_table and i == 0)
+                                  replace_table and i == 0, cfg.tables.path_root)
             counts += batch_counts
             written_total += res.rows
     with _stage(rec, "qc"):
@@ -425,7 +433,7 @@ def _tile_batch(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, batch:
     tiles = repartition_tiles(tiles, cfg.partition, total).withColumn(
         "tile_id", F.xxhash64("slide_id", F.lit(chash), "tile_x", "tile_y"))
     # 5. decode, 6. pixel filter, 7. write with lineage columns: in the Python workers
-    lineage = Lineage(rec.run_id, chash, __version__, rec.started_at)
+    lineage = Lineage(rec.run_id, chash, __version__, rec.started_at, cfg.tables.path_root)
     return write_tiles(spark, tiles, paths["tiles"], writer, cfg.decode, fcfg, lineage,
                        None if replace_table else [r["slide_id"] for r in batch] + list(drop), cfg.tables.tile_compression,
                        on_decoded, on_profile)
@@ -474,7 +482,8 @@ def tiled_before(spark: SparkSession, paths: dict[str, str], writer: str, chash:
 
 
 def _write_run_slides(spark: SparkSession, path: str, writer: str, rec: RunRecord, chash: str, tiles_table: str,
-                      batch: list[dict], counts: list[dict], version: int, replaced_table: bool) -> None:
+                      batch: list[dict], counts: list[dict], version: int, replaced_table: bool,
+                      path_root: str | None = None) -> None:
     """Append one ``run_slides`` row per slide of a committed batch (after its tiles commit)."""
     now = utcnow()
     by_id = {c["slide_id"]: c for c in counts}
@@ -484,7 +493,8 @@ def _write_run_slides(spark: SparkSession, path: str, writer: str, rec: RunRecor
              "tiles_written": by_id[r["slide_id"]]["tiles_written"], "tiles_failed": by_id[r["slide_id"]]["tiles_failed"],
              "created_at": now} for r in batch]
     if rows or replaced_table:
-        write_rows(spark, rows, RUN_SLIDES_SCHEMA, path, writer, mode="append", description="write run_slides")
+        write_rows(spark, rows, RUN_SLIDES_SCHEMA, path, writer, mode="append", description="write run_slides",
+                   path_root=path_root)
 
 
 # ---------------------------------------------------------------------------------- the jobs
@@ -502,7 +512,7 @@ def _run(spark: SparkSession, cfg: PipelineConfig, job: str, body) -> RunRecord:
         raise
     finally:
         spark.sparkContext.setJobDescription(None)
-        _write_run(spark, rec, paths, writer)
+        _write_run(spark, rec, paths, writer, cfg.tables.path_root)
         if cfg.tables.catalog_database and writer == "spark" and rec.status == "succeeded":
             register_tables(spark, cfg.tables.catalog_database,
                             {"slides": paths["slides"], "masks": paths["masks"], cfg.tables.tiles_table: paths["tiles"],
@@ -517,7 +527,7 @@ def run_discover(spark: SparkSession, cfg: PipelineConfig) -> RunRecord:
 
 def _listed_slides(spark: SparkSession, cfg: PipelineConfig, writer: str) -> list[dict]:
     """Rows of ``<lake>/slides`` (dicts), only those of the listed inputs when ``cfg.inputs`` is set."""
-    slides = read_rows(spark, lake_paths(cfg)["slides"], writer, SLIDES_SCHEMA)
+    slides = read_rows(spark, lake_paths(cfg)["slides"], writer, SLIDES_SCHEMA, cfg.tables.path_root)
     if cfg.inputs:
         listed = set(list_inputs(cfg.inputs, cfg.discovery.extensions, cfg.discovery.recursive,
                                  cfg.discovery.exclude)["path"])

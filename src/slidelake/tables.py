@@ -380,13 +380,22 @@ def _write_delta_rs(df, path, mode, partition_by, replace_partitions) -> WriteRe
         discard_staging(staging)
 
 
-def read_rows(spark: SparkSession, path: str, writer: str, schema: T.StructType) -> list[dict]:
+def read_rows(spark: SparkSession, path: str, writer: str, schema: T.StructType,
+              path_root: str | None = None) -> list[dict]:
     """All rows of a small table (``slides``, ``masks``, ``runs``) as dicts on the driver.
 
     With ``delta-rs`` the table's active Parquet files (from the Delta log) are read with
     pyarrow directly, without a Spark job; with ``spark`` through Spark. A missing table gives
-    ``[]``.
+    ``[]``. ``path_root``: stored relative ``path`` values are made absolute (:func:`from_stored`).
     """
+    rows = _read_rows(spark, path, writer, schema)
+    if path_root and "path" in schema.fieldNames():
+        for r in rows:
+            r["path"] = from_stored(r.get("path"), path_root)
+    return rows
+
+
+def _read_rows(spark: SparkSession, path: str, writer: str, schema: T.StructType) -> list[dict]:
     if writer == "spark":
         return [r.asDict(recursive=True) for r in read_table(spark, path, writer, schema).collect()]
     local = _local(path)
@@ -455,6 +464,24 @@ def partition_values(spark: SparkSession, path: str, writer: str, column: str = 
     return {v for v in actions.column(key).to_pylist() if v is not None} if key in actions.column_names else set()
 
 
+def to_stored(path: str | None, root: str | None) -> str | None:
+    """The form of a slide path written to the tables: relative to ``root`` (``tables.path_root``)
+    when the file is under it, else unchanged (absolute)."""
+    if not root or path is None:
+        return path
+    root = os.path.abspath(root)
+    if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+        return os.path.relpath(path, root)
+    return path
+
+
+def from_stored(path: str | None, root: str | None) -> str | None:
+    """Inverse of :func:`to_stored`: the absolute path of a stored slide path."""
+    if not root or path is None or os.path.isabs(path):
+        return path
+    return os.path.join(os.path.abspath(root), path)
+
+
 def sql_in(column: str, values) -> str:
     """A SQL predicate ``column IN ('a', 'b')`` (quotes doubled; ``FALSE`` for no values)."""
     vals = sorted({str(v) for v in values})
@@ -464,7 +491,8 @@ def sql_in(column: str, values) -> str:
 
 
 def write_rows(spark: SparkSession, rows: list[dict], schema: T.StructType, path: str, writer: str,
-               mode: str = "append", description: str = "write", replace_where: str | None = None) -> WriteResult:
+               mode: str = "append", description: str = "write", replace_where: str | None = None,
+               path_root: str | None = None) -> WriteResult:
     """Write a few driver-held rows (``slides``, ``masks``, ``runs``, ...) as one Delta commit.
 
     ``replace_where`` (with ``mode='overwrite'``): replace only the rows matching this SQL
@@ -474,8 +502,11 @@ def write_rows(spark: SparkSession, rows: list[dict], schema: T.StructType, path
 
     With ``delta-rs`` the rows go from Arrow straight to ``deltalake.write_deltalake`` (no Spark
     job: a small table costs milliseconds, not a Spark job's seconds); with ``spark`` through
-    Spark's Delta writer.
+    Spark's Delta writer. ``path_root``: a ``path`` column is stored relative to it
+    (:func:`to_stored`).
     """
+    if path_root and "path" in schema.fieldNames():
+        rows = [{**r, "path": to_stored(r.get("path"), path_root)} for r in rows]
     if writer == "spark":
         df = spark.createDataFrame(rows, schema=schema).coalesce(1)
         if mode == "overwrite" and replace_where is not None:

@@ -38,7 +38,7 @@ from slidelake.config import DecodeConfig, FilterConfig
 from slidelake.decode import DECODE_FIELDS, make_decoder
 from slidelake.filtering import keep_mask
 from slidelake.lineage import CountLog, FailureLog
-from slidelake.tables import WriteResult, commit_files, discard_staging, new_staging, write_table
+from slidelake.tables import WriteResult, commit_files, discard_staging, new_staging, to_stored, write_table
 
 # column order of the tiles table
 TILES_COLUMNS = (
@@ -84,6 +84,7 @@ class Lineage:
     config_hash: str
     slidelake_version: str
     created_at: datetime  # naive UTC
+    path_root: str | None = None  # ``path`` is stored relative to it (tables.path_root)
 
 
 @dataclass
@@ -198,6 +199,8 @@ def make_file_sink(
                                                         compression_level={c: 1 for c in small},
                                                         use_dictionary=small, write_statistics=small)
                         stats[sid]["files"].append([rel, 0])
+                    if lineage.path_root:
+                        part = part.assign(path=[to_stored(p, lineage.path_root) for p in part["path"]])
                     part = part.assign(run_id=lineage.run_id, config_hash=lineage.config_hash,
                                        slidelake_version=lineage.slidelake_version,
                                        created_at=pd.Timestamp(lineage.created_at))
@@ -291,6 +294,10 @@ def write_tiles(
                           count, on_profile),
             schema=T.StructType([f for f in tiles.schema.fields if f.name != "overlap_error"] + DECODE_FIELDS),
         )
+        if lineage.path_root:
+            prefix = os.path.abspath(lineage.path_root).rstrip(os.sep) + os.sep
+            rows = rows.withColumn("path", F.when(F.col("path").startswith(prefix),
+                                                  F.expr(f"substring(path, {len(prefix) + 1})")).otherwise(F.col("path")))
         out = (
             rows.withColumn("run_id", F.lit(lineage.run_id))
             .withColumn("config_hash", F.lit(lineage.config_hash))
