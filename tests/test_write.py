@@ -160,3 +160,20 @@ def test_pipeline_decodes_each_kept_tile_once_in_the_workers(spark, lake):
 
     on_disk = {str(p.resolve()) for p in (lake / "tiles").rglob("*.parquet")}
     assert on_disk == set(DeltaTable(str(lake / "tiles")).file_uris()) and len(on_disk) >= 1
+
+
+def test_write_table_commits_a_spark_dataframe_with_delta_rs(spark, tmp_path):
+    """The generic Spark DataFrame writer (Spark Parquet in staging, one delta-rs commit)."""
+    from pyspark.sql import functions as F
+
+    from slidelake.tables import write_table
+
+    df = spark.range(10).withColumn("slide_id", (F.col("id") % 2).cast("string"))
+    res = write_table(spark, df, str(tmp_path / "t"), "delta-rs", mode="overwrite", partition_by=["slide_id"])
+    assert res.rows == 10 and res.rows_by_partition == {"0": 5, "1": 5}
+    res2 = write_table(spark, df.where("slide_id = '1'").withColumn("id", F.col("id") + 100), str(tmp_path / "t"),
+                       "delta-rs", mode="overwrite", partition_by=["slide_id"], replace_partitions=["1"])
+    got = pl.read_delta(str(tmp_path / "t")).sort("id")
+    assert res2.rows == 5 and got.height == 10
+    assert sorted(got.filter(pl.col("slide_id") == "1")["id"].to_list()) == [101, 103, 105, 107, 109]
+    assert not (tmp_path / "t" / "_staging").exists()

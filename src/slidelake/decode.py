@@ -3,7 +3,8 @@
 * :func:`repartition_tiles` hashes ``(slide_id, region_row, region_col)`` so work is spread over
   tasks while neighbouring tiles of one slide stay in one task, then sorts each partition in
   raster order (slide, then tile_y, tile_x) so reads walk the file forwards.
-* :func:`decode_tiles` reads each tile's region at its level, from the file's own JPEG tiles
+* :func:`make_decoder` builds the ``mapInPandas`` function (run by :mod:`slidelake.write`) that
+  reads each tile's region at its level, from the file's own JPEG tiles
   (:mod:`slidelake.native`) where the level qualifies, else with ``OpenSlide.read_region`` at
   the row's level-0 coordinates (transparent pixels composited on white); resizes when
   resampling (Pillow Lanczos), encodes the tile and computes cheap statistics. A tile the
@@ -322,25 +323,3 @@ def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], 
                 yield out
 
     return decode
-
-
-def decode_tiles(tiles: DataFrame, cfg: DecodeConfig,
-                 on_failure: Callable[[str, dict[str, Any]], None] | None = None,
-                 on_decoded: Callable[[dict[str, int]], None] | None = None,
-                 on_profile: Callable[[dict[str, float]], None] | None = None) -> DataFrame:
-    """Add pixels and statistics to tile rows (a ``mapInPandas`` stage).
-
-    Args:
-        tiles: rows with the columns in :data:`DECODE_INPUTS` plus ``slide_id``, ``tile_x``,
-            ``tile_y`` (typically from :func:`repartition_tiles`).
-        cfg: encoding, quality, batch size, background threshold.
-        on_failure, on_decoded, on_profile: see :func:`make_decoder`.
-
-    Returns:
-        The input columns plus :data:`DECODE_FIELDS`: ``tile`` (bytes in ``tile_format``,
-        ``tile_width`` x ``tile_height`` px at the tile resolution), ``tile_mean``,
-        ``tile_std`` (grey level, 0-255), ``background_fraction`` (0-1), ``decode_error``
-        (null when the tile decoded).
-    """
-    schema = T.StructType(list(tiles.schema.fields) + DECODE_FIELDS)
-    return tiles.mapInPandas(make_decoder(cfg, on_failure, on_decoded, on_profile), schema=schema)
