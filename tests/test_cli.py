@@ -35,6 +35,16 @@ def test_cli_run_then_sql(spark, lake):
     assert str(t.height) in res.output
     res = runner.invoke(app, ["sql", "SELECT status, tiles_written FROM runs", "--lake", str(lake)])
     assert "succeeded" in res.output and str(t.height) in res.output
+    # the same command again is incremental; --force redoes the slide
+    args = ["run", str(CMU), "--lake", str(lake), "-c", str(ROOT / "conf" / "default.yaml"),
+            "--tile-extent", "512", "--encoding", "png", "--no-progress"]
+    res = runner.invoke(app, args)
+    out = " ".join(res.output.split())  # rich wraps long lines
+    assert res.exit_code == 0 and "1 unchanged since the last scan" in out
+    assert "already tiled with this config, skipped: 1" in out and "0 written from 0 slide(s)" in out
+    res = runner.invoke(app, args + ["--force"])
+    assert res.exit_code == 0 and f"{t.height} written from 1 slide(s)" in " ".join(res.output.split())
+    assert pl.read_delta(str(lake / "tiles")).height == t.height
 
 
 def test_cli_discover_then_masks(spark, lake):

@@ -578,7 +578,10 @@ def summary(rec: RunRecord) -> str:
     c = rec.counts
     parts = [f"run {rec.run_id} {rec.status}"]
     if "slides_discovered" in c:
-        parts.append(f"slides: {c['slides_discovered']} found, {c['slides_ok']} ok, {c['slides_error']} error")
+        parts.append(f"slides: {c['slides_discovered']} found, {c['slides_ok']} ok, {c['slides_error']} error"
+                     + (f", {c['slides_unchanged']} unchanged since the last scan" if c.get("slides_unchanged") else ""))
+    if c.get("slides_skipped"):
+        parts.append(f"slides already tiled with this config, skipped: {c['slides_skipped']} (--force redoes them)")
     if c.get("masks_computed") is not None:
         parts.append(f"masks: {c['masks_computed']} computed, {c['masks_reused']} reused, {c['masks_failed']} failed")
     if "tiles_generated" in c:
