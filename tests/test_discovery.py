@@ -142,3 +142,28 @@ def test_property_allowlist_is_configurable_and_identifiers_stay_out(spark, tmp_
     props = dict(pl.read_delta(str(lake2 / "slides")).row(0, named=True)["properties"])
     assert not {"aperio.Filename", "aperio.User", "openslide.comment", "aperio.Date"} & set(props)
     assert props["openslide.vendor"] == "aperio"
+
+
+def test_unreadable_file_is_an_error_row(tmp_path):
+    """A slide file the job may not read gives an error row with the OS's reason, not a crash.
+    Root ignores file modes, so as root (CI) the probe runs in a child without the capabilities
+    that bypass them (``setpriv``, util-linux)."""
+    import json
+    import subprocess
+    import sys
+
+    p = tmp_path / "locked.svs"
+    need(CMU)
+    shutil.copy(CMU, p)
+    p.chmod(0)
+    if os.geteuid() == 0:
+        code = ("import json, sys; from slidelake.slides import probe_slide; "
+                "r = probe_slide(sys.argv[1]); print(json.dumps([r['status'], r['error']]))")
+        drop = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--"]
+        out = subprocess.run(drop + [sys.executable, "-c", code, str(p)], capture_output=True, text=True,
+                             check=True).stdout
+        status, error = json.loads(out)
+    else:
+        row = probe_slide(str(p))
+        status, error = row["status"], row["error"]
+    assert status == "error" and "Permission denied" in error

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import openslide
@@ -266,3 +267,21 @@ def test_saturation_feature_is_hsv_saturation():
     assert (got[:8] == 0).all()
     np.testing.assert_allclose(_feature(rgb, "grayscale", "brightfield"), 255 - rgb.mean(axis=2), atol=1e-12)
     np.testing.assert_array_equal(_feature(rgb, "saturation", "fluorescence"), rgb.max(axis=2))
+
+
+def test_label_and_macro_images_never_reach_the_lake(spark, lake):
+    """CMU carries a label and a macro image (they can show a patient's name or barcode): no
+    code path reads associated images, and no image the run writes has their size."""
+    need(CMU)
+    src = Path(__file__).resolve().parents[1] / "src" / "slidelake"
+    assert not [p.name for p in src.glob("*.py") if "associated_images" in p.read_text()]
+    with openslide.OpenSlide(str(CMU)) as s:
+        forbidden = {s.associated_images[k].size for k in ("label", "macro")}
+    rec = run_all(spark, cfg_for(lake, [CMU], resolution={"level": 0}, grid={"tile_extent": 256}))
+    assert rec.status == "succeeded" and rec.counts["masks_computed"] == 1
+
+    written = [p for p in lake.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff")]
+    assert len(written) >= 3  # mask overlay, thumbnail, QC picture
+    for p in written:
+        with Image.open(p) as im:
+            assert im.size not in forbidden, p
