@@ -265,39 +265,39 @@ def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], 
                         out_size = (int(col["tile_extent_x"][i]), int(col["tile_extent_y"][i]))
                         valid = (int(col["valid_width"][i]), int(col["valid_height"][i]))
                         read_size = (int(col["read_width"][i]), int(col["read_height"][i]))
+                        # 1. pixels: the file's own JPEG tiles where the level qualifies, else OpenSlide
+                        rgb, reader = None, None
                         lvl = native.level(col["level"][i]) if native is not None else None
                         if lvl is not None:
                             ds = float(col["level_downsample"][i])
                             try:
                                 region = lvl.read(round(col["level0_x"][i] / ds), round(col["level0_y"][i] / ds),
                                                   *read_size)
-                                rgb = finish_tile(region, out_size, valid)
-                                t0 = time.perf_counter()
-                                tiles[i] = encode_tile(rgb, encoding, quality)
-                                t_enc += time.perf_counter() - t0
-                                mean[i], std[i], bgf[i] = tile_stats(rgb, thr)
-                                readers[i] = "native"
-                                continue
+                                rgb, reader = finish_tile(region, out_size, valid), "native"
                             except CorruptTileError:
                                 pass  # OpenSlide decides whether the tile is readable
-                        try:
-                            if slide is None:
-                                slide = handles.get(path, fp)
-                        except Exception as exc:  # noqa: BLE001 - file gone or unreadable
-                            errors[i] = f"open failed: {type(exc).__name__}: {exc}"
-                            continue
-                        try:
-                            rgb = read_tile(slide, col["level0_x"][i], col["level0_y"][i], col["level"][i],
-                                            read_size, out_size, valid)
-                            t0 = time.perf_counter()
-                            tiles[i] = encode_tile(rgb, encoding, quality)
-                            t_enc += time.perf_counter() - t0
-                            readers[i] = "openslide"
-                            mean[i], std[i], bgf[i] = tile_stats(rgb, thr)
-                        except Exception as exc:  # noqa: BLE001 - recorded per tile
-                            errors[i] = f"{type(exc).__name__}: {exc}"
-                            handles.evict(path, fp)  # handles are unusable after an error
-                            slide = None
+                        if rgb is None:
+                            try:
+                                if slide is None:
+                                    slide = handles.get(path, fp)
+                            except Exception as exc:  # noqa: BLE001 - file gone or unreadable
+                                errors[i] = f"open failed: {type(exc).__name__}: {exc}"
+                                continue
+                            try:
+                                rgb = read_tile(slide, col["level0_x"][i], col["level0_y"][i], col["level"][i],
+                                                read_size, out_size, valid)
+                                reader = "openslide"
+                            except Exception as exc:  # noqa: BLE001 - recorded per tile
+                                errors[i] = f"{type(exc).__name__}: {exc}"
+                                handles.evict(path, fp)  # handles are unusable after an error
+                                slide = None
+                                continue
+                        # 2. encoding and statistics, whichever reader gave the pixels
+                        t0 = time.perf_counter()
+                        tiles[i] = encode_tile(rgb, encoding, quality)
+                        t_enc += time.perf_counter() - t0
+                        mean[i], std[i], bgf[i] = tile_stats(rgb, thr)
+                        readers[i] = reader
                 if on_decoded is not None:
                     on_decoded({str(k): int(v) for k, v in chunk["slide_id"].value_counts().items()})
                 if on_profile is not None:

@@ -37,7 +37,7 @@ from pyspark.sql import types as T
 from slidelake.config import DecodeConfig, FilterConfig
 from slidelake.decode import DECODE_FIELDS, make_decoder
 from slidelake.filtering import keep_mask
-from slidelake.lineage import CountLog, FailureLog
+from slidelake.lineage import TILE_ERRORS_SCHEMA, CountLog, FailureLog
 from slidelake.tables import WriteResult, commit_files, discard_staging, new_staging, to_stored, write_table
 
 # column order of the tiles table
@@ -58,12 +58,8 @@ LINEAGE_FIELDS = [
     T.StructField("created_at", T.TimestampType(), True),
 ]
 
-TILE_FAILURE = T.StructType([
-    T.StructField("tile_x", T.LongType()),
-    T.StructField("tile_y", T.LongType()),
-    T.StructField("stage", T.StringType()),
-    T.StructField("error", T.StringType()),
-])
+# a failed tile inside the task results: the per-tile columns of the tile_errors table
+TILE_FAILURE = T.StructType([f for f in TILE_ERRORS_SCHEMA.fields if f.name in ("tile_x", "tile_y", "stage", "error")])
 
 # one row per (task, slide) from the workers' file sink
 TILE_FILES_SCHEMA = T.StructType([
@@ -97,15 +93,12 @@ class TileWrite:
         failed: ``{slide_id: tiles that failed to decode}``.
         failures: ``{slide_id: [{"tile_x", "tile_y", "stage", "error"}, ...]}``: every failed
             tile with the ``delta-rs`` writer, up to 20 samples per slide with ``spark``.
-        exact: True when the counts come from task results (counted once per task, retries
-            included), False when from accumulators.
     """
 
     result: WriteResult
     decoded: dict[str, int] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)
     failures: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    exact: bool = True
 
 
 def tiles_schema(pre: T.StructType) -> T.StructType:
@@ -114,6 +107,15 @@ def tiles_schema(pre: T.StructType) -> T.StructType:
     fields."""
     by_name = {f.name: f for f in [*pre.fields, *DECODE_FIELDS, *LINEAGE_FIELDS]}
     return T.StructType([by_name[c] for c in TILES_COLUMNS])
+
+
+def _stored_paths(pdf: pd.DataFrame, root: str | None) -> pd.DataFrame:
+    """``pdf`` with its ``path`` column in stored form (relative to ``root``, see
+    :func:`slidelake.tables.to_stored`), computed once per distinct path, not per tile."""
+    if not root:
+        return pdf
+    stored = {p: to_stored(p, root) for p in pdf["path"].unique()}
+    return pdf.assign(path=pdf["path"].map(stored))
 
 
 def _failed_tiles(pdf: pd.DataFrame, column: str, stage: str) -> list[tuple[str, dict[str, Any]]]:
@@ -199,9 +201,7 @@ def make_file_sink(
                                                         compression_level={c: 1 for c in small},
                                                         use_dictionary=small, write_statistics=small)
                         stats[sid]["files"].append([rel, 0])
-                    if lineage.path_root:
-                        part = part.assign(path=[to_stored(p, lineage.path_root) for p in part["path"]])
-                    part = part.assign(run_id=lineage.run_id, config_hash=lineage.config_hash,
+                    part = _stored_paths(part, lineage.path_root).assign(run_id=lineage.run_id, config_hash=lineage.config_hash,
                                        slidelake_version=lineage.slidelake_version,
                                        created_at=pd.Timestamp(lineage.created_at))
                     writers[sid].write_table(pa.Table.from_pandas(part[columns], schema=arrow_schema,
@@ -228,20 +228,21 @@ def make_file_sink(
 def make_row_sink(
     dcfg: DecodeConfig,
     fcfg: FilterConfig,
+    path_root: str | None = None,
     on_failure: Callable[[str, dict[str, Any]], None] | None = None,
     on_decoded: Callable[[dict[str, int]], None] | None = None,
     on_profile: Callable[[dict[str, float]], None] | None = None,
 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     """Build the ``mapInPandas`` function that decodes and filters a task's tiles and yields the
     kept rows (input columns plus :data:`~slidelake.decode.DECODE_FIELDS`, ``decode_error``
-    always null) for Spark's own writer."""
+    always null; ``path`` stored relative to ``path_root`` when given) for Spark's own writer."""
     decoder = make_decoder(dcfg, on_failure, on_decoded, on_profile)
 
     def sink(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for out in decoder(_without_overlap_failures(batches, on_failure or (lambda sid, info: None))):
             kept = out.loc[keep_mask(out, fcfg)]
             if len(kept):
-                yield kept.drop(columns=["overlap_error"], errors="ignore")
+                yield _stored_paths(kept.drop(columns=["overlap_error"], errors="ignore"), path_root)
 
     return sink
 
@@ -290,14 +291,10 @@ def write_tiles(
                 on_decoded(d)
 
         rows = tiles.mapInPandas(
-            make_row_sink(dcfg, fcfg, lambda sid, info: failures.add({sid: {"count": 1, "samples": [info]}}),
+            make_row_sink(dcfg, fcfg, lineage.path_root, lambda sid, info: failures.add({sid: {"count": 1, "samples": [info]}}),
                           count, on_profile),
             schema=T.StructType([f for f in tiles.schema.fields if f.name != "overlap_error"] + DECODE_FIELDS),
         )
-        if lineage.path_root:
-            prefix = os.path.abspath(lineage.path_root).rstrip(os.sep) + os.sep
-            rows = rows.withColumn("path", F.when(F.col("path").startswith(prefix),
-                                                  F.expr(f"substring(path, {len(prefix) + 1})")).otherwise(F.col("path")))
         out = (
             rows.withColumn("run_id", F.lit(lineage.run_id))
             .withColumn("config_hash", F.lit(lineage.config_hash))
@@ -309,7 +306,7 @@ def write_tiles(
                           replace_partitions=replace_partitions, description="decode + write tiles")
         fails = failures.value
         return TileWrite(res, dict(decoded.value), {k: v["count"] for k, v in fails.items()},
-                         {k: v["samples"] for k, v in fails.items()}, exact=False)
+                         {k: v["samples"] for k, v in fails.items()})
 
     staging = new_staging(path)
     try:
