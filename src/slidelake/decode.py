@@ -32,6 +32,7 @@ from pyspark.sql import types as T
 
 from slidelake.config import DecodeConfig, PartitionConfig
 from slidelake.encoding import encode_tile
+from slidelake.memory import peak_rss_mib, reset_peak_rss
 from slidelake.native import CorruptTileError, open_native
 
 DECODE_FIELDS = [
@@ -222,8 +223,9 @@ def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], 
     ``on_failure(slide_id, info)`` is called for each tile that failed, ``on_decoded({slide_id:
     tiles})`` once per batch with the tiles whose decode was attempted, ``on_profile({name:
     value})`` once per batch with seconds spent reading pixels (``decode.read_s``), encoding
-    (``decode.encode_s``) and in the whole batch (``decode.batch_s``) and tiles per reader (e.g.
-    to feed accumulators). Output batches have at most ``cfg.batch_size`` rows and at most
+    (``decode.encode_s``) and in the whole batch (``decode.batch_s``), tiles per reader, and the
+    worker's peak resident set in this stage so far (``decode.worker_peak_mib``,
+    :mod:`slidelake.memory`) (e.g. to feed accumulators). Output batches have at most ``cfg.batch_size`` rows and at most
     ``cfg.batch_mb`` MiB of uncompressed RGB tiles.
     """
     encoding, quality, thr, batch = cfg.encoding, cfg.quality, cfg.background_threshold, cfg.batch_size
@@ -231,6 +233,8 @@ def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], 
     max_open, use_native, cache_tiles = cfg.max_open_slides, cfg.reader == "auto", cfg.native_cache_tiles
 
     def decode(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        if on_profile is not None:
+            reset_peak_rss()
         handles = _worker_cache("openslide", max_open, _open_openslide)
         natives = _worker_cache("native", max_open, lambda p: open_native(p, cache_tiles)) if use_native else None
         for pdf in batches:
@@ -304,7 +308,8 @@ def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], 
                     spent = time.perf_counter() - t_batch
                     on_profile({"decode.batch_s": spent, "decode.encode_s": t_enc, "decode.read_s": spent - t_enc,
                                 "decode.tiles": float(n),
-                                "decode.tiles_native": float(sum(r == "native" for r in readers))})
+                                "decode.tiles_native": float(sum(r == "native" for r in readers)),
+                                "decode.worker_peak_mib": peak_rss_mib()})
                 for i, e in enumerate(errors):
                     if e is not None and on_failure is not None:
                         on_failure(str(col["slide_id"][i]),
@@ -321,5 +326,6 @@ def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], 
                     decode_error=errors,
                 )
                 yield out
+                del out, chunk, tiles  # let the next batch reuse this one's memory
 
     return decode

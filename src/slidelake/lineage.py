@@ -167,14 +167,15 @@ class FailureLog(AccumulatorParam):
 
 
 class SumLog(AccumulatorParam):
-    """Spark accumulator of named sums ``{name: float}`` (``--profile`` timings and counts)."""
+    """Spark accumulator of named sums ``{name: float}`` (``--profile`` timings and counts);
+    names ending in ``_peak_mib`` (a worker's peak memory) keep the largest value instead."""
 
     def zero(self, value: dict[str, float]) -> dict[str, float]:
         return {}
 
     def addInPlace(self, a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
         for k, v in b.items():
-            a[k] = a.get(k, 0.0) + v
+            a[k] = max(a.get(k, 0.0), v) if k.endswith("_peak_mib") else a.get(k, 0.0) + v
         return a
 
 

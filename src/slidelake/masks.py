@@ -27,7 +27,8 @@ import hashlib
 import json
 import math
 import os
-from typing import Any, Iterator
+import time
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -35,6 +36,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
 from slidelake.config import MaskConfig
+from slidelake.memory import peak_rss_mib, release_memory, reset_peak_rss
 from slidelake.slides import SLIDES_SCHEMA
 
 TISSUE = 255
@@ -447,24 +449,13 @@ def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: s
     return res
 
 
-def release_memory() -> None:
-    """Hand freed heap memory back to the OS (``gc.collect`` then glibc ``malloc_trim(0)``;
-    a no-op elsewhere). A mask's working arrays are tens of MiB; without this, glibc keeps the
-    freed pages and a reused Python worker carries them into the decode stage (measured in
-    ``docs/benchmarks.md``)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfig, lake_root: str,
-               run_id: str) -> DataFrame:
+               run_id: str, on_profile: Callable[[dict[str, float]], None] | None = None) -> DataFrame:
     """Compute the masks of ``slides`` (``slides`` rows as dicts), one Spark task per slide.
+
+    ``on_profile({"masks.s": seconds, "masks.slides": 1, "masks.worker_peak_mib": MiB})`` is
+    called once per slide (``--profile``; the peak is the worker's resident set while it made
+    this mask, :mod:`slidelake.memory`).
 
     Returns:
         A DataFrame of ``masks`` rows (:data:`MASKS_SCHEMA`), one per slide, in any order.
@@ -480,12 +471,17 @@ def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfi
         for pdf in batches:
             rows = []
             for rec in pdf.to_dict("records"):
+                reset_peak_rss()
+                t0 = time.perf_counter()
                 attrs = rec.get("attributes")
                 rec["attributes"] = dict(attrs) if attrs is not None else {}
                 for k in ("mpp_x", "mpp_y", "width", "height"):
                     if rec[k] is not None and isinstance(rec[k], float) and math.isnan(rec[k]):
                         rec[k] = None
                 rows.append(compute_mask(rec, cfg, lake_root, run_id, phash))
+                if on_profile is not None:
+                    on_profile({"masks.s": time.perf_counter() - t0, "masks.slides": 1.0,
+                                "masks.worker_peak_mib": peak_rss_mib()})
                 release_memory()  # the worker is reused by the decode stage next
             yield pd.DataFrame(rows, columns=MASKS_SCHEMA.fieldNames())
 
@@ -496,5 +492,5 @@ def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfi
 __all__ = [
     "MASKS_SCHEMA", "TISSUE", "BACKGROUND", "MaskError", "params_hash", "mask_size", "read_slide_at",
     "detect_polarity", "tissue_mask", "write_overlay", "read_overlay", "mask_outline", "qc_picture",
-    "overlay_dir", "user_overlay_path", "compute_mask", "release_memory", "make_masks",
+    "overlay_dir", "user_overlay_path", "compute_mask", "make_masks",
 ]

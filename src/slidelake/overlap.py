@@ -33,6 +33,8 @@ import shapely.geometry
 from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 
+from slidelake.memory import peak_rss_mib, reset_peak_rss
+
 OVERLAP_FIELDS = [
     T.StructField("overlay_fractions", T.MapType(T.StringType(), T.DoubleType()), True),
     T.StructField("tissue_fraction", T.DoubleType(), True),
@@ -357,9 +359,13 @@ def make_overlap(tile_roi_wkt: str | None, label_min_fraction: float,
                  on_profile: Callable[[dict[str, float]], None] | None = None,
                  ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     """Build the ``mapInPandas`` function of the overlap stage (groups each batch by slide).
-    ``on_profile({"overlap.batch_s": s, "overlap.tiles": n})`` is called once per batch."""
+    ``on_profile({"overlap.batch_s": s, "overlap.tiles": n, "overlap.worker_peak_mib": MiB})``
+    is called once per batch (the worker's peak resident set in this stage so far,
+    :mod:`slidelake.memory`)."""
 
     def overlap(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        if on_profile is not None:
+            reset_peak_rss()
         for pdf in batches:
             t0 = time.perf_counter()
             if pdf.empty:
@@ -375,7 +381,8 @@ def make_overlap(tile_roi_wkt: str | None, label_min_fraction: float,
                         "error": extra["overlap_error"].iloc[i], "stage": "overlap"})
             out = pd.concat([pdf, extra], axis=1)
             if on_profile is not None:
-                on_profile({"overlap.batch_s": time.perf_counter() - t0, "overlap.tiles": float(len(pdf))})
+                on_profile({"overlap.batch_s": time.perf_counter() - t0, "overlap.tiles": float(len(pdf)),
+                            "overlap.worker_peak_mib": peak_rss_mib()})
             yield out
 
     return overlap

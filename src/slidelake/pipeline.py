@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
@@ -156,7 +156,8 @@ def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, fo
 
 # ------------------------------------------------------------------------------------- masks
 
-def mask_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides: list[dict]) -> dict[str, dict]:
+def mask_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides: list[dict],
+                on_profile: Callable[[dict[str, float]], None] | None = None) -> dict[str, dict]:
     """Masks stage: make sure each of ``slides`` (``slides`` rows as dicts) has a tissue mask.
 
     A mask whose slide content (``slide_id`` is the content hash) and algorithm settings
@@ -164,6 +165,8 @@ def mask_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     are computed (one Spark task per slide) and merged into ``<lake>/masks`` in one commit
     (rows of the same slide and ``params_hash`` are replaced). User overlays are re-read every
     run. Slides whose mask fails are recorded in ``rec.slide_errors`` (stage ``masks``).
+    ``on_profile`` receives the per-slide figures of :func:`slidelake.masks.make_masks`
+    (``--profile``).
 
     Returns:
         ``{slide_id: masks row}`` for every slide with an ``ok`` mask.
@@ -185,7 +188,7 @@ def mask_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
         reuse = {sid: m for sid, m in prior.items()
                  if m["mask_path"] and os.path.isfile(m["mask_path"])}
         todo = [r for r in slides if r["slide_id"] not in reuse]
-        made = [m.asDict(recursive=True) for m in make_masks(spark, todo, cfg.masks, overlay_root(cfg), rec.run_id).collect()] if todo else []
+        made = [m.asDict(recursive=True) for m in make_masks(spark, todo, cfg.masks, overlay_root(cfg), rec.run_id, on_profile).collect()] if todo else []
         if made:
             # replace the rows of these slides and settings only (concurrent runs keep theirs)
             where = f"params_hash = '{phash}' AND " + sql_in("slide_id", [m["slide_id"] for m in made])
@@ -328,9 +331,11 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     done = set() if force or replace_table else tiled_before(spark, paths, writer, chash, cfg.tables.tiles_table)
     rec.counts["slides_skipped"] = sum(1 for r in good if r["slide_id"] in done)
     good = [r for r in good if r["slide_id"] not in done]
+    prof_acc = spark.sparkContext.accumulator({}, SumLog()) if profile else None
+    on_profile = (lambda d: prof_acc.add(d)) if prof_acc is not None else None
     masks: dict[str, dict] = {}
     if cfg.masks.enabled and good:
-        masks = mask_slides(spark, cfg, rec, good)
+        masks = mask_slides(spark, cfg, rec, good, on_profile)
         good = [r for r in good if r["slide_id"] in masks]
     generated = {
         r["slide_id"]: grid_size(r["extent_x"], r["extent_y"], r["downsample"], grid_cfg.tile_extent,
@@ -345,8 +350,6 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     stale = sorted(partition_values(spark, paths["tiles"], writer) - current)
 
     decoded_acc = spark.sparkContext.accumulator({}, CountLog())  # live progress only
-    prof_acc = spark.sparkContext.accumulator({}, SumLog()) if profile else None
-    on_profile = (lambda d: prof_acc.add(d)) if prof_acc is not None else None
 
     counts: list[dict] = []
     written_total = 0

@@ -38,6 +38,7 @@ from slidelake.config import DecodeConfig, FilterConfig
 from slidelake.decode import DECODE_FIELDS, make_decoder
 from slidelake.filtering import keep_mask
 from slidelake.lineage import TILE_ERRORS_SCHEMA, CountLog, FailureLog
+from slidelake.memory import peak_rss_mib, release_memory, trim_heap
 from slidelake.tables import WriteResult, commit_files, discard_staging, new_staging, to_stored, write_table
 
 # column order of the tiles table
@@ -207,11 +208,14 @@ def make_file_sink(
                     writers[sid].write_table(pa.Table.from_pandas(part[columns], schema=arrow_schema,
                                                                   preserve_index=False))
                     stats[sid]["files"][-1][1] += len(part)
+                del out, kept, part
+                trim_heap()
                 if on_profile is not None:
-                    on_profile({"write.s": time.perf_counter() - t0})
+                    on_profile({"write.s": time.perf_counter() - t0, "decode.worker_peak_mib": peak_rss_mib()})
         finally:
             for w in writers.values():
                 w.close()
+            release_memory()
         rows = []
         for sid, s in stats.items():
             for i, (rel, n) in enumerate(s["files"] or [[None, 0]]):

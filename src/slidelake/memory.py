@@ -1,0 +1,74 @@
+"""Memory of the Python worker processes: give freed heap back, and measure each stage's peak.
+
+* :func:`release_memory` hands freed heap pages back to the OS (glibc ``malloc_trim``), so a
+  reused worker does not carry one stage's working arrays into the next.
+* :func:`reset_peak_rss` and :func:`peak_rss_mib` measure the peak resident set size of a
+  worker during one stage: Linux keeps the peak (``VmHWM`` in ``/proc/self/status``) and resets
+  it when ``5`` is written to ``/proc/self/clear_refs`` (``proc(5)``, Linux >= 4.0). With
+  ``--profile`` each stage reports its peak as ``<stage>.worker_peak_mib`` in ``runs.profile``
+  (the largest over the stage's workers).
+
+Elsewhere (macOS, or a kernel without these files) the functions do nothing and the peak is 0.
+"""
+
+from __future__ import annotations
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS (``gc.collect`` then glibc ``malloc_trim(0)``;
+    a no-op elsewhere). A mask's working arrays are tens of MiB; without this, glibc keeps the
+    freed pages and a reused Python worker carries them into the decode stage (measured in
+    ``docs/benchmarks.md``)."""
+    import gc
+
+    gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS without a garbage collection: glibc
+    ``malloc_trim(0)`` and Arrow's memory pool ``release_unused()``; a no-op elsewhere."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+    try:
+        import pyarrow as pa
+
+        pa.default_memory_pool().release_unused()
+    except Exception:  # noqa: BLE001 - an older pyarrow without it
+        pass
+
+
+_LIBC = None
+
+
+def reset_peak_rss() -> None:
+    """Start a new peak-RSS measurement for this process (``VmHWM`` := current RSS)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process since the last :func:`reset_peak_rss` (or since
+    it started), MiB; 0.0 where ``/proc`` does not tell."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
+__all__ = ["release_memory", "trim_heap", "reset_peak_rss", "peak_rss_mib"]
