@@ -92,3 +92,39 @@ def test_spark_expand_grid_roi(spark):
     got = sorted((r.tile_x, r.tile_y) for r in rows)
     assert got == sorted(itertools.product([200, 300, 400], [100, 200]))
     assert len(rows) == grid_size(1000, 800, 2.0, (100, 100), (100, 100), "drop", (400, 200, 600, 400))
+
+
+@pytest.mark.parametrize("expected, per_task, cores, n", [
+    (5753, 2048, 2, 4),    # 3 tasks of work -> 4, so the last wave fills both cores
+    (0, 2048, 2, 2),       # nothing expected: still one task per core
+    (100, 2048, 8, 8),
+    (20000, 2048, 8, 16),
+    (4096, 2048, 1, 2),
+])
+def test_partition_count(expected, per_task, cores, n):
+    from slidelake.decode import partition_count
+
+    assert partition_count(expected, per_task, cores) == n
+
+
+def test_repartition_keeps_regions_together_in_raster_order(spark):
+    from slidelake.config import PartitionConfig
+    from slidelake.decode import repartition_tiles
+
+    slides = spark.createDataFrame([("a", 2000, 1500, 1.0), ("b", 1024, 1024, 1.0)],
+                                   "slide_id string, extent_x long, extent_y long, downsample double")
+    grid = expand_grid(slides, (64, 64), (64, 64), "keep")
+    cfg = PartitionConfig(region_tiles=4, tiles_per_partition=300)
+    parts = repartition_tiles(grid, cfg, grid.count()).select(
+        "slide_id", "tile_x", "tile_y", "tile_col", "tile_row").rdd.glom().collect()
+    # 32 x 24 + 16 x 16 = 1024 tiles -> ceil(1024 / 300) = 4 tasks, a multiple of the cores
+    cores = spark.sparkContext.defaultParallelism
+    assert len(parts) == cores * -(-4 // cores)
+    rows = [r for p in parts for r in p]
+    assert len(rows) == len({(r.slide_id, r.tile_x, r.tile_y) for r in rows}) == 32 * 24 + 16 * 16
+    home = {}
+    for i, p in enumerate(parts):
+        keys = [(r.slide_id, r.tile_y, r.tile_x) for r in p]
+        assert keys == sorted(keys)  # raster order within each task
+        for r in p:  # every tile of a 4 x 4 region is in one task
+            assert home.setdefault((r.slide_id, r.tile_row // 4, r.tile_col // 4), i) == i

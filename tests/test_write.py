@@ -10,9 +10,11 @@ import numpy as np
 import openslide
 import pandas as pd
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import make_tiff
 from pyspark.sql import types as T
+from pyspark.sql.pandas.types import to_arrow_schema
 
 from slidelake.config import DecodeConfig, FilterConfig
 from slidelake.decode import rgba_to_rgb
@@ -43,7 +45,8 @@ def _rows(path: str, slide_id: str, width: int, height: int, tile: int = 256) ->
     })
 
 
-def _schema() -> T.StructType:
+def _pre_schema() -> T.StructType:
+    """Schema of the tile rows entering the decode stage (as Spark sends them)."""
     f = T.StructField
     pre = T.StructType([
         f("slide_id", T.StringType()), f("tile_id", T.LongType()), f("path", T.StringType()),
@@ -53,13 +56,27 @@ def _schema() -> T.StructType:
         f("tile_col", T.LongType()), f("tile_row", T.LongType()), f("level0_x", T.LongType()),
         f("level0_y", T.LongType()), f("tile_extent_x", T.IntegerType()), f("tile_extent_y", T.IntegerType()),
         f("stride_x", T.IntegerType()), f("stride_y", T.IntegerType()), f("valid_width", T.IntegerType()),
-        f("valid_height", T.IntegerType()), f("tissue_fraction", T.DoubleType()),
+        f("valid_height", T.IntegerType()), f("read_width", T.IntegerType()), f("read_height", T.IntegerType()),
+        f("tissue_fraction", T.DoubleType()),
         f("overlay_fractions", T.MapType(T.StringType(), T.DoubleType())), f("overlay_path", T.StringType()),
         f("class_fractions", T.MapType(T.StringType(), T.DoubleType())), f("annotated_fraction", T.DoubleType()),
         f("label", T.StringType()), f("annotations_path", T.StringType()),
         f("attributes", T.MapType(T.StringType(), T.StringType())),
     ])
-    return tiles_schema(pre)
+    return pre
+
+
+def _schema() -> T.StructType:
+    return tiles_schema(_pre_schema())
+
+
+def _run_sink(sink, frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Feed pandas frames to the ``mapInArrow`` sink as Spark would (Arrow record batches of the
+    input schema plus ``overlap_error``) and return its result rows."""
+    pre = T.StructType(_pre_schema().fields + [T.StructField("overlap_error", T.StringType())])
+    schema = to_arrow_schema(pre, timezone="UTC")
+    batches = [pa.RecordBatch.from_pandas(df[pre.fieldNames()], schema=schema, preserve_index=False) for df in frames]
+    return pa.Table.from_batches(list(sink(iter(batches)))).to_pandas()
 
 
 def test_file_sink_writes_kept_tiles_and_reports_every_failure(tmp_path):
@@ -72,7 +89,7 @@ def test_file_sink_writes_kept_tiles_and_reports_every_failure(tmp_path):
     staging.mkdir()
     fcfg = FilterConfig(max_background_fraction=None)
     sink = make_file_sink(DecodeConfig(encoding="raw", batch_mb=1.0), fcfg, LINEAGE, _schema(), str(staging))
-    res = pd.concat(list(sink(iter([pd.concat([a, b], ignore_index=True)]))), ignore_index=True)
+    res = _run_sink(sink, [pd.concat([a, b], ignore_index=True)])
 
     ra = res[res["slide_id"] == "a"]
     rb = res[res["slide_id"] == "b"]

@@ -185,7 +185,7 @@ class DecodeConfig(_Strict):
     encoding: Literal["raw", "png", "jpeg", "webp"] = "jpeg"
     quality: int = Field(default=90, ge=1, le=100)
     batch_size: int = Field(default=256, ge=1)
-    batch_mb: float = Field(default=16.0, gt=0)
+    batch_mb: float = Field(default=8.0, gt=0)
     background_threshold: int = Field(default=220, ge=0, le=255)
     max_open_slides: int = Field(default=8, ge=1)
     reader: Literal["auto", "openslide"] = "auto"
@@ -290,11 +290,12 @@ class PartitionConfig(_Strict):
 
     Tiles are hashed by ``(slide_id, region)`` where a region is ``region_tiles`` x
     ``region_tiles`` neighbouring tiles, so a task reads nearby tiles with one slide handle.
-    The number of partitions is ``ceil(tiles / tiles_per_partition)``, at least Spark's
-    default parallelism.
+    The number of partitions is ``ceil(tiles / tiles_per_partition)`` where ``tiles`` is the
+    number expected to be decoded (with masks: grid size x the mask's tissue fraction), rounded
+    up to a multiple of Spark's default parallelism so the last wave of tasks fills every core.
     """
 
-    region_tiles: int = Field(default=16, ge=1)
+    region_tiles: int = Field(default=8, ge=1)
     tiles_per_partition: int = Field(default=2048, ge=1)
 
 

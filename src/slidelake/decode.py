@@ -1,10 +1,11 @@
-"""Repartition tile rows and decode their pixels with a pandas UDF (``mapInPandas``).
+"""Repartition tile rows and decode their pixels in a vectorized Python UDF.
 
 * :func:`repartition_tiles` hashes ``(slide_id, region_row, region_col)`` so work is spread over
   tasks while neighbouring tiles of one slide stay in one task, then sorts each partition in
   raster order (slide, then tile_y, tile_x) so reads walk the file forwards.
-* :func:`make_decoder` builds the ``mapInPandas`` function (run by :mod:`slidelake.write`) that
-  reads each tile's region at its level, from the file's own JPEG tiles
+* :class:`TileDecoder` (used by :mod:`slidelake.write`'s ``mapInArrow`` file sink, and by
+  :func:`make_decoder`, the ``mapInPandas`` function of the spark-writer path) reads each
+  tile's region at its level, from the file's own JPEG tiles
   (:mod:`slidelake.native`) where the level qualifies, else with ``OpenSlide.read_region`` at
   the row's level-0 coordinates (transparent pixels composited on white); resizes when
   resampling (Pillow Lanczos), encodes the tile and computes cheap statistics. A tile the
@@ -22,6 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -54,24 +56,37 @@ DECODE_INPUTS = (
 )
 
 
-def repartition_tiles(tiles: DataFrame, cfg: PartitionConfig, total_tiles: int) -> DataFrame:
+def partition_count(expected_tiles: float, tiles_per_partition: int, parallelism: int) -> int:
+    """Number of decode tasks: ``ceil(expected_tiles / tiles_per_partition)`` rounded up to a
+    multiple of ``parallelism`` (Spark's default parallelism, the cores), so the last wave of
+    tasks keeps every core busy; at least ``parallelism``.
+
+    ``expected_tiles`` is the number of tiles expected to reach the decoder (with masks: each
+    slide's grid size times its mask's tissue fraction), not the grid size: sizing tasks by the
+    grid made the tasks of a slide with little tissue uneven (``docs/benchmarks.md``).
+    """
+    p = max(1, int(parallelism))
+    n = max(1, math.ceil(max(0.0, float(expected_tiles)) / tiles_per_partition))
+    return p * math.ceil(n / p)
+
+
+def repartition_tiles(tiles: DataFrame, cfg: PartitionConfig, expected_tiles: float) -> DataFrame:
     """Spread tile rows over tasks by ``(slide_id, region)`` and sort them in raster order.
 
     Args:
         tiles: grid rows (needs ``slide_id``, ``tile_col``, ``tile_row``, ``tile_x``, ``tile_y``).
         cfg: region size (in tiles) and target tiles per partition.
-        total_tiles: number of rows (known from the grid arithmetic), to size partitions.
+        expected_tiles: tiles expected to be decoded (see :func:`partition_count`).
 
     Returns:
-        The same rows, ``ceil(total_tiles / tiles_per_partition)`` partitions (at least the
-        default parallelism).
+        The same rows in :func:`partition_count` partitions, hashed by ``(slide_id,
+        region_row, region_col)``, each sorted by ``(slide_id, tile_y, tile_x)``.
     """
     spark = tiles.sparkSession
-    n = max(spark.sparkContext.defaultParallelism, math.ceil(total_tiles / cfg.tiles_per_partition), 1)
+    n = partition_count(expected_tiles, cfg.tiles_per_partition, spark.sparkContext.defaultParallelism)
     r = cfg.region_tiles
     return (
-        tiles.withColumn("_region_row", F.floor(F.col("tile_row") / r))
-        .withColumn("_region_col", F.floor(F.col("tile_col") / r))
+        tiles.withColumns({"_region_row": F.floor(F.col("tile_row") / r), "_region_col": F.floor(F.col("tile_col") / r)})
         .repartition(n, "slide_id", "_region_row", "_region_col")
         .sortWithinPartitions("slide_id", "tile_y", "tile_x")
         .drop("_region_row", "_region_col")
@@ -214,118 +229,171 @@ def tile_stats(rgb: np.ndarray, background_threshold: int) -> tuple[float, float
     return mean / 3.0, math.sqrt(var) / 3.0, float(np.count_nonzero(bg)) / n
 
 
+# columns of a batch the decoder reads, as NumPy arrays
+DECODE_COLUMNS = (
+    "path", "fingerprint", "level0_x", "level0_y", "level", "level_downsample", "read_width", "read_height",
+    "tile_extent_x", "tile_extent_y", "valid_width", "valid_height", "tile_x", "tile_y", "slide_id",
+)
+
+
+@dataclass
+class DecodedBatch:
+    """What :meth:`TileDecoder.decode` made of ``n`` rows (index ``i`` is the row's position).
+
+    Attributes:
+        tiles: encoded tile bytes, ``None`` where the decode failed.
+        mean, std, background_fraction: float64 ``(n,)`` statistics of :func:`tile_stats`
+            (NaN where the decode failed).
+        readers: ``native`` or ``openslide`` per row (``None`` where it failed).
+        errors: the error message per row (``None`` where it succeeded).
+        encode_s: seconds spent encoding; seconds: the whole batch.
+    """
+
+    tiles: list[bytes | None]
+    mean: np.ndarray
+    std: np.ndarray
+    background_fraction: np.ndarray
+    readers: list[str | None]
+    errors: list[str | None]
+    encode_s: float = 0.0
+    seconds: float = 0.0
+
+
+class TileDecoder:
+    """Reads, encodes and measures tiles given as NumPy columns (:data:`DECODE_COLUMNS`), with the
+    worker's cached slide handles: the file's own JPEG tiles (:mod:`slidelake.native`) where
+    the level qualifies, else ``OpenSlide.read_region`` (a tile the native reader finds corrupt
+    is re-read by OpenSlide, which decides). Shared by the pandas decoder
+    (:func:`make_decoder`) and the workers' file sink (:func:`slidelake.write.make_file_sink`).
+    """
+
+    def __init__(self, cfg: DecodeConfig) -> None:
+        self.encoding, self.quality, self.threshold = cfg.encoding, cfg.quality, cfg.background_threshold
+        self.batch_size, self.batch_mb = cfg.batch_size, cfg.batch_mb
+        self.handles = _worker_cache("openslide", cfg.max_open_slides, _open_openslide)
+        cache_tiles = cfg.native_cache_tiles
+        self.natives = (_worker_cache("native", cfg.max_open_slides, lambda p: open_native(p, cache_tiles))
+                        if cfg.reader == "auto" else None)
+
+    def rows_per_batch(self, extent_x: int, extent_y: int) -> int:
+        """Rows per output batch: at most ``decode.batch_size`` and ``decode.batch_mb`` MiB of
+        uncompressed RGB tiles of ``extent_x`` x ``extent_y`` px."""
+        return max(1, min(self.batch_size, int(self.batch_mb * 2**20) // max(1, extent_x * extent_y * 3)))
+
+    def decode(self, col: dict[str, np.ndarray]) -> DecodedBatch:
+        """Decode every row of ``col`` (equal-length arrays keyed by :data:`DECODE_COLUMNS`).
+        Never raises for a bad tile or file: the row gets its error instead."""
+        t_batch = time.perf_counter()
+        n = len(col["path"])
+        out = DecodedBatch([None] * n, np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan),
+                           [None] * n, [None] * n)
+        handles, natives = self.handles, self.natives
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, key in enumerate(zip(col["path"], col["fingerprint"])):
+            groups.setdefault(key, []).append(i)
+        for (path, fp), idx in groups.items():
+            slide = None
+            native = None
+            if natives is not None:
+                try:
+                    native = natives.get(path, fp)
+                except Exception:  # noqa: BLE001 - OpenSlide below reports the problem
+                    native = None
+            for i in idx:
+                out_size = (int(col["tile_extent_x"][i]), int(col["tile_extent_y"][i]))
+                valid = (int(col["valid_width"][i]), int(col["valid_height"][i]))
+                read_size = (int(col["read_width"][i]), int(col["read_height"][i]))
+                # 1. pixels: the file's own JPEG tiles where the level qualifies, else OpenSlide
+                rgb, reader = None, None
+                lvl = native.level(col["level"][i]) if native is not None else None
+                if lvl is not None:
+                    ds = float(col["level_downsample"][i])
+                    try:
+                        region = lvl.read(round(col["level0_x"][i] / ds), round(col["level0_y"][i] / ds), *read_size)
+                        rgb, reader = finish_tile(region, out_size, valid), "native"
+                    except CorruptTileError:
+                        pass  # OpenSlide decides whether the tile is readable
+                if rgb is None:
+                    try:
+                        if slide is None:
+                            slide = handles.get(path, fp)
+                    except Exception as exc:  # noqa: BLE001 - file gone or unreadable
+                        out.errors[i] = f"open failed: {type(exc).__name__}: {exc}"
+                        continue
+                    try:
+                        rgb = read_tile(slide, col["level0_x"][i], col["level0_y"][i], col["level"][i],
+                                        read_size, out_size, valid)
+                        reader = "openslide"
+                    except Exception as exc:  # noqa: BLE001 - recorded per tile
+                        out.errors[i] = f"{type(exc).__name__}: {exc}"
+                        handles.evict(path, fp)  # handles are unusable after an error
+                        slide = None
+                        continue
+                # 2. encoding and statistics, whichever reader gave the pixels
+                t0 = time.perf_counter()
+                out.tiles[i] = encode_tile(rgb, self.encoding, self.quality)
+                out.encode_s += time.perf_counter() - t0
+                out.mean[i], out.std[i], out.background_fraction[i] = tile_stats(rgb, self.threshold)
+                out.readers[i] = reader
+        out.seconds = time.perf_counter() - t_batch
+        return out
+
+    def profile(self, d: DecodedBatch) -> dict[str, float]:
+        """The ``--profile`` figures of one batch (see :func:`make_decoder`)."""
+        return {"decode.batch_s": d.seconds, "decode.encode_s": d.encode_s, "decode.read_s": d.seconds - d.encode_s,
+                "decode.tiles": float(len(d.tiles)),
+                "decode.tiles_native": float(sum(r == "native" for r in d.readers)),
+                "decode.worker_peak_mib": peak_rss_mib()}
+
+
 def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], None] | None = None,
                  on_decoded: Callable[[dict[str, int]], None] | None = None,
                  on_profile: Callable[[dict[str, float]], None] | None = None,
                  ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
-    """Build the ``mapInPandas`` function that decodes a partition's tiles.
+    """Build the ``mapInPandas`` function that decodes a partition's tiles (:class:`TileDecoder`)
+    and yields each batch's rows plus :data:`DECODE_FIELDS`.
 
     ``on_failure(slide_id, info)`` is called for each tile that failed, ``on_decoded({slide_id:
     tiles})`` once per batch with the tiles whose decode was attempted, ``on_profile({name:
     value})`` once per batch with seconds spent reading pixels (``decode.read_s``), encoding
     (``decode.encode_s``) and in the whole batch (``decode.batch_s``), tiles per reader, and the
     worker's peak resident set in this stage so far (``decode.worker_peak_mib``,
-    :mod:`slidelake.memory`) (e.g. to feed accumulators). Output batches have at most ``cfg.batch_size`` rows and at most
-    ``cfg.batch_mb`` MiB of uncompressed RGB tiles.
+    :mod:`slidelake.memory`) (e.g. to feed accumulators). Output batches have at most
+    ``cfg.batch_size`` rows and at most ``cfg.batch_mb`` MiB of uncompressed RGB tiles.
     """
-    encoding, quality, thr, batch = cfg.encoding, cfg.quality, cfg.background_threshold, cfg.batch_size
-    batch_mb = cfg.batch_mb
-    max_open, use_native, cache_tiles = cfg.max_open_slides, cfg.reader == "auto", cfg.native_cache_tiles
 
     def decode(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         if on_profile is not None:
             reset_peak_rss()
-        handles = _worker_cache("openslide", max_open, _open_openslide)
-        natives = _worker_cache("native", max_open, lambda p: open_native(p, cache_tiles)) if use_native else None
+        decoder = TileDecoder(cfg)
         for pdf in batches:
             if pdf.empty:
                 continue
-            tile_bytes = int(pdf["tile_extent_x"].iloc[0]) * int(pdf["tile_extent_y"].iloc[0]) * 3
-            rows = max(1, min(batch, int(batch_mb * 2**20) // tile_bytes))
+            rows = decoder.rows_per_batch(int(pdf["tile_extent_x"].iloc[0]), int(pdf["tile_extent_y"].iloc[0]))
             for start in range(0, len(pdf), rows):
-                t_batch = time.perf_counter()
-                t_enc = 0.0
                 chunk = pdf.iloc[start:start + rows].reset_index(drop=True)
-                n = len(chunk)
-                tiles: list[bytes | None] = [None] * n
-                mean = np.full(n, np.nan)
-                std = np.full(n, np.nan)
-                bgf = np.full(n, np.nan)
-                errors: list[str | None] = [None] * n
-                readers: list[str | None] = [None] * n
-                col = {c: chunk[c].to_numpy() for c in (
-                    "level0_x", "level0_y", "level", "level_downsample", "read_width", "read_height",
-                    "tile_extent_x", "tile_extent_y", "valid_width", "valid_height", "tile_x", "tile_y",
-                    "slide_id")}
-                for (path, fp), idx in chunk.groupby(["path", "fingerprint"], sort=False).indices.items():
-                    slide = None
-                    native = None
-                    if natives is not None:
-                        try:
-                            native = natives.get(path, fp)
-                        except Exception:  # noqa: BLE001 - OpenSlide below reports the problem
-                            native = None
-                    for i in idx:
-                        out_size = (int(col["tile_extent_x"][i]), int(col["tile_extent_y"][i]))
-                        valid = (int(col["valid_width"][i]), int(col["valid_height"][i]))
-                        read_size = (int(col["read_width"][i]), int(col["read_height"][i]))
-                        # 1. pixels: the file's own JPEG tiles where the level qualifies, else OpenSlide
-                        rgb, reader = None, None
-                        lvl = native.level(col["level"][i]) if native is not None else None
-                        if lvl is not None:
-                            ds = float(col["level_downsample"][i])
-                            try:
-                                region = lvl.read(round(col["level0_x"][i] / ds), round(col["level0_y"][i] / ds),
-                                                  *read_size)
-                                rgb, reader = finish_tile(region, out_size, valid), "native"
-                            except CorruptTileError:
-                                pass  # OpenSlide decides whether the tile is readable
-                        if rgb is None:
-                            try:
-                                if slide is None:
-                                    slide = handles.get(path, fp)
-                            except Exception as exc:  # noqa: BLE001 - file gone or unreadable
-                                errors[i] = f"open failed: {type(exc).__name__}: {exc}"
-                                continue
-                            try:
-                                rgb = read_tile(slide, col["level0_x"][i], col["level0_y"][i], col["level"][i],
-                                                read_size, out_size, valid)
-                                reader = "openslide"
-                            except Exception as exc:  # noqa: BLE001 - recorded per tile
-                                errors[i] = f"{type(exc).__name__}: {exc}"
-                                handles.evict(path, fp)  # handles are unusable after an error
-                                slide = None
-                                continue
-                        # 2. encoding and statistics, whichever reader gave the pixels
-                        t0 = time.perf_counter()
-                        tiles[i] = encode_tile(rgb, encoding, quality)
-                        t_enc += time.perf_counter() - t0
-                        mean[i], std[i], bgf[i] = tile_stats(rgb, thr)
-                        readers[i] = reader
+                d = decoder.decode({c: chunk[c].to_numpy() for c in DECODE_COLUMNS})
                 if on_decoded is not None:
                     on_decoded({str(k): int(v) for k, v in chunk["slide_id"].value_counts().items()})
                 if on_profile is not None:
-                    spent = time.perf_counter() - t_batch
-                    on_profile({"decode.batch_s": spent, "decode.encode_s": t_enc, "decode.read_s": spent - t_enc,
-                                "decode.tiles": float(n),
-                                "decode.tiles_native": float(sum(r == "native" for r in readers)),
-                                "decode.worker_peak_mib": peak_rss_mib()})
-                for i, e in enumerate(errors):
+                    on_profile(decoder.profile(d))
+                for i, e in enumerate(d.errors):
                     if e is not None and on_failure is not None:
-                        on_failure(str(col["slide_id"][i]),
-                                   {"tile_x": int(col["tile_x"][i]), "tile_y": int(col["tile_y"][i]), "error": e})
+                        on_failure(str(chunk["slide_id"].iloc[i]),
+                                   {"tile_x": int(chunk["tile_x"].iloc[i]), "tile_y": int(chunk["tile_y"].iloc[i]),
+                                    "error": e})
                 out = chunk.assign(
-                    tile=tiles,
-                    tile_format=encoding,
+                    tile=d.tiles,
+                    tile_format=cfg.encoding,
                     tile_width=chunk["tile_extent_x"].astype("int32"),
                     tile_height=chunk["tile_extent_y"].astype("int32"),
-                    tile_mean=mean,
-                    tile_std=std,
-                    background_fraction=bgf,
-                    reader=readers,
-                    decode_error=errors,
+                    tile_mean=d.mean,
+                    tile_std=d.std,
+                    background_fraction=d.background_fraction,
+                    reader=d.readers,
+                    decode_error=d.errors,
                 )
                 yield out
-                del out, chunk, tiles  # let the next batch reuse this one's memory
+                del out, chunk, d  # let the next batch reuse this one's memory
 
     return decode

@@ -120,26 +120,25 @@ def expand_grid(
         y1 = F.least(F.ceil(F.lit(ry + rh) / d), H).cast("long")
     Lx, Ly = x1 - x0, y1 - y0
     E_x, E_y, S_x, S_y = F.lit(ex), F.lit(ey), F.lit(sx), F.lit(sy)
+    # withColumns: one projection per step (each withColumn call is analysed on its own)
     out = (
-        slides.withColumn("_x0", x0).withColumn("_y0", y0)
-        .withColumn("_lx", Lx).withColumn("_ly", Ly)
-        .withColumn("_nx", _count_expr(F.col("_lx"), E_x, S_x, last))
-        .withColumn("_ny", _count_expr(F.col("_ly"), E_y, S_y, last))
+        slides.withColumns({"_x0": x0, "_y0": y0, "_lx": Lx, "_ly": Ly})
+        .withColumns({"_nx": _count_expr(F.col("_lx"), E_x, S_x, last),
+                      "_ny": _count_expr(F.col("_ly"), E_y, S_y, last)})
         .where((F.col("_nx") > 0) & (F.col("_ny") > 0))
         .withColumn("tile_row", F.explode(F.sequence(F.lit(0).cast("long"), F.col("_ny") - 1)))
         .withColumn("tile_col", F.explode(F.sequence(F.lit(0).cast("long"), F.col("_nx") - 1)))
     )
     tx = F.col("_x0") + _position_expr(F.col("tile_col"), F.col("_nx"), F.col("_lx"), E_x, S_x, last)
     ty = F.col("_y0") + _position_expr(F.col("tile_row"), F.col("_ny"), F.col("_ly"), E_y, S_y, last)
-    out = (
-        out.withColumn("tile_x", tx).withColumn("tile_y", ty)
-        .withColumn("level0_x", F.floor(F.col("tile_x") * d + 0.5).cast("long"))
-        .withColumn("level0_y", F.floor(F.col("tile_y") * d + 0.5).cast("long"))
-        .withColumn("tile_extent_x", F.lit(ex)).withColumn("tile_extent_y", F.lit(ey))
-        .withColumn("stride_x", F.lit(sx)).withColumn("stride_y", F.lit(sy))
-        .withColumn("valid_width", F.least(F.lit(ex).cast("long"), W - F.col("tile_x")).cast("int"))
-        .withColumn("valid_height", F.least(F.lit(ey).cast("long"), H - F.col("tile_y")).cast("int"))
-    )
+    out = out.withColumns({"tile_x": tx, "tile_y": ty}).withColumns({
+        "level0_x": F.floor(F.col("tile_x") * d + 0.5).cast("long"),
+        "level0_y": F.floor(F.col("tile_y") * d + 0.5).cast("long"),
+        "tile_extent_x": F.lit(ex), "tile_extent_y": F.lit(ey),
+        "stride_x": F.lit(sx), "stride_y": F.lit(sy),
+        "valid_width": F.least(F.lit(ex).cast("long"), W - F.col("tile_x")).cast("int"),
+        "valid_height": F.least(F.lit(ey).cast("long"), H - F.col("tile_y")).cast("int"),
+    })
     return out.drop("_x0", "_y0", "_lx", "_ly", "_nx", "_ny")
 
 

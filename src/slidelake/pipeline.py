@@ -358,7 +358,11 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     with TileProgress(spark, total, lambda: sum(decoded_acc.value.values()), enabled=progress):
         for i, batch in enumerate(batches):
             with _stage(rec, "overlap+decode+write"):
-                wrote = _tile_batch(spark, cfg, rec, batch, masks, sum(generated[r["slide_id"]] for r in batch),
+                # tasks sized by the tiles expected to be decoded, not by the grid (masks drop most)
+                expected = sum(generated[r["slide_id"]] * (_tissue_share(masks.get(r["slide_id"]))
+                                                           if cfg.filter.min_tissue_fraction is not None else 1.0)
+                               for r in batch)
+                wrote = _tile_batch(spark, cfg, rec, batch, masks, expected,
                                     replace_table and i == 0, stale if i == 0 else [], decoded_acc.add, on_profile)
             res = wrote.result
             rec.table_versions[cfg.tables.tiles_table] = res.version if res.version is not None else -1
@@ -388,10 +392,11 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
 
 
 def _tile_batch(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, batch: list[dict], masks: dict[str, dict],
-                total: int, replace_table: bool, drop: list[str], on_decoded, on_profile) -> TileWrite:
+                expected: float, replace_table: bool, drop: list[str], on_decoded, on_profile) -> TileWrite:
     """Grid, overlap, filter, repartition, decode, write one batch of resolved slide rows as one
     commit replacing their partitions and removing the ``drop`` partitions (the whole table
-    when ``replace_table``)."""
+    when ``replace_table``). ``expected``: tiles expected to be decoded (sizes the decode tasks,
+    :func:`slidelake.decode.partition_count`)."""
     paths = lake_paths(cfg)
     writer = rec.delta_writer or "delta-rs"
     chash = config_hash(cfg)
@@ -416,10 +421,10 @@ def _tile_batch(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, batch:
     # size of one tile's region at the read level: once per slide, before the explode
     ex, ey = grid_cfg.tile_extent
     scale = F.col("downsample") / F.col("level_downsample")
-    base = (
-        base.withColumn("read_width", F.greatest(F.lit(1), F.round(F.lit(ex) * scale)).cast("int"))
-        .withColumn("read_height", F.greatest(F.lit(1), F.round(F.lit(ey) * scale)).cast("int"))
-    )
+    base = base.withColumns({
+        "read_width": F.greatest(F.lit(1), F.round(F.lit(ex) * scale)).cast("int"),
+        "read_height": F.greatest(F.lit(1), F.round(F.lit(ey) * scale)).cast("int"),
+    })
     # 1. grid (metadata only)
     tiles = expand_grid(base, grid_cfg.tile_extent, grid_cfg.stride_xy, grid_cfg.last, grid_cfg.roi)
     # 2. overlap with the mask and annotations, per slide, still metadata only
@@ -433,13 +438,21 @@ def _tile_batch(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, batch:
         keep = keep & (F.coalesce(F.col("annotated_fraction"), F.lit(0.0)) >= F.lit(fcfg.min_annotated_fraction))
     tiles = tiles.where(F.col("overlap_error").isNotNull() | keep)
     # 4. repartition (with the tile id: a hash of slide, config and position)
-    tiles = repartition_tiles(tiles, cfg.partition, total).withColumn(
+    tiles = repartition_tiles(tiles, cfg.partition, expected).withColumn(
         "tile_id", F.xxhash64("slide_id", F.lit(chash), "tile_x", "tile_y"))
     # 5. decode, 6. pixel filter, 7. write with lineage columns: in the Python workers
     lineage = Lineage(rec.run_id, chash, __version__, rec.started_at, cfg.tables.path_root)
     return write_tiles(spark, tiles, paths["tiles"], writer, cfg.decode, fcfg, lineage,
                        None if replace_table else [r["slide_id"] for r in batch] + list(drop), cfg.tables.tile_compression,
                        on_decoded, on_profile)
+
+
+def _tissue_share(mask: dict | None) -> float:
+    """Share of a slide's tiles expected to pass the mask: its tissue fraction (1.0 without a
+    computed mask; at least 1 %, so a mask that found almost nothing still gets a task)."""
+    if mask is None or mask.get("tissue_fraction") is None:
+        return 1.0
+    return min(1.0, max(0.01, float(mask["tissue_fraction"])))
 
 
 def _slide_counts(rec: RunRecord, batch: list[dict], generated: dict[str, int], wrote: TileWrite) -> list[dict]:

@@ -29,16 +29,17 @@ from datetime import datetime
 from typing import Any, Callable, Iterator
 from urllib.parse import quote
 
+import numpy as np
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from slidelake.config import DecodeConfig, FilterConfig
-from slidelake.decode import DECODE_FIELDS, make_decoder
+from slidelake.decode import DECODE_COLUMNS, DECODE_FIELDS, TileDecoder, make_decoder
 from slidelake.filtering import keep_mask
 from slidelake.lineage import TILE_ERRORS_SCHEMA, CountLog, FailureLog
-from slidelake.memory import peak_rss_mib, release_memory, trim_heap
+from slidelake.memory import release_memory, reset_peak_rss
 from slidelake.tables import WriteResult, commit_files, discard_staging, new_staging, to_stored, write_table
 
 # column order of the tiles table
@@ -139,6 +140,20 @@ def _without_overlap_failures(batches: Iterator[pd.DataFrame],
             yield pdf
 
 
+def _arrow_failures(table: Any, rows: np.ndarray, column: str, stage: str, errors: list | None = None,
+                    ) -> list[tuple[str, dict[str, Any]]]:
+    """``(slide_id, {"tile_x", "tile_y", "stage", "error"})`` for ``rows`` of an Arrow ``table``
+    (the error text from ``errors[i]``, else from ``column``)."""
+    if not len(rows):
+        return []
+    sub = table.take(rows)
+    sids = sub.column("slide_id").to_pylist()
+    xs, ys = sub.column("tile_x").to_pylist(), sub.column("tile_y").to_pylist()
+    msgs = [errors[i] for i in rows] if errors is not None else sub.column(column).to_pylist()
+    return [(str(sid), {"tile_x": int(x), "tile_y": int(y), "stage": stage, "error": str(e)})
+            for sid, x, y, e in zip(sids, xs, ys, msgs)]
+
+
 def make_file_sink(
     dcfg: DecodeConfig,
     fcfg: FilterConfig,
@@ -149,82 +164,140 @@ def make_file_sink(
     tile_compression: str = "none",
     on_decoded: Callable[[dict[str, int]], None] | None = None,
     on_profile: Callable[[dict[str, float]], None] | None = None,
-) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
-    """Build the ``mapInPandas`` function that decodes, filters and writes a task's tiles.
+) -> Callable[[Iterator[Any]], Iterator[Any]]:
+    """Build the ``mapInArrow`` function that decodes, filters and writes a task's tiles.
 
-    Kept tiles of each slide go to ``<staging>/<partition_col>=<value>/part-<uuid>.parquet``
-    (one row group per decode batch; the ``tile`` bytes compressed with ``tile_compression``
-    and without dictionary or statistics, the other columns zstd level 1; the partition column
-    is not stored in the file, as Spark and Delta do).
-    Yields :data:`TILE_FILES_SCHEMA` rows, one per slide the task saw. ``on_decoded`` and
-    ``on_profile`` are as in :func:`slidelake.decode.make_decoder` (progress, ``--profile``;
-    ``write.s`` adds the seconds spent in Arrow and Parquet).
+    Works on Arrow record batches end to end: the tile rows' metadata columns go from Spark's
+    Arrow batches to the Parquet file without a pandas round trip; only the decoder's inputs
+    become NumPy arrays (:class:`~slidelake.decode.TileDecoder`). Kept tiles of each slide go
+    to ``<staging>/<partition_col>=<value>/part-<uuid>.parquet`` (one row group per decode
+    batch of at most ``decode.batch_mb`` MiB of pixels; the ``tile`` bytes compressed with
+    ``tile_compression`` and without dictionary or statistics, the other columns zstd level 1;
+    the partition column is not stored in the file, as Spark and Delta do).
+    Yields :data:`TILE_FILES_SCHEMA` record batches, one row per slide the task saw (and per
+    extra file of a slide). ``on_decoded`` and ``on_profile`` are as in
+    :func:`slidelake.decode.make_decoder` (progress, ``--profile``; ``write.s`` adds the seconds
+    spent building and writing the Arrow tables).
     """
     from pyspark.sql.pandas.types import to_arrow_schema
 
     file_fields = [f for f in schema.fields if f.name != partition_col]
     columns = [f.name for f in file_fields]
     arrow_schema = to_arrow_schema(T.StructType(file_fields), timezone="UTC")
+    result_schema = to_arrow_schema(TILE_FILES_SCHEMA, timezone="UTC")
     small = [c for c in columns if c != "tile"]
     codecs = {**{c: "zstd" for c in small}, "tile": tile_compression}
-    decoder = make_decoder(dcfg, None, on_decoded, on_profile)
 
-    def sink(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    def sink(batches: Iterator[Any]) -> Iterator[Any]:
         import pyarrow as pa
+        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
+        if on_profile is not None:
+            reset_peak_rss()
+        decoder = TileDecoder(dcfg)
         writers: dict[str, pq.ParquetWriter] = {}
         stats: dict[str, dict[str, Any]] = {}  # slide_id -> decoded, failures, files [[rel, rows]]
+        stored: dict[str, str] = {}  # path -> stored path (tables.path_root)
+        constants = {"tile_format": pa.scalar(dcfg.encoding, pa.string()),
+                     "run_id": pa.scalar(lineage.run_id, pa.string()),
+                     "config_hash": pa.scalar(lineage.config_hash, pa.string()),
+                     "slidelake_version": pa.scalar(lineage.slidelake_version, pa.string()),
+                     "created_at": pa.scalar(lineage.created_at, arrow_schema.field("created_at").type)}
 
         def slide(sid: str) -> dict[str, Any]:
             return stats.setdefault(sid, {"decoded": 0, "failures": [], "files": []})
 
-        def record(sid: str, info: dict[str, Any]) -> None:
-            slide(sid)["failures"].append(info)
+        def write(sid: str, table: Any) -> None:
+            for other in [k for k in writers if k != sid]:  # rows arrive sorted by slide
+                writers.pop(other).close()
+            if sid not in writers:
+                rel = f"{partition_col}={quote(sid, safe='')}/part-{uuid.uuid4().hex}.parquet"
+                full = os.path.join(staging, rel)
+                os.makedirs(os.path.dirname(full), exist_ok=True)
+                writers[sid] = pq.ParquetWriter(full, arrow_schema, compression=codecs,
+                                                compression_level={c: 1 for c in small},
+                                                use_dictionary=small, write_statistics=small)
+                slide(sid)["files"].append([rel, 0])
+            writers[sid].write_table(table)
+            stats[sid]["files"][-1][1] += table.num_rows
 
         try:
-            for out in decoder(_without_overlap_failures(batches, record)):
-                t0 = time.perf_counter()
-                for sid, n in out["slide_id"].value_counts().items():
-                    slide(str(sid))["decoded"] += int(n)
-                for sid, info in _failed_tiles(out, "decode_error", "decode"):
-                    record(sid, info)
-                kept = out.loc[keep_mask(out, fcfg)]
-                for sid, part in kept.groupby("slide_id", sort=False):
-                    sid = str(sid)
-                    for other in [k for k in writers if k != sid]:  # rows arrive sorted by slide
-                        writers.pop(other).close()
-                    if sid not in writers:
-                        rel = f"{partition_col}={quote(sid, safe='')}/part-{uuid.uuid4().hex}.parquet"
-                        full = os.path.join(staging, rel)
-                        os.makedirs(os.path.dirname(full), exist_ok=True)
-                        writers[sid] = pq.ParquetWriter(full, arrow_schema, compression=codecs,
-                                                        compression_level={c: 1 for c in small},
-                                                        use_dictionary=small, write_statistics=small)
-                        stats[sid]["files"].append([rel, 0])
-                    part = _stored_paths(part, lineage.path_root).assign(run_id=lineage.run_id, config_hash=lineage.config_hash,
-                                       slidelake_version=lineage.slidelake_version,
-                                       created_at=pd.Timestamp(lineage.created_at))
-                    writers[sid].write_table(pa.Table.from_pandas(part[columns], schema=arrow_schema,
-                                                                  preserve_index=False))
-                    stats[sid]["files"][-1][1] += len(part)
-                del out, kept, part
-                trim_heap()
-                if on_profile is not None:
-                    on_profile({"write.s": time.perf_counter() - t0, "decode.worker_peak_mib": peak_rss_mib()})
+            for rb in batches:
+                table = pa.Table.from_batches([rb])
+                if table.num_rows == 0:
+                    continue
+                if "overlap_error" in table.column_names:
+                    # tiles whose overlay or annotations could not be read: recorded, never decoded
+                    bad = pc.is_valid(table.column("overlap_error"))
+                    for sid, info in _arrow_failures(table, np.flatnonzero(bad.to_numpy(zero_copy_only=False)),
+                                                     "overlap_error", "overlap"):
+                        slide(sid)["failures"].append(info)
+                    table = table.filter(pc.invert(bad))
+                if table.num_rows == 0:
+                    continue
+                rows = decoder.rows_per_batch(table.column("tile_extent_x")[0].as_py(),
+                                              table.column("tile_extent_y")[0].as_py())
+                for start in range(0, table.num_rows, rows):
+                    chunk = table.slice(start, rows)
+                    col = {c: chunk.column(c).to_numpy(zero_copy_only=False) for c in DECODE_COLUMNS}
+                    d = decoder.decode(col)
+                    t0 = time.perf_counter()
+                    sids = col["slide_id"]
+                    counts: dict[str, int] = {}
+                    for sid in sids:
+                        counts[sid] = counts.get(sid, 0) + 1
+                    for sid, n in counts.items():
+                        slide(str(sid))["decoded"] += n
+                    failed = np.flatnonzero(np.array([e is not None for e in d.errors], bool))
+                    for sid, info in _arrow_failures(chunk, failed, "", "decode", d.errors):
+                        slide(sid)["failures"].append(info)
+                    keep = keep_mask(pd.DataFrame({"decode_error": d.errors, "tile": d.tiles, "tile_std": d.std,
+                                                   "background_fraction": d.background_fraction}), fcfg)
+                    idx = np.flatnonzero(keep)
+                    if len(idx):
+                        kept = chunk.take(idx)
+                        paths = kept.column("path").to_pylist()
+                        if lineage.path_root:
+                            paths = [stored.setdefault(p, to_stored(p, lineage.path_root)) for p in paths]
+                        n = len(idx)
+                        new = {
+                            "path": pa.array(paths, pa.string()),
+                            "tile": pa.array([d.tiles[i] for i in idx], pa.binary()),
+                            "tile_width": pc.cast(kept.column("tile_extent_x"), pa.int32()),
+                            "tile_height": pc.cast(kept.column("tile_extent_y"), pa.int32()),
+                            "tile_mean": pa.array(d.mean[idx]),
+                            "tile_std": pa.array(d.std[idx]),
+                            "background_fraction": pa.array(d.background_fraction[idx]),
+                            "reader": pa.array([d.readers[i] for i in idx], pa.string()),
+                            **{k: pa.repeat(v, n) for k, v in constants.items()},
+                        }
+                        out = pa.table([new[c] if c in new else kept.column(c) for c in columns],
+                                       names=columns).cast(arrow_schema)
+                        kept_sids = sids[idx]
+                        # rows are sorted by slide: one contiguous run per slide
+                        cuts = np.flatnonzero(kept_sids[1:] != kept_sids[:-1]) + 1
+                        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, n]):
+                            write(str(kept_sids[lo]), out.slice(lo, hi - lo))
+                        del kept, new, out
+                    if on_decoded is not None:
+                        on_decoded({str(k): v for k, v in counts.items()})
+                    if on_profile is not None:
+                        on_profile({**decoder.profile(d), "write.s": time.perf_counter() - t0})
+                    del chunk, col, d  # let the next batch reuse this one's memory
         finally:
             for w in writers.values():
                 w.close()
             release_memory()
-        rows = []
-        for sid, s in stats.items():
-            for i, (rel, n) in enumerate(s["files"] or [[None, 0]]):
-                rows.append({"slide_id": sid, "file": rel, "rows": n,
-                             "decoded": s["decoded"] if i == 0 else 0,
-                             "failed": len(s["failures"]) if i == 0 else 0,
-                             "failures": s["failures"] if i == 0 else []})
-        if rows:
-            yield pd.DataFrame(rows)
+        rows_out = []
+        for sid, st in stats.items():
+            for i, (rel, n) in enumerate(st["files"] or [[None, 0]]):
+                rows_out.append({"slide_id": sid, "file": rel, "rows": n,
+                                 "decoded": st["decoded"] if i == 0 else 0,
+                                 "failed": len(st["failures"]) if i == 0 else 0,
+                                 "failures": st["failures"] if i == 0 else []})
+        if rows_out:
+            yield pa.RecordBatch.from_pylist(rows_out, schema=result_schema)
 
     return sink
 
@@ -316,7 +389,7 @@ def write_tiles(
     try:
         sink = make_file_sink(dcfg, fcfg, lineage, schema, staging, "slide_id", tile_compression, on_decoded,
                               on_profile)
-        results = tiles.mapInPandas(sink, schema=TILE_FILES_SCHEMA).collect()
+        results = tiles.mapInArrow(sink, schema=TILE_FILES_SCHEMA).collect()
         files = [(r["file"], int(r["rows"])) for r in results if r["file"]]
         res = commit_files(path, staging, files, schema, mode="overwrite", partition_by=["slide_id"],
                            replace_partitions=replace_partitions)
