@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 
@@ -59,27 +59,29 @@ def axis_positions(length: int, extent: int, stride: int, last: str) -> np.ndarr
     return pos
 
 
-def _count_expr(length: Column, extent: Column, stride: Column, last: str) -> Column:
-    full = F.when(length >= extent, F.floor((length - extent) / stride) + 1).otherwise(F.lit(0))
-    keep = F.when(length <= extent, F.lit(1)).otherwise(
-        F.least(F.ceil(length / stride), F.ceil((length - extent) / stride) + 1)
-    )
+def _count_sql(length: str, extent: int, stride: int, last: str) -> str:
+    """Spark SQL of :func:`axis_count` over the column ``length`` (SQL text: building the same
+    expression from ``Column`` objects costs hundreds of Py4J round trips, ~0.4 s per batch)."""
+    L, E, S = length, int(extent), int(stride)
+    full = f"CASE WHEN {L} >= {E} THEN FLOOR(({L} - {E}) / {S}) + 1 ELSE 0 END"
+    keep = f"CASE WHEN {L} <= {E} THEN 1 ELSE LEAST(CEIL({L} / {S}), CEIL(({L} - {E}) / {S}) + 1) END"
     if last == "drop":
         n = full
     elif last == "keep":
         n = keep
     elif last == "shift":
-        n = F.when(length >= extent, keep).otherwise(F.lit(0))
+        n = f"CASE WHEN {L} >= {E} THEN {keep} ELSE 0 END"
     else:
         raise ValueError(f"unknown edge policy last={last!r}")
-    return F.when(length > 0, n).otherwise(F.lit(0)).cast("long")
+    return f"CAST(CASE WHEN {L} > 0 THEN {n} ELSE 0 END AS BIGINT)"
 
 
-def _position_expr(k: Column, n: Column, length: Column, extent: Column, stride: Column, last: str) -> Column:
-    pos = k * stride
+def _position_sql(k: str, n: str, length: str, extent: int, stride: int, last: str) -> str:
+    """Spark SQL of the start of tile ``k`` of ``n`` along an axis (as :func:`axis_positions`)."""
+    pos = f"({k} * {int(stride)})"
     if last == "shift":
-        pos = F.when((k == n - 1) & (pos + extent > length), length - extent).otherwise(pos)
-    return pos.cast("long")
+        pos = f"CASE WHEN {k} = {n} - 1 AND {pos} + {int(extent)} > {length} THEN {length} - {int(extent)} ELSE {pos} END"
+    return f"CAST({pos} AS BIGINT)"
 
 
 def expand_grid(
@@ -105,39 +107,39 @@ def expand_grid(
         ``level0_y`` (level-0 px), ``tile_extent_x/y``, ``stride_x/y``, ``valid_width``,
         ``valid_height`` (tile px inside the slide; less than the extent only for ``keep`` edge
         tiles), ``tile_col``, ``tile_row`` (grid indices).
+
+    Raises:
+        ValueError: unknown ``last``.
     """
     ex, ey = int(tile_extent[0]), int(tile_extent[1])
     sx, sy = int(stride[0]), int(stride[1])
-    d = F.col("downsample")
-    W, H = F.col("extent_x").cast("long"), F.col("extent_y").cast("long")
+    W, H = "CAST(extent_x AS BIGINT)", "CAST(extent_y AS BIGINT)"
     if roi is None:
-        x0, y0, x1, y1 = F.lit(0).cast("long"), F.lit(0).cast("long"), W, H
+        x0, y0, x1, y1 = "CAST(0 AS BIGINT)", "CAST(0 AS BIGINT)", W, H
     else:
-        rx, ry, rw, rh = roi
-        x0 = F.least(F.floor(F.lit(rx) / d), W).cast("long")
-        y0 = F.least(F.floor(F.lit(ry) / d), H).cast("long")
-        x1 = F.least(F.ceil(F.lit(rx + rw) / d), W).cast("long")
-        y1 = F.least(F.ceil(F.lit(ry + rh) / d), H).cast("long")
-    Lx, Ly = x1 - x0, y1 - y0
-    E_x, E_y, S_x, S_y = F.lit(ex), F.lit(ey), F.lit(sx), F.lit(sy)
-    # withColumns: one projection per step (each withColumn call is analysed on its own)
+        rx, ry, rw, rh = (float(v) for v in roi)
+        x0 = f"CAST(LEAST(FLOOR({rx!r} / downsample), {W}) AS BIGINT)"
+        y0 = f"CAST(LEAST(FLOOR({ry!r} / downsample), {H}) AS BIGINT)"
+        x1 = f"CAST(LEAST(CEIL({rx + rw!r} / downsample), {W}) AS BIGINT)"
+        y1 = f"CAST(LEAST(CEIL({ry + rh!r} / downsample), {H}) AS BIGINT)"
+    E = F.expr
     out = (
-        slides.withColumns({"_x0": x0, "_y0": y0, "_lx": Lx, "_ly": Ly})
-        .withColumns({"_nx": _count_expr(F.col("_lx"), E_x, S_x, last),
-                      "_ny": _count_expr(F.col("_ly"), E_y, S_y, last)})
-        .where((F.col("_nx") > 0) & (F.col("_ny") > 0))
-        .withColumn("tile_row", F.explode(F.sequence(F.lit(0).cast("long"), F.col("_ny") - 1)))
-        .withColumn("tile_col", F.explode(F.sequence(F.lit(0).cast("long"), F.col("_nx") - 1)))
+        slides.withColumns({"_x0": E(x0), "_y0": E(y0), "_lx": E(f"{x1} - {x0}"), "_ly": E(f"{y1} - {y0}")})
+        .withColumns({"_nx": E(_count_sql("_lx", ex, sx, last)), "_ny": E(_count_sql("_ly", ey, sy, last))})
+        .where("_nx > 0 AND _ny > 0")
+        .withColumn("tile_row", E("explode(sequence(CAST(0 AS BIGINT), _ny - 1))"))
+        .withColumn("tile_col", E("explode(sequence(CAST(0 AS BIGINT), _nx - 1))"))
     )
-    tx = F.col("_x0") + _position_expr(F.col("tile_col"), F.col("_nx"), F.col("_lx"), E_x, S_x, last)
-    ty = F.col("_y0") + _position_expr(F.col("tile_row"), F.col("_ny"), F.col("_ly"), E_y, S_y, last)
-    out = out.withColumns({"tile_x": tx, "tile_y": ty}).withColumns({
-        "level0_x": F.floor(F.col("tile_x") * d + 0.5).cast("long"),
-        "level0_y": F.floor(F.col("tile_y") * d + 0.5).cast("long"),
+    out = out.withColumns({
+        "tile_x": E("_x0 + " + _position_sql("tile_col", "_nx", "_lx", ex, sx, last)),
+        "tile_y": E("_y0 + " + _position_sql("tile_row", "_ny", "_ly", ey, sy, last)),
+    }).withColumns({
+        "level0_x": E("CAST(FLOOR(tile_x * downsample + 0.5) AS BIGINT)"),
+        "level0_y": E("CAST(FLOOR(tile_y * downsample + 0.5) AS BIGINT)"),
         "tile_extent_x": F.lit(ex), "tile_extent_y": F.lit(ey),
         "stride_x": F.lit(sx), "stride_y": F.lit(sy),
-        "valid_width": F.least(F.lit(ex).cast("long"), W - F.col("tile_x")).cast("int"),
-        "valid_height": F.least(F.lit(ey).cast("long"), H - F.col("tile_y")).cast("int"),
+        "valid_width": E(f"CAST(LEAST(CAST({ex} AS BIGINT), {W} - tile_x) AS INT)"),
+        "valid_height": E(f"CAST(LEAST(CAST({ey} AS BIGINT), {H} - tile_y) AS INT)"),
     })
     return out.drop("_x0", "_y0", "_lx", "_ly", "_nx", "_ny")
 

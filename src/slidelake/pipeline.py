@@ -262,7 +262,7 @@ def draw_qc(spark: SparkSession, tiles_path: str, writer: str, masks: dict[str, 
             rects /= np.array([m["mask_downsample_x"], m["mask_downsample_y"]] * 2, dtype=float)
         labels, _ = read_overlay(m["mask_path"])
         rgb = np.asarray(Image.open(m["thumbnail_path"]).convert("RGB"))
-        Image.fromarray(qc_picture(rgb, labels, rects)).save(m["qc_path"])
+        Image.fromarray(qc_picture(rgb, labels, rects)).save(m["qc_path"], compress_level=1)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(pool.map(draw, list(todo)))
