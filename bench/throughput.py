@@ -200,7 +200,11 @@ def slidelake_child(args) -> None:
         "peak_rss_mib": {
             "driver_python": vm_hwm_kib() / 1024,
             "driver_jvm": max([vm_hwm_kib(p) for p in jvm] or [0]) / 1024,
-            "python_worker_max": max([vm_hwm_kib(p) for p in workers] or [0]) / 1024,
+            # the workers reset their VmHWM at the start of each stage (--profile); their peak
+            # is the largest of the stage peaks they reported and what the live ones still show
+            "python_worker_max": max([vm_hwm_kib(p) / 1024 for p in workers]
+                                     + [v for r in (rec, warm) for k, v in (r.profile or {}).items()
+                                        if k.endswith("worker_peak_mib")] + [0.0]),
         },
     }
     if args.kept_out:

@@ -124,7 +124,8 @@ def test_repartition_keeps_regions_together_in_raster_order(spark):
     assert len(rows) == len({(r.slide_id, r.tile_x, r.tile_y) for r in rows}) == 32 * 24 + 16 * 16
     home = {}
     for i, p in enumerate(parts):
-        keys = [(r.slide_id, r.tile_y, r.tile_x) for r in p]
-        assert keys == sorted(keys)  # raster order within each task
+        # region by region, raster order within a region
+        keys = [(r.slide_id, r.tile_row // 4, r.tile_col // 4, r.tile_y, r.tile_x) for r in p]
+        assert keys == sorted(keys)
         for r in p:  # every tile of a 4 x 4 region is in one task
             assert home.setdefault((r.slide_id, r.tile_row // 4, r.tile_col // 4), i) == i

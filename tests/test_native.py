@@ -155,3 +155,52 @@ def test_decoder_uses_native_reader_with_byte_bounded_batches(tmp_path):
     # the statistics agree with the plain NumPy definitions
     grey = ref.mean(axis=2)
     assert (mean, std, bg) == pytest.approx((grey.mean(), grey.std(), (ref.min(axis=2) >= 220).mean()))
+
+
+@pytest.mark.spark
+def test_each_stored_tile_is_decoded_once_per_region(spark, tmp_path, monkeypatch):
+    """Output tiles of 200 px over stored tiles of 128 px (unaligned): a task walks its tiles
+    region by region, in raster order within a region, so the native reader's cache
+    (``native_cache_tiles``, default 32) serves every reuse inside a region: each stored tile a
+    region touches is read and decoded once."""
+    import os
+
+    from slidelake.config import DecodeConfig, PartitionConfig
+    from slidelake.decode import DECODE_COLUMNS, TileDecoder, repartition_tiles
+    from slidelake.grid import expand_grid
+
+    path = tmp_path / "unaligned.tiff"
+    make_tiff(path, 2000, 1500, levels=1, tile=128, compression="jpeg")
+    slides = spark.createDataFrame(
+        [("s", str(path), "f", 2000, 1500, 1.0, 0, 1.0, 200, 200)],
+        "slide_id string, path string, fingerprint string, extent_x long, extent_y long, downsample double, "
+        "level int, level_downsample double, read_width int, read_height int")
+    grid = expand_grid(slides, (200, 200), (200, 200), "keep")
+    parts = repartition_tiles(grid, PartitionConfig(region_tiles=4, tiles_per_partition=30), grid.count()) \
+        .select(*DECODE_COLUMNS).rdd.glom().collect()
+    reads = []
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: reads.append(off) or real_pread(fd, n, off))
+    decoded = 0
+    for rows in parts:
+        if not rows:
+            continue
+        decoder = TileDecoder(DecodeConfig(encoding="raw"))
+        reads.clear()
+        d = decoder.decode({c: np.array([r[c] for r in rows], dtype=object) for c in DECODE_COLUMNS})
+        decoder.end_task()
+        assert all(e is None for e in d.errors) and set(d.readers) == {"native"}
+        def stored(rs):
+            return {(cx, cy) for r in rs
+                    for cx in range(r.tile_x // 128, min(r.tile_x + 199, 1999) // 128 + 1)
+                    for cy in range(r.tile_y // 128, min(r.tile_y + 199, 1499) // 128 + 1)}
+
+        regions = {}
+        for r in rows:
+            regions.setdefault((r.tile_y // 800, r.tile_x // 800), []).append(r)
+        assert len(set(reads)) == len(stored(rows))
+        # within a region every stored tile is read once; only a stored tile shared by two
+        # neighbouring regions of the task can be read again
+        assert len(reads) <= sum(len(stored(rs)) for rs in regions.values())
+        decoded += len(rows)
+    assert decoded == 10 * 8

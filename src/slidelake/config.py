@@ -189,7 +189,7 @@ class DecodeConfig(_Strict):
     background_threshold: int = Field(default=220, ge=0, le=255)
     max_open_slides: int = Field(default=8, ge=1)
     reader: Literal["auto", "openslide"] = "auto"
-    native_cache_tiles: int = Field(default=64, ge=1)
+    native_cache_tiles: int = Field(default=32, ge=1)
 
 
 class FilterConfig(_Strict):

@@ -1,8 +1,8 @@
 """Repartition tile rows and decode their pixels in a vectorized Python UDF.
 
 * :func:`repartition_tiles` hashes ``(slide_id, region_row, region_col)`` so work is spread over
-  tasks while neighbouring tiles of one slide stay in one task, then sorts each partition in
-  raster order (slide, then tile_y, tile_x) so reads walk the file forwards.
+  tasks while neighbouring tiles of one slide stay in one task, then sorts each partition region
+  by region, in raster order within a region, so reads walk the file forwards.
 * :class:`TileDecoder` (used by :mod:`slidelake.write`'s ``mapInArrow`` file sink, and by
   :func:`make_decoder`, the ``mapInPandas`` function of the spark-writer path) reads each
   tile's region at its level, from the file's own JPEG tiles
@@ -34,7 +34,7 @@ from pyspark.sql import types as T
 
 from slidelake.config import DecodeConfig, PartitionConfig
 from slidelake.encoding import encode_tile
-from slidelake.memory import peak_rss_mib, reset_peak_rss
+from slidelake.memory import peak_rss_mib, release_memory, reset_peak_rss
 from slidelake.native import CorruptTileError, open_native
 
 DECODE_FIELDS = [
@@ -80,7 +80,10 @@ def repartition_tiles(tiles: DataFrame, cfg: PartitionConfig, expected_tiles: fl
 
     Returns:
         The same rows in :func:`partition_count` partitions, hashed by ``(slide_id,
-        region_row, region_col)``, each sorted by ``(slide_id, tile_y, tile_x)``.
+        region_row, region_col)``, each sorted region by region and in raster order within a
+        region (``slide_id, region_row, region_col, tile_y, tile_x``): the native reader's
+        cache of decoded stored tiles (``decode.native_cache_tiles``) then only has to span a
+        region's width, not the slide's, for each stored tile to be decoded once.
     """
     spark = tiles.sparkSession
     n = partition_count(expected_tiles, cfg.tiles_per_partition, spark.sparkContext.defaultParallelism)
@@ -88,7 +91,7 @@ def repartition_tiles(tiles: DataFrame, cfg: PartitionConfig, expected_tiles: fl
     return (
         tiles.withColumns({"_region_row": F.floor(F.col("tile_row") / r), "_region_col": F.floor(F.col("tile_col") / r)})
         .repartition(n, "slide_id", "_region_row", "_region_col")
-        .sortWithinPartitions("slide_id", "tile_y", "tile_x")
+        .sortWithinPartitions("slide_id", "_region_row", "_region_col", "tile_y", "tile_x")
         .drop("_region_row", "_region_col")
     )
 
@@ -338,6 +341,14 @@ class TileDecoder:
         out.seconds = time.perf_counter() - t_batch
         return out
 
+    def end_task(self) -> None:
+        """Drop the decoded stored tiles the native readers cache (they serve the task's raster
+        walk; the open handles stay for the next task) and return freed memory to the OS."""
+        if self.natives is not None:
+            for native in self.natives._handles.values():
+                native.drop_cached_tiles()
+        release_memory()
+
     def profile(self, d: DecodedBatch) -> dict[str, float]:
         """The ``--profile`` figures of one batch (see :func:`make_decoder`)."""
         return {"decode.batch_s": d.seconds, "decode.encode_s": d.encode_s, "decode.read_s": d.seconds - d.encode_s,
@@ -395,5 +406,6 @@ def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], 
                 )
                 yield out
                 del out, chunk, d  # let the next batch reuse this one's memory
+        decoder.end_task()
 
     return decode

@@ -193,6 +193,12 @@ class NativeSlide:
         """The native reader of level ``k``, or None when that level must be read by OpenSlide."""
         return self.levels.get(int(k))
 
+    def drop_cached_tiles(self) -> None:
+        """Forget the decoded stored tiles of every level (the handle stays open); a task does
+        this when it ends, so an idle worker does not hold them."""
+        for lvl in self.levels.values():
+            lvl._cache.clear()
+
     def close(self) -> None:
         """Release the file handles."""
         if self._fd is not None:

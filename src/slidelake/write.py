@@ -39,7 +39,7 @@ from slidelake.config import DecodeConfig, FilterConfig
 from slidelake.decode import DECODE_COLUMNS, DECODE_FIELDS, TileDecoder, make_decoder
 from slidelake.filtering import keep_mask
 from slidelake.lineage import TILE_ERRORS_SCHEMA, CountLog, FailureLog
-from slidelake.memory import release_memory, reset_peak_rss
+from slidelake.memory import reset_peak_rss
 from slidelake.tables import WriteResult, commit_files, discard_staging, new_staging, to_stored, write_table
 
 # column order of the tiles table
@@ -288,7 +288,7 @@ def make_file_sink(
         finally:
             for w in writers.values():
                 w.close()
-            release_memory()
+            decoder.end_task()
         rows_out = []
         for sid, st in stats.items():
             for i, (rel, n) in enumerate(st["files"] or [[None, 0]]):
