@@ -49,12 +49,6 @@ DECODE_FIELDS = [
     T.StructField("decode_error", T.StringType(), True),
 ]
 
-# columns the decode UDF needs; everything else is passed through untouched
-DECODE_INPUTS = (
-    "path", "fingerprint", "level", "level_downsample", "level0_x", "level0_y", "read_width", "read_height",
-    "tile_extent_x", "tile_extent_y", "valid_width", "valid_height",
-)
-
 
 def partition_count(expected_tiles: float, tiles_per_partition: int, parallelism: int) -> int:
     """Number of decode tasks: ``ceil(expected_tiles / tiles_per_partition)`` rounded up to a
@@ -232,7 +226,7 @@ def tile_stats(rgb: np.ndarray, background_threshold: int) -> tuple[float, float
     return mean / 3.0, math.sqrt(var) / 3.0, float(np.count_nonzero(bg)) / n
 
 
-# columns of a batch the decoder reads, as NumPy arrays
+# columns of a batch the decoder reads, as NumPy arrays; everything else is passed through untouched
 DECODE_COLUMNS = (
     "path", "fingerprint", "level0_x", "level0_y", "level", "level_downsample", "read_width", "read_height",
     "tile_extent_x", "tile_extent_y", "valid_width", "valid_height", "tile_x", "tile_y", "slide_id",

@@ -1,10 +1,11 @@
 """Decode, pixel filter and write stage: tile rows in, committed Delta tiles table out.
 
-Two sinks share one decode (:func:`slidelake.decode.make_decoder`) and one pixel filter
+Two sinks share one decode (:class:`slidelake.decode.TileDecoder`) and one pixel filter
 (:func:`slidelake.filtering.keep_mask`), both inside the Python workers:
 
-* ``delta-rs`` writer (local lakes, the default here): **the Python workers write the tiles'
-  Parquet files themselves** with pyarrow, one file per (task, slide) in the table's staging
+* ``delta-rs`` writer (local lakes, the default here; a ``mapInArrow`` stage): **the Python
+  workers write the tiles' Parquet files themselves** with pyarrow, the rows staying Arrow
+  record batches from Spark to the file, one file per (task, slide) in the table's staging
   folder, row groups of one decode batch. Only file names, row counts and per-slide decode
   outcomes (tiles decoded, every failed tile with its coordinates and error) go back to the
   driver, which commits exactly those files in one Delta commit
@@ -12,7 +13,8 @@ Two sinks share one decode (:func:`slidelake.decode.make_decoder`) and one pixel
   ``docs/benchmarks.md`` that JVM path cost as much as the decoding. The outcomes are Spark task
   results, so a task retried after an executor loss is counted once, and the files of failed or
   superseded attempts are never committed.
-* ``spark`` writer (Databricks, EMR with Delta): kept tiles go back to Spark as rows and
+* ``spark`` writer (Databricks, EMR with Delta; a ``mapInPandas`` stage through
+  :func:`slidelake.decode.make_decoder`): kept tiles go back to Spark as rows and
   Spark's Delta writer writes them; per-slide outcomes then come from accumulators, which can
   count a retried task twice.
 
@@ -342,7 +344,7 @@ def write_tiles(
 
     Args:
         spark: the session.
-        tiles: rows with the decode inputs (:data:`slidelake.decode.DECODE_INPUTS`) and every
+        tiles: rows with the decode inputs (:data:`slidelake.decode.DECODE_COLUMNS`) and every
             non-pixel column of :data:`TILES_COLUMNS`.
         path: table folder.
         writer: ``delta-rs`` (the workers write the files) or ``spark``.
