@@ -188,7 +188,9 @@ def test_each_stored_tile_is_decoded_once_per_region(spark, tmp_path, monkeypatc
         decoder = TileDecoder(DecodeConfig(encoding="raw"))
         reads.clear()
         d = decoder.decode({c: np.array([r[c] for r in rows], dtype=object) for c in DECODE_COLUMNS})
-        decoder.end_task()
+        assert any(lvl._cache for h in decoder.natives.open_handles() for lvl in h.levels.values())
+        decoder.end_task()  # a finished task leaves no decoded stored tiles in the worker
+        assert not any(lvl._cache for h in decoder.natives.open_handles() for lvl in h.levels.values())
         assert all(e is None for e in d.errors) and set(d.readers) == {"native"}
         def stored(rs):
             return {(cx, cy) for r in rs

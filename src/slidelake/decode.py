@@ -124,6 +124,10 @@ class SlideHandles:
             old.close()
         return h
 
+    def open_handles(self) -> list[Any]:
+        """The handles currently open, least recently used first."""
+        return list(self._handles.values())
+
     def evict(self, path: str, fingerprint: str) -> None:
         """Close and forget the handle of ``path``, if open."""
         h = self._handles.pop((path, fingerprint), None)
@@ -339,7 +343,7 @@ class TileDecoder:
         """Drop the decoded stored tiles the native readers cache (they serve the task's raster
         walk; the open handles stay for the next task) and return freed memory to the OS."""
         if self.natives is not None:
-            for native in self.natives._handles.values():
+            for native in self.natives.open_handles():
                 native.drop_cached_tiles()
         release_memory()
 
