@@ -187,3 +187,30 @@ def test_bad_geojson_is_a_tile_error(tmp_path):
     pdf["overlay_path"], pdf["annotations_path"] = None, str(bad)
     out = slide_overlap(pdf, None, 0.5)
     assert out.overlap_error.str.contains("annotations").all()
+
+
+def test_an_overlap_task_drops_the_overlays_it_loaded(tmp_path):
+    """Overlays are loaded once per task and not kept by the idle worker afterwards."""
+    import pandas as pd
+
+    from slidelake.masks import write_overlay
+    from slidelake.overlap import _OVERLAYS, make_overlap
+
+    labels = np.zeros((40, 50), np.uint8)
+    labels[10:30, 10:40] = 255
+    path = tmp_path / "ov.tiff"
+    write_overlay(str(path), labels, (8.0, 8.0))
+    yy, xx = np.mgrid[0:1280:256, 0:1600:256]
+    pdf = pd.DataFrame({
+        "slide_id": "s", "level0_x": xx.ravel(), "level0_y": yy.ravel(), "tile_x": xx.ravel(), "tile_y": yy.ravel(),
+        "valid_width": 256, "valid_height": 256, "downsample": 1.0, "slide_width": 1600, "slide_height": 1280,
+        "overlay_path": str(path), "annotations_path": None,
+    })
+    _OVERLAYS.items.clear()
+    task = make_overlap(None, 0.5)(iter([pdf.iloc[:15], pdf.iloc[15:]]))
+    first = next(task)
+    assert len(_OVERLAYS.items) == 1  # loaded once, kept for the task's next batch
+    rest = list(task)
+    assert len(_OVERLAYS.items) == 0
+    frac = pd.concat([first, *rest])["tissue_fraction"].to_numpy()
+    assert len(frac) == 7 * 5 and frac.max() == 1.0 and frac.min() == 0.0

@@ -240,7 +240,9 @@ class MaskConfig(_Strict):
       ``.tif``), is used instead of computing a mask.
     * ``max_megapixels``: a mask larger than this (a corrupt header claiming absurd dimensions,
       or ``mpp`` far too fine) is refused with an error row instead of exhausting memory; a
-      200,000 x 100,000 px slide at 0.25 µm/px gives 20 Mpx at 8 µm/px.
+      200,000 x 100,000 px slide at 0.25 µm/px gives 20 Mpx at 8 µm/px. The masks stage's
+      working memory is about 40 bytes per mask pixel (~320 MiB for 7.8 Mpx, measured in
+      ``docs/benchmarks.md``).
     * ``overlay_root``: folder for the overlay files (``null``: ``<lake>/overlays``). Overlays are
       written with ordinary file I/O by the executors: with a lake on object storage
       (``s3://``), point this at a shared mounted folder (EFS, FSx, a Databricks Volume).
@@ -256,7 +258,7 @@ class MaskConfig(_Strict):
     open_um: float = Field(default=8.0, ge=0)
     min_object_um2: float = Field(default=20000.0, ge=0)
     min_hole_um2: float = Field(default=20000.0, ge=0)
-    chunk_px: int = Field(default=4096, ge=256)
+    chunk_px: int = Field(default=2048, ge=256)
     max_megapixels: float = Field(default=64.0, gt=0)
     overlay_column: str = "overlay_path"
     overlay_suffix: str = ".mask.tiff"

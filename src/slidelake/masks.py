@@ -96,7 +96,7 @@ def mask_size(width0: int, height0: int, mpp_x: float, mpp_y: float, mask_mpp: f
     return (max(1, round(width0 * mpp_x / mask_mpp)), max(1, round(height0 * mpp_y / mask_mpp)))
 
 
-def read_slide_at(slide: Any, out_size: tuple[int, int], chunk_px: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def read_slide_at(slide: Any, out_size: tuple[int, int], chunk_px: int = 2048) -> tuple[np.ndarray, np.ndarray]:
     """Read a whole slide resized to ``out_size`` = ``(w, h)`` px, in bounded-memory regions.
 
     The read level is OpenSlide's ``get_best_level_for_downsample`` of the needed downsample

@@ -33,7 +33,7 @@ import shapely.geometry
 from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 
-from slidelake.memory import peak_rss_mib, reset_peak_rss
+from slidelake.memory import peak_rss_mib, release_memory, reset_peak_rss
 
 OVERLAP_FIELDS = [
     T.StructField("overlay_fractions", T.MapType(T.StringType(), T.DoubleType()), True),
@@ -361,7 +361,8 @@ def make_overlap(tile_roi_wkt: str | None, label_min_fraction: float,
     """Build the ``mapInPandas`` function of the overlap stage (groups each batch by slide).
     ``on_profile({"overlap.batch_s": s, "overlap.tiles": n, "overlap.worker_peak_mib": MiB})``
     is called once per batch (the worker's peak resident set in this stage so far,
-    :mod:`slidelake.memory`)."""
+    :mod:`slidelake.memory`). Overlays and annotations are loaded once per task and dropped
+    when it ends."""
 
     def overlap(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         if on_profile is not None:
@@ -384,6 +385,11 @@ def make_overlap(tile_roi_wkt: str | None, label_min_fraction: float,
                 on_profile({"overlap.batch_s": time.perf_counter() - t0, "overlap.tiles": float(len(pdf)),
                             "overlap.worker_peak_mib": peak_rss_mib()})
             yield out
+        # the overlay indexes serve this task's batches; an idle worker must not keep them (a
+        # 100,000 x 80,000 px slide's summed-area table is ~60 MiB, docs/benchmarks.md)
+        _OVERLAYS.items.clear()
+        _ANNOTATIONS.items.clear()
+        release_memory()
 
     return overlap
 
