@@ -191,10 +191,10 @@ def read_tile(
 def finish_tile(rgb: np.ndarray, out_size: tuple[int, int], valid_size: tuple[int, int]) -> np.ndarray:
     """Resize a read region uint8 ``(h, w, 3)`` to ``out_size`` ``(w, h)`` (Lanczos, only when the
     sizes differ) and paint white the part beyond ``valid_size`` (tile px outside the slide)."""
-    from PIL import Image
-
     read_size = (rgb.shape[1], rgb.shape[0])
     if tuple(read_size) != tuple(out_size):
+        from PIL import Image
+
         rgb = np.asarray(Image.fromarray(rgb).resize(out_size, Image.Resampling.LANCZOS))
     vw, vh = valid_size
     if vw < out_size[0] or vh < out_size[1]:
@@ -295,6 +295,7 @@ class TileDecoder:
         for (path, fp), idx in groups.items():
             slide = None
             native = None
+            open_error = None  # a file OpenSlide cannot open is tried once per batch, not per tile
             if natives is not None:
                 try:
                     native = natives.get(path, fp)
@@ -315,11 +316,13 @@ class TileDecoder:
                     except CorruptTileError:
                         pass  # OpenSlide decides whether the tile is readable
                 if rgb is None:
-                    try:
-                        if slide is None:
+                    if slide is None and open_error is None:
+                        try:
                             slide = handles.get(path, fp)
-                    except Exception as exc:  # noqa: BLE001 - file gone or unreadable
-                        out.errors[i] = f"open failed: {type(exc).__name__}: {exc}"
+                        except Exception as exc:  # noqa: BLE001 - file gone or unreadable
+                            open_error = f"open failed: {type(exc).__name__}: {exc}"
+                    if open_error is not None:
+                        out.errors[i] = open_error
                         continue
                     try:
                         rgb = read_tile(slide, col["level0_x"][i], col["level0_y"][i], col["level"][i],

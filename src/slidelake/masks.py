@@ -478,7 +478,8 @@ def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfi
         for pdf in batches:
             rows = []
             for rec in pdf.to_dict("records"):
-                reset_peak_rss()
+                if on_profile is not None:
+                    reset_peak_rss()
                 t0 = time.perf_counter()
                 attrs = rec.get("attributes")
                 rec["attributes"] = dict(attrs) if attrs is not None else {}

@@ -353,8 +353,9 @@ def discover(spark: SparkSession, paths: pd.DataFrame, run_id: str, on_driver_be
     if len(data) < on_driver_below:
         from concurrent.futures import ThreadPoolExecutor
 
+        props = list(properties)
         with ThreadPoolExecutor(max_workers=min(len(data), os.cpu_count() or 1)) as pool:
-            return list(pool.map(lambda r: _probe_row(*r, list(properties)), data))
+            return list(pool.map(lambda r: _probe_row(*r, props), data))
     src_schema = T.StructType([
         T.StructField("path", T.StringType(), False),
         T.StructField("attributes", T.MapType(T.StringType(), T.StringType()), True),

@@ -122,6 +122,19 @@ def _stored_paths(pdf: pd.DataFrame, root: str | None) -> pd.DataFrame:
     return pdf.assign(path=pdf["path"].map(stored))
 
 
+def _stored_path_array(paths: Any, root: str | None) -> Any:
+    """An Arrow ``path`` column in stored form (as :func:`_stored_paths`), computed once per
+    distinct path, not per tile; unchanged without ``root``."""
+    if not root:
+        return paths
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    distinct = pc.unique(paths)
+    stored = pa.array([to_stored(p, root) for p in distinct.to_pylist()], pa.string())
+    return stored.take(pc.index_in(paths, value_set=distinct))
+
+
 def _failed_tiles(pdf: pd.DataFrame, column: str, stage: str) -> list[tuple[str, dict[str, Any]]]:
     """``(slide_id, {"tile_x", "tile_y", "stage", "error"})`` for each row whose ``column`` is set."""
     bad = pdf.loc[pdf[column].notna(), ["slide_id", "tile_x", "tile_y", column]]
@@ -200,7 +213,6 @@ def make_file_sink(
         decoder = TileDecoder(dcfg)
         writers: dict[str, pq.ParquetWriter] = {}
         stats: dict[str, dict[str, Any]] = {}  # slide_id -> decoded, failures, files [[rel, rows]]
-        stored: dict[str, str] = {}  # path -> stored path (tables.path_root)
         constants = {"tile_format": pa.scalar(dcfg.encoding, pa.string()),
                      "run_id": pa.scalar(lineage.run_id, pa.string()),
                      "config_hash": pa.scalar(lineage.config_hash, pa.string()),
@@ -246,12 +258,11 @@ def make_file_sink(
                     d = decoder.decode(col)
                     t0 = time.perf_counter()
                     sids = col["slide_id"]
-                    counts: dict[str, int] = {}
-                    for sid in sids:
-                        counts[sid] = counts.get(sid, 0) + 1
+                    vc = pc.value_counts(chunk.column("slide_id"))
+                    counts = {str(k): int(v) for k, v in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())}
                     for sid, n in counts.items():
-                        slide(str(sid))["decoded"] += n
-                    failed = np.flatnonzero(np.array([e is not None for e in d.errors], bool))
+                        slide(sid)["decoded"] += n
+                    failed = np.array([i for i, e in enumerate(d.errors) if e is not None], np.int64)
                     for sid, info in _arrow_failures(chunk, failed, "", "decode", d.errors):
                         slide(sid)["failures"].append(info)
                     keep = keep_mask(pd.DataFrame({"decode_error": d.errors, "tile": d.tiles, "tile_std": d.std,
@@ -259,12 +270,9 @@ def make_file_sink(
                     idx = np.flatnonzero(keep)
                     if len(idx):
                         kept = chunk.take(idx)
-                        paths = kept.column("path").to_pylist()
-                        if lineage.path_root:
-                            paths = [stored.setdefault(p, to_stored(p, lineage.path_root)) for p in paths]
                         n = len(idx)
                         new = {
-                            "path": pa.array(paths, pa.string()),
+                            "path": _stored_path_array(kept.column("path"), lineage.path_root),
                             "tile": pa.array([d.tiles[i] for i in idx], pa.binary()),
                             "tile_width": pc.cast(kept.column("tile_extent_x"), pa.int32()),
                             "tile_height": pc.cast(kept.column("tile_extent_y"), pa.int32()),
