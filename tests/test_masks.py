@@ -263,10 +263,92 @@ def test_saturation_feature_is_hsv_saturation():
     rgb[:4] = 0  # black: saturation 0, no division by zero
     rgb[4:8] = 200  # grey: saturation 0
     got = _feature(rgb, "saturation", "brightfield")
-    np.testing.assert_allclose(got, rgb2hsv(rgb)[..., 1], rtol=0, atol=1e-12)
+    assert got.dtype == np.float32  # 4 bytes per mask pixel
+    np.testing.assert_allclose(got, rgb2hsv(rgb)[..., 1], rtol=0, atol=1e-7)  # float32 rounding of values in [0, 1]
     assert (got[:8] == 0).all()
-    np.testing.assert_allclose(_feature(rgb, "grayscale", "brightfield"), 255 - rgb.mean(axis=2), atol=1e-12)
+    np.testing.assert_allclose(_feature(rgb, "grayscale", "brightfield"), 255 - rgb.mean(axis=2), rtol=0, atol=3e-5)
     np.testing.assert_array_equal(_feature(rgb, "saturation", "fluorescence"), rgb.max(axis=2))
+
+
+def test_small_components_and_holes_are_removed_as_skimage_does():
+    """``remove_small_components`` (strip-wise, 4 bytes per pixel) clears exactly what skimage's
+    ``remove_small_objects`` clears, and on the inverted image fills what ``remove_small_holes`` fills."""
+    from skimage import morphology
+
+    from slidelake.masks import remove_small_components
+
+    rng = np.random.default_rng(11)
+    fg = ndimage.binary_opening(rng.random((700, 530)) > 0.55)  # blobs of many sizes, touching the edges
+    for max_px in (0, 1, 5, 40, 300):
+        want = morphology.remove_small_objects(fg, max_size=max_px)
+        got = remove_small_components(fg.copy(), max_px)
+        np.testing.assert_array_equal(got, want)
+        holes = ~remove_small_components(~fg, max_px)
+        np.testing.assert_array_equal(holes, morphology.remove_small_holes(fg, max_size=max_px))
+    assert remove_small_components(np.zeros((40, 30), bool), 10).sum() == 0
+    assert 0 < remove_small_components(fg.copy(), 40).sum() < fg.sum()  # the case above removes something
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_thresholds_from_the_strip_histogram_equal_skimage_on_the_values(seed):
+    """The histogram is built strip by strip over slide pixels only; Otsu and multi-Otsu on it
+    give exactly skimage's thresholds of the values themselves."""
+    from skimage import filters
+
+    from slidelake.masks import _valid_histogram
+
+    rng = np.random.default_rng(seed)
+    h, w = 613, 411  # not a multiple of the strip height
+    feat = (rng.random((h, w)) ** (0.5 + seed)).astype(np.float32) * 7.0
+    feat[: h // 3] *= 0.25
+    valid = rng.random((h, w)) > 0.2
+    counts, centers = _valid_histogram(feat, valid)
+    values = feat[valid]
+    assert counts.sum() == values.size
+    assert filters.threshold_otsu(hist=(counts, centers)) == filters.threshold_otsu(values)
+    np.testing.assert_array_equal(filters.threshold_multiotsu(hist=(counts / counts.sum(), centers), classes=3),
+                                  filters.threshold_multiotsu(values, classes=3))
+    assert _valid_histogram(feat, np.zeros_like(valid)) is None
+    assert _valid_histogram(np.full((20, 10), 3.0, np.float32), np.ones((20, 10), bool)) == 3.0
+
+
+def test_tissue_mask_memory_is_a_few_bytes_per_mask_pixel():
+    """The mask's working set is what bounds the masks stage on a gigapixel slide (a 100,000 x
+    80,000 px slide has a 3,125 x 2,500 px mask at 8 µm/px). Its allocations beyond the inputs
+    stay under 12 bytes per mask pixel (float32 feature, bool masks, int32 labels; it was ~40 with
+    float64 features and skimage's copies), with slide pixels missing and every variant."""
+    import tracemalloc
+
+    rng = np.random.default_rng(1)
+    h, w = 600, 800
+    rgb = np.full((h, w, 3), 230, np.uint8)
+    rgb[100:400, 150:600] = rng.integers(60, 200, (300, 450, 3), dtype=np.uint8)
+    valid = np.ones((h, w), bool)
+    valid[:, -50:] = False
+    for cfg in (MaskConfig(), MaskConfig(method="grayscale", threshold="multi_otsu"), MaskConfig(polarity="fluorescence")):
+        tissue_mask(rgb[:64, :64], valid[:64, :64], 8.0, cfg)  # imports and footprints outside the measure
+        tracemalloc.start()
+        try:
+            mask, _ = tissue_mask(rgb, valid, 8.0, cfg)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert 0.1 < (mask > 0).mean() < 0.9
+        assert peak < 12 * h * w, f"{cfg.method}/{cfg.polarity}: {peak / (h * w):.1f} bytes per mask pixel"
+
+
+def test_qc_picture_in_place_draws_on_the_thumbnail():
+    from slidelake.masks import qc_picture
+
+    rgb = np.full((300, 400, 3), 240, np.uint8)
+    mask = np.zeros((300, 400), np.uint8)
+    mask[100:200, 150:250] = 255
+    copy = qc_picture(rgb, mask, max_side=400)
+    assert (rgb == 240).all()  # the default leaves the thumbnail alone
+    same = qc_picture(rgb, mask, max_side=400, inplace=True)
+    assert same is rgb
+    np.testing.assert_array_equal(same, copy)
+    assert (same[mask_outline(mask)] == (0, 200, 0)).all() and (same[150, 200] == 240).all()
 
 
 def test_label_and_macro_images_never_reach_the_lake(spark, lake):

@@ -124,7 +124,8 @@ def read_slide_at(slide: Any, out_size: tuple[int, int], chunk_px: int = 2048) -
     lds = slide.level_downsamples[level]
     step_x = max(1, int(chunk_px * lds // ds_x))  # output px per region
     step_y = max(1, int(chunk_px * lds // ds_y))
-    rgba = np.zeros((h, w, 4), np.uint8)
+    rgb = np.empty((h, w, 3), np.uint8)  # filled region by region: no (h, w, 4) copy of the slide
+    valid = np.empty((h, w), bool)
     for oy in range(0, h, step_y):
         for ox in range(0, w, step_x):
             ow, oh = min(step_x, w - ox), min(step_y, h - oy)
@@ -132,9 +133,10 @@ def read_slide_at(slide: Any, out_size: tuple[int, int], chunk_px: int = 2048) -
             x1, y1 = math.ceil((ox + ow) * ds_x), math.ceil((oy + oh) * ds_y)
             rw = max(1, round((x1 - x0) / lds))
             rh = max(1, round((y1 - y0) / lds))
-            region = slide.read_region((x0, y0), level, (rw, rh))
-            rgba[oy:oy + oh, ox:ox + ow] = np.asarray(region.resize((ow, oh), Image.Resampling.BOX))
-    return np.ascontiguousarray(rgba[..., :3]), rgba[..., 3] >= 128
+            region = np.asarray(slide.read_region((x0, y0), level, (rw, rh)).resize((ow, oh), Image.Resampling.BOX))
+            rgb[oy:oy + oh, ox:ox + ow] = region[..., :3]
+            np.greater_equal(region[..., 3], 128, out=valid[oy:oy + oh, ox:ox + ow])
+    return rgb, valid
 
 
 def detect_polarity(rgb: np.ndarray, valid: np.ndarray) -> str:
@@ -153,27 +155,107 @@ def detect_polarity(rgb: np.ndarray, valid: np.ndarray) -> str:
         sel = valid
     if not sel.any():
         return "brightfield"
-    grey = rgb.mean(axis=2)[sel]
+    grey = rgb[sel].mean(axis=1)  # border pixels only: no float64 (h, w) grey image
     return "fluorescence" if float(np.median(grey)) < 80 else "brightfield"
 
 
+FEATURE_STRIP_ROWS = 256  # rows of the mask computed at once by _feature (bounds its temporaries)
+
+
 def _feature(rgb: np.ndarray, method: str, polarity: str) -> np.ndarray:
-    """float64 ``(h, w)``, larger = more tissue-like."""
-    if polarity == "fluorescence":
-        return np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]).astype(np.float64)  # log after smoothing
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
-    if method == "saturation":
-        # HSV saturation (max - min) / max, 0 where max == 0, as skimage.color.rgb2hsv defines
-        # it; from the channel planes, without rgb2hsv's float64 (h, w, 3) copies (~10x the
-        # mask's size in memory)
-        mx = np.maximum(np.maximum(r, g), b).astype(np.float64)
-        delta = mx - np.minimum(np.minimum(r, g), b)
-        np.divide(delta, mx, out=delta, where=mx > 0)
-        return delta
-    grey = r.astype(np.float64)
-    grey += g
-    grey += b
-    return 255.0 - grey / 3.0
+    """float32 ``(h, w)`` feature image, larger = more tissue-like.
+
+    * brightfield ``saturation``: HSV saturation ``(max - min) / max`` of R, G, B, 0 where
+      ``max == 0``, as ``skimage.color.rgb2hsv`` defines it (0-1);
+    * brightfield ``grayscale``: darkness ``255 - (R + G + B) / 3`` (0-255);
+    * fluorescence: the brightest channel ``max(R, G, B)`` (0-255; :func:`tissue_mask` takes its
+      log after smoothing).
+
+    Computed in strips of :data:`FEATURE_STRIP_ROWS` rows from the channel planes, so the only
+    full-size allocation is the float32 result (4 bytes per mask pixel); ``rgb2hsv`` would make
+    float64 ``(h, w, 3)`` copies (~10x the mask's size). float32 holds these values to a relative
+    1e-7, far below the thresholds' resolution (Otsu on 256 histogram bins).
+    """
+    h, w = rgb.shape[:2]
+    out = np.empty((h, w), np.float32)
+    for y in range(0, h, FEATURE_STRIP_ROWS):
+        part = rgb[y:y + FEATURE_STRIP_ROWS]
+        r, g, b = part[..., 0], part[..., 1], part[..., 2]
+        o = out[y:y + FEATURE_STRIP_ROWS]
+        mx = np.maximum(np.maximum(r, g), b)
+        if polarity == "fluorescence":
+            o[...] = mx  # log after smoothing
+        elif method == "saturation":
+            np.subtract(mx, np.minimum(np.minimum(r, g), b), out=o, dtype=np.float32)
+            np.divide(o, mx, out=o, where=mx > 0)
+        else:
+            np.add(r, g, out=o, dtype=np.float32)
+            o += b
+            np.subtract(765.0, o, out=o)
+            o /= 3.0
+    return out
+
+
+def remove_small_components(fg: np.ndarray, max_px: int) -> np.ndarray:
+    """Clear, in place, the 4-connected components of ``fg`` of at most ``max_px`` pixels.
+
+    The result equals ``skimage.morphology.remove_small_objects(fg, max_size=max_px)`` (its
+    default ``connectivity=1``), and ``remove_small_holes`` on the inverted image; skimage indexes
+    its int32 labels with an int64 copy and copies the input (13 bytes per pixel in all), this
+    walks the labels in strips of :data:`FEATURE_STRIP_ROWS` rows (4 bytes per pixel: the
+    labels).
+
+    Args:
+        fg: bool ``(h, w)``, modified in place.
+        max_px: size in pixels up to which a component is removed.
+
+    Returns:
+        ``fg``.
+    """
+    from scipy import ndimage
+
+    if max_px <= 0:
+        return fg
+    labels, n = ndimage.label(fg)  # int32, 4-connectivity (the default structure)
+    if n == 0:
+        return fg
+    sizes = np.zeros(n + 1, np.int64)
+    for y in range(0, fg.shape[0], FEATURE_STRIP_ROWS):
+        sizes += np.bincount(labels[y:y + FEATURE_STRIP_ROWS].ravel(), minlength=n + 1)
+    small = sizes <= max_px
+    small[0] = False  # the background
+    for y in range(0, fg.shape[0], FEATURE_STRIP_ROWS):
+        fg[y:y + FEATURE_STRIP_ROWS] &= ~small[labels[y:y + FEATURE_STRIP_ROWS]]
+    return fg
+
+
+def _valid_histogram(feat: np.ndarray, valid: np.ndarray, nbins: int = 256
+                     ) -> tuple[np.ndarray, np.ndarray] | np.floating | None:
+    """Histogram of ``feat`` over the slide pixels (``valid``), strip by strip.
+
+    Returns:
+        ``(counts, bin_centers)`` (int64 and float ``(nbins,)``) equal to what
+        ``skimage.exposure.histogram(feat[valid], nbins, source_range='image')`` gives for a float
+        image (``nbins`` equal bins from the minimum to the maximum), which is what
+        ``threshold_otsu`` / ``threshold_multiotsu`` compute from an image; without the copies
+        of the values they make (8 bytes per mask pixel). The single value when all slide
+        pixels are equal; None when there are none.
+    """
+    lo = hi = None
+    for y in range(0, feat.shape[0], FEATURE_STRIP_ROWS):
+        v = feat[y:y + FEATURE_STRIP_ROWS][valid[y:y + FEATURE_STRIP_ROWS]]
+        if v.size:
+            lo = v.min() if lo is None else min(lo, v.min())
+            hi = v.max() if hi is None else max(hi, v.max())
+    if lo is None or lo == hi:
+        return lo
+    counts = np.zeros(nbins, np.int64)
+    edges = None
+    for y in range(0, feat.shape[0], FEATURE_STRIP_ROWS):
+        c, edges = np.histogram(feat[y:y + FEATURE_STRIP_ROWS][valid[y:y + FEATURE_STRIP_ROWS]], bins=nbins,
+                                range=(lo, hi))
+        counts += c
+    return counts, (edges[:-1] + edges[1:]) / 2.0
 
 
 def tissue_mask(rgb: np.ndarray, valid: np.ndarray, mask_mpp: tuple[float, float] | float,
@@ -186,6 +268,11 @@ def tissue_mask(rgb: np.ndarray, valid: np.ndarray, mask_mpp: tuple[float, float
     only) -> closing (disk ``close_um``) -> opening (disk ``open_um``) -> removal of objects and
     holes of at most ``min_object_um2`` / ``min_hole_um2``. Pixels outside the slide are
     background.
+
+    Memory: beyond its inputs (4 bytes per mask pixel) it allocates under 12 bytes per mask
+    pixel (a float32 feature smoothed in place, bool masks, int32 component labels; histograms
+    and lookups go strip by strip), so a 100,000 x 80,000 px slide's 3,125 x 2,500 px mask
+    needs ~100 MiB; ``masks.max_megapixels`` caps the mask's size.
 
     Args:
         rgb: uint8 ``(h, w, 3)`` at the mask resolution; valid: bool ``(h, w)``.
@@ -201,40 +288,46 @@ def tissue_mask(rgb: np.ndarray, valid: np.ndarray, mask_mpp: tuple[float, float
     mx, my = (mask_mpp, mask_mpp) if isinstance(mask_mpp, (int, float)) else mask_mpp
     um = math.sqrt(mx * my)  # µm per px (geometric mean for slightly anisotropic masks)
     polarity = detect_polarity(rgb, valid) if cfg.polarity == "auto" else cfg.polarity
-    feat = _feature(rgb, cfg.method, polarity)
+    feat = _feature(rgb, cfg.method, polarity)  # float32, the only full-size float image
     if cfg.smooth_um > 0:
-        feat = filters.gaussian(feat, sigma=cfg.smooth_um / um, preserve_range=True)
+        filters.gaussian(feat, sigma=cfg.smooth_um / um, preserve_range=True, out=feat)  # separable: in place is exact
     if polarity == "fluorescence":
         # smoothing first spreads sparse nuclear signal (DAPI) over the tissue between nuclei
-        feat = np.log1p(feat)
-    values = feat[valid]
+        np.log1p(feat, out=feat)
+    hist = _valid_histogram(feat, valid)
     thresholds: list[float]
-    if values.size == 0 or float(values.max()) == float(values.min()):
-        thresholds = [float(values.max()) if values.size else 0.0]  # flat image: no tissue
+    if not isinstance(hist, tuple):  # no slide pixels, or a flat image: no tissue
+        thresholds = [0.0 if hist is None else float(hist)]
         fg = np.zeros(feat.shape, bool)
     else:
+        counts, centers = hist
         if cfg.threshold == "otsu":
-            thresholds = [float(filters.threshold_otsu(values))]
+            thresholds = [float(filters.threshold_otsu(hist=(counts, centers)))]
         elif cfg.threshold == "multi_otsu":
             try:
-                thresholds = [float(t) for t in filters.threshold_multiotsu(values, classes=3)]
+                thresholds = [float(t) for t in filters.threshold_multiotsu(hist=(counts / counts.sum(), centers),
+                                                                            classes=3)]
             except ValueError:  # too few distinct values for 3 classes
-                thresholds = [float(filters.threshold_otsu(values))]
+                thresholds = [float(filters.threshold_otsu(hist=(counts, centers)))]
         else:
             thresholds = [float(cfg.threshold)]
-        fg = (feat > thresholds[0]) & valid
+        fg = feat > thresholds[0]
+        fg &= valid
+    del feat
     if cfg.close_um > 0:
         fg = morphology.closing(fg, morphology.disk(max(1, round(cfg.close_um / um))))
     if cfg.open_um > 0:
         fg = morphology.opening(fg, morphology.disk(max(1, round(cfg.open_um / um))))
     if cfg.min_object_um2 > 0:
-        fg = morphology.remove_small_objects(fg, max_size=int(cfg.min_object_um2 / (mx * my)))
+        remove_small_components(fg, int(cfg.min_object_um2 / (mx * my)))
     if cfg.min_hole_um2 > 0:
-        fg = morphology.remove_small_holes(fg, max_size=int(cfg.min_hole_um2 / (mx * my)))
+        np.logical_not(fg, out=fg)  # holes are the background's small components
+        remove_small_components(fg, int(cfg.min_hole_um2 / (mx * my)))
+        np.logical_not(fg, out=fg)
     fg &= valid
     feature = "log_max_channel" if polarity == "fluorescence" else cfg.method
     algorithm = f"{polarity}:{feature}:{cfg.threshold if isinstance(cfg.threshold, str) else 'fixed'}"
-    mask = np.where(fg, np.uint8(TISSUE), np.uint8(BACKGROUND))
+    mask = fg.view(np.uint8) * np.uint8(TISSUE)  # bool is one byte of 0 / 1: 0 / 255
     return mask, {"polarity": polarity, "thresholds": thresholds, "algorithm": algorithm}
 
 
@@ -315,7 +408,7 @@ def mask_outline(mask: np.ndarray) -> np.ndarray:
 
 
 def qc_picture(rgb: np.ndarray, mask: np.ndarray, tiles: np.ndarray | None = None,
-               max_side: int = QC_MAX_SIDE) -> np.ndarray:
+               max_side: int = QC_MAX_SIDE, inplace: bool = False) -> np.ndarray:
     """Draw the mask outline (green) and tile rectangles (yellow) on a thumbnail.
 
     Args:
@@ -324,16 +417,20 @@ def qc_picture(rgb: np.ndarray, mask: np.ndarray, tiles: np.ndarray | None = Non
         tiles: float ``(n, 4)`` rectangles ``x0, y0, x1, y1`` in mask px, or None.
         max_side: the picture is upscaled by an integer factor so its longer side approaches
             this (small slides stay legible); never downscaled.
+        inplace: draw the outline on ``rgb`` itself instead of a copy (saves 3 bytes per mask
+            pixel when the caller no longer needs the thumbnail).
 
     Returns:
-        uint8 ``(h * k, w * k, 3)``.
+        uint8 ``(h * k, w * k, 3)`` (``rgb`` itself when ``inplace``, ``k == 1`` and no tiles).
     """
     from PIL import Image, ImageDraw
 
     h, w = mask.shape
     k = max(1, max_side // max(h, w))
-    base = rgb.copy()
+    base = rgb if inplace else rgb.copy()
     base[mask_outline(mask)] = (0, 200, 0)
+    if k == 1 and (tiles is None or not len(tiles)):
+        return base
     img = Image.fromarray(base).resize((w * k, h * k), Image.Resampling.NEAREST)
     if tiles is not None and len(tiles):
         draw = ImageDraw.Draw(img)
@@ -437,7 +534,9 @@ def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: s
     thumb = os.path.join(folder, f"thumbnail-{phash}.jpg")
     Image.fromarray(rgb).save(thumb, quality=90)
     qc = os.path.join(folder, f"qc-{phash}.png")
-    Image.fromarray(qc_picture(rgb, labels)).save(qc, compress_level=1)  # QC pictures: fast zlib level (~5x faster than 6, lossless)
+    # the outline is drawn on the thumbnail's pixels, no longer needed; zlib level 1 (~5x faster than 6, lossless)
+    Image.fromarray(qc_picture(rgb, labels, inplace=True)).save(qc, compress_level=1)
+    del rgb
     ds_x, ds_y = W0 / w, H0 / h
     mpp_x = row["mpp_x"] * ds_x if row["mpp_x"] is not None else None
     mpp_y = row["mpp_y"] * ds_y if row["mpp_y"] is not None else None
@@ -499,6 +598,6 @@ def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfi
 
 __all__ = [
     "MASKS_SCHEMA", "TISSUE", "BACKGROUND", "MaskError", "params_hash", "mask_size", "read_slide_at",
-    "detect_polarity", "tissue_mask", "write_overlay", "read_overlay", "mask_outline", "qc_picture",
+    "detect_polarity", "remove_small_components", "tissue_mask", "write_overlay", "read_overlay", "mask_outline", "qc_picture",
     "overlay_dir", "user_overlay_path", "compute_mask", "make_masks",
 ]
