@@ -190,8 +190,11 @@ def test_bad_geojson_is_a_tile_error(tmp_path):
 
 
 def test_an_overlap_task_drops_the_overlays_it_loaded(tmp_path):
-    """Overlays are loaded once per task and not kept by the idle worker afterwards."""
+    """Overlays are loaded once per task and not kept by the idle worker afterwards. The stage
+    function goes through cloudpickle as Spark ships it: a closure gets copies of the module
+    globals it names, so the worker's real cache must be the one emptied."""
     import pandas as pd
+    from pyspark import cloudpickle
 
     from slidelake.masks import write_overlay
     from slidelake.overlap import _OVERLAYS, make_overlap
@@ -207,7 +210,8 @@ def test_an_overlap_task_drops_the_overlays_it_loaded(tmp_path):
         "overlay_path": str(path), "annotations_path": None,
     })
     _OVERLAYS.items.clear()
-    task = make_overlap(None, 0.5)(iter([pdf.iloc[:15], pdf.iloc[15:]]))
+    shipped = cloudpickle.loads(cloudpickle.dumps(make_overlap(None, 0.5)))
+    task = shipped(iter([pdf.iloc[:15], pdf.iloc[15:]]))
     first = next(task)
     assert len(_OVERLAYS.items) == 1  # loaded once, kept for the task's next batch
     rest = list(task)

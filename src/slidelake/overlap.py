@@ -48,10 +48,20 @@ OVERLAP_FIELDS = [
 # ------------------------------------------------------------------------- overlay maths
 
 def summed_area_table(indicator: np.ndarray) -> np.ndarray:
-    """int64 ``(h + 1, w + 1)`` table ``S`` with ``S[i, j]`` = sum of ``indicator[:i, :j]``."""
+    """Table ``S`` of shape ``(h + 1, w + 1)`` with ``S[i, j]`` = sum of the 0/1 ``indicator[:i, :j]``.
+
+    int32 when ``h * w`` fits (sums are at most ``h * w``; 4 bytes per overlay pixel: ~30 MiB
+    for a 100,000 x 80,000 px slide's mask at 8 µm/px), else int64.
+    """
     h, w = indicator.shape
-    sat = np.zeros((h + 1, w + 1), np.int64)
-    np.cumsum(np.cumsum(indicator, axis=0, dtype=np.int64), axis=1, out=sat[1:, 1:])
+    dtype = np.int32 if h * w < 2**31 else np.int64
+    sat = np.zeros((h + 1, w + 1), dtype)
+    # in place, without a full-size temporary (a casting cumsum makes one): rows then strips
+    sat[1:, 1:] = indicator
+    for i in range(1, h):
+        np.add(sat[i + 1, 1:], sat[i, 1:], out=sat[i + 1, 1:])
+    for i in range(1, h + 1, 256):  # NumPy copies an overlapping input: one strip at a time
+        np.cumsum(sat[i:i + 256, 1:], axis=1, out=sat[i:i + 256, 1:])
     return sat
 
 
@@ -289,6 +299,21 @@ _OVERLAYS = _Cache(2)
 _ANNOTATIONS = _Cache(4)
 
 
+def drop_task_caches() -> None:
+    """Forget the overlays and annotations this worker loaded, and give the memory back to the
+    OS (:func:`slidelake.memory.release_memory`); the overlap stage calls it when a task ends.
+
+    A 100,000 x 80,000 px slide's overlay index holds ~60 MiB of summed-area tables, which an
+    idle worker must not keep (``docs/benchmarks.md``). It is a module-level function on
+    purpose: Spark ships the stage's closure by value (cloudpickle), with *copies* of the
+    module globals the closure names, so clearing ``_OVERLAYS`` from inside the closure would
+    clear a copy and leave the worker's cache full.
+    """
+    _OVERLAYS.items.clear()
+    _ANNOTATIONS.items.clear()
+    release_memory()
+
+
 def _load_overlay(path: str, size: tuple[int, int]) -> OverlayIndex:
     from slidelake.masks import read_overlay
 
@@ -385,11 +410,8 @@ def make_overlap(tile_roi_wkt: str | None, label_min_fraction: float,
                 on_profile({"overlap.batch_s": time.perf_counter() - t0, "overlap.tiles": float(len(pdf)),
                             "overlap.worker_peak_mib": peak_rss_mib()})
             yield out
-        # the overlay indexes serve this task's batches; an idle worker must not keep them (a
-        # 100,000 x 80,000 px slide's summed-area table is ~60 MiB, docs/benchmarks.md)
-        _OVERLAYS.items.clear()
-        _ANNOTATIONS.items.clear()
-        release_memory()
+        # the overlay indexes serve this task's batches; an idle worker must not keep them
+        drop_task_caches()
 
     return overlap
 
@@ -419,5 +441,5 @@ def overlap_tiles(tiles: DataFrame, tile_roi_wkt: str | None, label_min_fraction
 __all__ = [
     "OVERLAP_FIELDS", "summed_area_table", "integral", "rect_sums", "OverlayIndex", "load_annotations",
     "AnnotationIndex", "label_rule", "annotation_path", "tile_rects", "tile_geometries", "roi_is_rect",
-    "slide_overlap", "make_overlap", "overlap_tiles",
+    "slide_overlap", "make_overlap", "drop_task_caches", "overlap_tiles",
 ]
