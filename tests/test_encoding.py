@@ -38,3 +38,24 @@ def test_bad_inputs():
         encode_tile(np.zeros((4, 4), np.uint8), "raw")
     with pytest.raises(ValueError, match="expected"):
         decode_tile(b"\x00" * 10, "raw", 4, 4)
+
+
+def test_tile_stats_equal_the_textbook_definitions():
+    """mean / std of the grey level (mean of R, G, B) and the share of pixels whose darkest
+    channel is at least the threshold, exactly as NumPy's float64 reductions give them, for
+    contiguous tiles, cropped views, flat white and black tiles."""
+    from slidelake.decode import tile_stats
+
+    rng = np.random.default_rng(5)
+    big = rng.integers(0, 256, (300, 280, 3), dtype=np.uint8)
+    big[:40] = 255
+    cases = [big, big[10:266, 7:263], np.full((64, 64, 3), 255, np.uint8), np.zeros((32, 48, 3), np.uint8),
+             np.dstack([np.full((50, 50), 230, np.uint8), np.full((50, 50), 221, np.uint8),
+                        rng.integers(200, 256, (50, 50), dtype=np.uint8)])]
+    for rgb in cases:
+        grey = rgb.astype(np.float64).mean(axis=2)
+        mean, std, bg = tile_stats(rgb, 220)
+        assert mean == pytest.approx(grey.mean(), abs=1e-9)
+        assert std == pytest.approx(grey.std(), abs=1e-6)
+        assert bg == (rgb.min(axis=2) >= 220).mean()
+    assert tile_stats(cases[2], 220) == (255.0, 0.0, 1.0) and tile_stats(cases[3], 220) == (0.0, 0.0, 0.0)

@@ -66,9 +66,16 @@ def test_check_jpeg_catches_truncated_and_overwritten_tiles():
     check_jpeg(good)
     # (overwrites that happen to look like stuffed entropy data with a final EOI pass this check;
     # libjpeg-turbo may then decode them as noise without an error)
-    for bad in (good[: len(good) // 2], good[:-2], good[:300] + b"\xff\xc4" + good[302:], b"\x00" + good[1:]):
+    mid = len(good) // 2  # inside the entropy-coded data
+    for bad in (good[: len(good) // 2], good[:-2], good[:300] + b"\xff\xc4" + good[302:], b"\x00" + good[1:],
+                good[:mid] + b"\xff\x01" + good[mid + 2:],  # a marker that is neither stuffing nor RST
+                good[:mid] + b"\xff\xff\x00" + good[mid + 3:],  # 0xFF followed by 0xFF
+                good[:-2] + b"\xff\xff\xd9"):  # a lone 0xFF at the end of the entropy data
         with pytest.raises(CorruptTileError):
             check_jpeg(bad)
+    check_jpeg(good[:mid] + b"\xff\xd3" + good[mid + 2:])  # restart markers are allowed
+    for i in range(len(lvl.counts)):  # every stored tile of the real slide passes
+        check_jpeg(__import__("os").pread(lvl.fd, int(lvl.counts[i]), int(lvl.offsets[i])))
     native.close()
 
 

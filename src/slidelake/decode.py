@@ -204,30 +204,29 @@ def finish_tile(rgb: np.ndarray, out_size: tuple[int, int], valid_size: tuple[in
     return rgb
 
 
-_GREY_SUMS = np.arange(766, dtype=np.float64)
-_GREY_SUMS_SQ = _GREY_SUMS ** 2
-
-
 def tile_stats(rgb: np.ndarray, background_threshold: int) -> tuple[float, float, float]:
     """``(mean, std, background_fraction)`` of a uint8 ``(h, w, 3)`` tile.
 
-    mean and std are of the grey level (mean of R, G, B; 0-255); a pixel is background when
-    its darkest channel is >= ``background_threshold`` (near white). Computed with element-wise
-    operations on the three channel planes: NumPy reductions over a last axis of length 3 are
-    several times slower (measured in ``docs/benchmarks.md``).
+    mean and std are of the grey level (mean of R, G, B; 0-255; population std); a pixel is
+    background when its darkest channel is >= ``background_threshold`` (near white).
+
+    The channels are first copied into three contiguous planes (one pass): element-wise
+    operations on the interleaved channel views, or reductions over a last axis of length 3,
+    are several times slower. The moments are exact: ``R + G + B`` per pixel is an integer
+    <= 765, so its sum and sum of squares (float64 dot product, < 2**53) carry no rounding
+    (``docs/benchmarks.md`` has the timings).
     """
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    r, g, b = np.moveaxis(rgb, 2, 0).copy()  # (3, h, w) contiguous planes
     total = r.astype(np.uint16)
     total += g
     total += b  # R + G + B, 0-765
-    n = total.size
-    hist = np.bincount(total.ravel(), minlength=766).astype(np.float64)  # exact moments from a histogram
-    s1 = float(hist @ _GREY_SUMS)
-    s2 = float(hist @ _GREY_SUMS_SQ)
-    mean = s1 / n
-    var = max(s2 / n - mean * mean, 0.0)
-    bg = np.minimum(np.minimum(r, g), b) >= background_threshold
-    return mean / 3.0, math.sqrt(var) / 3.0, float(np.count_nonzero(bg)) / n
+    grey3 = total.ravel().astype(np.float64)
+    n = grey3.size
+    mean = float(grey3.sum()) / n
+    var = max(float(np.dot(grey3, grey3)) / n - mean * mean, 0.0)
+    darkest = np.minimum(r, g)
+    np.minimum(darkest, b, out=darkest)
+    return mean / 3.0, math.sqrt(var) / 3.0, float(np.count_nonzero(darkest >= background_threshold)) / n
 
 
 # columns of a batch the decoder reads, as NumPy arrays; everything else is passed through untouched

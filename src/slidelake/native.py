@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections import OrderedDict
 from typing import Any
 
@@ -31,6 +32,10 @@ import numpy as np
 NATIVE_VENDORS = ("aperio", "generic-tiff")
 JPEG = 7  # TIFF Compression tag value
 WHITE = 255
+
+
+# inside entropy-coded data 0xFF must be followed by 0x00 (stuffing) or a restart marker RST0-RST7
+_BAD_IN_ENTROPY = re.compile(rb"\xff[^\x00\xd0-\xd7]", re.DOTALL)
 
 
 class CorruptTileError(ValueError):
@@ -64,16 +69,14 @@ def check_jpeg(data: bytes) -> None:
         p += 2 + length
         if marker == 0xDA:  # SOS: entropy-coded data follows
             break
-    ent = np.frombuffer(data, np.uint8, count=n - 2 - p, offset=p)
-    ff = np.flatnonzero(ent == 0xFF)
-    if len(ff):
-        if ff[-1] == len(ent) - 1:
-            raise CorruptTileError("JPEG entropy data ends with a lone 0xFF")
-        nxt = ent[ff + 1]
-        bad = ~((nxt == 0) | ((nxt >= 0xD0) & (nxt <= 0xD7)))
-        if bad.any():
-            k = int(np.flatnonzero(bad)[0])
-            raise CorruptTileError(f"invalid marker 0xff{int(nxt[k]):02x} inside JPEG entropy data at byte {p + int(ff[k])}")
+    # one C scan (a regular expression with a literal first byte) instead of NumPy masks: ~2x faster
+    end = n - 2
+    if end > p and data[end - 1] == 0xFF:
+        raise CorruptTileError("JPEG entropy data ends with a lone 0xFF")
+    bad = _BAD_IN_ENTROPY.search(data, p, end)
+    if bad is not None:
+        k = bad.start()
+        raise CorruptTileError(f"invalid marker 0xff{data[k + 1]:02x} inside JPEG entropy data at byte {k}")
 
 
 class NativeLevel:
