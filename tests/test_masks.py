@@ -270,6 +270,26 @@ def test_saturation_feature_is_hsv_saturation():
     np.testing.assert_array_equal(_feature(rgb, "saturation", "fluorescence"), rgb.max(axis=2))
 
 
+def test_masks_made_on_the_driver_equal_masks_made_by_spark(spark, tmp_path):
+    """One slide's mask is made on the driver (``masks.on_driver_below``, no Spark job); the
+    executors' path gives the same row and the same overlay pixels."""
+    need(CMU)
+    rows, labels = {}, {}
+    for where, below in (("driver", 2), ("executors", 0)):
+        cfg = PipelineConfig(inputs=[str(CMU)], lake=str(tmp_path / where), masks={"on_driver_below": below})
+        run_discover(spark, cfg)
+        rec = run_masks(spark, cfg)
+        assert rec.counts["masks_computed"] == 1
+        m = pl.read_delta(str(tmp_path / where / "masks")).row(0, named=True)
+        assert m["status"] == "ok" and m["mask_path"].startswith(str(tmp_path / where))
+        rows[where], labels[where] = m, read_overlay(m["mask_path"])[0]
+    same = ("slide_id", "params_hash", "mask_width", "mask_height", "read_level", "algorithm", "polarity",
+            "thresholds", "tissue_fraction", "source")
+    assert {k: rows["driver"][k] for k in same} == {k: rows["executors"][k] for k in same}
+    np.testing.assert_array_equal(labels["driver"], labels["executors"])
+    assert 0.15 < rows["driver"]["tissue_fraction"] < 0.7
+
+
 def test_small_components_and_holes_are_removed_as_skimage_does():
     """``remove_small_components`` (strip-wise, 4 bytes per pixel) clears exactly what skimage's
     ``remove_small_objects`` clears, and on the inverted image fills what ``remove_small_holes`` fills."""

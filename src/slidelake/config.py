@@ -241,8 +241,11 @@ class MaskConfig(_Strict):
     * ``max_megapixels``: a mask larger than this (a corrupt header claiming absurd dimensions,
       or ``mpp`` far too fine) is refused with an error row instead of exhausting memory; a
       200,000 x 100,000 px slide at 0.25 µm/px gives 20 Mpx at 8 µm/px. The masks stage's
-      working memory is about 40 bytes per mask pixel (~320 MiB for 7.8 Mpx, measured in
-      ``docs/benchmarks.md``).
+      working memory is about 16 bytes per mask pixel, inputs included (~120 MiB for the 7.8 Mpx
+      mask of a 100,000 x 80,000 px slide, measured in ``docs/benchmarks.md``).
+    * ``on_driver_below``: fewer slides than this get their masks made on the driver, one
+      thread per core, instead of in a Spark job (whose start-up costs more than a mask);
+      ``0`` always uses Spark.
     * ``overlay_root``: folder for the overlay files (``null``: ``<lake>/overlays``). Overlays are
       written with ordinary file I/O by the executors: with a lake on object storage
       (``s3://``), point this at a shared mounted folder (EFS, FSx, a Databricks Volume).
@@ -260,6 +263,7 @@ class MaskConfig(_Strict):
     min_hole_um2: float = Field(default=20000.0, ge=0)
     chunk_px: int = Field(default=2048, ge=256)
     max_megapixels: float = Field(default=64.0, gt=0)
+    on_driver_below: int = Field(default=2, ge=0)
     overlay_column: str = "overlay_path"
     overlay_suffix: str = ".mask.tiff"
     overlay_root: str | None = None
@@ -359,7 +363,8 @@ class PipelineConfig(_Strict):
                 mode="json", include={"encoding", "quality", "background_threshold", "reader"}
             ),
             "filter": self.filter.model_dump(mode="json"),
-            "masks": self.masks.model_dump(mode="json", exclude={"chunk_px", "overlay_root", "max_megapixels"})
+            "masks": self.masks.model_dump(mode="json", exclude={"chunk_px", "overlay_root", "max_megapixels",
+                                                                  "on_driver_below"})
             if self.masks.enabled
             else {"enabled": False},
             "annotations": self.annotations.model_dump(mode="json"),

@@ -548,6 +548,48 @@ def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: s
     return res
 
 
+def _masks_of(records: Iterator[dict[str, Any]], cfg: MaskConfig, lake_root: str, run_id: str, phash: str,
+              on_profile: Callable[[dict[str, float]], None] | None, worker: bool) -> Iterator[dict[str, Any]]:
+    """``masks`` rows of ``slides`` rows, one at a time (see :func:`make_masks`)."""
+    for rec in records:
+        if on_profile is not None and worker:
+            reset_peak_rss()
+        t0 = time.perf_counter()
+        rec = dict(rec)
+        attrs = rec.get("attributes")
+        rec["attributes"] = dict(attrs) if attrs is not None else {}
+        for k in ("mpp_x", "mpp_y", "width", "height"):
+            if rec[k] is not None and isinstance(rec[k], float) and math.isnan(rec[k]):
+                rec[k] = None  # pandas turns a null double into NaN
+        row = compute_mask(rec, cfg, lake_root, run_id, phash)
+        if on_profile is not None:
+            fig = {"masks.s": time.perf_counter() - t0, "masks.slides": 1.0}
+            if worker:
+                fig["masks.worker_peak_mib"] = peak_rss_mib()
+            on_profile(fig)
+        if worker:
+            release_memory()  # the worker is reused by the decode stage next
+        yield row
+
+
+def compute_masks_on_driver(slides: list[dict[str, Any]], cfg: MaskConfig, lake_root: str, run_id: str,
+                            on_profile: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, Any]]:
+    """The masks of a few ``slides`` made in this process, one thread per core (up to one per
+    slide), without a Spark job: for fewer than ``masks.on_driver_below`` slides a job's
+    start-up costs more than the masks (see :func:`make_masks` for the rows and ``on_profile``,
+    which gets no worker peak here). OpenSlide, NumPy and SciPy release the GIL in their loops.
+
+    Returns:
+        ``masks`` rows (dicts of :data:`MASKS_SCHEMA`), in the order of ``slides``.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    phash = params_hash(cfg)
+    with ThreadPoolExecutor(max_workers=max(1, min(len(slides), os.cpu_count() or 1))) as pool:
+        return list(pool.map(lambda r: next(_masks_of(iter([r]), cfg, lake_root, run_id, phash, on_profile, False)),
+                             slides))
+
+
 def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfig, lake_root: str,
                run_id: str, on_profile: Callable[[dict[str, float]], None] | None = None) -> DataFrame:
     """Compute the masks of ``slides`` (``slides`` rows as dicts), one Spark task per slide.
@@ -575,21 +617,7 @@ def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfi
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:
-            rows = []
-            for rec in pdf.to_dict("records"):
-                if on_profile is not None:
-                    reset_peak_rss()
-                t0 = time.perf_counter()
-                attrs = rec.get("attributes")
-                rec["attributes"] = dict(attrs) if attrs is not None else {}
-                for k in ("mpp_x", "mpp_y", "width", "height"):
-                    if rec[k] is not None and isinstance(rec[k], float) and math.isnan(rec[k]):
-                        rec[k] = None
-                rows.append(compute_mask(rec, cfg, lake_root, run_id, phash))
-                if on_profile is not None:
-                    on_profile({"masks.s": time.perf_counter() - t0, "masks.slides": 1.0,
-                                "masks.worker_peak_mib": peak_rss_mib()})
-                release_memory()  # the worker is reused by the decode stage next
+            rows = list(_masks_of(iter(pdf.to_dict("records")), cfg, lake_root, run_id, phash, on_profile, True))
             yield pd.DataFrame(rows, columns=MASKS_SCHEMA.fieldNames())
 
     spark.sparkContext.setJobDescription("masks")
@@ -599,5 +627,5 @@ def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfi
 __all__ = [
     "MASKS_SCHEMA", "TISSUE", "BACKGROUND", "MaskError", "params_hash", "mask_size", "read_slide_at",
     "detect_polarity", "remove_small_components", "tissue_mask", "write_overlay", "read_overlay", "mask_outline", "qc_picture",
-    "overlay_dir", "user_overlay_path", "compute_mask", "make_masks",
+    "overlay_dir", "user_overlay_path", "compute_mask", "compute_masks_on_driver", "make_masks",
 ]

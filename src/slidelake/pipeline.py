@@ -27,7 +27,7 @@ from slidelake.grid import expand_grid, grid_size
 from slidelake.lineage import (
     RUN_SLIDES_SCHEMA, RUNS_SCHEMA, TILE_ERRORS_SCHEMA, CountLog, RunRecord, SumLog, utcnow, versions,
 )
-from slidelake.masks import MASKS_SCHEMA, make_masks, params_hash, qc_picture
+from slidelake.masks import MASKS_SCHEMA, compute_masks_on_driver, make_masks, params_hash, qc_picture
 from slidelake.overlap import annotation_path, overlap_tiles
 from slidelake.progress import TileProgress
 from slidelake.resolution import resolve_row, resolved_schema
@@ -162,7 +162,8 @@ def mask_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
 
     A mask whose slide content (``slide_id`` is the content hash) and algorithm settings
     (``params_hash``) are unchanged, and whose overlay file still exists, is reused; the others
-    are computed (one Spark task per slide) and merged into ``<lake>/masks`` in one commit
+    are computed (one Spark task per slide; fewer than ``masks.on_driver_below`` slides on the
+    driver, :func:`slidelake.masks.compute_masks_on_driver`) and merged into ``<lake>/masks`` in one commit
     (rows of the same slide and ``params_hash`` are replaced). User overlays are re-read every
     run. Slides whose mask fails are recorded in ``rec.slide_errors`` (stage ``masks``).
     ``on_profile`` receives the per-slide figures of :func:`slidelake.masks.make_masks`
@@ -188,7 +189,11 @@ def mask_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
         reuse = {sid: m for sid, m in prior.items()
                  if m["mask_path"] and os.path.isfile(m["mask_path"])}
         todo = [r for r in slides if r["slide_id"] not in reuse]
-        made = [m.asDict(recursive=True) for m in make_masks(spark, todo, cfg.masks, overlay_root(cfg), rec.run_id, on_profile).collect()] if todo else []
+        if len(todo) < cfg.masks.on_driver_below:  # a Spark job's start-up costs more than a mask
+            made = compute_masks_on_driver(todo, cfg.masks, overlay_root(cfg), rec.run_id, on_profile)
+        else:
+            made = [m.asDict(recursive=True)
+                    for m in make_masks(spark, todo, cfg.masks, overlay_root(cfg), rec.run_id, on_profile).collect()]
         if made:
             # replace the rows of these slides and settings only (concurrent runs keep theirs)
             where = f"params_hash = '{phash}' AND " + sql_in("slide_id", [m["slide_id"] for m in made])
