@@ -394,7 +394,9 @@ def report(res: dict) -> str:
     lines.append(table(mem, ["peak RSS (MiB)", "Python worker", "in masks", "in overlap", "in decode + write",
                              "driver Python", "driver JVM"]))
     big, small = runs["masks, native reader"]["peak_rss_mib"]["python_worker_max"], res["small"]["peak_rss_mib"]["python_worker_max"]
-    lines += ["", f"Python worker peak, large slide / small slide: **{big / small:.2f}** ({big:.0f} vs {small:.0f} MiB)"]
+    lines += ["", "A single slide's mask is made on the driver (`masks.on_driver_below`), so the masks stage's memory "
+              "is in the driver Python column here.", "",
+              f"Python worker peak, large slide / small slide: **{big / small:.2f}** ({big:.0f} vs {small:.0f} MiB)"]
     return "\n".join(lines)
 
 
