@@ -159,7 +159,7 @@ def detect_polarity(rgb: np.ndarray, valid: np.ndarray) -> str:
     return "fluorescence" if float(np.median(grey)) < 80 else "brightfield"
 
 
-FEATURE_STRIP_ROWS = 256  # rows of the mask computed at once by _feature (bounds its temporaries)
+STRIP_ROWS = 256  # mask rows processed at once where a whole-mask temporary would cost memory
 
 
 def _feature(rgb: np.ndarray, method: str, polarity: str) -> np.ndarray:
@@ -171,17 +171,17 @@ def _feature(rgb: np.ndarray, method: str, polarity: str) -> np.ndarray:
     * fluorescence: the brightest channel ``max(R, G, B)`` (0-255; :func:`tissue_mask` takes its
       log after smoothing).
 
-    Computed in strips of :data:`FEATURE_STRIP_ROWS` rows from the channel planes, so the only
+    Computed in strips of :data:`STRIP_ROWS` rows from the channel planes, so the only
     full-size allocation is the float32 result (4 bytes per mask pixel); ``rgb2hsv`` would make
     float64 ``(h, w, 3)`` copies (~10x the mask's size). float32 holds these values to a relative
     1e-7, far below the thresholds' resolution (Otsu on 256 histogram bins).
     """
     h, w = rgb.shape[:2]
     out = np.empty((h, w), np.float32)
-    for y in range(0, h, FEATURE_STRIP_ROWS):
-        part = rgb[y:y + FEATURE_STRIP_ROWS]
+    for y in range(0, h, STRIP_ROWS):
+        part = rgb[y:y + STRIP_ROWS]
         r, g, b = part[..., 0], part[..., 1], part[..., 2]
-        o = out[y:y + FEATURE_STRIP_ROWS]
+        o = out[y:y + STRIP_ROWS]
         mx = np.maximum(np.maximum(r, g), b)
         if polarity == "fluorescence":
             o[...] = mx  # log after smoothing
@@ -202,7 +202,7 @@ def remove_small_components(fg: np.ndarray, max_px: int) -> np.ndarray:
     The result equals ``skimage.morphology.remove_small_objects(fg, max_size=max_px)`` (its
     default ``connectivity=1``), and ``remove_small_holes`` on the inverted image; skimage indexes
     its int32 labels with an int64 copy and copies the input (13 bytes per pixel in all), this
-    walks the labels in strips of :data:`FEATURE_STRIP_ROWS` rows (4 bytes per pixel: the
+    walks the labels in strips of :data:`STRIP_ROWS` rows (4 bytes per pixel: the
     labels).
 
     Args:
@@ -220,12 +220,12 @@ def remove_small_components(fg: np.ndarray, max_px: int) -> np.ndarray:
     if n == 0:
         return fg
     sizes = np.zeros(n + 1, np.int64)
-    for y in range(0, fg.shape[0], FEATURE_STRIP_ROWS):
-        sizes += np.bincount(labels[y:y + FEATURE_STRIP_ROWS].ravel(), minlength=n + 1)
+    for y in range(0, fg.shape[0], STRIP_ROWS):
+        sizes += np.bincount(labels[y:y + STRIP_ROWS].ravel(), minlength=n + 1)
     small = sizes <= max_px
     small[0] = False  # the background
-    for y in range(0, fg.shape[0], FEATURE_STRIP_ROWS):
-        fg[y:y + FEATURE_STRIP_ROWS] &= ~small[labels[y:y + FEATURE_STRIP_ROWS]]
+    for y in range(0, fg.shape[0], STRIP_ROWS):
+        fg[y:y + STRIP_ROWS] &= ~small[labels[y:y + STRIP_ROWS]]
     return fg
 
 
@@ -242,8 +242,8 @@ def _valid_histogram(feat: np.ndarray, valid: np.ndarray, nbins: int = 256
         pixels are equal; None when there are none.
     """
     lo = hi = None
-    for y in range(0, feat.shape[0], FEATURE_STRIP_ROWS):
-        v = feat[y:y + FEATURE_STRIP_ROWS][valid[y:y + FEATURE_STRIP_ROWS]]
+    for y in range(0, feat.shape[0], STRIP_ROWS):
+        v = feat[y:y + STRIP_ROWS][valid[y:y + STRIP_ROWS]]
         if v.size:
             lo = v.min() if lo is None else min(lo, v.min())
             hi = v.max() if hi is None else max(hi, v.max())
@@ -251,8 +251,8 @@ def _valid_histogram(feat: np.ndarray, valid: np.ndarray, nbins: int = 256
         return lo
     counts = np.zeros(nbins, np.int64)
     edges = None
-    for y in range(0, feat.shape[0], FEATURE_STRIP_ROWS):
-        c, edges = np.histogram(feat[y:y + FEATURE_STRIP_ROWS][valid[y:y + FEATURE_STRIP_ROWS]], bins=nbins,
+    for y in range(0, feat.shape[0], STRIP_ROWS):
+        c, edges = np.histogram(feat[y:y + STRIP_ROWS][valid[y:y + STRIP_ROWS]], bins=nbins,
                                 range=(lo, hi))
         counts += c
     return counts, (edges[:-1] + edges[1:]) / 2.0
@@ -548,28 +548,28 @@ def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: s
     return res
 
 
-def _masks_of(records: Iterator[dict[str, Any]], cfg: MaskConfig, lake_root: str, run_id: str, phash: str,
-              on_profile: Callable[[dict[str, float]], None] | None, worker: bool) -> Iterator[dict[str, Any]]:
-    """``masks`` rows of ``slides`` rows, one at a time (see :func:`make_masks`)."""
-    for rec in records:
-        if on_profile is not None and worker:
-            reset_peak_rss()
-        t0 = time.perf_counter()
-        rec = dict(rec)
-        attrs = rec.get("attributes")
-        rec["attributes"] = dict(attrs) if attrs is not None else {}
-        for k in ("mpp_x", "mpp_y", "width", "height"):
-            if rec[k] is not None and isinstance(rec[k], float) and math.isnan(rec[k]):
-                rec[k] = None  # pandas turns a null double into NaN
-        row = compute_mask(rec, cfg, lake_root, run_id, phash)
-        if on_profile is not None:
-            fig = {"masks.s": time.perf_counter() - t0, "masks.slides": 1.0}
-            if worker:
-                fig["masks.worker_peak_mib"] = peak_rss_mib()
-            on_profile(fig)
+def _mask_row(rec: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str, phash: str,
+              on_profile: Callable[[dict[str, float]], None] | None, worker: bool) -> dict[str, Any]:
+    """The ``masks`` row of one ``slides`` row (see :func:`make_masks`); ``worker``: in a Spark
+    worker (measure its peak memory, give memory back afterwards)."""
+    if on_profile is not None and worker:
+        reset_peak_rss()
+    t0 = time.perf_counter()
+    rec = dict(rec)
+    attrs = rec.get("attributes")
+    rec["attributes"] = dict(attrs) if attrs is not None else {}
+    for k in ("mpp_x", "mpp_y", "width", "height"):
+        if rec[k] is not None and isinstance(rec[k], float) and math.isnan(rec[k]):
+            rec[k] = None  # pandas turns a null double into NaN
+    row = compute_mask(rec, cfg, lake_root, run_id, phash)
+    if on_profile is not None:
+        fig = {"masks.s": time.perf_counter() - t0, "masks.slides": 1.0}
         if worker:
-            release_memory()  # the worker is reused by the decode stage next
-        yield row
+            fig["masks.worker_peak_mib"] = peak_rss_mib()
+        on_profile(fig)
+    if worker:
+        release_memory()  # the worker is reused by the decode stage next
+    return row
 
 
 def compute_masks_on_driver(slides: list[dict[str, Any]], cfg: MaskConfig, lake_root: str, run_id: str,
@@ -577,17 +577,27 @@ def compute_masks_on_driver(slides: list[dict[str, Any]], cfg: MaskConfig, lake_
     """The masks of a few ``slides`` made in this process, one thread per core (up to one per
     slide), without a Spark job: for fewer than ``masks.on_driver_below`` slides a job's
     start-up costs more than the masks (see :func:`make_masks` for the rows and ``on_profile``,
-    which gets no worker peak here). OpenSlide, NumPy and SciPy release the GIL in their loops.
+    which gets no worker peak here and is called under a lock). OpenSlide, NumPy and SciPy
+    release the GIL in their loops.
 
     Returns:
         ``masks`` rows (dicts of :data:`MASKS_SCHEMA`), in the order of ``slides``.
     """
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     phash = params_hash(cfg)
+    lock = threading.Lock()
+
+    def report(fig: dict[str, float]) -> None:
+        with lock:
+            on_profile(fig)
+
+    def one(rec: dict[str, Any]) -> dict[str, Any]:
+        return _mask_row(rec, cfg, lake_root, run_id, phash, report if on_profile is not None else None, False)
+
     with ThreadPoolExecutor(max_workers=max(1, min(len(slides), os.cpu_count() or 1))) as pool:
-        return list(pool.map(lambda r: next(_masks_of(iter([r]), cfg, lake_root, run_id, phash, on_profile, False)),
-                             slides))
+        return list(pool.map(one, slides))
 
 
 def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfig, lake_root: str,
@@ -617,7 +627,7 @@ def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfi
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:
-            rows = list(_masks_of(iter(pdf.to_dict("records")), cfg, lake_root, run_id, phash, on_profile, True))
+            rows = [_mask_row(rec, cfg, lake_root, run_id, phash, on_profile, True) for rec in pdf.to_dict("records")]
             yield pd.DataFrame(rows, columns=MASKS_SCHEMA.fieldNames())
 
     spark.sparkContext.setJobDescription("masks")

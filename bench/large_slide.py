@@ -1,0 +1,87 @@
+"""The 100,000 x 80,000 px check: does slidelake survive a gigapixel slide, how fast, in how much memory.
+
+    .venv/bin/python bench/large_slide.py                      # builds the slide once (~7 min, 1.2 GB)
+    .venv/bin/python bench/large_slide.py --width 60000 --height 48000 --cores 2
+
+Not part of ``bench/throughput.py``'s regular run (the slide takes minutes to build and the
+check ~8 minutes to run). Steps, on the same SYNTHETIC slide (``bench/make_slide.py``, cached in
+``bench/data/``) and cores:
+
+1. slidelake end to end, cold then warm (``throughput.run_slidelake``: a fresh process, masks
+   on, native reader, raw tiles), which also lists the kept tiles;
+2. the read limit (``throughput.read_limit``) over exactly those tiles;
+3. slidelake again (a second fresh process);
+4. the read limit again: this VM's speed drifts, so the slidelake run is bracketed by two
+   measurements and the ratios are given against both.
+
+Prints one JSON document (walls, tiles/s/core, ratios, per-stage worker peaks, driver peaks);
+``docs/benchmarks.md`` quotes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import throughput as tp  # noqa: E402
+
+
+def summary(run: dict) -> dict:
+    """Walls, tiles/s/core and peaks of one ``run_slidelake`` result (cold and warm)."""
+    def peaks(profile: dict | None) -> dict:
+        return {k: round(v) for k, v in (profile or {}).items() if k.endswith("_peak_mib")}
+
+    return {"tiles_written": run["counts"]["tiles_written"], "tiles_generated": run["counts"]["tiles_generated"],
+            "cold": {"wall_s": round(run["wall_s"], 1), "tiles_per_s_per_core": round(run["tiles_per_s_per_core"]),
+                     "worker_peaks_mib": peaks(run.get("profile"))},
+            "warm": {"wall_s": round(run["warm"]["wall_s"], 1),
+                     "tiles_per_s_per_core": round(run["warm"]["tiles_per_s_per_core"]),
+                     "worker_peaks_mib": peaks(run["warm"].get("profile"))},
+            "peak_rss_mib": {k: round(v) for k, v in run["peak_rss_mib"].items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--width", type=int, default=100_000)
+    ap.add_argument("--height", type=int, default=80_000)
+    ap.add_argument("--cores", type=int, default=os.cpu_count() or 2)
+    a = ap.parse_args()
+    slide = HERE / "data" / f"synthetic-{a.width}x{a.height}.svs"
+    if not slide.exists():
+        slide.parent.mkdir(parents=True, exist_ok=True)
+        print(f"building {slide} ...", flush=True)
+        subprocess.run([sys.executable, str(HERE / "make_slide.py"), str(slide), "--width", str(a.width),
+                        "--height", str(a.height)], check=True)
+    kept_path = str(HERE / "data" / f"kept-{a.width}x{a.height}.npy")
+    print("slidelake (1) ...", flush=True)
+    first = tp.run_slidelake(str(slide), a.cores, "on", "auto", kept_out=kept_path)
+    coords = np.load(kept_path)
+    limits = []
+    print(f"read limit over {len(coords)} kept tiles ...", flush=True)
+    limits.append(tp.read_limit(str(slide), coords, (256, 256), a.cores))
+    print("slidelake (2) ...", flush=True)
+    second = tp.run_slidelake(str(slide), a.cores, "on", "auto")
+    print("read limit again ...", flush=True)
+    limits.append(tp.read_limit(str(slide), coords, (256, 256), a.cores))
+    ref = [lim["tiles_per_s_per_core"] for lim in limits]
+    out = {
+        "slide": f"SYNTHETIC {a.width} x {a.height} px ({slide.stat().st_size / 2**30:.1f} GiB)", "cores": a.cores,
+        "read_limit_tiles_per_s_per_core": [round(r) for r in ref],
+        "runs": [summary(first), summary(second)],
+        "x_read_limit": {f"run {i + 1} {phase}": [round(r[phase]["tiles_per_s_per_core"] / lim, 2) for lim in ref]
+                         for i, r in enumerate([summary(first), summary(second)]) for phase in ("cold", "warm")},
+    }
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
