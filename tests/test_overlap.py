@@ -9,7 +9,7 @@ import shapely
 
 from slidelake.grid import axis_positions
 from slidelake.overlap import (AnnotationIndex, OverlayIndex, label_rule, load_annotations,
-                               slide_overlap, summed_area_table)
+                               slide_overlap, summed_area_rows)
 
 
 def brute_fraction(labels, ds, rect, value):
@@ -47,12 +47,19 @@ def grid_rows(W0, H0, downsample, extent, stride, last="keep"):
     return pd.DataFrame(rows)
 
 
-def test_sat_counts_pixels():
+def test_summed_area_rows_count_pixels():
+    """Any set of rows of each label's summed-area table, built in one pass without the full table."""
     rng = np.random.default_rng(1)
-    m = rng.integers(0, 2, (13, 17))
-    sat = summed_area_table(m)
-    assert sat.shape == (14, 18)
-    assert sat[5, 9] == m[:5, :9].sum() and sat[-1, -1] == m.sum()
+    m = rng.integers(0, 3, (613, 17)).astype(np.uint8)  # more rows than one strip
+    full = {v: np.zeros((614, 18), np.int64) for v in (0, 1, 2)}
+    for v in full:
+        full[v][1:, 1:] = (m == v).cumsum(0).cumsum(1)
+    for rows in (np.arange(614), np.array([0]), np.array([5, 6, 300, 301, 612, 613]), np.array([613])):
+        got = summed_area_rows(m, [0, 1, 2], rows)
+        for v in (0, 1, 2):
+            assert got[v].dtype == np.int32 and got[v].shape == (len(rows), 18)
+            np.testing.assert_array_equal(got[v], full[v][rows])
+    assert got[1][0, -1] == (m == 1).sum()
 
 
 @pytest.mark.parametrize("mask_wh,downsample,extent,stride", [
