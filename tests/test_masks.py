@@ -1,6 +1,7 @@
 """Tissue masks, overlays, mask-first tiling, annotations and labels."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -288,6 +289,23 @@ def test_masks_made_on_the_driver_equal_masks_made_by_spark(spark, tmp_path):
     assert {k: rows["driver"][k] for k in same} == {k: rows["executors"][k] for k in same}
     np.testing.assert_array_equal(labels["driver"], labels["executors"])
     assert 0.15 < rows["driver"]["tissue_fraction"] < 0.7
+
+
+def test_masks_of_several_slides_on_driver_threads(tmp_path):
+    """With ``masks.on_driver_below`` raised, several slides' masks are made on driver threads:
+    one row per slide in input order, an error row for a broken slide, one profile call each."""
+    need(CMU)
+    from slidelake.masks import compute_masks_on_driver
+
+    make_tiff(tmp_path / "gen.tiff", 1200, 900, levels=2, mpp=2.0)
+    rows = [probe_slide(str(CMU)), probe_slide(str(tmp_path / "gen.tiff"))]
+    broken = dict(rows[1], slide_id="broken", path=str(tmp_path / "missing.tiff"))
+    figures = []
+    made = compute_masks_on_driver(rows + [broken], MaskConfig(), str(tmp_path / "lake"), "run", figures.append)
+    assert [m["slide_id"] for m in made] == [rows[0]["slide_id"], rows[1]["slide_id"], "broken"]
+    assert [m["status"] for m in made] == ["ok", "ok", "error"] and "missing image file" in made[2]["error"]
+    assert all(os.path.isfile(m["mask_path"]) for m in made[:2])
+    assert len(figures) == 3 and all(f["masks.slides"] == 1 and "masks.worker_peak_mib" not in f for f in figures)
 
 
 def test_small_components_and_holes_are_removed_as_skimage_does():
