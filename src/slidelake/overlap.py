@@ -334,11 +334,11 @@ def drop_task_caches() -> None:
     """Forget the overlays and annotations this worker loaded, and give the memory back to the
     OS (:func:`slidelake.memory.release_memory`); the overlap stage calls it when a task ends.
 
-    A 100,000 x 80,000 px slide's overlay index holds ~60 MiB of summed-area tables, which an
-    idle worker must not keep (``docs/benchmarks.md``). It is a module-level function on
-    purpose: Spark ships the stage's closure by value (cloudpickle), with *copies* of the
-    module globals the closure names, so clearing ``_OVERLAYS`` from inside the closure would
-    clear a copy and leave the worker's cache full.
+    An overlay index holds the slide's label image (1 byte per mask pixel), which an idle
+    worker must not keep into the decode stage (``docs/benchmarks.md``). This is a module-level
+    function on purpose: Spark ships the stage's closure by value (cloudpickle), with *copies*
+    of the module globals the closure names, so clearing ``_OVERLAYS`` from inside the closure
+    would clear a copy and leave the worker's cache full.
     """
     _OVERLAYS.items.clear()
     _ANNOTATIONS.items.clear()
