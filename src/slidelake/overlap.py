@@ -84,30 +84,25 @@ def summed_area_rows(labels: np.ndarray, values: list[int], rows: np.ndarray) ->
     return tables
 
 
-def integral(table: np.ndarray, rows: np.ndarray, height: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Integral of the image behind a summed-area table over ``[0, u) x [0, v)`` (overlay px, float).
+def cells(x: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(index, fraction)`` of coordinates ``x`` (overlay px, float) along an axis of ``size``
+    px: ``x`` clipped to ``[0, size]``, ``index = min(floor(x), size - 1)`` (int64) and
+    ``fraction = x - index``, the bilinear weights' position inside that cell."""
+    x = np.clip(x, 0.0, size)
+    i = np.minimum(np.floor(x).astype(np.int64), max(size - 1, 0))
+    return i, x - i
 
-    Exact for a piecewise-constant image: bilinear interpolation of the table at integer
-    corners. ``table`` holds the full table's rows ``rows`` (:func:`summed_area_rows`), which
-    must include ``i`` and ``i + 1`` for every row ``i = min(floor(v), height - 1)`` looked up;
-    ``height`` is the image's; ``u``, ``v`` are clipped to the image.
+
+def integral(table: np.ndarray, k: np.ndarray, fv: np.ndarray, j: np.ndarray, fu: np.ndarray) -> np.ndarray:
+    """Integral of the image behind a summed-area table over ``[0, u) x [0, v)`` (overlay px).
+
+    Exact for a piecewise-constant image: bilinear interpolation of the table at the integer
+    corners around ``(u, v)``, given as :func:`cells` ``(j, fu)`` of ``u`` and ``(i, fv)`` of
+    ``v``; ``table`` holds some rows of the full table (:func:`summed_area_rows`) and ``k`` is
+    the position of row ``i`` among them (row ``i + 1`` must follow it).
     """
-    w = table.shape[1] - 1
-    u = np.clip(u, 0.0, w)
-    v = np.clip(v, 0.0, height)
-    j = np.minimum(np.floor(u).astype(np.int64), max(w - 1, 0))
-    i = np.minimum(np.floor(v).astype(np.int64), max(height - 1, 0))
-    k = np.searchsorted(rows, i)  # rows[k] == i and rows[k + 1] == i + 1
-    fu, fv = u - j, v - i
     return (table[k, j] * (1 - fu) * (1 - fv) + table[k, j + 1] * fu * (1 - fv)
             + table[k + 1, j] * (1 - fu) * fv + table[k + 1, j + 1] * fu * fv)
-
-
-def lookup_rows(height: int, *vs: np.ndarray) -> np.ndarray:
-    """The summed-area rows :func:`integral` needs for the ``v`` coordinates ``vs`` (overlay px)
-    of an image ``height`` px high: sorted unique ``i`` and ``i + 1``, ``i = min(floor(v), height - 1)``."""
-    i = [np.minimum(np.floor(np.clip(v, 0.0, height)).astype(np.int64), max(height - 1, 0)) for v in vs]
-    return np.unique(np.concatenate(i + [x + 1 for x in i]))
 
 
 class OverlayIndex:
@@ -137,12 +132,15 @@ class OverlayIndex:
         v0, v1 = np.asarray(y0, float) / self.ds_y, np.asarray(y1, float) / self.ds_y
         area = np.clip(u1 - u0, 0, None) * np.clip(v1 - v0, 0, None)
         safe = np.where(area > 0, area, 1.0)
-        rows = lookup_rows(self.height, v0, v1)
+        # the corner cells of every rectangle, once for all labels
+        (j0, fu0), (j1, fu1) = cells(u0, self.width), cells(u1, self.width)
+        (i0, fv0), (i1, fv1) = cells(v0, self.height), cells(v1, self.height)
+        rows = np.unique(np.concatenate([i0, i0 + 1, i1, i1 + 1]))  # the table rows the lookups need
+        k0, k1 = np.searchsorted(rows, i0), np.searchsorted(rows, i1)
         out = {}
-        h = self.height
         for v, t in summed_area_rows(self.labels_image, self.values, rows).items():
-            sums = (integral(t, rows, h, u1, v1) - integral(t, rows, h, u0, v1)
-                    - integral(t, rows, h, u1, v0) + integral(t, rows, h, u0, v0))
+            sums = (integral(t, k1, fv1, j1, fu1) - integral(t, k1, fv1, j0, fu0)
+                    - integral(t, k0, fv0, j1, fu1) + integral(t, k0, fv0, j0, fu0))
             out[v] = np.where(area > 0, sums / safe, 0.0)
         return out
 
@@ -355,9 +353,10 @@ def _load_overlay(path: str, size: tuple[int, int]) -> OverlayIndex:
 def slide_overlap(pdf: pd.DataFrame, tile_roi_wkt: str | None, label_min_fraction: float) -> pd.DataFrame:
     """Overlap columns (:data:`OVERLAP_FIELDS`) for the tile rows of ONE slide.
 
-    The slide's overlay and annotations are read once (cached per Python worker) and every
-    tile's fractions come from one vectorised pass. A slide without overlay gets null overlay
-    columns; without annotations, null class columns. Read errors go to ``overlap_error``.
+    The slide's overlay and annotations are read once per task (cached, dropped when the task
+    ends) and every tile's fractions come from one vectorised pass. A slide without overlay
+    gets null overlay columns; without annotations, null class columns. Read errors go to
+    ``overlap_error``.
     """
     n = len(pdf)
     first = pdf.iloc[0]
@@ -470,7 +469,7 @@ def overlap_tiles(tiles: DataFrame, tile_roi_wkt: str | None, label_min_fraction
 
 
 __all__ = [
-    "OVERLAP_FIELDS", "summed_area_rows", "lookup_rows", "integral", "OverlayIndex", "load_annotations",
+    "OVERLAP_FIELDS", "summed_area_rows", "cells", "integral", "OverlayIndex", "load_annotations",
     "AnnotationIndex", "label_rule", "annotation_path", "tile_rects", "tile_geometries", "roi_is_rect",
     "slide_overlap", "make_overlap", "drop_task_caches", "overlap_tiles",
 ]
