@@ -182,7 +182,8 @@ def _feature(rgb: np.ndarray, method: str, polarity: str) -> np.ndarray:
         part = rgb[y:y + STRIP_ROWS]
         r, g, b = part[..., 0], part[..., 1], part[..., 2]
         o = out[y:y + STRIP_ROWS]
-        mx = np.maximum(np.maximum(r, g), b)
+        if polarity == "fluorescence" or method == "saturation":
+            mx = np.maximum(np.maximum(r, g), b)
         if polarity == "fluorescence":
             o[...] = mx  # log after smoothing
         elif method == "saturation":
