@@ -3,7 +3,7 @@
 One command, everything measured in the same run on the same slide and cores:
 
     .venv/bin/python bench/throughput.py                   # 40,960 x 30,720 synthetic slide
-    .venv/bin/python bench/throughput.py --width 12288 --height 9216 --quick   # a smaller check
+    .venv/bin/python bench/throughput.py --width 12288 --height 9216 --warm-runs 1   # a smaller check
 
 1. read limit: ``OpenSlide.read_region`` in a tight loop over exactly the tiles the pipeline
    keeps, one process per core, one handle per process, pixels discarded;
@@ -13,7 +13,10 @@ One command, everything measured in the same run on the same slide and cores:
    mask);
 3. slidelake end to end (discover, masks, overlap, decode, write Delta) on ``local[N]``, raw
    encoding, level 0, 256 px tiles, in a fresh process per run: with masks, without masks (the
-   pixel filter alone), on 1 core, and with ``decode.reader=openslide``;
+   pixel filter alone), on 1 core, and with ``decode.reader=openslide``; each cold (the
+   session's first run) then warm (``--warm-runs``, median). This VM drifts, so the ratios
+   that compare runs are measured close together: the warm runs with masks alternate with runs
+   without masks in one session, and the N-core and 1-core sessions run twice, in both orders;
 4. stage costs: grid expansion (rows/s, >= 1 million tiles), mask overlap (tiles/s), encoding per
    format (ms/tile, bytes/tile), the workers' decode and tile Parquet write (per core, from ``--profile``);
 5. peak memory (VmHWM) of the driver JVM, the driver Python and the Python workers, on the
@@ -38,6 +41,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
+from statistics import median
 
 import numpy as np
 
@@ -169,14 +173,17 @@ def slidelake_child(args) -> None:
     t0 = time.perf_counter()
     spark = get_spark("slidelake-bench")
     started = time.perf_counter() - t0
-    cfg = PipelineConfig.model_validate({
-        "inputs": [args.slide], "lake": args.lake,
-        "resolution": {"level": 0}, "grid": {"tile_extent": 256},
-        "decode": {"encoding": "raw", "reader": args.reader},
-        "masks": {"enabled": args.masks == "on"},
-        # with masks: keep tiles >= 50 % tissue; without: the pixel filter alone decides
-        "filter": {"min_tissue_fraction": 0.5, "max_background_fraction": None if args.masks == "on" else 0.5},
-    })
+    def config(masks: str, lake: str) -> PipelineConfig:
+        return PipelineConfig.model_validate({
+            "inputs": [args.slide], "lake": lake,
+            "resolution": {"level": 0}, "grid": {"tile_extent": 256},
+            "decode": {"encoding": "raw", "reader": args.reader},
+            "masks": {"enabled": masks == "on"},
+            # with masks: keep tiles >= 50 % tissue; without: the pixel filter alone decides
+            "filter": {"min_tissue_fraction": 0.5, "max_background_fraction": None if masks == "on" else 0.5},
+        })
+
+    cfg = config(args.masks, args.lake)
     t = time.perf_counter()
     rec = run_all(spark, cfg, profile=True)
     wall = time.perf_counter() - t
@@ -185,12 +192,19 @@ def slidelake_child(args) -> None:
     # of a notebook, a scheduled job over many slides, or any run after the first
     # (``--warm-runs`` times, each into a fresh lake; the run of median wall time is reported:
     # this VM's speed drifts by 20-30 %, as the read limit's three measurements show)
-    warms = []
+    # With --interleave-masks-off, each warm run is followed by the same run without masks in
+    # the same session, so that the mask-first ratio compares runs made minutes apart at most.
+    warms, warms_off = [], []
     for i in range(max(1, args.warm_runs)):
         t = time.perf_counter()
-        rec_i = run_all(spark, cfg.model_copy(update={"lake": f"{args.lake}-warm{i}"}), profile=True)
+        rec_i = run_all(spark, config(args.masks, f"{args.lake}-warm{i}"), profile=True)
         warms.append((time.perf_counter() - t, rec_i))
         shutil.rmtree(f"{args.lake}-warm{i}", ignore_errors=True)
+        if args.interleave_masks_off:
+            t = time.perf_counter()
+            rec_i = run_all(spark, config("off", f"{args.lake}-off{i}"), profile=True)
+            warms_off.append((time.perf_counter() - t, rec_i))
+            shutil.rmtree(f"{args.lake}-off{i}", ignore_errors=True)
     warm_wall, warm = sorted(warms, key=lambda w: w[0])[len(warms) // 2]
     kids = descendants(os.getpid())
     jvm = [p for p, c in kids.items() if "java" in c.split(" ")[0]]
@@ -203,6 +217,8 @@ def slidelake_child(args) -> None:
         "warm": {"wall_s": warm_wall, "stage_seconds": warm.stage_seconds, "profile": warm.profile,
                  "tiles_per_s_per_core": warm.counts.get("tiles_written", 0) / warm_wall / args.cores,
                  "walls_s": [w for w, _ in warms]},
+        "warm_masks_off": {"walls_s": [w for w, _ in warms_off],
+                           "tiles_written": [r.counts.get("tiles_written", 0) for _, r in warms_off]} if warms_off else None,
         "peak_rss_mib": {
             "driver_python": vm_hwm_kib() / 1024,
             "driver_jvm": max([vm_hwm_kib(p) for p in jvm] or [0]) / 1024,
@@ -224,12 +240,14 @@ def slidelake_child(args) -> None:
 
 
 def run_slidelake(slide: str, cores: int, masks: str = "on", reader: str = "auto", kept_out: str | None = None,
-                  warm_runs: int = 3) -> dict:
+                  warm_runs: int = 3, interleave_masks_off: bool = False) -> dict:
     """One configuration in a fresh process (:func:`slidelake_child`): a cold run, then
-    ``warm_runs`` warm runs in the same session (the median is reported as ``warm``)."""
+    ``warm_runs`` warm runs in the same session (the median is reported as ``warm``), each
+    followed by a run without masks when ``interleave_masks_off``."""
     lake = tempfile.mkdtemp(prefix="slidelake-bench-")
     cmd = [sys.executable, str(Path(__file__)), "--child", "--slide", slide, "--lake", lake, "--cores", str(cores),
            "--masks", masks, "--reader", reader, "--warm-runs", str(warm_runs)] + (["--kept-out", kept_out] if kept_out else [])
+    cmd += ["--interleave-masks-off"] if interleave_masks_off else []
     try:
         return bench_json(subprocess.run(cmd, capture_output=True, text=True, check=False))
     finally:
@@ -362,14 +380,36 @@ def report(res: dict) -> str:
             return runs[name] if key == "cold" else runs[name]["warm"]
         b, one = g("masks, native reader"), g("masks, 1 core")
         n_b, n_one = best["counts"]["tiles_written"], runs["masks, 1 core"]["counts"]["tiles_written"]
+        speedup = (n_b / b['wall_s']) / (n_one / one['wall_s'])
+        mask_first = b['wall_s'] / g('no masks (pixel filter)')['wall_s']
+        mask_note = scale_note = ""
+        if key == "warm" and best.get("warm_masks_off"):
+            # warm runs with and without masks alternated in one session (see slidelake_child)
+            sep = mask_first
+            mask_first = median(b["walls_s"]) / median(best["warm_masks_off"]["walls_s"])
+            mask_note = (f" (runs with and without masks alternated in one session, medians "
+                         f"{median(b['walls_s']):.1f} / {median(best['warm_masks_off']['walls_s']):.1f} s; "
+                         f"from separate sessions: {sep:.2f})")
+        pair = res.get("second_pair")
+        if pair:
+            g2 = (lambda name: pair[name]) if key == "cold" else (lambda name: pair[name]["warm"])
+            b2, one2 = g2("masks, native reader"), g2("masks, 1 core")
+            second = (n_b / b2['wall_s']) / (n_one / one2['wall_s'])
+            if key == "warm":  # pooled warm runs of both pairs
+                multi, single = b["walls_s"] + b2["walls_s"], one["walls_s"] + one2["walls_s"]
+                first, speedup = speedup, (n_b / median(multi)) / (n_one / median(single))
+                scale_note = (f"; medians of the {len(multi)} + {len(single)} warm runs of two pairs of sessions "
+                              f"run in both orders, each pair alone: {first:.2f}x, {second:.2f}x")
+            else:
+                scale_note = f"; second pair, 1 core first: {second:.2f}x"
         return [
             f"- slidelake end to end / read limit: **{b['tiles_per_s_per_core'] / lim_rate:.2f}x** "
             f"(with `decode.reader=openslide`: {g('masks, openslide reader')['tiles_per_s_per_core'] / lim_rate:.2f}x)",
             f"- slidelake / naive baseline: **{b['tiles_per_s_per_core'] / naive['tiles_per_s_per_core']:.1f}x**",
-            f"- mask-first wall time / the same run without masks: **{b['wall_s'] / g('no masks (pixel filter)')['wall_s']:.2f}**",
-            f"- {c} cores / 1 core (tiles per second): **{(n_b / b['wall_s']) / (n_one / one['wall_s']):.2f}x** "
+            f"- mask-first wall time / the same run without masks: **{mask_first:.2f}**{mask_note}",
+            f"- {c} cores / 1 core (tiles per second): **{speedup:.2f}x** "
             f"(tiling stage alone: {one['stage_seconds']['overlap+decode+write'] / b['stage_seconds']['overlap+decode+write']:.2f}x; "
-            f"each run confined to its cores)",
+            f"each run confined to its cores{scale_note})",
         ]
 
     lines += ["", "Ratios, first run in a fresh Spark session (cold: includes Spark's one-off first-job warm-up):", "",
@@ -424,6 +464,7 @@ def main() -> None:
     ap.add_argument("--masks", default="on", help=argparse.SUPPRESS)
     ap.add_argument("--reader", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--kept-out", help=argparse.SUPPRESS)
+    ap.add_argument("--interleave-masks-off", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--warm-runs", type=int, default=3, help="warm runs per configuration (the median is reported)")
     args = ap.parse_args()
     if args.child:
@@ -442,7 +483,8 @@ def main() -> None:
     kept = str(HERE / "data" / "kept.npy")
     runs = {}
     print("slidelake: masks, native reader ...", flush=True)
-    runs["masks, native reader"] = run_slidelake(str(slide), cores, "on", "auto", kept_out=kept, warm_runs=args.warm_runs)
+    runs["masks, native reader"] = run_slidelake(str(slide), cores, "on", "auto", kept_out=kept, warm_runs=args.warm_runs,
+                                                 interleave_masks_off=True)
     coords = np.load(kept)
     print(f"read limit over {len(coords)} kept tiles ...", flush=True)
     # this VM's speed drifts by 20-30 % within a run: the read limit is measured three times
@@ -457,6 +499,11 @@ def main() -> None:
     limits.append(read_limit(str(slide), coords, (256, 256), cores))
     runs["masks, 1 core"] = run_slidelake(str(slide), 1, "on", "auto", warm_runs=args.warm_runs)
     res["slidelake"] = runs
+    # N cores / 1 core: the two runs are minutes apart and this VM drifts, so the pair is
+    # measured once more, in the other order; the warm ratio pools the warm runs of both pairs
+    print("slidelake: N cores / 1 core, second pair ...", flush=True)
+    res["second_pair"] = {"masks, 1 core": run_slidelake(str(slide), 1, "on", "auto", warm_runs=args.warm_runs),
+                          "masks, native reader": run_slidelake(str(slide), cores, "on", "auto", warm_runs=args.warm_runs)}
     res["small"] = run_slidelake(str(CMU), cores, "on", "auto", warm_runs=args.warm_runs)
     limits.append(read_limit(str(slide), coords, (256, 256), cores))
     res["read_limit"] = {**sorted(limits, key=lambda r: r["wall_s"])[1],

@@ -3,7 +3,9 @@
 * Inside ``spark-submit``, Databricks or a notebook with a session: the existing session is
   used, never a second one; the cluster's master and settings are left alone.
 * From plain Python (tests, the CLI on a laptop): an embedded ``local[*]`` session is started
-  (``SLIDELAKE_SPARK_MASTER`` overrides the master, e.g. ``local-cluster[2,1,1024]``).
+  (``SLIDELAKE_SPARK_MASTER`` overrides the master, e.g. ``local-cluster[2,1,1024]``). Its JVM
+  compiles with the client JIT only (:data:`LOCAL_JVM_OPTIONS`; ``SLIDELAKE_JVM_OPTIONS``
+  replaces them, an empty value keeps the JVM's defaults).
 
 In both cases the runtime SQL settings slidelake relies on are applied: Arrow for pandas UDFs,
 microsecond Parquet timestamps (not INT96, which delta-rs and polars read differently), UTC.
@@ -23,6 +25,14 @@ RUNTIME_CONF: dict[str, str] = {
     "spark.sql.sources.partitionColumnTypeInference.enabled": "false",
 }
 
+# The embedded session's JVM does little compute (the tiles' pixels stay in the Python workers),
+# and its first jobs are dominated by class loading and JIT compilation, which compete with the
+# Python workers for the same few cores. The client (C1) compiler alone compiles faster and
+# uses less CPU: a first run of the benchmark slide took 18-25 s instead of 27-29 s, later runs
+# were no slower (docs/benchmarks.md). JVM-heavy work loses: grid expansion alone ran at 2.6
+# instead of 5.9-9.9 million rows/s. HotSpot option: https://docs.oracle.com/en/java/javase/17/docs/specs/man/java.html
+LOCAL_JVM_OPTIONS = "-XX:TieredStopAtLevel=1"
+
 LOCAL_CONF: dict[str, str] = {
     "spark.driver.memory": "4g",
     "spark.ui.showConsoleProgress": "false",
@@ -37,6 +47,17 @@ def _under_cluster_launcher() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ or "DATABRICKS_RUNTIME_VERSION" in os.environ
 
 
+def local_conf() -> dict[str, str]:
+    """Settings of a new embedded local session: :data:`LOCAL_CONF`, and
+    ``spark.driver.extraJavaOptions`` = ``$SLIDELAKE_JVM_OPTIONS`` (default
+    :data:`LOCAL_JVM_OPTIONS`; an empty value sets none, keeping the JVM's defaults)."""
+    conf = dict(LOCAL_CONF)
+    jvm_options = os.environ.get("SLIDELAKE_JVM_OPTIONS", LOCAL_JVM_OPTIONS).strip()
+    if jvm_options:
+        conf["spark.driver.extraJavaOptions"] = jvm_options
+    return conf
+
+
 def get_spark(app_name: str = "slidelake", master: str | None = None) -> SparkSession:
     """Return the active SparkSession, or start an embedded local one.
 
@@ -44,6 +65,8 @@ def get_spark(app_name: str = "slidelake", master: str | None = None) -> SparkSe
         app_name: application name for a new session.
         master: master URL for a new local session; default ``$SLIDELAKE_SPARK_MASTER`` or
             ``local[*]``. Ignored when a session already exists or under spark-submit.
+
+    A new local session gets :func:`local_conf` (its JVM options included).
 
     Returns:
         The session, with :data:`RUNTIME_CONF` applied.
@@ -55,7 +78,7 @@ def get_spark(app_name: str = "slidelake", master: str | None = None) -> SparkSe
             # workers must run this interpreter (the one slidelake is installed in)
             os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
             builder = builder.master(master or os.environ.get("SLIDELAKE_SPARK_MASTER", "local[*]"))
-            for k, v in LOCAL_CONF.items():
+            for k, v in local_conf().items():
                 builder = builder.config(k, v)
             # Delta jars supplied with --packages/--jars locally: enable its SQL extension too
             if os.environ.get("SLIDELAKE_DELTA_EXTENSIONS") == "1":
