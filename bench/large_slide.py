@@ -12,7 +12,10 @@ check ~8 minutes to run). Steps, on the same SYNTHETIC slide (``bench/make_slide
 2. the read limit (``throughput.read_limit``) over exactly those tiles;
 3. slidelake again (a second fresh process);
 4. the read limit again: this VM's speed drifts, so the slidelake run is bracketed by two
-   measurements and the ratios are given against both.
+   measurements and the ratios are given against both;
+5. slidelake on 1 core (``--no-one-core`` skips it), then the read loop in one process: N cores /
+   1 core for slidelake (against both N-core runs) and for the read loop itself (this machine's
+   own scaling of a CPU-bound loop, the ceiling of the other).
 
 Prints one JSON document (walls, tiles/s/core, ratios, per-stage worker peaks, driver peaks);
 ``docs/benchmarks.md`` quotes it.
@@ -54,6 +57,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=100_000)
     ap.add_argument("--height", type=int, default=80_000)
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--no-one-core", action="store_true", help="skip the 1-core run (step 5)")
     a = ap.parse_args()
     slide = HERE / "data" / f"synthetic-{a.width}x{a.height}.svs"
     if not slide.exists():
@@ -80,6 +84,18 @@ def main() -> None:
         "x_read_limit": {f"run {i + 1} {phase}": [round(r[phase]["tiles_per_s_per_core"] / lim, 2) for lim in ref]
                          for i, r in enumerate([summary(first), summary(second)]) for phase in ("cold", "warm")},
     }
+    if not a.no_one_core and a.cores > 1:
+        print("slidelake on 1 core, read loop in 1 process ...", flush=True)
+        one = tp.run_slidelake(str(slide), 1, "on", "auto", warm_runs=1)
+        limit_one = tp.read_limit(str(slide), coords, (256, 256), 1)
+        n = one["counts"]["tiles_written"]
+        out["one_core"] = summary(one)
+        out["n_cores_over_1_core"] = {
+            **{f"run {i + 1} {phase}": round((r["counts"]["tiles_written"] / (r[phase]["wall_s"] if phase == "warm" else r["wall_s"]))
+                                             / (n / (one["warm"]["wall_s"] if phase == "warm" else one["wall_s"])), 2)
+               for i, r in enumerate([first, second]) for phase in ("cold", "warm")},
+            "read loop": [round(lim["tiles_per_s_per_core"] * a.cores / limit_one["tiles_per_s_per_core"], 2) for lim in limits],
+        }
     print(json.dumps(out, indent=1))
 
 

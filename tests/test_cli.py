@@ -33,6 +33,12 @@ def test_cli_run_then_sql(spark, lake):
     for stage in ("overlap", "decode"):
         assert 50 < prof[f"{stage}.worker_peak_mib"] < 4096, stage
     assert "masks.worker_peak_mib" not in prof
+    # the driver's commit of the workers' files: their number and bytes are the table's
+    from deltalake import DeltaTable
+
+    files = DeltaTable(str(lake / "tiles")).file_uris()
+    assert prof["write.files"] == len(files) > 0 and prof["write.commit_s"] > 0
+    assert prof["write.bytes"] == sum(os.path.getsize(f.removeprefix("file://")) for f in files)
     assert "decode.read_s" in res.output  # the profile table is printed
     t = pl.read_delta(str(lake / "tiles"))
     assert t.height > 0 and set(t["tile_format"]) == {"png"} and set(t["tile_width"]) == {512}

@@ -304,6 +304,7 @@ def test_masks_of_several_slides_on_driver_threads(tmp_path):
     made = compute_masks_on_driver(rows + [broken], MaskConfig(), str(tmp_path / "lake"), "run", figures.append)
     assert [m["slide_id"] for m in made] == [rows[0]["slide_id"], rows[1]["slide_id"], "broken"]
     assert [m["status"] for m in made] == ["ok", "ok", "error"] and "missing image file" in made[2]["error"]
+    assert made[2]["error"].endswith(f"({tmp_path / 'missing.tiff'})")  # the message says which file
     assert all(os.path.isfile(m["mask_path"]) for m in made[:2])
     assert len(figures) == 3 and all(f["masks.slides"] == 1 and "masks.worker_peak_mib" not in f for f in figures)
 

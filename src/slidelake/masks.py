@@ -490,7 +490,9 @@ def compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: s
         out.update(_compute_mask(row, cfg, lake_root, phash))
         out["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 - one slide's failure is its error row
-        out["error"] = f"{type(exc).__name__}: {exc}"
+        msg = f"{type(exc).__name__}: {exc}"
+        # OpenSlide's own messages ("Unsupported or missing image file") do not say which file
+        out["error"] = msg if str(row["path"]) in msg else f"{msg} ({row['path']})"
     return out
 
 
