@@ -193,7 +193,7 @@ def slidelake_child(args) -> None:
     # (``--warm-runs`` times, each into a fresh lake; the run of median wall time is reported:
     # this VM's speed drifts by 20-30 %, as the read limit's three measurements show)
     # With --interleave-masks-off, each warm run is followed by the same run without masks in
-    # the same session, so that the mask-first ratio compares runs made minutes apart at most.
+    # the same session, so that the mask-first ratio compares runs made one after the other.
     warms, warms_off = [], []
     for i in range(max(1, args.warm_runs)):
         t = time.perf_counter()
