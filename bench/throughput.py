@@ -376,11 +376,15 @@ def report(res: dict) -> str:
     best = runs["masks, native reader"]
 
     def ratios(key: str) -> list[str]:
-        def g(name: str) -> dict:
-            return runs[name] if key == "cold" else runs[name]["warm"]
+        def g(name: str, of: dict = runs) -> dict:
+            return of[name] if key == "cold" else of[name]["warm"]
+
+        def scaling(multi_s: float, single_s: float) -> float:  # tiles/s on N cores / on 1 core
+            return (n_b / multi_s) / (n_one / single_s)
+
         b, one = g("masks, native reader"), g("masks, 1 core")
         n_b, n_one = best["counts"]["tiles_written"], runs["masks, 1 core"]["counts"]["tiles_written"]
-        speedup = (n_b / b['wall_s']) / (n_one / one['wall_s'])
+        speedup = scaling(b["wall_s"], one["wall_s"])
         mask_first = b['wall_s'] / g('no masks (pixel filter)')['wall_s']
         mask_note = scale_note = ""
         if key == "warm" and best.get("warm_masks_off"):
@@ -392,12 +396,11 @@ def report(res: dict) -> str:
                          f"from separate sessions: {sep:.2f})")
         pair = res.get("second_pair")
         if pair:
-            g2 = (lambda name: pair[name]) if key == "cold" else (lambda name: pair[name]["warm"])
-            b2, one2 = g2("masks, native reader"), g2("masks, 1 core")
-            second = (n_b / b2['wall_s']) / (n_one / one2['wall_s'])
+            b2, one2 = g("masks, native reader", pair), g("masks, 1 core", pair)
+            second = scaling(b2["wall_s"], one2["wall_s"])
             if key == "warm":  # pooled warm runs of both pairs
                 multi, single = b["walls_s"] + b2["walls_s"], one["walls_s"] + one2["walls_s"]
-                first, speedup = speedup, (n_b / median(multi)) / (n_one / median(single))
+                first, speedup = speedup, scaling(median(multi), median(single))
                 scale_note = (f"; medians of the {len(multi)} + {len(single)} warm runs of two pairs of sessions "
                               f"run in both orders, each pair alone: {first:.2f}x, {second:.2f}x")
             else:

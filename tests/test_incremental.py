@@ -175,12 +175,14 @@ def test_paths_stored_relative_to_path_root(spark, lake, tmp_path):
 
 
 _WRITER = r"""
+import os
 import sys
+import time
+
 from pyspark.sql import types as T
 from slidelake.tables import write_rows
 
 path, owner = sys.argv[1], sys.argv[2]
-import os, time
 open(f"{path}.ready.{owner}", "w").close()  # imports done; start together
 while not os.path.exists(f"{path}.go"):
     time.sleep(0.01)
@@ -200,6 +202,7 @@ def test_separate_processes_committing_to_one_table(tmp_path):
     process's last replacement is what the table holds."""
     import subprocess
     import sys
+    import time
 
     from deltalake import DeltaTable
 
@@ -207,8 +210,6 @@ def test_separate_processes_committing_to_one_table(tmp_path):
     owners = ["a", "b", "c"]
     procs = [subprocess.Popen([sys.executable, "-c", _WRITER, path, o], stderr=subprocess.PIPE, text=True)
              for o in owners]
-    import time
-
     deadline = time.monotonic() + 120
     while not all(os.path.exists(f"{path}.ready.{o}") for o in owners) and time.monotonic() < deadline:
         time.sleep(0.05)

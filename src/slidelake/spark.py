@@ -28,9 +28,11 @@ RUNTIME_CONF: dict[str, str] = {
 # The embedded session's JVM does little compute (the tiles' pixels stay in the Python workers),
 # and its first jobs are dominated by class loading and JIT compilation, which compete with the
 # Python workers for the same few cores. The client (C1) compiler alone compiles faster and
-# uses less CPU: a first run of the benchmark slide took 18-25 s instead of 27-29 s, later runs
-# were no slower (docs/benchmarks.md). JVM-heavy work loses: grid expansion alone ran at 2.6
-# instead of 5.9-9.9 million rows/s. HotSpot option: https://docs.oracle.com/en/java/javase/17/docs/specs/man/java.html
+# uses less CPU: a first run of the benchmark slide took 18-25 s instead of 27-29 s, and whole
+# runs were no slower after it, on that slide or on a 100,000 x 80,000 px one
+# (docs/benchmarks.md). JVM-heavy work loses: grid expansion alone runs at 1.7-3.3 instead of
+# 5.5-9.9 million rows/s, and handing rows to the Python workers costs 10-15 % more in the
+# overlap stage. HotSpot option: https://docs.oracle.com/en/java/javase/17/docs/specs/man/java.html
 LOCAL_JVM_OPTIONS = "-XX:TieredStopAtLevel=1"
 
 LOCAL_CONF: dict[str, str] = {
