@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from slidelake.grid import axis_positions, expand_grid, grid_size
+from slidelake.grid import GRID_COLUMNS, axis_positions, expand_grid, grid_shape, grid_size, row_bands
 
 
 def reference(length, extent, stride, last):
@@ -81,6 +81,32 @@ def test_spark_expand_grid_matches_reference(spark, last, extent, stride):
             assert r.valid_width == min(extent[0], W - r.tile_x)
             assert r.valid_height == min(extent[1], H - r.tile_y)
             assert r.stride_x == stride[0] and r.tile_extent_y == extent[1]
+
+
+@pytest.mark.parametrize("rows,tiles,per_band", [(1, 10, 4), (7, 70, 10), (7, 70, 1000), (100, 10_000, 650), (3, 3, 1)])
+def test_row_bands_cover_every_row_once(rows, tiles, per_band):
+    bands = row_bands(rows, tiles, per_band)
+    assert bands[0][0] == 0 and bands[-1][1] == rows
+    assert all(b0 < b1 for b0, b1 in bands) and all(a[1] == b[0] for a, b in zip(bands, bands[1:]))
+    assert len(bands) == min(rows, -(-tiles // per_band))
+    per_row = tiles / rows
+    assert max(b1 - b0 for b0, b1 in bands) * per_row <= per_band + per_row  # about per_band tiles each
+
+
+@pytest.mark.spark
+def test_spark_grid_in_row_bands_is_the_whole_grid(spark):
+    """A slide's grid made by several input rows, each a band of grid rows (as the pipeline
+    splits a large slide over tasks), equals its grid made in one piece, row for row."""
+    extent, stride, last = (64, 48), (40, 24), "shift"
+    cols, rows = grid_shape(1000, 777, 1.0, extent, stride, last)
+    bands = row_bands(rows, cols * rows, 100)
+    assert len(bands) > 3
+    banded = spark.createDataFrame([("a", 1000, 777, 1.0, b0, b1) for b0, b1 in bands],
+                                   "slide_id string, extent_x long, extent_y long, downsample double, b0 long, b1 long")
+    whole = spark.createDataFrame([("a", 1000, 777, 1.0)], "slide_id string, extent_x long, extent_y long, downsample double")
+    got = expand_grid(banded, extent, stride, last, row_band=("b0", "b1")).select(*GRID_COLUMNS).collect()
+    want = expand_grid(whole, extent, stride, last).select(*GRID_COLUMNS).collect()
+    assert len(want) == cols * rows and got == want  # same rows, same (raster) order
 
 
 @pytest.mark.spark

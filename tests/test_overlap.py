@@ -4,12 +4,27 @@ import json
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import shapely
 
 from slidelake.grid import axis_positions
-from slidelake.overlap import (AnnotationIndex, OverlayIndex, label_rule, load_annotations,
-                               slide_overlap, summed_area_rows)
+from slidelake.overlap import (OVERLAP_INPUTS, AnnotationIndex, ColumnCounts, OverlayIndex, SlideInputs,
+                               fraction_map, label_rule, load_annotations, make_overlap, slide_overlap, slide_runs,
+                               summed_area_rows)
+
+
+def inputs(pdf):
+    """The :class:`SlideInputs` of grid rows of one slide (per-slide columns of :func:`grid_rows`)."""
+    first = pdf.iloc[0]
+    return SlideInputs(int(first.slide_width), int(first.slide_height), float(first.downsample),
+                       first.get("overlay_path"), first.get("annotations_path"))
+
+
+def overlap(pdf, tile_roi_wkt, label_min_fraction):
+    """:func:`slide_overlap` on a pandas frame of grid rows, its output as pandas (maps as dicts)."""
+    rows = pa.RecordBatch.from_pandas(pdf[list(OVERLAP_INPUTS)], preserve_index=False)
+    return slide_overlap(rows, inputs(pdf), tile_roi_wkt, label_min_fraction).to_pandas(maps_as_pydicts="strict")
 
 
 def brute_fraction(labels, ds, rect, value):
@@ -62,6 +77,32 @@ def test_summed_area_rows_count_pixels():
     assert got[1][0, -1] == (m == 1).sum()
 
 
+def test_summed_area_rows_share_one_cursor_across_calls():
+    """Calls in ascending row order continue one pass down the labels; a call for rows above
+    the cursor starts again from row 0. Every call's rows are exact either way."""
+    rng = np.random.default_rng(2)
+    m = rng.integers(0, 2, (700, 23)).astype(np.uint8)
+    full = {v: np.zeros((701, 24), np.int64) for v in (0, 1)}
+    for v in full:
+        full[v][1:, 1:] = (m == v).cumsum(0).cumsum(1)
+    cursor = ColumnCounts(m, [0, 1])
+    for rows in ([3, 4, 90], [90, 91, 400], [390, 520, 521], [10, 11], [600, 700]):
+        rows = np.array(rows)
+        got = summed_area_rows(m, [0, 1], rows, cursor)
+        assert cursor.row == rows[0]  # the shared cursor stops at the call's first row
+        for v in (0, 1):
+            np.testing.assert_array_equal(got[v], full[v][rows])
+
+
+def test_fraction_map_builds_maps_without_python_per_row():
+    values = np.array([[0.25, 0.75, 0.0], [0.0, 0.0, 1.0]])
+    full = fraction_map(["a", "b", "c"], values)
+    assert full.to_pylist() == [[("a", 0.25), ("b", 0.75), ("c", 0.0)], [("a", 0.0), ("b", 0.0), ("c", 1.0)]]
+    sparse = fraction_map(["a", "b", "c"], values, values > 0)
+    assert sparse.to_pylist() == [[("a", 0.25), ("b", 0.75)], [("c", 1.0)]]
+    assert fraction_map(["a"], np.zeros((0, 1))).to_pylist() == []
+
+
 @pytest.mark.parametrize("mask_wh,downsample,extent,stride", [
     ((61, 47), 1.0, 64, 64),      # overlay ~16.4 level-0 px per px, tiles at level 0
     ((61, 47), 4.0, 32, 24),      # overlapping tiles, 128 level-0 px, non-integer ratio
@@ -103,10 +144,10 @@ def test_slide_overlap_uses_overlay_file_and_tile_roi(tmp_path):
     pdf = grid_rows(W0, H0, 2.0, 64, 64)
     pdf["overlay_path"], pdf["annotations_path"] = path, None
     ds = (W0 / 61, H0 / 47)
-    full = slide_overlap(pdf, None, 0.5)
+    full = overlap(pdf, None, 0.5)
     # a rectangular and a triangular tile ROI (tile px)
-    rect = slide_overlap(pdf, "POLYGON ((16 16, 48 16, 48 48, 16 48, 16 16))", 0.5)
-    tri = slide_overlap(pdf, "POLYGON ((0 0, 64 0, 0 64, 0 0))", 0.5)
+    rect = overlap(pdf, "POLYGON ((16 16, 48 16, 48 48, 16 48, 16 16))", 0.5)
+    tri = overlap(pdf, "POLYGON ((0 0, 64 0, 0 64, 0 0))", 0.5)
     for k in range(len(pdf)):
         r = pdf.iloc[k]
         x1 = min(r.level0_x + r.valid_width * 2.0, W0)
@@ -135,7 +176,7 @@ def test_slide_overlap_uses_overlay_file_and_tile_roi(tmp_path):
 def test_missing_overlay_is_a_tile_error(tmp_path):
     pdf = grid_rows(400, 300, 1.0, 100, 100)
     pdf["overlay_path"], pdf["annotations_path"] = str(tmp_path / "gone.tiff"), None
-    out = slide_overlap(pdf, None, 0.5)
+    out = overlap(pdf, None, 0.5)
     assert out.overlap_error.str.contains("cannot read overlay").all()
     assert out.tissue_fraction.isna().all()
 
@@ -172,7 +213,8 @@ def test_annotation_class_fractions_and_labels(tmp_path):
     assert per_class[2, 0] == pytest.approx(0.5)
     assert annotated[4] == 0.0
     labels = label_rule(idx.names, per_class, 0.5)
-    assert labels[0] == "Tumor" and labels[2] == "Stroma" and labels[4] is None
+    got = labels.to_pylist()
+    assert (got[0], got[1], got[2], got[4]) == ("Tumor", "Tumor", "Stroma", None)
 
 
 def test_slide_overlap_annotations_column(tmp_path):
@@ -180,7 +222,7 @@ def test_slide_overlap_annotations_column(tmp_path):
     write_geojson(gj, [poly([[0, 0], [200, 0], [200, 200], [0, 200], [0, 0]], "Tumor")])
     pdf = grid_rows(400, 300, 1.0, 100, 100)
     pdf["overlay_path"], pdf["annotations_path"] = None, str(gj)
-    out = slide_overlap(pdf, None, 0.5)
+    out = overlap(pdf, None, 0.5)
     inside = (pdf.tile_x < 200) & (pdf.tile_y < 200)
     assert out.label[inside].eq("Tumor").all() and out.label[~inside].isna().all()
     assert out.annotated_fraction[inside].eq(1.0).all()
@@ -192,7 +234,7 @@ def test_bad_geojson_is_a_tile_error(tmp_path):
     bad.write_text("{not json")
     pdf = grid_rows(400, 300, 1.0, 100, 100)
     pdf["overlay_path"], pdf["annotations_path"] = None, str(bad)
-    out = slide_overlap(pdf, None, 0.5)
+    out = overlap(pdf, None, 0.5)
     assert out.overlap_error.str.contains("annotations").all()
 
 
@@ -200,11 +242,10 @@ def test_an_overlap_task_drops_the_overlays_it_loaded(tmp_path):
     """Overlays are loaded once per task and not kept by the idle worker afterwards. The stage
     function goes through cloudpickle as Spark ships it: a closure gets copies of the module
     globals it names, so the worker's real cache must be the one emptied."""
-    import pandas as pd
     from pyspark import cloudpickle
 
     from slidelake.masks import write_overlay
-    from slidelake.overlap import _OVERLAYS, make_overlap
+    from slidelake.overlap import _OVERLAYS
 
     labels = np.zeros((40, 50), np.uint8)
     labels[10:30, 10:40] = 255
@@ -217,11 +258,38 @@ def test_an_overlap_task_drops_the_overlays_it_loaded(tmp_path):
         "overlay_path": str(path), "annotations_path": None,
     })
     _OVERLAYS.items.clear()
-    shipped = cloudpickle.loads(cloudpickle.dumps(make_overlap(None, 0.5)))
-    task = shipped(iter([pdf.iloc[:15], pdf.iloc[15:]]))
+    shipped = cloudpickle.loads(cloudpickle.dumps(make_overlap({"s": inputs(pdf)}, None, 0.5)))
+    task = shipped(iter([pa.RecordBatch.from_pandas(pdf.iloc[:15]), pa.RecordBatch.from_pandas(pdf.iloc[15:])]))
     first = next(task)
     assert len(_OVERLAYS.items) == 1  # loaded once, kept for the task's next batch
     rest = list(task)
     assert len(_OVERLAYS.items) == 0
-    frac = pd.concat([first, *rest])["tissue_fraction"].to_numpy()
+    frac = pa.Table.from_batches([first, *rest]).column("tissue_fraction").to_numpy()
     assert len(frac) == 7 * 5 and frac.max() == 1.0 and frac.min() == 0.0
+
+
+def test_the_stage_takes_a_batch_slide_by_slide(tmp_path):
+    """A batch holding rows of several slides (one with an overlay, one with none, the first
+    again) comes out in the same order with its input columns untouched, each run of rows
+    measured against its own slide's overlay."""
+    from slidelake.masks import write_overlay
+
+    lab = make_overlay(61, 47)
+    path = str(tmp_path / "ov.tiff")
+    write_overlay(path, lab, (8.0, 8.0))
+    a = grid_rows(1000, 770, 2.0, 64, 64).assign(overlay_path=path, annotations_path=None)
+    b = grid_rows(400, 300, 1.0, 100, 100).assign(slide_id="t", overlay_path=None, annotations_path=None)
+    mixed = pd.concat([a.iloc[:20], b, a.iloc[20:]], ignore_index=True)
+    mixed["attributes"] = [{"case": str(k)} for k in range(len(mixed))]
+    batch = pa.RecordBatch.from_pandas(mixed, preserve_index=False)
+    assert slide_runs(batch.column("slide_id")) == [(0, 20), (20, 20 + len(b)), (20 + len(b), len(mixed))]
+    out = pa.Table.from_batches(list(make_overlap({"s": inputs(a), "t": inputs(b)}, None, 0.5)(iter([batch]))))
+    assert out.num_rows == len(mixed)
+    for name in batch.schema.names:
+        assert out.column(name).combine_chunks().equals(batch.column(name)), name
+    got = out.to_pandas(maps_as_pydicts="strict")
+    alone = overlap(a, None, 0.5)
+    in_a = got.slide_id == "s"
+    np.testing.assert_allclose(got.tissue_fraction[in_a].to_numpy(), alone.tissue_fraction.to_numpy())
+    assert got.overlay_fractions[in_a].tolist() == alone.overlay_fractions.tolist()
+    assert got.tissue_fraction[~in_a].isna().all() and got.overlay_fractions[~in_a].isna().all()

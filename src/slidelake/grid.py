@@ -84,12 +84,19 @@ def _position_sql(k: str, n: str, length: str, extent: int, stride: int, last: s
     return f"CAST({pos} AS BIGINT)"
 
 
+GRID_COLUMNS = (
+    "tile_row", "tile_col", "tile_x", "tile_y", "level0_x", "level0_y", "tile_extent_x", "tile_extent_y",
+    "stride_x", "stride_y", "valid_width", "valid_height",
+)  # the columns expand_grid adds to each slide's columns
+
+
 def expand_grid(
     slides: DataFrame,
     tile_extent: tuple[int, int],
     stride: tuple[int, int],
     last: str,
     roi: tuple[int, int, int, int] | None = None,
+    row_band: tuple[str, str] | None = None,
 ) -> DataFrame:
     """Explode resolved slides into tile rows (metadata only, no pixels).
 
@@ -101,6 +108,9 @@ def expand_grid(
         last: edge policy ``keep`` | ``drop`` | ``shift``.
         roi: optional ``(x, y, width, height)`` in level-0 px; the grid covers that rectangle
             (clipped to the slide) instead of the whole slide.
+        row_band: optional names of two int columns ``(start, stop)``: an input row then makes
+            only the grid rows ``tile_row`` in ``[start, stop)`` of its slide, so that several
+            input rows of one slide (:func:`row_bands`) split its grid over several tasks.
 
     Returns:
         The input columns plus ``tile_x``, ``tile_y`` (top-left, tile px), ``level0_x``,
@@ -127,7 +137,10 @@ def expand_grid(
         slides.withColumns({"_x0": E(x0), "_y0": E(y0), "_lx": E(f"{x1} - {x0}"), "_ly": E(f"{y1} - {y0}")})
         .withColumns({"_nx": E(_count_sql("_lx", ex, sx, last)), "_ny": E(_count_sql("_ly", ey, sy, last))})
         .where("_nx > 0 AND _ny > 0")
-        .withColumn("tile_row", E("explode(sequence(CAST(0 AS BIGINT), _ny - 1))"))
+        .withColumns({"_r0": E(f"CAST(GREATEST({row_band[0]}, 0) AS BIGINT)" if row_band else "CAST(0 AS BIGINT)"),
+                      "_r1": E(f"CAST(LEAST({row_band[1]}, _ny) AS BIGINT)" if row_band else "_ny")})
+        .where("_r1 > _r0")
+        .withColumn("tile_row", E("explode(sequence(_r0, _r1 - 1))"))
         .withColumn("tile_col", E("explode(sequence(CAST(0 AS BIGINT), _nx - 1))"))
     )
     out = out.withColumns({
@@ -141,15 +154,34 @@ def expand_grid(
         "valid_width": E(f"CAST(LEAST(CAST({ex} AS BIGINT), {W} - tile_x) AS INT)"),
         "valid_height": E(f"CAST(LEAST(CAST({ey} AS BIGINT), {H} - tile_y) AS INT)"),
     })
-    return out.drop("_x0", "_y0", "_lx", "_ly", "_nx", "_ny")
+    return out.drop("_x0", "_y0", "_lx", "_ly", "_nx", "_ny", "_r0", "_r1")
 
 
-def grid_size(extent_x: int, extent_y: int, downsample: float, tile_extent: tuple[int, int],
-              stride: tuple[int, int], last: str, roi: tuple[int, int, int, int] | None = None) -> int:
-    """Number of tiles :func:`expand_grid` makes for one slide (computed without Spark)."""
+def row_bands(grid_rows: int, grid_tiles: int, tiles_per_band: int) -> list[tuple[int, int]]:
+    """Split a slide's grid of ``grid_rows`` tile rows (``grid_tiles`` tiles in all) into
+    contiguous ``[start, stop)`` bands of whole rows, about ``tiles_per_band`` tiles each (at
+    least one row per band, one band when the grid is small): the ``row_band`` of
+    :func:`expand_grid`."""
+    if grid_rows <= 0:
+        return [(0, 0)]
+    n = max(1, min(grid_rows, math.ceil(grid_tiles / max(1, tiles_per_band))))
+    edges = [round(k * grid_rows / n) for k in range(n + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def grid_shape(extent_x: int, extent_y: int, downsample: float, tile_extent: tuple[int, int],
+               stride: tuple[int, int], last: str, roi: tuple[int, int, int, int] | None = None) -> tuple[int, int]:
+    """``(columns, rows)`` of the grid :func:`expand_grid` makes for one slide (without Spark)."""
     x0, y0, x1, y1 = 0, 0, extent_x, extent_y
     if roi is not None:
         rx, ry, rw, rh = roi
         x0, y0 = min(math.floor(rx / downsample), extent_x), min(math.floor(ry / downsample), extent_y)
         x1, y1 = min(math.ceil((rx + rw) / downsample), extent_x), min(math.ceil((ry + rh) / downsample), extent_y)
-    return axis_count(x1 - x0, tile_extent[0], stride[0], last) * axis_count(y1 - y0, tile_extent[1], stride[1], last)
+    return axis_count(x1 - x0, tile_extent[0], stride[0], last), axis_count(y1 - y0, tile_extent[1], stride[1], last)
+
+
+def grid_size(extent_x: int, extent_y: int, downsample: float, tile_extent: tuple[int, int],
+              stride: tuple[int, int], last: str, roi: tuple[int, int, int, int] | None = None) -> int:
+    """Number of tiles :func:`expand_grid` makes for one slide (computed without Spark)."""
+    nx, ny = grid_shape(extent_x, extent_y, downsample, tile_extent, stride, last, roi)
+    return nx * ny

@@ -1,6 +1,8 @@
 """Per-tile overlap with overlays and annotations, before any pixel is decoded.
 
-Stage ``overlap`` (a ``mapInPandas`` over grid rows that groups each batch's rows by slide):
+Stage ``overlap`` (a ``mapInArrow`` over grid rows that takes each batch's rows slide by slide;
+the input columns pass through untouched and the new columns are built from NumPy arrays,
+with no Python per tile):
 for every tile, the fraction of its area covered by each overlay label (``overlay_fractions``,
 ``{"0": 0.17, "255": 0.83}`` as ratiopath's ``tile_overlay_overlap``), the ``tissue_fraction``
 (area under any non-zero label), the fraction covered by each annotation class
@@ -24,10 +26,11 @@ import math
 import os
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import shapely
 import shapely.affinity
 import shapely.geometry
@@ -44,6 +47,11 @@ OVERLAP_FIELDS = [
     T.StructField("label", T.StringType(), True),
     T.StructField("overlap_error", T.StringType(), True),
 ]
+OVERLAP_SCHEMA = pa.schema([
+    ("overlay_fractions", pa.map_(pa.string(), pa.float64())), ("tissue_fraction", pa.float64()),
+    ("class_fractions", pa.map_(pa.string(), pa.float64())), ("annotated_fraction", pa.float64()),
+    ("label", pa.string()), ("overlap_error", pa.string()),
+])  # the Arrow types of OVERLAP_FIELDS
 
 
 # ------------------------------------------------------------------------- overlay maths
@@ -51,7 +59,44 @@ OVERLAP_FIELDS = [
 STRIP_ROWS = 256  # overlay rows compared at once while summing columns (bounds the temporaries)
 
 
-def summed_area_rows(labels: np.ndarray, values: list[int], rows: np.ndarray) -> dict[int, np.ndarray]:
+class ColumnCounts:
+    """Per label value, the count of that value in each column of ``labels[:row]``: a cursor
+    moved down the image once, so that a task's batches of tiles (raster order) share one pass.
+
+    Args:
+        labels: uint8 ``(h, w)``.
+        values: the label values to count.
+    """
+
+    def __init__(self, labels: np.ndarray, values: list[int]) -> None:
+        self.labels, self.values = labels, values
+        h, w = labels.shape
+        self.dtype = np.int32 if h * w < 2**31 else np.int64
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to row 0 (no rows counted)."""
+        self.row = 0
+        self.counts = {v: np.zeros(self.labels.shape[1], self.dtype) for v in self.values}
+
+    def advance(self, row: int) -> None:
+        """Count the label rows ``[self.row, row)`` (no-op when ``row <= self.row``)."""
+        for y in range(self.row, row, STRIP_ROWS):
+            band = self.labels[y:min(y + STRIP_ROWS, row)]
+            for v in self.values:
+                self.counts[v] += np.count_nonzero(band == v, axis=0).astype(self.dtype, copy=False)
+        self.row = max(self.row, row)
+
+    def copy(self) -> "ColumnCounts":
+        """An independent cursor at the same row."""
+        twin = ColumnCounts.__new__(ColumnCounts)
+        twin.labels, twin.values, twin.dtype, twin.row = self.labels, self.values, self.dtype, self.row
+        twin.counts = {v: c.copy() for v, c in self.counts.items()}
+        return twin
+
+
+def summed_area_rows(labels: np.ndarray, values: list[int], rows: np.ndarray,
+                     cursor: ColumnCounts | None = None) -> dict[int, np.ndarray]:
     """Rows ``rows`` of the summed-area table of each label value's indicator.
 
     The full table ``S_v`` of shape ``(h + 1, w + 1)`` has ``S_v[i, j]`` = number of pixels of
@@ -64,23 +109,26 @@ def summed_area_rows(labels: np.ndarray, values: list[int], rows: np.ndarray) ->
         labels: uint8 ``(h, w)``.
         values: the label values to count.
         rows: sorted, unique int indices in ``[0, h]``.
+        cursor: a :class:`ColumnCounts` of ``labels`` kept between calls: it is moved to
+            ``rows[0]`` (reset first when already past it) and the pass starts there, so calls
+            for rows in ascending order cost one pass over the image in all. None: from row 0.
 
     Returns:
         ``{v: (len(rows), w + 1)}`` int32 tables (int64 when ``h * w`` does not fit int32).
     """
-    h, w = labels.shape
-    dtype = np.int32 if h * w < 2**31 else np.int64
-    tables = {v: np.zeros((len(rows), w + 1), dtype) for v in values}
-    column_counts = {v: np.zeros(w, dtype) for v in values}
-    done = 0
-    for k, r in enumerate(np.asarray(rows, np.int64).tolist()):
-        for y in range(done, r, STRIP_ROWS):  # count the label rows [done, r)
-            band = labels[y:min(y + STRIP_ROWS, r)]
-            for v in values:
-                column_counts[v] += np.count_nonzero(band == v, axis=0).astype(dtype, copy=False)
-        done = max(done, r)
+    rows = np.asarray(rows, np.int64)
+    if cursor is None:
+        cursor = ColumnCounts(labels, values)
+    elif len(rows) and rows[0] < cursor.row:
+        cursor.reset()
+    if len(rows):
+        cursor.advance(int(rows[0]))
+    local = cursor.copy()
+    tables = {v: np.zeros((len(rows), labels.shape[1] + 1), local.dtype) for v in values}
+    for k, r in enumerate(rows.tolist()):
+        local.advance(r)
         for v in values:
-            np.cumsum(column_counts[v], out=tables[v][k, 1:])
+            np.cumsum(local.counts[v], out=tables[v][k, 1:])
     return tables
 
 
@@ -120,13 +168,15 @@ class OverlayIndex:
         self.ds_x = slide_size[0] / self.width
         self.ds_y = slide_size[1] / self.height
         self.values = [int(v) for v in np.unique(labels)]
+        self.cursor = ColumnCounts(labels, self.values)
 
     def fractions(self, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray) -> dict[int, np.ndarray]:
         """Fraction of each rectangle (level-0 px, float arrays) covered by each label value.
 
         Returns ``{label: float64 array}``; a rectangle of zero area gets 0 for every label.
         The summed-area table rows at the rectangles' edges are built per call
-        (:func:`summed_area_rows`: one pass over the labels, memory bounded by the edges).
+        (:func:`summed_area_rows`, memory bounded by the edges); calls in raster order (a
+        task's batches) continue one pass down the labels.
         """
         u0, u1 = np.asarray(x0, float) / self.ds_x, np.asarray(x1, float) / self.ds_x
         v0, v1 = np.asarray(y0, float) / self.ds_y, np.asarray(y1, float) / self.ds_y
@@ -138,7 +188,7 @@ class OverlayIndex:
         rows = np.unique(np.concatenate([i0, i0 + 1, i1, i1 + 1]))  # the table rows the lookups need
         k0, k1 = np.searchsorted(rows, i0), np.searchsorted(rows, i1)
         out = {}
-        for v, t in summed_area_rows(self.labels_image, self.values, rows).items():
+        for v, t in summed_area_rows(self.labels_image, self.values, rows, self.cursor).items():
             sums = (integral(t, k1, fv1, j1, fu1) - integral(t, k1, fv1, j0, fu0)
                     - integral(t, k0, fv0, j1, fu1) + integral(t, k0, fv0, j0, fu0))
             out[v] = np.where(area > 0, sums / safe, 0.0)
@@ -247,14 +297,21 @@ class AnnotationIndex:
         return per_class / safe[:, None], np.minimum(annotated / safe, 1.0)
 
 
-def label_rule(names: list[str], fractions: np.ndarray, min_fraction: float) -> list[str | None]:
+def label_rule(names: list[str], fractions: np.ndarray, min_fraction: float) -> pa.StringArray:
     """Per tile, the class with the largest fraction when it is >= ``min_fraction`` (ties: the
-    first name in sorted order), else None."""
-    if not names:
-        return [None] * len(fractions)
+    first name in sorted order), else null.
+
+    Args:
+        names: class names, in the order of ``fractions``' columns.
+        fractions: float ``(n, len(names))``.
+    """
+    n = len(fractions)
+    if not names or n == 0:
+        return pa.nulls(n, pa.string())
     best = fractions.argmax(axis=1)
-    top = fractions[np.arange(len(fractions)), best]
-    return [names[b] if t >= min_fraction and t > 0 else None for b, t in zip(best, top)]
+    top = fractions[np.arange(n), best]
+    chosen = pa.array(names, pa.string()).take(pa.array(best))
+    return pc.if_else(pa.array((top >= min_fraction) & (top > 0)), chosen, pa.scalar(None, pa.string()))
 
 
 def annotation_path(path: str, attributes: dict[str, str] | None, column: str, suffix: str) -> str | None:
@@ -303,10 +360,25 @@ def roi_is_rect(tile_roi: Any | None) -> bool:
 
 # ----------------------------------------------------------------------------- the stage
 
-OVERLAP_INPUTS = (
-    "slide_id", "level0_x", "level0_y", "valid_width", "valid_height", "downsample",
-    "slide_width", "slide_height", "overlay_path", "annotations_path",
-)
+OVERLAP_INPUTS = ("slide_id", "level0_x", "level0_y", "valid_width", "valid_height")  # per-tile columns read
+
+
+class SlideInputs(NamedTuple):
+    """What the overlap stage needs of one slide, decided on the driver and shipped with the
+    stage (so that the rows going to Python carry only per-tile columns).
+
+    Attributes:
+        width, height: level-0 size, px.
+        downsample: tile px -> level-0 px.
+        overlay_path: the slide's overlay (pyramidal TIFF), or None.
+        annotations_path: the slide's GeoJSON annotations, or None.
+    """
+
+    width: int
+    height: int
+    downsample: float
+    overlay_path: str | None = None
+    annotations_path: str | None = None
 
 
 class _Cache:
@@ -350,20 +422,44 @@ def _load_overlay(path: str, size: tuple[int, int]) -> OverlayIndex:
     return OverlayIndex(labels, size)
 
 
-def slide_overlap(pdf: pd.DataFrame, tile_roi_wkt: str | None, label_min_fraction: float) -> pd.DataFrame:
-    """Overlap columns (:data:`OVERLAP_FIELDS`) for the tile rows of ONE slide.
+def fraction_map(keys: list[str], fractions: np.ndarray, present: np.ndarray | None = None) -> pa.MapArray:
+    """An Arrow ``map<string, double>`` column from a float ``(n, len(keys))`` array, built with
+    no per-row Python: row ``k`` maps ``keys[c]`` to ``fractions[k, c]`` for every column ``c``,
+    or only where the bool ``(n, len(keys))`` ``present`` is true."""
+    n, width = fractions.shape
+    if present is None:
+        counts = np.full(n, width, np.int64)
+        rows, cols = np.divmod(np.arange(n * width), width)
+    else:
+        counts = present.sum(axis=1)
+        rows, cols = np.nonzero(present)  # row-major: each row's entries in key order
+    offsets = np.zeros(n + 1, np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    names = pa.array(keys, pa.string()).take(pa.array(cols))
+    return pa.MapArray.from_arrays(pa.array(offsets), names, pa.array(fractions[rows, cols], pa.float64()))
 
-    The slide's overlay and annotations are read once per task (cached, dropped when the task
-    ends) and every tile's fractions come from one vectorised pass. A slide without overlay
-    gets null overlay columns; without annotations, null class columns. Read errors go to
-    ``overlap_error``.
+
+def slide_overlap(rows: pa.RecordBatch, slide: SlideInputs, tile_roi_wkt: str | None,
+                  label_min_fraction: float) -> pa.RecordBatch:
+    """Overlap columns (:data:`OVERLAP_SCHEMA`) for the tile rows of ONE slide.
+
+    Args:
+        rows: tile rows of one slide, with :data:`OVERLAP_INPUTS`.
+        slide: that slide's size, downsample, overlay and annotations.
+        tile_roi_wkt: ``grid.tile_roi`` (tile px) as WKT, or None.
+        label_min_fraction: see :func:`label_rule`.
+
+    Returns:
+        One row per input row. The slide's overlay and annotations are read once per task
+        (cached, dropped when the task ends) and every tile's fractions come from one vectorised
+        pass. A slide without overlay gets null overlay columns; without annotations, null class
+        columns. Read errors go to ``overlap_error`` (the rows are kept).
     """
-    n = len(pdf)
-    first = pdf.iloc[0]
-    W0, H0 = int(first["slide_width"]), int(first["slide_height"])
-    ds = pdf["downsample"].to_numpy(float)
-    x0, y0, x1, y1 = tile_rects(pdf["level0_x"], pdf["level0_y"], pdf["valid_width"], pdf["valid_height"],
-                                ds, W0, H0)
+    n = rows.num_rows
+    W0, H0 = int(slide.width), int(slide.height)
+    num = {c: rows.column(c).to_numpy(zero_copy_only=False) for c in OVERLAP_INPUTS[1:]}
+    ds = np.full(n, float(slide.downsample))
+    x0, y0, x1, y1 = tile_rects(num["level0_x"], num["level0_y"], num["valid_width"], num["valid_height"], ds, W0, H0)
     roi = shapely.from_wkt(tile_roi_wkt) if tile_roi_wkt else None
     geoms = None
     if roi is not None:
@@ -372,91 +468,97 @@ def slide_overlap(pdf: pd.DataFrame, tile_roi_wkt: str | None, label_min_fractio
             b = shapely.bounds(geoms)
             empty = shapely.is_empty(geoms)
             x0, y0, x1, y1 = (np.where(empty, 0.0, b[:, k]) for k in range(4))
-    out: dict[str, Any] = {f.name: [None] * n for f in OVERLAP_FIELDS}
+    out = {f.name: pa.nulls(n, f.type) for f in OVERLAP_SCHEMA}
     errors: list[str] = []
-    opath = first["overlay_path"]
-    if isinstance(opath, str) and opath:
+    opath = slide.overlay_path
+    if opath:
         try:
             ov = _OVERLAYS.get((opath, W0, H0), lambda: _load_overlay(opath, (W0, H0)))
             if roi is None or roi_is_rect(roi):
                 fr = ov.fractions(x0, y0, x1, y1)
             else:
                 fr = ov.polygon_fractions(geoms)
-            keys = [str(v) for v in fr]
-            cols = [fr[v] for v in fr]
-            out["overlay_fractions"] = [dict(zip(keys, row)) for row in np.column_stack(cols).tolist()]
-            bg = fr.get(0, np.zeros(n))
-            total = np.sum(cols, axis=0) if cols else np.zeros(n)
-            out["tissue_fraction"] = list(np.clip(total - bg, 0.0, 1.0))
+            table = np.column_stack([fr[v] for v in fr]) if fr else np.zeros((n, 0))
+            out["overlay_fractions"] = fraction_map([str(v) for v in fr], table)
+            background = fr.get(0, np.zeros(n))
+            out["tissue_fraction"] = pa.array(np.clip(table.sum(axis=1) - background, 0.0, 1.0))
         except Exception as exc:  # noqa: BLE001 - recorded on every tile of the slide
             errors.append(f"overlay {opath}: {type(exc).__name__}: {exc}")
-    apath = first["annotations_path"]
-    if isinstance(apath, str) and apath:
+    apath = slide.annotations_path
+    if apath:
         try:
             idx = _ANNOTATIONS.get(apath, lambda: AnnotationIndex(load_annotations(apath)))
             g = geoms if geoms is not None else shapely.box(x0, y0, x1, y1)
             per_class, annotated = idx.fractions(g)
-            out["class_fractions"] = [
-                {name: float(per_class[k, c]) for c, name in enumerate(idx.names) if per_class[k, c] > 0}
-                for k in range(n)
-            ]
-            out["annotated_fraction"] = list(annotated)
+            out["class_fractions"] = fraction_map(idx.names, per_class, per_class > 0)
+            out["annotated_fraction"] = pa.array(annotated, pa.float64())
             out["label"] = label_rule(idx.names, per_class, label_min_fraction)
         except Exception as exc:  # noqa: BLE001
             errors.append(f"annotations {apath}: {type(exc).__name__}: {exc}")
     if errors:
-        out["overlap_error"] = ["; ".join(errors)] * n
-    return pd.DataFrame(out, index=pdf.index)
+        out["overlap_error"] = pa.array(["; ".join(errors)] * n, pa.string())
+    return pa.RecordBatch.from_arrays(list(out.values()), schema=OVERLAP_SCHEMA)
 
 
-def make_overlap(tile_roi_wkt: str | None, label_min_fraction: float,
-                 on_failure: Callable[[str, dict[str, Any]], None] | None = None,
+def slide_runs(slide_ids: pa.Array) -> list[tuple[int, int]]:
+    """``(start, stop)`` row ranges of equal consecutive ``slide_ids`` (a batch of grid rows
+    holds each slide's rows together, in raster order)."""
+    n = len(slide_ids)
+    if n == 0:
+        return []
+    change = np.zeros(0, np.int64)
+    if n > 1:
+        differs = pc.not_equal(slide_ids.slice(1), slide_ids.slice(0, n - 1))
+        change = np.flatnonzero(differs.to_numpy(zero_copy_only=False)) + 1
+    bounds = [0, *change.tolist(), n]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def make_overlap(slides: dict[str, SlideInputs], tile_roi_wkt: str | None, label_min_fraction: float,
                  on_profile: Callable[[dict[str, float]], None] | None = None,
-                 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
-    """Build the ``mapInPandas`` function of the overlap stage (groups each batch by slide).
-    ``on_profile({"overlap.batch_s": s, "overlap.tiles": n, "overlap.worker_peak_mib": MiB})``
-    is called once per batch (the worker's peak resident set in this stage so far,
-    :mod:`slidelake.memory`). Overlays and annotations are loaded once per task and dropped
-    when it ends."""
+                 ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """Build the ``mapInArrow`` function of the overlap stage: each batch's rows, slide by
+    slide (:func:`slide_runs`; ``slides`` gives each ``slide_id``'s inputs), go out with their input columns untouched (no copy) and the
+    :data:`OVERLAP_SCHEMA` columns added. ``on_profile({"overlap.batch_s": s, "overlap.tiles":
+    n, "overlap.worker_peak_mib": MiB})`` is called once per batch (the worker's peak resident
+    set in this stage so far, :mod:`slidelake.memory`). Overlays and annotations are loaded
+    once per task and dropped when it ends."""
 
-    def overlap(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    def overlap(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         if on_profile is not None:
             reset_peak_rss()
-        for pdf in batches:
+        for batch in batches:
             t0 = time.perf_counter()
-            if pdf.empty:
-                yield pdf.assign(**{f.name: [] for f in OVERLAP_FIELDS})
-                continue
-            parts = [slide_overlap(g, tile_roi_wkt, label_min_fraction)
-                     for _, g in pdf.groupby("slide_id", sort=False)]
-            extra = pd.concat(parts).loc[pdf.index]
-            if on_failure is not None:
-                for i in np.flatnonzero(extra["overlap_error"].notna().to_numpy()):
-                    on_failure(str(pdf["slide_id"].iloc[i]), {
-                        "tile_x": int(pdf["tile_x"].iloc[i]), "tile_y": int(pdf["tile_y"].iloc[i]),
-                        "error": extra["overlap_error"].iloc[i], "stage": "overlap"})
-            out = pd.concat([pdf, extra], axis=1)
+            ids = batch.column("slide_id")
+            for start, stop in slide_runs(ids):
+                rows = batch.slice(start, stop - start)
+                extra = slide_overlap(rows, slides[ids[start].as_py()], tile_roi_wkt, label_min_fraction)
+                yield pa.RecordBatch.from_arrays(rows.columns + extra.columns,
+                                                 schema=pa.schema(list(rows.schema) + list(OVERLAP_SCHEMA)))
             if on_profile is not None:
-                on_profile({"overlap.batch_s": time.perf_counter() - t0, "overlap.tiles": float(len(pdf)),
+                on_profile({"overlap.batch_s": time.perf_counter() - t0, "overlap.tiles": float(batch.num_rows),
                             "overlap.worker_peak_mib": peak_rss_mib()})
-            yield out
         # the overlay indexes serve this task's batches; an idle worker must not keep them
         drop_task_caches()
 
     return overlap
 
 
-def overlap_tiles(tiles: DataFrame, tile_roi_wkt: str | None, label_min_fraction: float,
-                  on_failure: Callable[[str, dict[str, Any]], None] | None = None,
+def overlap_tiles(tiles: DataFrame, slides: dict[str, SlideInputs], tile_roi_wkt: str | None,
+                  label_min_fraction: float,
                   on_profile: Callable[[dict[str, float]], None] | None = None) -> DataFrame:
-    """Add :data:`OVERLAP_FIELDS` to grid rows (a ``mapInPandas`` stage, metadata only).
+    """Add :data:`OVERLAP_FIELDS` to grid rows (a ``mapInArrow`` stage, metadata only).
+
+    Every column of ``tiles`` goes to Python and back, so pass only per-tile columns (the
+    hand-over costs several µs per row and column; a slide's own columns are better joined
+    back after the filter, as :func:`slidelake.pipeline.tile_slides` does).
 
     Args:
-        tiles: grid rows with :data:`OVERLAP_INPUTS` (``overlay_path`` / ``annotations_path``
-            null when a slide has none) plus ``tile_x``, ``tile_y``.
+        tiles: grid rows with :data:`OVERLAP_INPUTS`, each slide's rows together in raster
+            order (as :func:`slidelake.grid.expand_grid` makes them).
+        slides: :class:`SlideInputs` per ``slide_id`` of ``tiles``.
         tile_roi_wkt: ``grid.tile_roi`` (tile px) or None.
         label_min_fraction: see :func:`label_rule`.
-        on_failure: called per tile whose overlay or annotations could not be read.
         on_profile: see :func:`make_overlap`.
 
     Returns:
@@ -465,11 +567,12 @@ def overlap_tiles(tiles: DataFrame, tile_roi_wkt: str | None, label_min_fraction
         fraction, classes present only), ``annotated_fraction``, ``label``, ``overlap_error``.
     """
     schema = T.StructType(list(tiles.schema.fields) + OVERLAP_FIELDS)
-    return tiles.mapInPandas(make_overlap(tile_roi_wkt, label_min_fraction, on_failure, on_profile), schema=schema)
+    return tiles.mapInArrow(make_overlap(slides, tile_roi_wkt, label_min_fraction, on_profile), schema=schema)
 
 
 __all__ = [
-    "OVERLAP_FIELDS", "summed_area_rows", "cells", "integral", "OverlayIndex", "load_annotations",
-    "AnnotationIndex", "label_rule", "annotation_path", "tile_rects", "tile_geometries", "roi_is_rect",
-    "slide_overlap", "make_overlap", "drop_task_caches", "overlap_tiles",
+    "OVERLAP_FIELDS", "ColumnCounts", "summed_area_rows", "cells", "integral", "OverlayIndex", "load_annotations",
+    "AnnotationIndex", "label_rule", "annotation_path", "SlideInputs", "OVERLAP_INPUTS", "tile_rects",
+    "tile_geometries", "roi_is_rect",
+    "OVERLAP_SCHEMA", "fraction_map", "slide_overlap", "slide_runs", "make_overlap", "drop_task_caches", "overlap_tiles",
 ]

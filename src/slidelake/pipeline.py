@@ -23,12 +23,12 @@ from pyspark.sql import types as T
 from slidelake import __version__
 from slidelake.config import PipelineConfig, config_hash
 from slidelake.decode import repartition_tiles
-from slidelake.grid import expand_grid, grid_size
+from slidelake.grid import GRID_COLUMNS, expand_grid, grid_shape, grid_size, row_bands
 from slidelake.lineage import (
     RUN_SLIDES_SCHEMA, RUNS_SCHEMA, TILE_ERRORS_SCHEMA, CountLog, RunRecord, SumLog, utcnow, versions,
 )
 from slidelake.masks import MASKS_SCHEMA, compute_masks_on_driver, make_masks, params_hash, qc_picture
-from slidelake.overlap import annotation_path, overlap_tiles
+from slidelake.overlap import SlideInputs, annotation_path, overlap_tiles
 from slidelake.progress import TileProgress
 from slidelake.resolution import resolve_row, resolved_schema
 from slidelake.slides import SLIDES_SCHEMA, discover, list_inputs, select_rows_for_tiling
@@ -39,6 +39,9 @@ from slidelake.write import TILES_COLUMNS, Lineage, TileWrite, write_tiles  # no
 
 # failed tiles listed per slide in runs.slide_errors
 MAX_ERROR_SAMPLES = 20
+# tiles per task of the grid + overlap stage: a larger slide's grid is split in bands of rows
+# (the overlap stage runs ~100,000 tiles/s per task, docs/benchmarks.md)
+GRID_TILES_PER_TASK = 65_536
 
 
 class ConfigMismatchError(RuntimeError):
@@ -408,13 +411,13 @@ def _tile_batch(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, batch:
     grid_cfg, fcfg, ann = cfg.grid, cfg.filter, cfg.annotations
     schema = resolved_schema(SLIDES_SCHEMA)
     # per-slide inputs of the overlap stage, decided on the driver
+    overlay = {r["slide_id"]: masks[r["slide_id"]]["mask_path"] if r["slide_id"] in masks else None for r in batch}
+    notes = {r["slide_id"]: annotation_path(r["path"], r["attributes"], ann.column, ann.sidecar_suffix)
+             if ann.enabled else None for r in batch}
     sides = T.StructType([T.StructField("overlay_path", T.StringType()),
                           T.StructField("annotations_path", T.StringType())])
     resolved = spark.createDataFrame([
-        (*(r[f] for f in schema.fieldNames()),
-         masks[r["slide_id"]]["mask_path"] if r["slide_id"] in masks else None,
-         annotation_path(r["path"], r["attributes"], ann.column, ann.sidecar_suffix) if ann.enabled else None)
-        for r in batch
+        (*(r[f] for f in schema.fieldNames()), overlay[r["slide_id"]], notes[r["slide_id"]]) for r in batch
     ], schema=T.StructType(schema.fields + sides.fields))
     base = resolved.select(
         "slide_id", "path", "fingerprint", "attributes", "level", "level_downsample", "downsample",
@@ -430,10 +433,22 @@ def _tile_batch(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, batch:
         "read_width": F.greatest(F.lit(1), F.round(F.lit(ex) * scale)).cast("int"),
         "read_height": F.greatest(F.lit(1), F.round(F.lit(ey) * scale)).cast("int"),
     })
-    # 1. grid (metadata only)
-    tiles = expand_grid(base, grid_cfg.tile_extent, grid_cfg.stride_xy, grid_cfg.last, grid_cfg.roi)
+    # 1. grid (metadata only): per-tile columns only, a large slide's grid rows split in bands
+    # over several tasks; the slide's own columns are joined back after the filter
+    bands = []
+    for r in batch:
+        nx, ny = grid_shape(r["extent_x"], r["extent_y"], r["downsample"], grid_cfg.tile_extent,
+                            grid_cfg.stride_xy, grid_cfg.last, grid_cfg.roi)
+        bands += [(r["slide_id"], r["extent_x"], r["extent_y"], r["downsample"], b0, b1)
+                  for b0, b1 in row_bands(ny, nx * ny, GRID_TILES_PER_TASK)]
+    band_rows = spark.createDataFrame(bands, "slide_id string, extent_x long, extent_y long, downsample double, "
+                                             "band_start long, band_stop long")
+    tiles = expand_grid(band_rows, grid_cfg.tile_extent, grid_cfg.stride_xy, grid_cfg.last, grid_cfg.roi,
+                        row_band=("band_start", "band_stop")).select("slide_id", *GRID_COLUMNS)
     # 2. overlap with the mask and annotations, per slide, still metadata only
-    tiles = overlap_tiles(tiles, grid_cfg.tile_roi, ann.label_min_fraction, None, on_profile)
+    inputs = {r["slide_id"]: SlideInputs(r["width"], r["height"], r["downsample"], overlay[r["slide_id"]],
+                                         notes[r["slide_id"]]) for r in batch}
+    tiles = overlap_tiles(tiles, inputs, grid_cfg.tile_roi, ann.label_min_fraction, on_profile)
     # 3. filter before decode: only tiles that pass are ever decoded
     # (tiles whose overlap failed go on, undecoded, so the write stage records them exactly)
     keep = F.lit(True)
@@ -441,7 +456,7 @@ def _tile_batch(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, batch:
         keep = keep & (F.col("tissue_fraction") >= F.lit(fcfg.min_tissue_fraction))
     if fcfg.min_annotated_fraction is not None:
         keep = keep & (F.coalesce(F.col("annotated_fraction"), F.lit(0.0)) >= F.lit(fcfg.min_annotated_fraction))
-    tiles = tiles.where(F.col("overlap_error").isNotNull() | keep)
+    tiles = tiles.where(F.col("overlap_error").isNotNull() | keep).join(F.broadcast(base), "slide_id")
     # 4. repartition (with the tile id: a hash of slide, config and position)
     tiles = repartition_tiles(tiles, cfg.partition, expected).withColumn(
         "tile_id", F.xxhash64("slide_id", F.lit(chash), "tile_x", "tile_y"))
