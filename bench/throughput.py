@@ -291,34 +291,80 @@ print("BENCH-JSON " + json.dumps({{"rows": r[0], "wall_s": wall, "rows_per_s": r
     return run_code(code)
 
 
-def mask_overlap(n_tiles: int = 1_000_000) -> dict:
-    """Tiles/s of the overlap stage's per-slide pass (:func:`slidelake.overlap.slide_overlap`)
-    on one core: a 5,120 x 3,840 px two-label overlay (8 µm/px of a 40,960 x 30,720 slide)."""
-    import pandas as pd
+def overlap_inputs(tmp: str) -> tuple[str, int, int]:
+    """A 5,120 x 3,840 px overlay (label 255 on 30 % of it, in smooth tissue-like blobs: smoothed
+    noise above its 70th percentile) of a 327,680 x 245,760 px slide (64 µm/px at 0.25 µm/px),
+    large enough for 1.2 million 256 px tiles: ``(path, W0, H0)``."""
+    from scipy import ndimage
 
     from slidelake.masks import write_overlay
-    from slidelake.overlap import slide_overlap
 
-    W0, H0 = 40960 * 8, 30720 * 8  # a slide large enough for a million 256 px tiles
-    rng = np.random.default_rng(0)
-    ov = (rng.random((3840, 5120)) < 0.3).astype(np.uint8) * 255
-    tmp = tempfile.mkdtemp()
+    field = ndimage.gaussian_filter(np.random.default_rng(0).random((3840, 5120), np.float32), 40)
     path = os.path.join(tmp, "ov.tiff")
-    write_overlay(path, ov, (64.0, 64.0))
+    write_overlay(path, (field > np.percentile(field, 70)).astype(np.uint8) * 255, (64.0, 64.0))
+    return path, 40960 * 8, 30720 * 8
+
+
+def mask_overlap(n_tiles: int = 1_000_000) -> dict:
+    """Tiles/s of the overlap function alone (:func:`slidelake.overlap.slide_overlap`, Arrow
+    in and out) on one core, in-process, for ``n_tiles`` 256 px tiles of :func:`overlap_inputs`."""
+    import pyarrow as pa
+
+    from slidelake.overlap import SlideInputs, slide_overlap
+
+    tmp = tempfile.mkdtemp()
+    path, W0, H0 = overlap_inputs(tmp)
     side = int(np.sqrt(n_tiles))
     yy, xx = np.mgrid[0:side, 0:side]
-    pdf = pd.DataFrame({
-        "slide_id": "s", "level0_x": (xx.ravel() * 256).astype(np.int64), "level0_y": (yy.ravel() * 256).astype(np.int64),
-        "valid_width": 256, "valid_height": 256, "downsample": 1.0, "slide_width": W0, "slide_height": H0,
-        "overlay_path": path, "annotations_path": None,
-    })
-    slide_overlap(pdf.iloc[:1000], None, 0.5)  # load the overlay once (cached per worker)
+    rows = pa.record_batch({"slide_id": pa.array(["s"] * side * side), "level0_x": (xx.ravel() * 256).astype(np.int64),
+                            "level0_y": (yy.ravel() * 256).astype(np.int64),
+                            "valid_width": np.full(side * side, 256, np.int32),
+                            "valid_height": np.full(side * side, 256, np.int32)})
+    slide = SlideInputs(W0, H0, 1.0, path)
+    slide_overlap(rows.slice(0, 1000), slide, None, 0.5)  # load the overlay once (cached per worker)
     t = time.perf_counter()
-    out = slide_overlap(pdf, None, 0.5)
+    out = slide_overlap(rows, slide, None, 0.5)
     wall = time.perf_counter() - t
     shutil.rmtree(tmp, ignore_errors=True)
-    assert out["tissue_fraction"].notna().all()
-    return {"tiles": len(pdf), "wall_s": wall, "tiles_per_s": len(pdf) / wall}
+    assert out.column("tissue_fraction").null_count == 0
+    return {"tiles": rows.num_rows, "wall_s": wall, "tiles_per_s": rows.num_rows / wall}
+
+
+def overlap_stage(cores: int) -> dict:
+    """Tiles/s of the grid + overlap stage through Spark on ``local[cores]``, as the pipeline
+    runs it (per-tile grid columns to a ``mapInArrow`` task, the grid split in row bands, the
+    tiles with tissue fraction >= 0.5 back): 1,228,800 tiles of 256 px of
+    :func:`overlap_inputs`, one slide, forced by an aggregate over the kept tiles' tissue
+    fractions; the second of two runs (the first warms the JVM)."""
+    tmp = tempfile.mkdtemp()
+    path, W0, H0 = overlap_inputs(tmp)
+    code = f"""
+import os, time, json
+os.environ["SLIDELAKE_SPARK_MASTER"] = "local[{cores}]"
+from pyspark.sql import functions as F
+from slidelake.spark import get_spark
+from slidelake.grid import TILE_COLUMNS, expand_grid, grid_shape, row_bands
+from slidelake.overlap import SlideInputs, overlap_tiles
+from slidelake.pipeline import GRID_TILES_PER_TASK
+spark = get_spark("overlap-bench")
+nx, ny = grid_shape({W0}, {H0}, 1.0, (256, 256), (256, 256), "keep")
+bands = spark.createDataFrame([("s", {W0}, {H0}, 1.0, a, b) for a, b in row_bands(ny, nx * ny, GRID_TILES_PER_TASK)],
+                              "slide_id string, extent_x long, extent_y long, downsample double, b0 long, b1 long")
+g = expand_grid(bands, (256, 256), (256, 256), "keep", row_band=("b0", "b1")).select("slide_id", *TILE_COLUMNS)
+o = overlap_tiles(g, {{"s": SlideInputs({W0}, {H0}, 1.0, {path!r})}}, None, 0.5, 0.5)
+walls = []
+for _ in range(2):
+    t = time.perf_counter()
+    r = o.agg(F.count("*"), F.sum("tissue_fraction")).collect()[0]
+    walls.append(time.perf_counter() - t)
+n = nx * ny
+print("BENCH-JSON " + json.dumps({{"tiles": n, "kept": r[0], "tasks": bands.count(), "wall_s": walls[-1],
+                                   "tiles_per_s": n / walls[-1], "tiles_per_s_per_core": n / walls[-1] / {cores}}}))
+"""
+    try:
+        return run_code(code)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def encodings(slide: str, coords: np.ndarray, n: int = 200) -> list[dict]:
@@ -434,7 +480,12 @@ def report(res: dict) -> str:
               f"part of the tiling stage's {best['warm']['stage_seconds']['overlap+decode+write']:.1f} s (warm)")
     lines.append(table([
         ["grid expansion", f"{st['grid']['rows']:,} rows", f"{st['grid']['rows_per_s']:,.0f} rows/s ({c} cores)"],
-        ["mask overlap", f"{st['overlap']['tiles']:,} tiles", f"{st['overlap']['tiles_per_s']:,.0f} tiles/s (1 core)"],
+        ["mask overlap: the function alone (in-process)", f"{st['overlap']['tiles']:,} tiles",
+         f"{st['overlap']['tiles_per_s']:,.0f} tiles/s (1 core)"],
+        ["mask overlap: grid + overlap stage through Spark", f"{st['overlap_stage']['tiles']:,} tiles",
+         f"{st['overlap_stage']['tiles_per_s_per_core']:,.0f} tiles/s per core "
+         f"({st['overlap_stage']['tiles_per_s']:,.0f} on {c} cores, {st['overlap_stage']['tasks']} tasks, "
+         f"{st['overlap_stage']['kept']:,} tiles kept)"],
         ["decode in the workers (read + stats + encode)", f"{prof['decode.tiles']:,.0f} tiles",
          f"{prof['decode.batch_s'] / prof['decode.tiles'] * 1000:.2f} ms/tile per core"],
         ["tile Parquet write in the workers (pyarrow)", f"{written_mb:,.0f} MB",
@@ -523,7 +574,8 @@ def main() -> None:
     res["read_limit"] = {**sorted(limits, key=lambda r: r["wall_s"])[1],
                          "runs_tiles_per_s_per_core": [r["tiles_per_s_per_core"] for r in limits]}
     print("stage costs ...", flush=True)
-    res["stages"] = {"grid": grid_expansion(cores), "overlap": mask_overlap(), "encoding": encodings(str(slide), coords)}
+    res["stages"] = {"grid": grid_expansion(cores), "overlap": mask_overlap(), "overlap_stage": overlap_stage(cores),
+                     "encoding": encodings(str(slide), coords)}
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
     text = report(res)
     print(text)

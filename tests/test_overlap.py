@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import shapely
 
@@ -293,3 +294,36 @@ def test_the_stage_takes_a_batch_slide_by_slide(tmp_path):
     np.testing.assert_allclose(got.tissue_fraction[in_a].to_numpy(), alone.tissue_fraction.to_numpy())
     assert got.overlay_fractions[in_a].tolist() == alone.overlay_fractions.tolist()
     assert got.tissue_fraction[~in_a].isna().all() and got.overlay_fractions[~in_a].isna().all()
+
+
+def test_filter_before_decode_keeps_passing_and_failed_tiles():
+    """The overlap stage's filter: both bounds, nulls never pass, an overlap error always does."""
+    from slidelake.filtering import overlap_keep
+    from slidelake.overlap import OVERLAP_SCHEMA
+
+    n = 6
+    cols = {f.name: pa.nulls(n, f.type) for f in OVERLAP_SCHEMA}
+    cols["tissue_fraction"] = pa.array([0.9, 0.2, None, 0.6, 0.1, 0.5])
+    cols["annotated_fraction"] = pa.array([1.0, 1.0, 1.0, None, 0.0, 0.3])
+    cols["overlap_error"] = pa.array([None, None, None, None, "overlay x: OSError", None])
+    batch = pa.RecordBatch.from_arrays(list(cols.values()), schema=OVERLAP_SCHEMA)
+    assert overlap_keep(batch, 0.5, None).to_pylist() == [True, False, False, True, True, True]
+    assert overlap_keep(batch, None, 0.3).to_pylist() == [True, True, True, False, True, True]
+    assert overlap_keep(batch, 0.5, 0.5).to_pylist() == [True, False, False, False, True, False]
+    assert overlap_keep(batch, None, None).to_pylist() == [True] * n
+    # in the stage: only passing rows come out
+    lab = np.zeros((40, 50), np.uint8)
+    lab[:, :25] = 255
+    yy, xx = np.mgrid[0:1280:256, 0:1600:256]
+    rows = pa.record_batch({"slide_id": ["s"] * xx.size, "level0_x": xx.ravel(), "level0_y": yy.ravel(),
+                            "valid_width": np.full(xx.size, 256), "valid_height": np.full(xx.size, 256)})
+    import tempfile
+
+    from slidelake.masks import write_overlay
+    with tempfile.TemporaryDirectory() as tmp:
+        write_overlay(f"{tmp}/ov.tiff", lab, (8.0, 8.0))
+        stage = make_overlap({"s": SlideInputs(1600, 1280, 1.0, f"{tmp}/ov.tiff")}, None, 0.5, 0.5)
+        out = pa.Table.from_batches(list(stage(iter([rows]))))
+    # the left half of the slide (x < 800) is tissue: tiles at x 0-512 pass, 768 is 1/8 tissue
+    assert sorted(set(out.column("level0_x").to_pylist())) == [0, 256, 512]
+    assert out.num_rows == 3 * 5 and pc.min(out.column("tissue_fraction")).as_py() == 1.0

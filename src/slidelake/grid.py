@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 
@@ -84,10 +84,18 @@ def _position_sql(k: str, n: str, length: str, extent: int, stride: int, last: s
     return f"CAST({pos} AS BIGINT)"
 
 
-GRID_COLUMNS = (
-    "tile_row", "tile_col", "tile_x", "tile_y", "level0_x", "level0_y", "tile_extent_x", "tile_extent_y",
-    "stride_x", "stride_y", "valid_width", "valid_height",
-)  # the columns expand_grid adds to each slide's columns
+TILE_COLUMNS = (
+    "tile_row", "tile_col", "tile_x", "tile_y", "level0_x", "level0_y", "valid_width", "valid_height",
+)  # the columns expand_grid adds that vary from tile to tile
+CONSTANT_COLUMNS = ("tile_extent_x", "tile_extent_y", "stride_x", "stride_y")  # the same for every tile
+GRID_COLUMNS = TILE_COLUMNS + CONSTANT_COLUMNS  # every column expand_grid adds to the slides' columns
+
+
+def grid_constants(tile_extent: tuple[int, int], stride: tuple[int, int]) -> dict[str, Column]:
+    """The :data:`CONSTANT_COLUMNS` of a grid (int literals, tile px), for
+    ``DataFrame.withColumns``."""
+    return {"tile_extent_x": F.lit(int(tile_extent[0])), "tile_extent_y": F.lit(int(tile_extent[1])),
+            "stride_x": F.lit(int(stride[0])), "stride_y": F.lit(int(stride[1]))}
 
 
 def expand_grid(
@@ -149,8 +157,7 @@ def expand_grid(
     }).withColumns({
         "level0_x": E("CAST(FLOOR(tile_x * downsample + 0.5) AS BIGINT)"),
         "level0_y": E("CAST(FLOOR(tile_y * downsample + 0.5) AS BIGINT)"),
-        "tile_extent_x": F.lit(ex), "tile_extent_y": F.lit(ey),
-        "stride_x": F.lit(sx), "stride_y": F.lit(sy),
+        **grid_constants((ex, ey), (sx, sy)),
         "valid_width": E(f"CAST(LEAST(CAST({ex} AS BIGINT), {W} - tile_x) AS INT)"),
         "valid_height": E(f"CAST(LEAST(CAST({ey} AS BIGINT), {H} - tile_y) AS INT)"),
     })

@@ -37,6 +37,7 @@ import shapely.geometry
 from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 
+from slidelake.filtering import overlap_keep
 from slidelake.memory import peak_rss_mib, release_memory, reset_peak_rss
 
 OVERLAP_FIELDS = [
@@ -515,14 +516,17 @@ def slide_runs(slide_ids: pa.Array) -> list[tuple[int, int]]:
 
 
 def make_overlap(slides: dict[str, SlideInputs], tile_roi_wkt: str | None, label_min_fraction: float,
+                 min_tissue_fraction: float | None = None, min_annotated_fraction: float | None = None,
                  on_profile: Callable[[dict[str, float]], None] | None = None,
                  ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     """Build the ``mapInArrow`` function of the overlap stage: each batch's rows, slide by
-    slide (:func:`slide_runs`; ``slides`` gives each ``slide_id``'s inputs), go out with their input columns untouched (no copy) and the
-    :data:`OVERLAP_SCHEMA` columns added. ``on_profile({"overlap.batch_s": s, "overlap.tiles":
-    n, "overlap.worker_peak_mib": MiB})`` is called once per batch (the worker's peak resident
-    set in this stage so far, :mod:`slidelake.memory`). Overlays and annotations are loaded
-    once per task and dropped when it ends."""
+    slide (:func:`slide_runs`; ``slides`` gives each ``slide_id``'s inputs), get the
+    :data:`OVERLAP_SCHEMA` columns, and the rows that pass the filter before decode
+    (:func:`slidelake.filtering.overlap_keep` with the two bounds) go out, their input columns
+    untouched. ``on_profile({"overlap.batch_s": s, "overlap.tiles": n,
+    "overlap.worker_peak_mib": MiB})`` is called once per batch (tiles in, before the filter;
+    the worker's peak resident set in this stage so far, :mod:`slidelake.memory`). Overlays and
+    annotations are loaded once per task and dropped when it ends."""
 
     def overlap(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         if on_profile is not None:
@@ -533,8 +537,12 @@ def make_overlap(slides: dict[str, SlideInputs], tile_roi_wkt: str | None, label
             for start, stop in slide_runs(ids):
                 rows = batch.slice(start, stop - start)
                 extra = slide_overlap(rows, slides[ids[start].as_py()], tile_roi_wkt, label_min_fraction)
-                yield pa.RecordBatch.from_arrays(rows.columns + extra.columns,
+                keep = overlap_keep(extra, min_tissue_fraction, min_annotated_fraction)
+                out = pa.RecordBatch.from_arrays(rows.columns + extra.columns,
                                                  schema=pa.schema(list(rows.schema) + list(OVERLAP_SCHEMA)))
+                out = out.filter(keep)
+                if out.num_rows:
+                    yield out
             if on_profile is not None:
                 on_profile({"overlap.batch_s": time.perf_counter() - t0, "overlap.tiles": float(batch.num_rows),
                             "overlap.worker_peak_mib": peak_rss_mib()})
@@ -545,13 +553,16 @@ def make_overlap(slides: dict[str, SlideInputs], tile_roi_wkt: str | None, label
 
 
 def overlap_tiles(tiles: DataFrame, slides: dict[str, SlideInputs], tile_roi_wkt: str | None,
-                  label_min_fraction: float,
+                  label_min_fraction: float, min_tissue_fraction: float | None = None,
+                  min_annotated_fraction: float | None = None,
                   on_profile: Callable[[dict[str, float]], None] | None = None) -> DataFrame:
-    """Add :data:`OVERLAP_FIELDS` to grid rows (a ``mapInArrow`` stage, metadata only).
+    """Add :data:`OVERLAP_FIELDS` to grid rows and keep those that pass the filter before
+    decode (a ``mapInArrow`` stage, metadata only).
 
-    Every column of ``tiles`` goes to Python and back, so pass only per-tile columns (the
-    hand-over costs several µs per row and column; a slide's own columns are better joined
-    back after the filter, as :func:`slidelake.pipeline.tile_slides` does).
+    Every column of ``tiles`` goes to Python and back, and every row that comes back: pass only
+    per-tile columns (the JVM's Arrow conversion costs several µs per row and column; a slide's
+    own columns are better joined back to the kept rows, as :func:`slidelake.pipeline.tile_slides`
+    does), and filter here rather than after (``docs/benchmarks.md``).
 
     Args:
         tiles: grid rows with :data:`OVERLAP_INPUTS`, each slide's rows together in raster
@@ -559,15 +570,18 @@ def overlap_tiles(tiles: DataFrame, slides: dict[str, SlideInputs], tile_roi_wkt
         slides: :class:`SlideInputs` per ``slide_id`` of ``tiles``.
         tile_roi_wkt: ``grid.tile_roi`` (tile px) or None.
         label_min_fraction: see :func:`label_rule`.
+        min_tissue_fraction, min_annotated_fraction: ``filter`` bounds (None: not applied),
+            see :func:`slidelake.filtering.overlap_keep`; both None keeps every row.
         on_profile: see :func:`make_overlap`.
 
     Returns:
-        The rows plus ``overlay_fractions`` (label value as string -> fraction 0-1),
+        The kept rows plus ``overlay_fractions`` (label value as string -> fraction 0-1),
         ``tissue_fraction`` (0-1, area under non-zero labels), ``class_fractions`` (class name ->
         fraction, classes present only), ``annotated_fraction``, ``label``, ``overlap_error``.
     """
     schema = T.StructType(list(tiles.schema.fields) + OVERLAP_FIELDS)
-    return tiles.mapInArrow(make_overlap(slides, tile_roi_wkt, label_min_fraction, on_profile), schema=schema)
+    fn = make_overlap(slides, tile_roi_wkt, label_min_fraction, min_tissue_fraction, min_annotated_fraction, on_profile)
+    return tiles.mapInArrow(fn, schema=schema)
 
 
 __all__ = [

@@ -23,7 +23,7 @@ from pyspark.sql import types as T
 from slidelake import __version__
 from slidelake.config import PipelineConfig, config_hash
 from slidelake.decode import repartition_tiles
-from slidelake.grid import GRID_COLUMNS, expand_grid, grid_shape, grid_size, row_bands
+from slidelake.grid import TILE_COLUMNS, expand_grid, grid_constants, grid_shape, grid_size, row_bands
 from slidelake.lineage import (
     RUN_SLIDES_SCHEMA, RUNS_SCHEMA, TILE_ERRORS_SCHEMA, CountLog, RunRecord, SumLog, utcnow, versions,
 )
@@ -434,7 +434,7 @@ def _tile_batch(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, batch:
         "read_height": F.greatest(F.lit(1), F.round(F.lit(ey) * scale)).cast("int"),
     })
     # 1. grid (metadata only): per-tile columns only, a large slide's grid rows split in bands
-    # over several tasks; the slide's own columns are joined back after the filter
+    # over several tasks; the slide's own columns are joined back to the kept tiles (3.)
     bands = []
     for r in batch:
         nx, ny = grid_shape(r["extent_x"], r["extent_y"], r["downsample"], grid_cfg.tile_extent,
@@ -444,19 +444,17 @@ def _tile_batch(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, batch:
     band_rows = spark.createDataFrame(bands, "slide_id string, extent_x long, extent_y long, downsample double, "
                                              "band_start long, band_stop long")
     tiles = expand_grid(band_rows, grid_cfg.tile_extent, grid_cfg.stride_xy, grid_cfg.last, grid_cfg.roi,
-                        row_band=("band_start", "band_stop")).select("slide_id", *GRID_COLUMNS)
-    # 2. overlap with the mask and annotations, per slide, still metadata only
+                        row_band=("band_start", "band_stop")).select("slide_id", *TILE_COLUMNS)
+    # 2. overlap with the mask and annotations, per slide, still metadata only, and
+    # 3. the filter before decode, in the same task: only tiles that pass are ever decoded
+    # (tiles whose overlap failed go on, undecoded, so the write stage records them exactly)
     inputs = {r["slide_id"]: SlideInputs(r["width"], r["height"], r["downsample"], overlay[r["slide_id"]],
                                          notes[r["slide_id"]]) for r in batch}
-    tiles = overlap_tiles(tiles, inputs, grid_cfg.tile_roi, ann.label_min_fraction, on_profile)
-    # 3. filter before decode: only tiles that pass are ever decoded
-    # (tiles whose overlap failed go on, undecoded, so the write stage records them exactly)
-    keep = F.lit(True)
-    if cfg.masks.enabled and fcfg.min_tissue_fraction is not None:
-        keep = keep & (F.col("tissue_fraction") >= F.lit(fcfg.min_tissue_fraction))
-    if fcfg.min_annotated_fraction is not None:
-        keep = keep & (F.coalesce(F.col("annotated_fraction"), F.lit(0.0)) >= F.lit(fcfg.min_annotated_fraction))
-    tiles = tiles.where(F.col("overlap_error").isNotNull() | keep).join(F.broadcast(base), "slide_id")
+    min_tissue = fcfg.min_tissue_fraction if cfg.masks.enabled else None
+    tiles = overlap_tiles(tiles, inputs, grid_cfg.tile_roi, ann.label_min_fraction, min_tissue,
+                          fcfg.min_annotated_fraction, on_profile)
+    base = base.withColumns(grid_constants(grid_cfg.tile_extent, grid_cfg.stride_xy))
+    tiles = tiles.join(F.broadcast(base), "slide_id")
     # 4. repartition (with the tile id: a hash of slide, config and position)
     tiles = repartition_tiles(tiles, cfg.partition, expected).withColumn(
         "tile_id", F.xxhash64("slide_id", F.lit(chash), "tile_x", "tile_y"))
