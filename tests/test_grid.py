@@ -94,18 +94,20 @@ def test_row_bands_cover_every_row_once(rows, tiles, per_band):
 
 
 @pytest.mark.spark
-def test_spark_grid_in_row_bands_is_the_whole_grid(spark):
+@pytest.mark.parametrize("roi", [None, (300, 250, 1200, 900)])
+def test_spark_grid_in_row_bands_is_the_whole_grid(spark, roi):
     """A slide's grid made by several input rows, each a band of grid rows (as the pipeline
-    splits a large slide over tasks), equals its grid made in one piece, row for row."""
+    splits a large slide over tasks), equals its grid made in one piece, row for row, with or
+    without a ROI (level-0 px; downsample 2)."""
     extent, stride, last = (64, 48), (40, 24), "shift"
-    cols, rows = grid_shape(1000, 777, 1.0, extent, stride, last)
-    bands = row_bands(rows, cols * rows, 100)
-    assert len(bands) > 3
-    banded = spark.createDataFrame([("a", 1000, 777, 1.0, b0, b1) for b0, b1 in bands],
+    cols, rows = grid_shape(1000, 777, 2.0, extent, stride, last, roi)
+    bands = row_bands(rows, cols * rows, cols * rows // 5)
+    assert len(bands) == 5
+    banded = spark.createDataFrame([("a", 1000, 777, 2.0, b0, b1) for b0, b1 in bands],
                                    "slide_id string, extent_x long, extent_y long, downsample double, b0 long, b1 long")
-    whole = spark.createDataFrame([("a", 1000, 777, 1.0)], "slide_id string, extent_x long, extent_y long, downsample double")
-    got = expand_grid(banded, extent, stride, last, row_band=("b0", "b1")).select(*GRID_COLUMNS).collect()
-    want = expand_grid(whole, extent, stride, last).select(*GRID_COLUMNS).collect()
+    whole = spark.createDataFrame([("a", 1000, 777, 2.0)], "slide_id string, extent_x long, extent_y long, downsample double")
+    got = expand_grid(banded, extent, stride, last, roi, row_band=("b0", "b1")).select(*GRID_COLUMNS).collect()
+    want = expand_grid(whole, extent, stride, last, roi).select(*GRID_COLUMNS).collect()
     assert len(want) == cols * rows and got == want  # same rows, same (raster) order
 
 
