@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 
@@ -174,6 +174,29 @@ def row_bands(grid_rows: int, grid_tiles: int, tiles_per_band: int) -> list[tupl
     n = max(1, min(grid_rows, math.ceil(grid_tiles / max(1, tiles_per_band))))
     edges = [round(k * grid_rows / n) for k in range(n + 1)]
     return list(zip(edges[:-1], edges[1:]))
+
+
+def banded_grid(spark: SparkSession, slides: list[dict], tile_extent: tuple[int, int], stride: tuple[int, int],
+                last: str, roi: tuple[int, int, int, int] | None, tiles_per_task: int) -> DataFrame:
+    """The grid rows of ``slides`` with only ``slide_id`` and :data:`TILE_COLUMNS`, each slide's
+    grid split in bands of about ``tiles_per_task`` tiles (:func:`row_bands`), one input row per
+    band: Spark spreads the input rows over up to ``defaultParallelism`` tasks, so a large
+    slide's grid and overlap run on every core.
+
+    Args:
+        slides: dicts with ``slide_id``, ``extent_x``, ``extent_y`` (tile px) and ``downsample``.
+        tile_extent, stride, last, roi: as :func:`expand_grid`.
+        tiles_per_task: grid tiles per band.
+    """
+    bands = []
+    for r in slides:
+        nx, ny = grid_shape(r["extent_x"], r["extent_y"], r["downsample"], tile_extent, stride, last, roi)
+        bands += [(r["slide_id"], r["extent_x"], r["extent_y"], r["downsample"], b0, b1)
+                  for b0, b1 in row_bands(ny, nx * ny, tiles_per_task)]
+    rows = spark.createDataFrame(bands, "slide_id string, extent_x long, extent_y long, downsample double, "
+                                        "band_start long, band_stop long")
+    return expand_grid(rows, tile_extent, stride, last, roi, row_band=("band_start", "band_stop")).select(
+        "slide_id", *TILE_COLUMNS)
 
 
 def grid_shape(extent_x: int, extent_y: int, downsample: float, tile_extent: tuple[int, int],

@@ -21,6 +21,7 @@ only the table rows at the batch's rectangle edges.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -90,8 +91,7 @@ class ColumnCounts:
 
     def copy(self) -> "ColumnCounts":
         """An independent cursor at the same row."""
-        twin = ColumnCounts.__new__(ColumnCounts)
-        twin.labels, twin.values, twin.dtype, twin.row = self.labels, self.values, self.dtype, self.row
+        twin = copy.copy(self)  # shares the labels; the counts are its own
         twin.counts = {v: c.copy() for v, c in self.counts.items()}
         return twin
 

@@ -23,7 +23,7 @@ from pyspark.sql import types as T
 from slidelake import __version__
 from slidelake.config import PipelineConfig, config_hash
 from slidelake.decode import repartition_tiles
-from slidelake.grid import TILE_COLUMNS, expand_grid, grid_constants, grid_shape, grid_size, row_bands
+from slidelake.grid import banded_grid, grid_constants, grid_size
 from slidelake.lineage import (
     RUN_SLIDES_SCHEMA, RUNS_SCHEMA, TILE_ERRORS_SCHEMA, CountLog, RunRecord, SumLog, utcnow, versions,
 )
@@ -435,16 +435,8 @@ def _tile_batch(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, batch:
     })
     # 1. grid (metadata only): per-tile columns only, a large slide's grid rows split in bands
     # over several tasks; the slide's own columns are joined back to the kept tiles (3.)
-    bands = []
-    for r in batch:
-        nx, ny = grid_shape(r["extent_x"], r["extent_y"], r["downsample"], grid_cfg.tile_extent,
-                            grid_cfg.stride_xy, grid_cfg.last, grid_cfg.roi)
-        bands += [(r["slide_id"], r["extent_x"], r["extent_y"], r["downsample"], b0, b1)
-                  for b0, b1 in row_bands(ny, nx * ny, GRID_TILES_PER_TASK)]
-    band_rows = spark.createDataFrame(bands, "slide_id string, extent_x long, extent_y long, downsample double, "
-                                             "band_start long, band_stop long")
-    tiles = expand_grid(band_rows, grid_cfg.tile_extent, grid_cfg.stride_xy, grid_cfg.last, grid_cfg.roi,
-                        row_band=("band_start", "band_stop")).select("slide_id", *TILE_COLUMNS)
+    tiles = banded_grid(spark, batch, grid_cfg.tile_extent, grid_cfg.stride_xy, grid_cfg.last, grid_cfg.roi,
+                        GRID_TILES_PER_TASK)
     # 2. overlap with the mask and annotations, per slide, still metadata only, and
     # 3. the filter before decode, in the same task: only tiles that pass are ever decoded
     # (tiles whose overlap failed go on, undecoded, so the write stage records them exactly)
