@@ -10,10 +10,14 @@ check ~8 minutes to run). Steps, on the same SYNTHETIC slide (``bench/make_slide
 1. slidelake end to end, cold then warm (``throughput.run_slidelake``: a fresh process, masks
    on, native reader, raw tiles), which also lists the kept tiles;
 2. the read limit (``throughput.read_limit``) over exactly those tiles;
-3. slidelake again (a second fresh process);
+3. slidelake again (a second fresh process), whose two warm runs alternate with the same run
+   without masks (the pixel filter alone decides, every grid tile decoded): the mask-first ratio
+   on a slide of typical size, where the fixed per-run costs are a small share;
 4. the read limit again: this VM's speed drifts, so the slidelake run is bracketed by two
    measurements and the ratios are given against both;
-5. slidelake on 1 core (``--no-one-core`` skips it), then the read loop in one process: N cores /
+5. slidelake without masks in a fresh process (cold, then one warm run): the cold mask-first
+   ratio (``--no-mask-off`` skips it);
+6. slidelake on 1 core (``--no-one-core`` skips it), then the read loop in one process: N cores /
    1 core for slidelake (against both N-core runs) and for the read loop itself (this machine's
    own scaling of a CPU-bound loop, the ceiling of the other).
 
@@ -29,8 +33,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
-import numpy as np
+from statistics import median
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -57,7 +60,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=100_000)
     ap.add_argument("--height", type=int, default=80_000)
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--no-one-core", action="store_true", help="skip the 1-core run (step 5)")
+    ap.add_argument("--no-one-core", action="store_true", help="skip the 1-core run (step 6)")
+    ap.add_argument("--no-mask-off", action="store_true", help="skip the cold run without masks (step 5)")
     a = ap.parse_args()
     slide = HERE / "data" / f"synthetic-{a.width}x{a.height}.svs"
     if not slide.exists():
@@ -65,17 +69,17 @@ def main() -> None:
         print(f"building {slide} ...", flush=True)
         subprocess.run([sys.executable, str(HERE / "make_slide.py"), str(slide), "--width", str(a.width),
                         "--height", str(a.height)], check=True)
-    kept_path = str(HERE / "data" / f"kept-{a.width}x{a.height}.npy")
+    kept_path = str(HERE / "data" / f"kept-{a.width}x{a.height}.parquet")
     print("slidelake (1) ...", flush=True)
     first = tp.run_slidelake(str(slide), a.cores, "on", "auto", kept_out=kept_path, warm_runs=1)
-    coords = np.load(kept_path)
+    tiles = tp.load_kept(kept_path)
     limits = []
-    print(f"read limit over {len(coords)} kept tiles ...", flush=True)
-    limits.append(tp.read_limit(str(slide), coords, (256, 256), a.cores))
+    print(f"read limit over {len(tiles[0][1])} kept tiles ...", flush=True)
+    limits.append(tp.read_limit(tiles, (256, 256), a.cores))
     print("slidelake (2) ...", flush=True)
-    second = tp.run_slidelake(str(slide), a.cores, "on", "auto", warm_runs=1)
+    second = tp.run_slidelake(str(slide), a.cores, "on", "auto", warm_runs=2, interleave_masks_off=True)
     print("read limit again ...", flush=True)
-    limits.append(tp.read_limit(str(slide), coords, (256, 256), a.cores))
+    limits.append(tp.read_limit(tiles, (256, 256), a.cores))
     ref = [lim["tiles_per_s_per_core"] for lim in limits]
     out = {
         "slide": f"SYNTHETIC {a.width} x {a.height} px ({slide.stat().st_size / 2**30:.1f} GiB)", "cores": a.cores,
@@ -84,10 +88,26 @@ def main() -> None:
         "x_read_limit": {f"run {i + 1} {phase}": [round(r[phase]["tiles_per_s_per_core"] / lim, 2) for lim in ref]
                          for i, r in enumerate([summary(first), summary(second)]) for phase in ("cold", "warm")},
     }
+    # mask-first: warm runs with and without masks alternated in one session (medians), and the
+    # cold runs of two fresh processes
+    off_walls = second["warm_masks_off"]["walls_s"]
+    out["mask_first"] = {
+        "warm_walls_s": {"masks": [round(w, 1) for w in second["warm"]["walls_s"]],
+                         "no masks": [round(w, 1) for w in off_walls]},
+        "warm": round(median(second["warm"]["walls_s"]) / median(off_walls), 2),
+        "tiles_written_no_masks": second["warm_masks_off"]["tiles_written"],
+    }
+    if not a.no_mask_off:
+        print("slidelake without masks ...", flush=True)
+        off = tp.run_slidelake(str(slide), a.cores, "off", "auto", warm_runs=1)
+        out["mask_first"]["cold_walls_s"] = {"masks": [round(first["wall_s"], 1), round(second["wall_s"], 1)],
+                                             "no masks": round(off["wall_s"], 1)}
+        out["mask_first"]["cold"] = [round(first["wall_s"] / off["wall_s"], 2), round(second["wall_s"] / off["wall_s"], 2)]
+        out["no_masks"] = summary(off)
     if not a.no_one_core and a.cores > 1:
         print("slidelake on 1 core, read loop in 1 process ...", flush=True)
         one = tp.run_slidelake(str(slide), 1, "on", "auto", warm_runs=1)
-        limit_one = tp.read_limit(str(slide), coords, (256, 256), 1)
+        limit_one = tp.read_limit(tiles, (256, 256), 1)
         def rate(run: dict, phase: str) -> float:  # tiles/s in all (not per core)
             return run["tiles_per_s_per_core"] * run["cores"] if phase == "cold" else \
                 run["warm"]["tiles_per_s_per_core"] * run["cores"]

@@ -4,6 +4,7 @@ One command, everything measured in the same run on the same slide and cores:
 
     .venv/bin/python bench/throughput.py                   # 40,960 x 30,720 synthetic slide
     .venv/bin/python bench/throughput.py --width 12288 --height 9216 --warm-runs 1   # a smaller check
+    .venv/bin/python bench/throughput.py --slides /data/wsi   # your own slides (bench/real_slides.py)
 
 1. read limit: ``OpenSlide.read_region`` in a tight loop over exactly the tiles the pipeline
    keeps, one process per core, one handle per process, pixels discarded;
@@ -105,24 +106,40 @@ def machine() -> dict:
 
 # ------------------------------------------------------------------- 1. the read limit
 
+def split_tiles(tiles: list[tuple[str, np.ndarray]], parts: int) -> list[list[tuple[str, np.ndarray]]]:
+    """``tiles`` (``[(slide path, rows x, y, level)]``, in slide then raster order) cut into
+    ``parts`` contiguous chunks of (within one tile) equal counts; each chunk is again a list of
+    ``(path, rows)``, so a process opens each slide of its chunk once."""
+    starts = np.cumsum([0] + [len(c) for _, c in tiles])
+    edges = np.linspace(0, starts[-1], parts + 1).round().astype(np.int64)
+    chunks = []
+    for a, b in zip(edges[:-1], edges[1:]):
+        chunks.append([(path, coords[max(a, s0) - s0:min(b, s1) - s0])
+                       for (path, coords), s0, s1 in zip(tiles, starts[:-1], starts[1:]) if max(a, s0) < min(b, s1)])
+    return chunks
+
+
 def _read_chunk(args) -> int:
     import openslide
 
-    path, coords, size = args
+    chunk, size = args
     n = 0
-    with openslide.OpenSlide(path) as s:
-        for x, y, level in coords:
-            np.asarray(s.read_region((int(x), int(y)), int(level), size))
-            n += 1
+    for path, coords in chunk:
+        with openslide.OpenSlide(path) as s:
+            for x, y, level in coords:
+                np.asarray(s.read_region((int(x), int(y)), int(level), size))
+                n += 1
     return n
 
 
-def read_limit(path: str, coords: np.ndarray, size: tuple[int, int], cores: int) -> dict:
-    """Tight ``read_region`` loop over ``coords`` (rows ``x, y, level`` in level-0 px), split in
-    raster order into one contiguous chunk per process."""
-    chunks = [(path, c, size) for c in np.array_split(coords, cores)]
+def read_limit(tiles: list[tuple[str, np.ndarray]], size: tuple[int, int], cores: int) -> dict:
+    """Tight ``read_region`` loop over ``tiles`` (``[(slide path, rows x, y, level in level-0
+    px)]``, see :func:`load_kept`), cut in order into one contiguous chunk per process
+    (:func:`split_tiles`), one handle per slide and process."""
+    chunks = [(c, size) for c in split_tiles(tiles, cores)]
     with get_context("fork").Pool(cores) as pool:
-        pool.map(_read_chunk, [(path, coords[:20], size)] * cores)  # warm the page cache + imports
+        # warm the page cache and the imports
+        pool.map(_read_chunk, [([(path, c[:20]) for path, c in tiles], size)] * cores)
         t = time.perf_counter()
         n = sum(pool.map(_read_chunk, chunks))
         wall = time.perf_counter() - t
@@ -140,18 +157,23 @@ def _naive_tile(path: str, x: int, y: int, level: int, size: tuple[int, int]) ->
     return np.asarray(rgb).tobytes()
 
 
-def naive_baseline(path: str, coords: np.ndarray, size: tuple[int, int], cores: int, out: str) -> dict:
+def naive_baseline(tiles: list[tuple[str, np.ndarray]], size: tuple[int, int], cores: int, out: str) -> dict:
+    """The seed blog's tiler over ``tiles`` (as :func:`read_limit`): one future per tile, every
+    tile's bytes collected on the driver, then one Parquet file (``path, x, y, tile``) at ``out``."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     t = time.perf_counter()
     with ProcessPoolExecutor(max_workers=cores, mp_context=get_context("fork")) as ex:
-        futures = [ex.submit(_naive_tile, path, int(x), int(y), int(lv), size) for x, y, lv in coords]
-        tiles = [f.result() for f in futures]
-    table = pa.table({"x": coords[:, 0], "y": coords[:, 1], "tile": tiles})
+        futures = [ex.submit(_naive_tile, path, int(x), int(y), int(lv), size) for path, coords in tiles
+                   for x, y, lv in coords]
+        pixels = [f.result() for f in futures]
+    coords = np.concatenate([c for _, c in tiles])
+    table = pa.table({"path": [path for path, c in tiles for _ in range(len(c))], "x": coords[:, 0],
+                      "y": coords[:, 1], "tile": pixels})
     pq.write_table(table, out, compression="zstd")
     wall = time.perf_counter() - t
-    return {"tiles": len(tiles), "wall_s": wall, "tiles_per_s_per_core": len(tiles) / wall / cores,
+    return {"tiles": len(pixels), "wall_s": wall, "tiles_per_s_per_core": len(pixels) / wall / cores,
             "driver_peak_rss_mib": vm_hwm_kib() / 1024}
 
 
@@ -175,7 +197,7 @@ def slidelake_child(args) -> None:
     started = time.perf_counter() - t0
     def config(masks: str, lake: str) -> PipelineConfig:
         return PipelineConfig.model_validate({
-            "inputs": [args.slide], "lake": lake,
+            "inputs": args.slide, "lake": lake,
             "resolution": {"level": 0}, "grid": {"tile_extent": 256},
             "decode": {"encoding": "raw", "reader": args.reader},
             "masks": {"enabled": masks == "on"},
@@ -230,28 +252,50 @@ def slidelake_child(args) -> None:
         },
     }
     if args.kept_out:
-        from slidelake.tables import read_table
+        # the first run's kept tiles (for the read limit and the naive baseline) and slides
+        import pandas as pd
 
-        t = read_table(spark, f"{args.lake}/tiles", "delta-rs").select("level0_x", "level0_y", "level")
-        rows = np.array(t.orderBy("level0_y", "level0_x").collect(), dtype=np.int64).reshape(-1, 3)
-        np.save(args.kept_out, rows)
+        from slidelake.tables import read_table, table_exists
+
+        kept = pd.DataFrame({"path": pd.Series(dtype=str), **{c: pd.Series(dtype="int64") for c in
+                                                               ("level0_x", "level0_y", "level")}})
+        if table_exists(f"{args.lake}/tiles"):  # no tiles table when no slide could be tiled
+            t = read_table(spark, f"{args.lake}/tiles", "delta-rs").select(*kept.columns)
+            kept = t.orderBy("path", "level0_y", "level0_x").toPandas()
+        kept.to_parquet(args.kept_out)
+        slides = read_table(spark, f"{args.lake}/slides", "delta-rs").select(
+            "path", "vendor", "width", "height", "level_count", "mpp_x", "status", "error").orderBy("path")
+        out["slides"] = [r.asDict() for r in slides.collect()]
+        out["slide_errors"] = rec.slide_errors
     spark.stop()
     print("BENCH-JSON " + json.dumps(out))
 
 
-def run_slidelake(slide: str, cores: int, masks: str = "on", reader: str = "auto", kept_out: str | None = None,
-                  warm_runs: int = 3, interleave_masks_off: bool = False) -> dict:
-    """One configuration in a fresh process (:func:`slidelake_child`): a cold run, then
-    ``warm_runs`` warm runs in the same session (the median is reported as ``warm``), each
-    followed by a run without masks when ``interleave_masks_off``."""
+def run_slidelake(slide: str | list[str], cores: int, masks: str = "on", reader: str = "auto",
+                  kept_out: str | None = None, warm_runs: int = 3, interleave_masks_off: bool = False) -> dict:
+    """One configuration in a fresh process (:func:`slidelake_child`): a cold run over ``slide``
+    (a path, or several: files, folders, globs, manifests), then ``warm_runs`` warm runs in the
+    same session (the median is reported as ``warm``), each followed by a run without masks when
+    ``interleave_masks_off``. ``kept_out``: a Parquet file for the first run's kept tiles
+    (:func:`load_kept`); the result then also lists the ``slides`` rows and ``slide_errors``."""
     lake = tempfile.mkdtemp(prefix="slidelake-bench-")
-    cmd = [sys.executable, str(Path(__file__)), "--child", "--slide", slide, "--lake", lake, "--cores", str(cores),
+    paths = [slide] if isinstance(slide, str) else list(slide)
+    cmd = [sys.executable, str(Path(__file__)), "--child", "--slide", *paths, "--lake", lake, "--cores", str(cores),
            "--masks", masks, "--reader", reader, "--warm-runs", str(warm_runs)] + (["--kept-out", kept_out] if kept_out else [])
     cmd += ["--interleave-masks-off"] if interleave_masks_off else []
     try:
         return bench_json(subprocess.run(cmd, capture_output=True, text=True, check=False))
     finally:
         shutil.rmtree(lake, ignore_errors=True)
+
+
+def load_kept(path: str) -> list[tuple[str, np.ndarray]]:
+    """The kept tiles a ``kept_out`` file lists: ``[(slide path, int64 rows x, y, level)]``
+    (level-0 px), slides in path order, tiles in raster order."""
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path).to_pandas()
+    return [(p, g[["level0_x", "level0_y", "level"]].to_numpy(np.int64)) for p, g in t.groupby("path", sort=True)]
 
 
 # --------------------------------------------------------------------- 4. stage costs
@@ -519,9 +563,12 @@ def main() -> None:
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.json"))
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    ap.add_argument("--slides", nargs="+", metavar="PATH",
+                    help="your own slides (files, folders, globs, a manifest): the same comparison on them "
+                         "(bench/real_slides.py) instead of the synthetic slide; docs/ is not rewritten")
     # child mode (one slidelake run in a fresh process)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--slide", help=argparse.SUPPRESS)
+    ap.add_argument("--slide", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--lake", help=argparse.SUPPRESS)
     ap.add_argument("--masks", default="on", help=argparse.SUPPRESS)
     ap.add_argument("--reader", default="auto", help=argparse.SUPPRESS)
@@ -531,6 +578,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         slidelake_child(args)
+        return
+    if args.slides:
+        import real_slides
+
+        real_slides.main([*args.slides, "--cores", str(args.cores), "--warm-runs", str(args.warm_runs)])
         return
 
     from make_slide import make_slide
@@ -542,25 +594,26 @@ def main() -> None:
         make_slide(slide, args.width, args.height)
     info = {"width": args.width, "height": args.height, "tissue_area_fraction": 0.3, "synthetic": True}
     res: dict = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "cores": cores, "slide": info}
-    kept = str(HERE / "data" / "kept.npy")
+    kept = str(HERE / "data" / "kept.parquet")
     runs = {}
     print("slidelake: masks, native reader ...", flush=True)
     runs["masks, native reader"] = run_slidelake(str(slide), cores, "on", "auto", kept_out=kept, warm_runs=args.warm_runs,
                                                  interleave_masks_off=True)
-    coords = np.load(kept)
+    tiles = load_kept(kept)
+    coords = tiles[0][1]
     print(f"read limit over {len(coords)} kept tiles ...", flush=True)
     # this VM's speed drifts by 20-30 % within a run: the read limit is measured three times
     # (start, middle, end) and the median is the reference of every ratio
-    limits = [read_limit(str(slide), coords, (256, 256), cores)]
+    limits = [read_limit(tiles, (256, 256), cores)]
     print("naive baseline ...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        res["naive"] = naive_baseline(str(slide), coords, (256, 256), cores, os.path.join(tmp, "naive.parquet"))
+        res["naive"] = naive_baseline(tiles, (256, 256), cores, os.path.join(tmp, "naive.parquet"))
     print("slidelake: other runs ...", flush=True)
     runs["masks, openslide reader"] = run_slidelake(str(slide), cores, "on", "openslide", warm_runs=args.warm_runs)
     runs["no masks (pixel filter)"] = run_slidelake(str(slide), cores, "off", "auto", warm_runs=args.warm_runs)
-    limits.append(read_limit(str(slide), coords, (256, 256), cores))
+    limits.append(read_limit(tiles, (256, 256), cores))
     # the machine's own N-core scaling of a CPU-bound loop, next to the N-core measurement
-    res["read_limit_one_process"] = read_limit(str(slide), coords, (256, 256), 1)
+    res["read_limit_one_process"] = read_limit(tiles, (256, 256), 1)
     runs["masks, 1 core"] = run_slidelake(str(slide), 1, "on", "auto", warm_runs=args.warm_runs)
     res["slidelake"] = runs
     # N cores / 1 core: the two runs are minutes apart and this VM drifts, so the pair is
@@ -569,7 +622,7 @@ def main() -> None:
     res["second_pair"] = {"masks, 1 core": run_slidelake(str(slide), 1, "on", "auto", warm_runs=args.warm_runs),
                           "masks, native reader": run_slidelake(str(slide), cores, "on", "auto", warm_runs=args.warm_runs)}
     res["small"] = run_slidelake(str(CMU), cores, "on", "auto", warm_runs=args.warm_runs)
-    limits.append(read_limit(str(slide), coords, (256, 256), cores))
+    limits.append(read_limit(tiles, (256, 256), cores))
     res["read_limit"] = {**sorted(limits, key=lambda r: r["wall_s"])[1],
                          "runs_tiles_per_s_per_core": [r["tiles_per_s_per_core"] for r in limits]}
     print("stage costs ...", flush=True)

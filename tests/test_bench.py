@@ -1,0 +1,102 @@
+"""The benchmark's own code: the read limit and naive baseline over several slides, and the
+comparison on real slides a user passes (``bench/throughput.py --slides``)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import CMU, DAPI, ROOT, need
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+import real_slides  # noqa: E402
+import throughput as tp  # noqa: E402
+
+
+def _tiles(n_a: int, n_b: int) -> list[tuple[str, np.ndarray]]:
+    a = np.stack([np.arange(n_a) * 256, np.zeros(n_a), np.zeros(n_a)], axis=1).astype(np.int64)
+    b = np.stack([np.zeros(n_b), np.arange(n_b) * 256, np.zeros(n_b)], axis=1).astype(np.int64)
+    return [("a.svs", a), ("b.svs", b)]
+
+
+@pytest.mark.parametrize("n_a, n_b, parts", [(7, 4, 2), (1, 0, 3), (10, 10, 3), (3, 5, 8)])
+def test_split_tiles_cuts_in_order_into_equal_contiguous_chunks(n_a, n_b, parts):
+    tiles = [(p, c) for p, c in _tiles(n_a, n_b) if len(c)]
+    chunks = tp.split_tiles(tiles, parts)
+    assert len(chunks) == parts
+    sizes = [sum(len(c) for _, c in ch) for ch in chunks]
+    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == n_a + n_b
+    # read back in chunk order, the chunks are the tiles in their order, each slide once per chunk
+    flat = [(p, tuple(r)) for ch in chunks for p, c in ch for r in c]
+    assert flat == [(p, tuple(r)) for p, c in tiles for r in c]
+    assert all(len({p for p, _ in ch}) == len(ch) for ch in chunks)
+
+
+def test_subset_keeps_order_and_spreads_over_the_slides():
+    tiles = _tiles(30, 10)
+    sub = real_slides.subset(tiles, 8)
+    assert sum(len(c) for _, c in sub) == 8
+    assert [p for p, _ in sub] == ["a.svs", "b.svs"]  # both slides, evenly spaced
+    for p, c in sub:
+        full = dict(tiles)[p]
+        idx = [int(np.flatnonzero((full == r).all(axis=1))[0]) for r in c]
+        assert idx == sorted(idx)
+    assert real_slides.subset(tiles, 100) is tiles
+
+
+def test_read_limit_and_naive_baseline_over_two_real_slides(tmp_path):
+    need(CMU, DAPI)
+    import openslide
+
+    tiles = [(str(CMU), np.array([[0, 0, 0], [256, 512, 0], [1024, 2048, 0]], np.int64)),
+             (str(DAPI), np.array([[512, 512, 0], [768, 512, 0]], np.int64))]
+    lim = tp.read_limit(tiles, (256, 256), 2)
+    assert lim["tiles"] == 5 and lim["tiles_per_s_per_core"] > 0
+    out = tmp_path / "naive.parquet"
+    naive = tp.naive_baseline(tiles, (256, 256), 2, str(out))
+    assert naive["tiles"] == 5
+    t = pq.read_table(out).to_pydict()
+    assert t["path"] == [str(CMU)] * 3 + [str(DAPI)] * 2
+    for path, x, y, pix in zip(t["path"], t["x"], t["y"], t["tile"]):
+        ref = np.asarray(openslide.OpenSlide(path).read_region((x, y), 0, (256, 256)).convert("RGB"))
+        assert pix == ref.tobytes()
+
+
+def test_real_slides_comparison_reports_kept_tiles_and_a_broken_slide(tmp_path):
+    """End to end on a folder with one real slide and one corrupt file: slidelake runs (in its own
+    process), the broken file is reported with its error, the read limit and the naive baseline
+    read exactly the tiles slidelake kept."""
+    need(CMU)
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    (folder / "cmu.svs").symlink_to(CMU)
+    (folder / "broken.svs").write_bytes(b"II*\x00" + b"\x00" * 500)
+    res = real_slides.run([str(folder)], 2, 1, naive_max_tiles=20)
+    sl = res["slidelake"]
+    assert sl["status"] == "succeeded"
+    status = {r["path"].rsplit("/", 1)[1]: r for r in sl["slides"]}
+    assert status["cmu.svs"]["status"] == "ok" and status["cmu.svs"]["vendor"] == "aperio"
+    assert status["broken.svs"]["status"] == "error" and status["broken.svs"]["error"]
+    kept = res["kept_tiles"]
+    assert list(kept.values()) == [sl["counts"]["tiles_written"]] and sl["counts"]["tiles_written"] > 20
+    assert res["read_limit"]["tiles"] == sl["counts"]["tiles_written"]
+    assert res["naive"]["tiles"] == 20  # capped, evenly spaced
+    text = real_slides.report(res)
+    broken_row = next(line for line in text.splitlines() if line.startswith("| broken.svs"))
+    assert "| error | 0 |" in broken_row
+    assert f"evenly spaced 20 of the {sl['counts']['tiles_written']} kept tiles" in text
+
+
+def test_report_of_a_run_that_kept_no_tiles():
+    res = {"date": "2026-11-22", "cores": 2, "inputs": ["/x"], "kept_tiles": {},
+           "machine": {"cpu": "cpu", "cores": 2, "memory_mib": 1, "python": "3", "pyspark": "4", "openslide": "4"},
+           "slidelake": {"slides": [{"path": "/x/a.svs", "status": "error", "error": "ValueError: not a slide"}],
+                         "slide_errors": [{"stage": "discover", "path": "/x/a.svs", "error": "ValueError: not a slide"},
+                                          {"stage": "masks", "path": "/x/b.svs", "error": "OSError: short read"}]}}
+    text = real_slides.report(res)
+    assert "| a.svs |  |  |  | none | error | 0 | ValueError: not a slide |" in text
+    assert "- masks failed for b.svs: OSError: short read" in text and "discover failed" not in text
+    assert text.endswith("No tiles were kept, so there is nothing to compare against the read limit.")
