@@ -75,7 +75,7 @@ def run(slides: list[str], cores: int, warm_runs: int, naive_max_tiles: int) -> 
         print("slidelake ...", flush=True)
         sl = tp.run_slidelake(slides, cores, "on", "auto", kept_out=kept_file, warm_runs=warm_runs)
         res["slidelake"] = sl
-        tiles = tp.load_kept(kept_file) if os.path.exists(kept_file) else []
+        tiles = tp.load_kept(kept_file)  # the child always writes it, empty when nothing was tiled
         res["kept_tiles"] = {p: len(c) for p, c in tiles}
         if not tiles:
             return res
