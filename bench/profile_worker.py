@@ -1,62 +1,81 @@
-"""Profile what one Python worker does per tile: the overlap and decode functions of the
-pipeline, run in-process (no Spark) on the benchmark slide's kept tiles, under cProfile.
+"""Profile what one Python worker does per tile: the pipeline's decode function, run in-process
+(no Spark) on the tiles a benchmark run kept, under cProfile.
 
-    .venv/bin/python bench/profile_worker.py [--reader auto|openslide] [--tiles 2000]
+    .venv/bin/python bench/profile_worker.py [--kept bench/data/kept.parquet] [--reader auto|openslide]
+                                             [--tiles 2000] [--encoding raw]
 
-Needs ``bench/data/kept.npy`` and the synthetic slide from ``bench/throughput.py``. Prints the
-per-tile cost and the top functions by cumulative time (the basis of "where the time goes" in
-``docs/benchmarks.md``).
+``--kept`` is the kept-tiles file ``bench/throughput.py`` writes (``bench/data/kept.parquet``,
+columns ``path, level0_x, level0_y, level``; :func:`throughput.load_kept`), so the run needs a
+finished benchmark run first. Prints the per-tile cost and the top functions by own time (the
+basis of "where the time goes" in ``docs/benchmarks.md``).
+
+``OMP_NUM_THREADS`` is set to 1 before NumPy loads, as PySpark does for its Python workers
+(``spark.task.cpus``): NumPy's BLAS would otherwise start a thread per core for the dot product
+in ``tile_stats``, and two such processes on two cores ran 4x slower per tile here.
 """
 
 from __future__ import annotations
 
-import argparse
-import cProfile
-import io
-import pstats
-import sys
-import time
-from pathlib import Path
+import os
 
-import numpy as np
-import pandas as pd
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import cProfile  # noqa: E402
+import io  # noqa: E402
+import pstats  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pandas as pd  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Profile the decode of the first ``--tiles`` kept tiles; returns ``{"tiles", "ms_per_tile",
+    "decoded", "failed"}`` and prints the profile."""
     ap = argparse.ArgumentParser()
-    ap.add_argument("--slide", default=str(HERE / "data" / "synthetic-40960x30720.svs"))
+    ap.add_argument("--kept", default=str(HERE / "data" / "kept.parquet"))
     ap.add_argument("--reader", default="auto")
     ap.add_argument("--tiles", type=int, default=2000)
     ap.add_argument("--encoding", default="raw")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    from throughput import load_kept
+
     from slidelake.config import DecodeConfig
     from slidelake.decode import make_decoder
 
-    kept = np.load(HERE / "data" / "kept.npy")[: a.tiles]
-    n = len(kept)
-    pdf = pd.DataFrame({
-        "slide_id": "s", "path": a.slide, "fingerprint": "f", "level": kept[:, 2].astype(np.int32),
-        "level_downsample": 1.0, "level0_x": kept[:, 0], "level0_y": kept[:, 1], "read_width": 256,
-        "read_height": 256, "tile_extent_x": 256, "tile_extent_y": 256, "valid_width": 256, "valid_height": 256,
-        "tile_x": kept[:, 0], "tile_y": kept[:, 1],
-    })
+    frames = []
+    for path, c in load_kept(a.kept):
+        frames.append(pd.DataFrame({
+            "slide_id": path, "path": path, "fingerprint": "f", "level": c[:, 2].astype("int32"),
+            "level_downsample": 1.0, "level0_x": c[:, 0], "level0_y": c[:, 1], "read_width": 256,
+            "read_height": 256, "tile_extent_x": 256, "tile_extent_y": 256, "valid_width": 256,
+            "valid_height": 256, "tile_x": c[:, 0], "tile_y": c[:, 1],
+        }))
+    pdf = pd.concat(frames, ignore_index=True).iloc[: a.tiles]
+    if (pdf["level"] != 0).any():
+        raise SystemExit("profile_worker reads level-0 tiles of 256 px only (the benchmark's setting)")
+    n = len(pdf)
     decode = make_decoder(DecodeConfig(encoding=a.encoding, reader=a.reader))
     list(decode(iter([pdf.iloc[:50]])))  # open handles, warm caches
     prof = cProfile.Profile()
     t = time.perf_counter()
     prof.enable()
-    out = list(decode(iter([pdf])))
+    out = pd.concat(list(decode(iter([pdf]))), ignore_index=True)
     prof.disable()
     wall = time.perf_counter() - t
-    assert sum(len(o) for o in out) == n
+    failed = int(out["decode_error"].notna().sum())
     print(f"{n} tiles, reader={a.reader}, encoding={a.encoding}: {wall / n * 1000:.2f} ms/tile "
-          f"({n / wall:.0f} tiles/s on one core, under cProfile)")
+          f"({n / wall:.0f} tiles/s on one core, under cProfile; {failed} failed)")
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(12)
     print(s.getvalue())
+    return {"tiles": n, "ms_per_tile": wall / n * 1000, "decoded": len(out) - failed, "failed": failed}
 
 
 if __name__ == "__main__":

@@ -100,3 +100,26 @@ def test_report_of_a_run_that_kept_no_tiles():
     assert "| a.svs |  |  |  | none | error | 0 | ValueError: not a slide |" in text
     assert "- masks failed for b.svs: OSError: short read" in text and "discover failed" not in text
     assert text.endswith("No tiles were kept, so there is nothing to compare against the read limit.")
+
+
+def test_profile_worker_decodes_the_kept_tiles_of_a_bench_run(tmp_path, capsys):
+    """``bench/profile_worker.py`` reads the kept-tiles file a benchmark run writes and profiles
+    the pipeline's decoder on those tiles; a tile of a file that is gone fails and is counted."""
+    need(CMU)
+    import pandas as pd
+    import profile_worker
+
+    kept = tmp_path / "kept.parquet"
+    pd.DataFrame({"path": [str(CMU)] * 3 + [str(tmp_path / "gone.svs")], "level0_x": [0, 256, 512, 0],
+                  "level0_y": [0, 0, 1024, 0], "level": [0, 0, 0, 0]}).to_parquet(kept)
+    res = profile_worker.main(["--kept", str(kept), "--tiles", "10"])
+    assert res["tiles"] == 4 and res["decoded"] == 3 and res["failed"] == 1 and res["ms_per_tile"] > 0
+    out = capsys.readouterr().out
+    assert out.startswith("4 tiles, reader=auto, encoding=raw:") and "1 failed" in out and "tottime" in out
+
+
+def test_memory_first_touch_reports_both_passes_and_the_cost_per_raw_tile():
+    m = tp.memory_first_touch(16, settle_s=0)
+    assert m["first_touch_s_per_gib"] > 0 and m["again_s_per_gib"] > 0
+    # a raw 256 px tile is 192 KiB: 192 / 1024**2 of a GiB
+    assert m["first_touch_ms_per_raw_tile"] == pytest.approx(m["first_touch_s_per_gib"] * 196608 / 2**30 * 1000)
