@@ -19,7 +19,10 @@ check ~8 minutes to run). Steps, on the same SYNTHETIC slide (``bench/make_slide
    ratio (``--no-mask-off`` skips it);
 6. slidelake on 1 core (``--no-one-core`` skips it), then the read loop in one process: N cores /
    1 core for slidelake (against both N-core runs) and for the read loop itself (this machine's
-   own scaling of a CPU-bound loop, the ceiling of the other).
+   own scaling of a CPU-bound loop, the ceiling of the other);
+7. slidelake storing ``jpeg`` tiles instead of ``raw`` (``--no-jpeg`` skips it): 7x fewer bytes
+   to write, next to the machine's cost of fresh memory (``throughput.memory_first_touch``),
+   which every page of tiles written to the page cache pays.
 
 Prints one JSON document (walls, tiles/s/core, ratios, per-stage worker peaks, driver peaks);
 ``docs/benchmarks.md`` quotes it.
@@ -62,6 +65,7 @@ def main() -> None:
     ap.add_argument("--cores", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--no-one-core", action="store_true", help="skip the 1-core run (step 6)")
     ap.add_argument("--no-mask-off", action="store_true", help="skip the cold run without masks (step 5)")
+    ap.add_argument("--no-jpeg", action="store_true", help="skip the run storing jpeg tiles (step 7)")
     a = ap.parse_args()
     slide = HERE / "data" / f"synthetic-{a.width}x{a.height}.svs"
     if not slide.exists():
@@ -83,6 +87,7 @@ def main() -> None:
     ref = [lim["tiles_per_s_per_core"] for lim in limits]
     out = {
         "slide": f"SYNTHETIC {a.width} x {a.height} px ({slide.stat().st_size / 2**30:.1f} GiB)", "cores": a.cores,
+        "memory": {k: round(v, 3) for k, v in tp.memory_first_touch().items()},
         "read_limit_tiles_per_s_per_core": [round(r) for r in ref],
         "runs": [summary(first), summary(second)],
         "x_read_limit": {f"run {i + 1} {phase}": [round(r[phase]["tiles_per_s_per_core"] / lim, 2) for lim in ref]
@@ -118,6 +123,11 @@ def main() -> None:
                for i, r in enumerate([first, second]) for phase in ("cold", "warm")},
             "read loop": [round(lim["tiles_per_s_per_core"] * a.cores / limit_one["tiles_per_s_per_core"], 2) for lim in limits],
         }
+    if not a.no_jpeg:
+        print("slidelake storing jpeg tiles ...", flush=True)
+        jpeg = summary(tp.run_slidelake(str(slide), a.cores, "on", "auto", warm_runs=1, encoding="jpeg"))
+        out["jpeg"] = {**jpeg, "x_read_limit": {phase: [round(jpeg[phase]["tiles_per_s_per_core"] / lim, 2) for lim in ref]
+                                                for phase in ("cold", "warm")}}
     print(json.dumps(out, indent=1))
 
 

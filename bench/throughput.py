@@ -104,6 +104,31 @@ def machine() -> dict:
             "platform": platform.platform()}
 
 
+def memory_first_touch(mib: int = 1024, settle_s: float = 10.0) -> dict:
+    """Seconds per GiB to write into ``mib`` MiB of memory this process has just allocated (the
+    first touch: the kernel's page faults and, on a VM, the host's), then into the same memory
+    again (already backed). Every page of tiles written to the page cache is new memory, so the
+    difference is what writing a tile costs beyond the copy on this machine.
+
+    A VM guest that reports free pages to its host (``virtio_balloon``) hands memory freed by
+    earlier runs back within seconds; until then, new allocations reuse it at the cheaper rate.
+    ``settle_s`` seconds of waiting first make the figure that of memory the host has taken back
+    (on the J-K machine: 2.4-2.5 s/GiB after 10-30 s of waiting, 0.07-0.5 s/GiB within 5 s of
+    another process freeing memory)."""
+    time.sleep(settle_s)
+    a = np.empty(mib * 2**20, np.uint8)
+    t = time.perf_counter()
+    a.fill(1)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    a.fill(2)
+    again = time.perf_counter() - t
+    del a
+    gib = mib / 1024
+    return {"first_touch_s_per_gib": first / gib, "again_s_per_gib": again / gib,
+            "first_touch_ms_per_raw_tile": first / gib / 2**30 * 256 * 256 * 3 * 1000}
+
+
 # ------------------------------------------------------------------- 1. the read limit
 
 def split_tiles(tiles: list[tuple[str, np.ndarray]], parts: int) -> list[list[tuple[str, np.ndarray]]]:
@@ -199,7 +224,7 @@ def slidelake_child(args) -> None:
         return PipelineConfig.model_validate({
             "inputs": args.slide, "lake": lake,
             "resolution": {"level": 0}, "grid": {"tile_extent": 256},
-            "decode": {"encoding": "raw", "reader": args.reader},
+            "decode": {"encoding": args.encoding, "reader": args.reader},
             "masks": {"enabled": masks == "on"},
             # with masks: keep tiles >= 50 % tissue; without: the pixel filter alone decides
             "filter": {"min_tissue_fraction": 0.5, "max_background_fraction": None if masks == "on" else 0.5},
@@ -234,6 +259,7 @@ def slidelake_child(args) -> None:
     out = {
         "wall_s": wall, "spark_start_s": started, "status": rec.status, "counts": rec.counts,
         "stage_seconds": rec.stage_seconds, "cores": args.cores, "masks": args.masks, "reader": args.reader,
+        "encoding": args.encoding,
         "tiles_per_s_per_core": rec.counts.get("tiles_written", 0) / wall / args.cores,
         "profile": rec.profile,
         "warm": {"wall_s": warm_wall, "stage_seconds": warm.stage_seconds, "profile": warm.profile,
@@ -272,16 +298,17 @@ def slidelake_child(args) -> None:
 
 
 def run_slidelake(slide: str | list[str], cores: int, masks: str = "on", reader: str = "auto",
-                  kept_out: str | None = None, warm_runs: int = 3, interleave_masks_off: bool = False) -> dict:
+                  kept_out: str | None = None, warm_runs: int = 3, interleave_masks_off: bool = False,
+                  encoding: str = "raw") -> dict:
     """One configuration in a fresh process (:func:`slidelake_child`): a cold run over ``slide``
     (a path, or several: files, folders, globs, manifests), then ``warm_runs`` warm runs in the
     same session (the median is reported as ``warm``), each followed by a run without masks when
-    ``interleave_masks_off``. ``kept_out``: a Parquet file for the first run's kept tiles
+    ``interleave_masks_off``; tiles stored as ``encoding``. ``kept_out``: a Parquet file for the first run's kept tiles
     (:func:`load_kept`); the result then also lists the ``slides`` rows and ``slide_errors``."""
     lake = tempfile.mkdtemp(prefix="slidelake-bench-")
     paths = [slide] if isinstance(slide, str) else list(slide)
     cmd = [sys.executable, str(Path(__file__)), "--child", "--slide", *paths, "--lake", lake, "--cores", str(cores),
-           "--masks", masks, "--reader", reader, "--warm-runs", str(warm_runs)] + (["--kept-out", kept_out] if kept_out else [])
+           "--masks", masks, "--reader", reader, "--encoding", encoding, "--warm-runs", str(warm_runs)] + (["--kept-out", kept_out] if kept_out else [])
     cmd += ["--interleave-masks-off"] if interleave_masks_off else []
     try:
         return bench_json(subprocess.run(cmd, capture_output=True, text=True, check=False))
@@ -447,6 +474,12 @@ def report(res: dict) -> str:
              f"{res['slide']['height']} px Aperio-style SVS at 0.25 µm/px, 256 px JPEG tiles, tissue ellipses over "
              f"{res['slide']['tissue_area_fraction']:.0%} of the area; level 0, 256 px tiles, raw encoding, "
              f"{lim['tiles']} kept tiles (>= 50 % tissue). N = {c} cores.", ""]
+    if res.get("memory"):
+        mm = res["memory"]
+        lines += [f"Fresh memory on this machine: writing into memory just allocated takes "
+                  f"{mm['first_touch_s_per_gib']:.2f} s/GiB, into the same memory again {mm['again_s_per_gib']:.2f} s/GiB. "
+                  f"Every page of tiles written to the page cache is new memory: "
+                  f"{mm['first_touch_ms_per_raw_tile']:.2f} ms per raw 256 px tile (192 KiB) beyond the copy.", ""]
     lim_rate = lim["tiles_per_s_per_core"]
     spread = lim.get("runs_tiles_per_s_per_core") or [lim_rate]
     lines += [f"Read limit measured {len(spread)} times in this run (start, middle, end): "
@@ -496,7 +529,9 @@ def report(res: dict) -> str:
                 scale_note = f"; second pair, 1 core first: {second:.2f}x"
         return [
             f"- slidelake end to end / read limit: **{b['tiles_per_s_per_core'] / lim_rate:.2f}x** "
-            f"(with `decode.reader=openslide`: {g('masks, openslide reader')['tiles_per_s_per_core'] / lim_rate:.2f}x)",
+            f"(with `decode.reader=openslide`: {g('masks, openslide reader')['tiles_per_s_per_core'] / lim_rate:.2f}x"
+            + (f"; storing `jpeg` tiles: {g('masks, native reader, jpeg')['tiles_per_s_per_core'] / lim_rate:.2f}x"
+               if "masks, native reader, jpeg" in runs else "") + ")",
             f"- slidelake / naive baseline: **{b['tiles_per_s_per_core'] / naive['tiles_per_s_per_core']:.1f}x**",
             f"- mask-first wall time / the same run without masks: **{mask_first:.2f}**{mask_note}",
             f"- {c} cores / 1 core (tiles per second): **{speedup:.2f}x** "
@@ -572,6 +607,7 @@ def main() -> None:
     ap.add_argument("--lake", help=argparse.SUPPRESS)
     ap.add_argument("--masks", default="on", help=argparse.SUPPRESS)
     ap.add_argument("--reader", default="auto", help=argparse.SUPPRESS)
+    ap.add_argument("--encoding", default="raw", help=argparse.SUPPRESS)
     ap.add_argument("--kept-out", help=argparse.SUPPRESS)
     ap.add_argument("--interleave-masks-off", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--warm-runs", type=int, default=3, help="warm runs per configuration (the median is reported)")
@@ -593,7 +629,8 @@ def main() -> None:
         print(f"making {slide} ...", flush=True)
         make_slide(slide, args.width, args.height)
     info = {"width": args.width, "height": args.height, "tissue_area_fraction": 0.3, "synthetic": True}
-    res: dict = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "cores": cores, "slide": info}
+    res: dict = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "cores": cores, "slide": info,
+                 "memory": memory_first_touch()}
     kept = str(HERE / "data" / "kept.parquet")
     runs = {}
     print("slidelake: masks, native reader ...", flush=True)
@@ -611,6 +648,9 @@ def main() -> None:
     print("slidelake: other runs ...", flush=True)
     runs["masks, openslide reader"] = run_slidelake(str(slide), cores, "on", "openslide", warm_runs=args.warm_runs)
     runs["no masks (pixel filter)"] = run_slidelake(str(slide), cores, "off", "auto", warm_runs=args.warm_runs)
+    # the same run storing JPEG tiles (7x fewer bytes to write than raw)
+    runs["masks, native reader, jpeg"] = run_slidelake(str(slide), cores, "on", "auto", warm_runs=args.warm_runs,
+                                                       encoding="jpeg")
     limits.append(read_limit(tiles, (256, 256), cores))
     # the machine's own N-core scaling of a CPU-bound loop, next to the N-core measurement
     res["read_limit_one_process"] = read_limit(tiles, (256, 256), 1)
