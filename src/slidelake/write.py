@@ -367,7 +367,10 @@ def write_tiles(
         :class:`TileWrite`. Nothing is committed when a task fails for good (Spark raises).
     """
     schema = tiles_schema(tiles.schema)
-    spark.sparkContext.setJobDescription("decode + write tiles")
+    # one action runs the grid + overlap stage, the broadcast of the slides' columns and the
+    # decode + write stage: adaptive execution submits them as jobs of this action, all under
+    # its description (the SQL tab shows each stage's plan: MapInArrow overlap, then sink)
+    spark.sparkContext.setJobDescription("overlap + decode + write tiles")
     if writer != "delta-rs":
         failures = spark.sparkContext.accumulator({}, FailureLog())
         decoded = spark.sparkContext.accumulator({}, CountLog())
@@ -390,7 +393,7 @@ def write_tiles(
             .select(*TILES_COLUMNS)
         )
         res = write_table(spark, out, path, writer, mode="overwrite", partition_by=["slide_id"],
-                          replace_partitions=replace_partitions, description="decode + write tiles")
+                          replace_partitions=replace_partitions, description="overlap + decode + write tiles")
         fails = failures.value
         return TileWrite(res, dict(decoded.value), {k: v["count"] for k, v in fails.items()},
                          {k: v["samples"] for k, v in fails.items()})
