@@ -101,7 +101,22 @@ def machine() -> dict:
 
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_mib": mem, "python": platform.python_version(),
             "pyspark": pyspark.__version__, "openslide": openslide.__library_version__,
-            "platform": platform.platform()}
+            "platform": platform.platform(), "free_page_reporting": free_page_reporting()}
+
+
+def free_page_reporting(devices: str = "/sys/bus/virtio/devices") -> bool | None:
+    """Whether this machine is a VM guest whose balloon device reports free pages to the host
+    (virtio device id 5 with feature bit 5, ``VIRTIO_BALLOON_F_REPORTING``, virtio spec 5.5.3):
+    memory the guest frees then goes back to the host, and the next use of it is a fresh
+    allocation there (:func:`memory_first_touch`). None when there is no balloon device."""
+    found = None
+    for dev in Path(devices).glob("*") if Path(devices).is_dir() else []:
+        try:
+            if int((dev / "device").read_text().strip(), 16) == 5:
+                found = bool(found) or (dev / "features").read_text().strip()[5:6] == "1"
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def memory_first_touch(mib: int = 1024, settle_s: float = 10.0) -> dict:
@@ -479,7 +494,9 @@ def report(res: dict) -> str:
         lines += [f"Fresh memory on this machine: writing into memory just allocated takes "
                   f"{mm['first_touch_s_per_gib']:.2f} s/GiB, into the same memory again {mm['again_s_per_gib']:.2f} s/GiB. "
                   f"Every page of tiles written to the page cache is new memory: "
-                  f"{mm['first_touch_ms_per_raw_tile']:.2f} ms per raw 256 px tile (192 KiB) beyond the copy.", ""]
+                  f"{mm['first_touch_ms_per_raw_tile']:.2f} ms per raw 256 px tile (192 KiB) beyond the copy"
+                  + (" (this VM's balloon device reports freed memory back to the host)"
+                     if m.get("free_page_reporting") else "") + ".", ""]
     lim_rate = lim["tiles_per_s_per_core"]
     spread = lim.get("runs_tiles_per_s_per_core") or [lim_rate]
     lines += [f"Read limit measured {len(spread)} times in this run (start, middle, end): "
