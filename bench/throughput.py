@@ -128,8 +128,8 @@ def memory_first_touch(mib: int = 1024, settle_s: float = 10.0) -> dict:
     A VM guest that reports free pages to its host (``virtio_balloon``) hands memory freed by
     earlier runs back within seconds; until then, new allocations reuse it at the cheaper rate.
     ``settle_s`` seconds of waiting first make the figure that of memory the host has taken back
-    (on the J-K machine: 2.4-2.5 s/GiB after 10-30 s of waiting, 0.07-0.5 s/GiB within 5 s of
-    another process freeing memory)."""
+    (on the J-L machine of ``docs/benchmarks.md``: 2.3-2.5 s/GiB after 10-30 s of waiting,
+    0.07-0.5 s/GiB within 5 s of another process freeing memory)."""
     time.sleep(settle_s)
     a = np.empty(mib * 2**20, np.uint8)
     t = time.perf_counter()
@@ -318,8 +318,9 @@ def run_slidelake(slide: str | list[str], cores: int, masks: str = "on", reader:
     """One configuration in a fresh process (:func:`slidelake_child`): a cold run over ``slide``
     (a path, or several: files, folders, globs, manifests), then ``warm_runs`` warm runs in the
     same session (the median is reported as ``warm``), each followed by a run without masks when
-    ``interleave_masks_off``; tiles stored as ``encoding``. ``kept_out``: a Parquet file for the first run's kept tiles
-    (:func:`load_kept`); the result then also lists the ``slides`` rows and ``slide_errors``."""
+    ``interleave_masks_off``; tiles stored as ``encoding``. ``kept_out``: a Parquet file for the
+    first run's kept tiles (:func:`load_kept`); the result then also lists the ``slides`` rows
+    and ``slide_errors``."""
     lake = tempfile.mkdtemp(prefix="slidelake-bench-")
     paths = [slide] if isinstance(slide, str) else list(slide)
     cmd = [sys.executable, str(Path(__file__)), "--child", "--slide", *paths, "--lake", lake, "--cores", str(cores),
