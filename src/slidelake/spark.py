@@ -94,7 +94,7 @@ def get_spark(app_name: str = "slidelake", master: str | None = None) -> SparkSe
         spark = builder.getOrCreate()
         if not _under_cluster_launcher():
             spark.sparkContext.setLogLevel(os.environ.get("SLIDELAKE_SPARK_LOG_LEVEL", "ERROR"))
-            if os.environ.get("SLIDELAKE_WARM_UP", "1") == "1":
+            if os.environ.get("SLIDELAKE_WARM_UP", "1").strip() != "0":
                 warm_up(spark)
     for k, v in RUNTIME_CONF.items():
         try:
@@ -122,9 +122,8 @@ def warm_up(spark: SparkSession, group: str = WARM_UP_GROUP) -> threading.Thread
     costs while the driver discovers slides and makes masks: a Python worker per core started
     and the pipeline's modules imported in it (the workers are then reused,
     ``spark.python.worker.reuse``). The job reads and writes nothing and runs in the Spark job
-    group ``group``; any failure is ignored (the first real job then pays the
-    costs itself). :func:`get_spark` calls it for a new embedded session unless
-    ``SLIDELAKE_WARM_UP=0``.
+    group ``group``; any failure is ignored (the first real job then pays the costs itself).
+    :func:`get_spark` calls it for a new embedded session unless ``SLIDELAKE_WARM_UP=0``.
 
     Measured (``docs/benchmarks.md``, sixth pass; fresh processes, alternated): the first run
     of a session 0.6-0.9 s faster on the benchmark slide (~8.6 -> ~7.8 s) and on the small CMU
