@@ -194,3 +194,20 @@ def test_write_table_commits_a_spark_dataframe_with_delta_rs(spark, tmp_path):
     assert res2.rows == 5 and got.height == 10
     assert sorted(got.filter(pl.col("slide_id") == "1")["id"].to_list()) == [101, 103, 105, 107, 109]
     assert not (tmp_path / "t" / "_staging").exists()
+
+
+def test_file_sink_writes_the_same_files_with_and_without_direct_io(tmp_path):
+    """``tables.direct_io`` changes how the bytes reach the disk, not the bytes."""
+    good = tmp_path / "good.tiff"
+    make_tiff(good, 1000, 700, levels=1, tile=128, compression="jpeg")
+    rows = _rows(str(good), "a", 1000, 700)
+    data = {}
+    for direct in (True, False):
+        staging = tmp_path / f"staging-{direct}"
+        staging.mkdir()
+        sink = make_file_sink(DecodeConfig(encoding="raw", batch_mb=1.0), FilterConfig(max_background_fraction=None),
+                              LINEAGE, _schema(), str(staging), direct_io=direct)
+        res = _run_sink(sink, [rows])
+        (f,) = [f for f in res["file"] if f]
+        data[direct] = (staging / f).read_bytes()
+    assert len(data[True]) > 12 * 256 * 256 * 3 and data[True] == data[False]

@@ -454,7 +454,7 @@ def _tile_batch(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, batch:
     lineage = Lineage(rec.run_id, chash, __version__, rec.started_at, cfg.tables.path_root)
     return write_tiles(spark, tiles, paths["tiles"], writer, cfg.decode, fcfg, lineage,
                        None if replace_table else [r["slide_id"] for r in batch] + list(drop), cfg.tables.tile_compression,
-                       on_decoded, on_profile)
+                       on_decoded, on_profile, cfg.tables.direct_io)
 
 
 def _tissue_share(mask: dict | None) -> float:

@@ -39,6 +39,7 @@ from pyspark.sql import types as T
 
 from slidelake.config import DecodeConfig, FilterConfig
 from slidelake.decode import DECODE_COLUMNS, DECODE_FIELDS, TileDecoder, make_decoder
+from slidelake.direct_io import open_for_write
 from slidelake.filtering import keep_mask
 from slidelake.lineage import TILE_ERRORS_SCHEMA, CountLog, FailureLog
 from slidelake.memory import reset_peak_rss
@@ -179,6 +180,7 @@ def make_file_sink(
     tile_compression: str = "none",
     on_decoded: Callable[[dict[str, int]], None] | None = None,
     on_profile: Callable[[dict[str, float]], None] | None = None,
+    direct_io: bool = True,
 ) -> Callable[[Iterator[Any]], Iterator[Any]]:
     """Build the ``mapInArrow`` function that decodes, filters and writes a task's tiles.
 
@@ -188,7 +190,9 @@ def make_file_sink(
     to ``<staging>/<partition_col>=<value>/part-<uuid>.parquet`` (one row group per decode
     batch of at most ``decode.batch_mb`` MiB of pixels; the ``tile`` bytes compressed with
     ``tile_compression`` and without dictionary or statistics, the other columns zstd level 1;
-    the partition column is not stored in the file, as Spark and Delta do).
+    the partition column is not stored in the file, as Spark and Delta do). With ``direct_io``
+    the files are written around the page cache (:func:`slidelake.direct_io.open_for_write`;
+    the same bytes).
     Yields :data:`TILE_FILES_SCHEMA` record batches, one row per slide the task saw (and per
     extra file of a slide). ``on_decoded`` and ``on_profile`` are as in
     :func:`slidelake.decode.make_decoder` (progress, ``--profile``; ``write.s`` adds the seconds
@@ -211,7 +215,7 @@ def make_file_sink(
         if on_profile is not None:
             reset_peak_rss()
         decoder = TileDecoder(dcfg)
-        writers: dict[str, pq.ParquetWriter] = {}
+        writers: dict[str, tuple[pq.ParquetWriter, Any]] = {}  # slide_id -> (writer, its file)
         stats: dict[str, dict[str, Any]] = {}  # slide_id -> decoded, failures, files [[rel, rows]]
         constants = {"tile_format": pa.scalar(dcfg.encoding, pa.string()),
                      "run_id": pa.scalar(lineage.run_id, pa.string()),
@@ -219,21 +223,33 @@ def make_file_sink(
                      "slidelake_version": pa.scalar(lineage.slidelake_version, pa.string()),
                      "created_at": pa.scalar(lineage.created_at, arrow_schema.field("created_at").type)}
 
+        def close(w: Any, f: Any) -> None:
+            try:
+                w.close()  # the footer: pyarrow does not close a file object it did not open
+            finally:
+                f.close()
+
         def slide(sid: str) -> dict[str, Any]:
             return stats.setdefault(sid, {"decoded": 0, "failures": [], "files": []})
 
         def write(sid: str, table: Any) -> None:
             for other in [k for k in writers if k != sid]:  # rows arrive sorted by slide
-                writers.pop(other).close()
+                close(*writers.pop(other))
             if sid not in writers:
                 rel = f"{partition_col}={quote(sid, safe='')}/part-{uuid.uuid4().hex}.parquet"
                 full = os.path.join(staging, rel)
                 os.makedirs(os.path.dirname(full), exist_ok=True)
-                writers[sid] = pq.ParquetWriter(full, arrow_schema, compression=codecs,
-                                                compression_level={c: 1 for c in small},
-                                                use_dictionary=small, write_statistics=small)
+                f = open_for_write(full, direct_io)
+                try:
+                    w = pq.ParquetWriter(f, arrow_schema, compression=codecs,
+                                         compression_level={c: 1 for c in small},
+                                         use_dictionary=small, write_statistics=small)
+                except BaseException:
+                    f.close()
+                    raise
+                writers[sid] = (w, f)
                 slide(sid)["files"].append([rel, 0])
-            writers[sid].write_table(table)
+            writers[sid][0].write_table(table)
             stats[sid]["files"][-1][1] += table.num_rows
 
         try:
@@ -296,8 +312,8 @@ def make_file_sink(
                         on_profile({**decoder.profile(d), "write.s": time.perf_counter() - t0})
                     del chunk, col, d  # let the next batch reuse this one's memory
         finally:
-            for w in writers.values():
-                w.close()
+            for w, f in writers.values():
+                close(w, f)
             decoder.end_task()
         rows_out = []
         for sid, st in stats.items():
@@ -346,6 +362,7 @@ def write_tiles(
     tile_compression: str = "none",
     on_decoded: Callable[[dict[str, int]], None] | None = None,
     on_profile: Callable[[dict[str, float]], None] | None = None,
+    direct_io: bool = True,
 ) -> TileWrite:
     """Decode, filter and write ``tiles`` (repartitioned tile rows with ``tile_id``) to the
     tiles table at ``path``, partitioned by ``slide_id``, in one Delta commit.
@@ -362,6 +379,8 @@ def write_tiles(
         replace_partitions: slide ids whose partitions this commit replaces (``None``: the
             whole table).
         on_decoded, on_profile: progress and ``--profile`` callbacks (accumulators).
+        direct_io: write the tile files around the page cache (``delta-rs`` writer only;
+            :mod:`slidelake.direct_io`).
 
     Returns:
         :class:`TileWrite`. Nothing is committed when a task fails for good (Spark raises).
@@ -401,7 +420,7 @@ def write_tiles(
     staging = new_staging(path)
     try:
         sink = make_file_sink(dcfg, fcfg, lineage, schema, staging, "slide_id", tile_compression, on_decoded,
-                              on_profile)
+                              on_profile, direct_io)
         results = tiles.mapInArrow(sink, schema=TILE_FILES_SCHEMA).collect()
         files = [(r["file"], int(r["rows"])) for r in results if r["file"]]
         size = sum(os.path.getsize(os.path.join(staging, f)) for f, _ in files) if on_profile is not None else 0

@@ -1,0 +1,182 @@
+"""Write a file around the page cache (``O_DIRECT``): the workers' tile Parquet files.
+
+A Python worker writes each tile once and never reads it back, yet a normal ``write`` copies
+every byte into the kernel's page cache first, and on a VM whose balloon device hands freed
+memory back to the host each of those pages is new memory the host must back first: on the
+benchmark machine that made writing a raw 256 px tile (192 KiB) cost ~0.36-0.43 ms, as much as
+decoding it, and the kernel's writeback threads took CPU from the workers on top
+(``docs/benchmarks.md``, sixth and seventh passes). :class:`DirectFile` instead fills two
+reused, page-aligned buffers and writes each full one straight to the device with ``O_DIRECT``
+from a background thread, while the caller fills the other: 0.05 ms of CPU per raw tile.
+
+``O_DIRECT`` (``open(2)``) needs the buffer address, the length and the file offset aligned to
+the device's logical block size. The buffers are anonymous ``mmap`` s (page-aligned), their
+size is a multiple of :data:`BLOCK`, and the last, partial buffer is written padded to a block
+and the file then truncated to its true length (``ftruncate(2)``), so the file's bytes are
+exactly those given to :meth:`DirectFile.write`.
+
+:func:`open_for_write` falls back to an ordinary buffered file where ``O_DIRECT`` does not
+exist (macOS, Windows) or the filesystem refuses it (tmpfs: ``EINVAL``).
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, BinaryIO
+
+BLOCK = 4096  # a multiple of every logical block size in use (512 or 4096 bytes)
+BUFFER_BYTES = 4 << 20  # per buffer; two per open file
+
+_pool: list[mmap.mmap] = []  # free buffers of this process, reused by the next file
+_pool_lock = threading.Lock()
+
+
+def _take_buffer() -> mmap.mmap:
+    with _pool_lock:
+        if _pool:
+            return _pool.pop()
+    return mmap.mmap(-1, BUFFER_BYTES)
+
+
+def _give_back(buf: mmap.mmap) -> None:
+    with _pool_lock:
+        _pool.append(buf)
+
+
+class DirectFile:
+    """A write-only binary file written with ``O_DIRECT`` through two reused aligned buffers.
+
+    Pass it to ``pyarrow.parquet.ParquetWriter`` (or anything that calls ``write``) and call
+    :meth:`close` after the writer's own ``close``: pyarrow does not close a file object it did
+    not open, and the file's last bytes are written by :meth:`close`.
+
+    Args:
+        fd: a descriptor opened with ``O_WRONLY | O_CREAT | O_TRUNC | O_DIRECT``
+            (see :func:`open_for_write`).
+        path: the file's path, for error messages.
+
+    Raises:
+        OSError: from the device (e.g. ``ENOSPC``), at the :meth:`write` or :meth:`close` after
+            the background write that failed; the descriptor is closed then.
+    """
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.name = path
+        self._fd = fd
+        self._bufs = [_take_buffer(), _take_buffer()]
+        self._cur = 0  # index of the buffer being filled
+        self._fill = 0  # bytes in it
+        self._written = 0  # bytes already handed to the device (a multiple of BUFFER_BYTES)
+        self._pending: Future | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="slidelake-direct-io")
+        self.closed = False
+
+    # the io.RawIOBase surface pyarrow's PythonFile uses
+    def writable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return False
+
+    def seekable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self._written + self._fill
+
+    def flush(self) -> None:
+        """Nothing to do: bytes are written when a buffer is full and at :meth:`close`."""
+
+    def write(self, data: Any) -> int:
+        """Copy ``data`` (any bytes-like object) into the buffers; returns its length in bytes."""
+        if self.closed:
+            raise ValueError(f"write to closed file {self.name}")
+        view = memoryview(data).cast("B")
+        n, i = len(view), 0
+        while i < n:
+            buf = self._bufs[self._cur]
+            k = min(BUFFER_BYTES - self._fill, n - i)
+            buf[self._fill:self._fill + k] = view[i:i + k]
+            self._fill += k
+            i += k
+            if self._fill == BUFFER_BYTES:
+                self._wait()
+                self._pending = self._thread.submit(self._write_all, buf, BUFFER_BYTES)
+                self._written += BUFFER_BYTES
+                self._cur, self._fill = 1 - self._cur, 0
+        return n
+
+    def _write_all(self, buf: mmap.mmap, length: int) -> None:
+        view = memoryview(buf)[:length]
+        try:
+            done = 0
+            while done < length:  # os.write may write less than asked
+                done += os.write(self._fd, view[done:])
+        finally:
+            view.release()
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            try:
+                pending.result()
+            except BaseException:
+                self._abort()
+                raise
+
+    def _abort(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._thread.shutdown(wait=True)
+            os.close(self._fd)
+            for b in self._bufs:
+                _give_back(b)
+
+    def close(self) -> None:
+        """Write the last bytes (padded to :data:`BLOCK`, then the file truncated to its true
+        length) and close the descriptor. Idempotent."""
+        if self.closed:
+            return
+        try:
+            self._wait()
+            size = self._written + self._fill
+            if self._fill:
+                pad = -self._fill % BLOCK
+                buf = self._bufs[self._cur]
+                buf[self._fill:self._fill + pad] = bytes(pad)
+                self._write_all(buf, self._fill + pad)
+                os.ftruncate(self._fd, size)
+        finally:
+            self._abort()
+
+    def __enter__(self) -> "DirectFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_for_write(path: str, direct: bool = True) -> DirectFile | BinaryIO:
+    """Open ``path`` for writing (created or truncated), around the page cache where possible.
+
+    Returns a :class:`DirectFile` when ``direct`` is true and the OS and filesystem accept
+    ``O_DIRECT``; otherwise an ordinary buffered binary file (``open(path, "wb")``). Either
+    must be closed by the caller.
+
+    Raises:
+        OSError: the file cannot be created (missing folder, permissions).
+    """
+    flag = getattr(os, "O_DIRECT", 0)
+    if direct and flag:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flag, 0o644)
+        except OSError as e:
+            if e.errno != errno.EINVAL:  # EINVAL: this filesystem has no O_DIRECT
+                raise
+        else:
+            return DirectFile(fd, path)
+    return open(path, "wb")
