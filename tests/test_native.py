@@ -50,6 +50,29 @@ def test_generated_jpeg_pyramid_every_level(tmp_path):
             np.testing.assert_array_equal(lvl.read(x, y, w, h), ref, err_msg=f"level {k} region {x},{y},{w},{h}")
 
 
+def test_regions_on_the_stored_tile_grid(tmp_path):
+    """A region that is exactly one stored tile comes back as the decoded tile itself (read-only,
+    the same pixels as read_region); edge tiles that run past the level are still assembled."""
+    path = tmp_path / "jpeg.tiff"
+    make_tiff(path, 1000, 700, levels=1, tile=128, compression="jpeg")
+    native = open_native(str(path))
+    osr = openslide.OpenSlide(str(path))
+    lvl = native.level(0)
+    whole = 0
+    for y in range(0, 700, 128):
+        for x in range(0, 1000, 128):
+            got = lvl.read(x, y, 128, 128)
+            ref = rgba_to_rgb(np.asarray(osr.read_region((x, y), 0, (128, 128))))
+            np.testing.assert_array_equal(got, ref, err_msg=f"tile at {x},{y}")
+            inside = x + 128 <= 1000 and y + 128 <= 700
+            assert got.flags.writeable == (not inside)
+            whole += inside
+    assert whole == 7 * 5
+    with pytest.raises(ValueError, match="read-only"):
+        lvl.read(0, 0, 128, 128)[0, 0] = 0  # the cached tile cannot be changed through it
+    np.testing.assert_array_equal(lvl.read(0, 0, 128, 128), rgba_to_rgb(np.asarray(osr.read_region((0, 0), 0, (128, 128)))))
+
+
 def test_other_formats_have_no_native_levels(tmp_path):
     need(DAPI, TCGA)
     assert open_native(str(DAPI)).levels == {}  # NDPI: JPEG strips, OpenSlide reads it

@@ -130,16 +130,27 @@ class NativeLevel:
     def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         """Region ``[x, x + w) x [y, y + h)`` in px of this level, uint8 ``(h, w, 3)``; pixels
         outside the level are white (as OpenSlide's transparent pixels composited on white).
+        A region that is exactly one stored tile is returned as a read-only view of the decoded
+        (cached) tile; copy it before writing into it.
 
         Raises:
             CorruptTileError: a stored tile under the region is corrupt.
         """
+        tw, th = self.tile_w, self.tile_h
+        if (w, h) == (tw, th) and x % tw == 0 and y % th == 0 and 0 <= x and x + w <= self.width \
+                and 0 <= y and y + h <= self.height:
+            # the region is one whole stored tile (the usual case when the tile grid matches the
+            # file's): the decoded tile itself, read-only, saves filling and copying 192 KiB
+            tile = self.stored_tile(x // tw, y // th)
+            if tile is not None:
+                view = tile.view()
+                view.flags.writeable = False
+                return view
         out = np.full((h, w, 3), WHITE, np.uint8)
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + w, self.width), min(y + h, self.height)
         if x1 <= x0 or y1 <= y0:
             return out
-        tw, th = self.tile_w, self.tile_h
         for row in range(y0 // th, (y1 - 1) // th + 1):
             ty = row * th
             sy0, sy1 = max(y0, ty), min(y1, ty + th)
