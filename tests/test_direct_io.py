@@ -109,3 +109,27 @@ def test_a_failed_device_write_is_raised_and_the_file_closed(tmp_path, monkeypat
         g.write(b"tail")
         g.close()  # the tail is written at close
     assert g.closed
+
+
+def test_a_device_refusing_the_alignment_gets_the_bytes_through_the_page_cache(tmp_path, monkeypatch):
+    """EINVAL from a direct write (a logical block larger than BLOCK): O_DIRECT is turned off for
+    the rest of the file and no byte is lost."""
+    import fcntl
+
+    real_write = os.write
+    refused = []
+
+    def picky(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(len(data))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    path = tmp_path / "big-blocks.bin"
+    f = _direct_or_skip(path)
+    monkeypatch.setattr(direct_io.os, "write", picky)
+    data = np.random.default_rng(3).integers(0, 256, 2 * BUFFER_BYTES + 5000, dtype=np.uint8).tobytes()
+    f.write(data)
+    f.close()
+    assert refused == [BUFFER_BYTES]  # the first write only; the rest went through the page cache
+    assert path.read_bytes() == data

@@ -59,6 +59,10 @@ class DirectFile:
             (see :func:`open_for_write`).
         path: the file's path, for error messages.
 
+    A write the device refuses for its alignment (``EINVAL``: a logical block larger than
+    :data:`BLOCK`) turns ``O_DIRECT`` off for the rest of the file, which then goes through the
+    page cache with the same bytes.
+
     Raises:
         OSError: from the device (e.g. ``ENOSPC``), at the :meth:`write` or :meth:`close` after
             the background write that failed; the descriptor is closed then.
@@ -115,9 +119,25 @@ class DirectFile:
         try:
             done = 0
             while done < length:  # os.write may write less than asked
-                done += os.write(self._fd, view[done:])
+                try:
+                    done += os.write(self._fd, view[done:])
+                except OSError as e:
+                    # EINVAL: this device wants a larger alignment than BLOCK (or the filesystem
+                    # accepted O_DIRECT at open but not here): go on through the page cache
+                    if e.errno != errno.EINVAL or not self._drop_direct():
+                        raise
         finally:
             view.release()
+
+    def _drop_direct(self) -> bool:
+        """Turn ``O_DIRECT`` off on the open descriptor (``fcntl(F_SETFL)``); False if it was off."""
+        import fcntl
+
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        if not flags & os.O_DIRECT:
+            return False
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        return True
 
     def _wait(self) -> None:
         if self._pending is not None:
