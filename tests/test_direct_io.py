@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from slidelake import direct_io
-from slidelake.direct_io import BLOCK, BUFFER_BYTES, DirectFile, open_for_write
+from slidelake.direct_io import BLOCK, BUFFER_BYTES, BUFFERS, DirectFile, open_for_write
 
 
 def _direct_or_skip(path) -> DirectFile:
@@ -100,10 +100,14 @@ def test_a_failed_device_write_is_raised_and_the_file_closed(tmp_path, monkeypat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(direct_io.os, "write", no_space)
-    f.write(b"\0" * BUFFER_BYTES)  # the full buffer goes to the background thread
+    for _ in range(BUFFERS - 1):
+        f.write(b"\0" * BUFFER_BYTES)  # full buffers go to the background thread
     with pytest.raises(OSError, match="No space"):
-        f.write(b"\0" * BUFFER_BYTES)  # waits for that write before reusing a buffer
+        f.write(b"\0" * BUFFER_BYTES)  # every buffer is taken: waits for the oldest write
     assert f.closed
+    # its buffers went back to the process's pool once each (a buffer handed out twice would
+    # mix two files' bytes)
+    assert len({id(b) for b in direct_io._pool}) == len(direct_io._pool) >= BUFFERS
     with pytest.raises(OSError, match="No space"):
         g = _direct_or_skip(tmp_path / "tail.bin")
         g.write(b"tail")

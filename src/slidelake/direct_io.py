@@ -5,9 +5,10 @@ every byte into the kernel's page cache first, and on a VM whose balloon device 
 memory back to the host each of those pages is new memory the host must back first: on the
 benchmark machine that made writing a raw 256 px tile (192 KiB) cost ~0.36-0.43 ms, as much as
 decoding it, and the kernel's writeback threads took CPU from the workers on top
-(``docs/benchmarks.md``, sixth and seventh passes). :class:`DirectFile` instead fills two
-reused, page-aligned buffers and writes each full one straight to the device with ``O_DIRECT``
-from a background thread, while the caller fills the other: 0.05 ms of CPU per raw tile.
+(``docs/benchmarks.md``, sixth and seventh passes). :class:`DirectFile` instead fills
+reused, page-aligned buffers (:data:`BUFFERS` of :data:`BUFFER_BYTES`) and writes each full one
+straight to the device with ``O_DIRECT`` from a background thread while the caller fills the
+next: ~0.1 ms per raw tile, most of it the device's time, not the CPU's.
 
 ``O_DIRECT`` (``open(2)``) needs the buffer address, the length and the file offset aligned to
 the device's logical block size. The buffers are anonymous ``mmap`` s (page-aligned), their
@@ -25,11 +26,14 @@ import errno
 import mmap
 import os
 import threading
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, BinaryIO
 
 BLOCK = 4096  # a multiple of every logical block size in use (512 or 4096 bytes)
-BUFFER_BYTES = 4 << 20  # per buffer; two per open file
+BUFFER_BYTES = 4 << 20  # per buffer
+BUFFERS = 3  # per open file: one filled while the others are written (a Parquet row group of
+# decode.batch_mb = 8 MiB arrives in one burst)
 
 _pool: list[mmap.mmap] = []  # free buffers of this process, reused by the next file
 _pool_lock = threading.Lock()
@@ -48,7 +52,7 @@ def _give_back(buf: mmap.mmap) -> None:
 
 
 class DirectFile:
-    """A write-only binary file written with ``O_DIRECT`` through two reused aligned buffers.
+    """A write-only binary file written with ``O_DIRECT`` through reused aligned buffers.
 
     Pass it to ``pyarrow.parquet.ParquetWriter`` (or anything that calls ``write``) and call
     :meth:`close` after the writer's own ``close``: pyarrow does not close a file object it did
@@ -71,11 +75,11 @@ class DirectFile:
     def __init__(self, fd: int, path: str) -> None:
         self.name = path
         self._fd = fd
-        self._bufs = [_take_buffer(), _take_buffer()]
-        self._cur = 0  # index of the buffer being filled
+        self._free = [_take_buffer() for _ in range(BUFFERS)]
+        self._buf = self._free.pop()  # the buffer being filled
         self._fill = 0  # bytes in it
-        self._written = 0  # bytes already handed to the device (a multiple of BUFFER_BYTES)
-        self._pending: Future | None = None
+        self._written = 0  # bytes handed to the device (a multiple of BUFFER_BYTES)
+        self._queue: deque[tuple[Future, mmap.mmap]] = deque()  # full buffers being written, oldest first
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="slidelake-direct-io")
         self.closed = False
 
@@ -102,16 +106,15 @@ class DirectFile:
         view = memoryview(data).cast("B")
         n, i = len(view), 0
         while i < n:
-            buf = self._bufs[self._cur]
+            buf = self._buf
             k = min(BUFFER_BYTES - self._fill, n - i)
             buf[self._fill:self._fill + k] = view[i:i + k]
             self._fill += k
             i += k
             if self._fill == BUFFER_BYTES:
-                self._wait()
-                self._pending = self._thread.submit(self._write_all, buf, BUFFER_BYTES)
+                self._queue.append((self._thread.submit(self._write_all, self._buf, BUFFER_BYTES), self._buf))
                 self._written += BUFFER_BYTES
-                self._cur, self._fill = 1 - self._cur, 0
+                self._buf, self._fill = self._next_free(), 0
         return n
 
     def _write_all(self, buf: mmap.mmap, length: int) -> None:
@@ -139,22 +142,32 @@ class DirectFile:
         fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
         return True
 
-    def _wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            try:
-                pending.result()
-            except BaseException:
-                self._abort()
-                raise
+    def _next_free(self) -> mmap.mmap:
+        """A buffer to fill: a free one, else the oldest one being written once its write is done."""
+        if self._free:
+            return self._free.pop()
+        self._finish_oldest()
+        return self._free.pop()
+
+    def _finish_oldest(self) -> None:
+        pending, buf = self._queue.popleft()
+        self._free.append(buf)
+        try:
+            pending.result()
+        except BaseException:
+            self._abort()
+            raise
 
     def _abort(self) -> None:
         if not self.closed:
             self.closed = True
             self._thread.shutdown(wait=True)
             os.close(self._fd)
-            for b in self._bufs:
+            bufs = {id(b): b for b in [self._buf, *self._free, *(b for _, b in self._queue)]}
+            for b in bufs.values():  # each once: the current one may also be queued
                 _give_back(b)
+            self._queue.clear()
+            self._free = []
 
     def close(self) -> None:
         """Write the last bytes (padded to :data:`BLOCK`, then the file truncated to its true
@@ -162,11 +175,12 @@ class DirectFile:
         if self.closed:
             return
         try:
-            self._wait()
+            while self._queue:
+                self._finish_oldest()
             size = self._written + self._fill
             if self._fill:
                 pad = -self._fill % BLOCK
-                buf = self._bufs[self._cur]
+                buf = self._buf
                 buf[self._fill:self._fill + pad] = bytes(pad)
                 self._write_all(buf, self._fill + pad)
                 os.ftruncate(self._fd, size)
