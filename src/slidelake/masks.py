@@ -96,7 +96,8 @@ def mask_size(width0: int, height0: int, mpp_x: float, mpp_y: float, mask_mpp: f
     return (max(1, round(width0 * mpp_x / mask_mpp)), max(1, round(height0 * mpp_y / mask_mpp)))
 
 
-def read_slide_at(slide: Any, out_size: tuple[int, int], chunk_px: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+def read_slide_at(slide: Any, out_size: tuple[int, int], chunk_px: int = 2048,
+                  threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Read a whole slide resized to ``out_size`` = ``(w, h)`` px, in bounded-memory regions.
 
     The read level is OpenSlide's ``get_best_level_for_downsample`` of the needed downsample
@@ -110,6 +111,10 @@ def read_slide_at(slide: Any, out_size: tuple[int, int], chunk_px: int = 2048) -
         out_size: output ``(width, height)`` px; output pixel ``(i, j)`` covers level-0 px
             ``[j * W0 / w, (j + 1) * W0 / w) x [i * H0 / h, (i + 1) * H0 / h)``.
         chunk_px: side of a region read at once, in px of the read level.
+        threads: regions read at once (OpenSlide and Pillow release the GIL; each region fills
+            its own output pixels, so the result does not depend on it); memory grows by one
+            region per thread. 2 threads read the 100,000 x 80,000 px benchmark slide's
+            6,250 x 5,000 px level in 0.34 s instead of 0.69 s (``docs/benchmarks.md``).
 
     Returns:
         ``(rgb, valid)``: uint8 ``(h, w, 3)`` colours (not premultiplied) and bool ``(h, w)``,
@@ -126,16 +131,26 @@ def read_slide_at(slide: Any, out_size: tuple[int, int], chunk_px: int = 2048) -
     step_y = max(1, int(chunk_px * lds // ds_y))
     rgb = np.empty((h, w, 3), np.uint8)  # filled region by region: no (h, w, 4) copy of the slide
     valid = np.empty((h, w), bool)
-    for oy in range(0, h, step_y):
-        for ox in range(0, w, step_x):
-            ow, oh = min(step_x, w - ox), min(step_y, h - oy)
-            x0, y0 = math.floor(ox * ds_x), math.floor(oy * ds_y)
-            x1, y1 = math.ceil((ox + ow) * ds_x), math.ceil((oy + oh) * ds_y)
-            rw = max(1, round((x1 - x0) / lds))
-            rh = max(1, round((y1 - y0) / lds))
-            region = np.asarray(slide.read_region((x0, y0), level, (rw, rh)).resize((ow, oh), Image.Resampling.BOX))
-            rgb[oy:oy + oh, ox:ox + ow] = region[..., :3]
-            np.greater_equal(region[..., 3], 128, out=valid[oy:oy + oh, ox:ox + ow])
+
+    def read(ox: int, oy: int) -> None:
+        ow, oh = min(step_x, w - ox), min(step_y, h - oy)
+        x0, y0 = math.floor(ox * ds_x), math.floor(oy * ds_y)
+        x1, y1 = math.ceil((ox + ow) * ds_x), math.ceil((oy + oh) * ds_y)
+        rw = max(1, round((x1 - x0) / lds))
+        rh = max(1, round((y1 - y0) / lds))
+        region = np.asarray(slide.read_region((x0, y0), level, (rw, rh)).resize((ow, oh), Image.Resampling.BOX))
+        rgb[oy:oy + oh, ox:ox + ow] = region[..., :3]
+        np.greater_equal(region[..., 3], 128, out=valid[oy:oy + oh, ox:ox + ow])
+
+    origins = [(ox, oy) for oy in range(0, h, step_y) for ox in range(0, w, step_x)]
+    if threads > 1 and len(origins) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(threads, len(origins))) as pool:
+            list(pool.map(lambda o: read(*o), origins))
+    else:
+        for o in origins:
+            read(*o)
     return rgb, valid
 
 
@@ -466,7 +481,7 @@ def user_overlay_path(path: str, attributes: dict[str, str] | None, cfg: MaskCon
 
 
 def compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str,
-                 phash: str) -> dict[str, Any]:
+                 phash: str, threads: int = 1) -> dict[str, Any]:
     """Make (or take the user's) overlay of one slide and return its ``masks`` row.
 
     A slide without mpp gets a mask made as if level 0 were :data:`NOMINAL_MPP` µm/px (said in
@@ -477,6 +492,7 @@ def compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: s
         row: a ``slides`` row (``slide_id``, ``path``, ``fingerprint``, ``width``, ``height``,
             ``mpp_x``, ``mpp_y``, ``attributes``).
         cfg, lake_root, run_id, phash: settings, lake root, run id, :func:`params_hash`.
+        threads: threads reading the slide (:func:`read_slide_at`).
     """
     from datetime import datetime, timezone
 
@@ -487,7 +503,7 @@ def compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: s
                slide_height=int(row["height"]) if row["height"] is not None else None,
                created_at=datetime.now(timezone.utc).replace(tzinfo=None))
     try:
-        out.update(_compute_mask(row, cfg, lake_root, phash))
+        out.update(_compute_mask(row, cfg, lake_root, phash, threads))
         out["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 - one slide's failure is its error row
         msg = f"{type(exc).__name__}: {exc}"
@@ -496,7 +512,7 @@ def compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: s
     return out
 
 
-def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: str) -> dict[str, Any]:
+def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: str, threads: int) -> dict[str, Any]:
     import openslide
     from PIL import Image
 
@@ -508,7 +524,7 @@ def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: s
         if user is not None:
             labels, _ = read_overlay(user)
             h, w = labels.shape
-            rgb, _valid = read_slide_at(slide, (w, h), cfg.chunk_px)
+            rgb, _valid = read_slide_at(slide, (w, h), cfg.chunk_px, threads)
             res: dict[str, Any] = dict(source="user", mask_path=user, algorithm="user overlay",
                                        params=json.dumps({"overlay": user}))
         else:
@@ -520,7 +536,7 @@ def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: s
                 # absurd dimensions (a corrupt header, or masks.mpp far too fine) must not exhaust memory
                 raise MaskError(f"the mask would be {w} x {h} px ({w * h / 1e6:,.0f} Mpx) at {cfg.mpp} µm/px, over "
                                 f"masks.max_megapixels={cfg.max_megapixels:g}; raise masks.mpp or the limit")
-            rgb, valid = read_slide_at(slide, (w, h), cfg.chunk_px)
+            rgb, valid = read_slide_at(slide, (w, h), cfg.chunk_px, threads)
             mpp = (mx * W0 / w, my * H0 / h)
             labels, info = tissue_mask(rgb, valid, mpp, cfg)
             if not known:
@@ -552,9 +568,11 @@ def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: s
 
 
 def _mask_row(rec: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str, phash: str,
-              on_profile: Callable[[dict[str, float]], None] | None, worker: bool) -> dict[str, Any]:
+              on_profile: Callable[[dict[str, float]], None] | None, worker: bool,
+              threads: int = 1) -> dict[str, Any]:
     """The ``masks`` row of one ``slides`` row (see :func:`make_masks`); ``worker``: in a Spark
-    worker (measure its peak memory, give memory back afterwards)."""
+    worker (measure its peak memory, give memory back afterwards); ``threads``: threads reading
+    the slide."""
     if on_profile is not None and worker:
         reset_peak_rss()
     t0 = time.perf_counter()
@@ -564,7 +582,7 @@ def _mask_row(rec: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str,
     for k in ("mpp_x", "mpp_y", "width", "height"):
         if rec[k] is not None and isinstance(rec[k], float) and math.isnan(rec[k]):
             rec[k] = None  # pandas turns a null double into NaN
-    row = compute_mask(rec, cfg, lake_root, run_id, phash)
+    row = compute_mask(rec, cfg, lake_root, run_id, phash, threads)
     if on_profile is not None:
         fig = {"masks.s": time.perf_counter() - t0, "masks.slides": 1.0}
         if worker:
@@ -578,10 +596,10 @@ def _mask_row(rec: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str,
 def compute_masks_on_driver(slides: list[dict[str, Any]], cfg: MaskConfig, lake_root: str, run_id: str,
                             on_profile: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, Any]]:
     """The masks of a few ``slides`` made in this process, one thread per core (up to one per
-    slide), without a Spark job: for fewer than ``masks.on_driver_below`` slides a job's
-    start-up costs more than the masks (see :func:`make_masks` for the rows and ``on_profile``,
-    which gets no worker peak here and is called under a lock). OpenSlide, NumPy and SciPy
-    release the GIL in their loops.
+    slide; the cores left over read the slides' regions in parallel), without a Spark job: for
+    fewer than ``masks.on_driver_below`` slides a job's start-up costs more than the masks (see
+    :func:`make_masks` for the rows and ``on_profile``, which gets no worker peak here and is
+    called under a lock). OpenSlide, NumPy and SciPy release the GIL in their loops.
 
     Returns:
         ``masks`` rows (dicts of :data:`MASKS_SCHEMA`), in the order of ``slides``.
@@ -596,10 +614,14 @@ def compute_masks_on_driver(slides: list[dict[str, Any]], cfg: MaskConfig, lake_
         with lock:
             on_profile(fig)
 
-    def one(rec: dict[str, Any]) -> dict[str, Any]:
-        return _mask_row(rec, cfg, lake_root, run_id, phash, report if on_profile is not None else None, False)
+    cores = os.cpu_count() or 1
+    readers = max(1, cores // max(1, len(slides)))  # threads reading each slide
 
-    with ThreadPoolExecutor(max_workers=max(1, min(len(slides), os.cpu_count() or 1))) as pool:
+    def one(rec: dict[str, Any]) -> dict[str, Any]:
+        return _mask_row(rec, cfg, lake_root, run_id, phash, report if on_profile is not None else None, False,
+                         readers)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(slides), cores))) as pool:
         return list(pool.map(one, slides))
 
 
