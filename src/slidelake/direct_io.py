@@ -8,7 +8,8 @@ decoding it, and the kernel's writeback threads took CPU from the workers on top
 (``docs/benchmarks.md``, sixth and seventh passes). :class:`DirectFile` instead fills
 reused, page-aligned buffers (:data:`BUFFERS` of :data:`BUFFER_BYTES`) and writes each full one
 straight to the device with ``O_DIRECT`` from a background thread while the caller fills the
-next: ~0.1 ms per raw tile, most of it the device's time, not the CPU's.
+next: ~0.1 ms per raw tile, most of it the device's time, not the CPU's. The buffers stay with
+the process for its next file (12 MiB per Python worker), so their pages are backed once.
 
 ``O_DIRECT`` (``open(2)``) needs the buffer address, the length and the file offset aligned to
 the device's logical block size. The buffers are anonymous ``mmap`` s (page-aligned), their
