@@ -34,7 +34,7 @@ from pyspark.sql import types as T
 
 from slidelake.config import DecodeConfig, PartitionConfig
 from slidelake.encoding import encode_tile
-from slidelake.memory import peak_rss_mib, release_memory, reset_peak_rss
+from slidelake.memory import freeze_long_lived, peak_rss_mib, reset_peak_rss, trim_heap
 from slidelake.native import CorruptTileError, open_native
 
 DECODE_FIELDS = [
@@ -343,11 +343,14 @@ class TileDecoder:
 
     def end_task(self) -> None:
         """Drop the decoded stored tiles the native readers cache (they serve the task's raster
-        walk; the open handles stay for the next task) and return freed memory to the OS."""
+        walk; the open handles stay for the next task) and return freed heap pages to the OS
+        (:func:`slidelake.memory.trim_heap`; no ``gc.collect``: the arrays are freed by their
+        reference counts, and a full collection of a worker's heap took 35-80 ms per task,
+        ``docs/benchmarks.md``)."""
         if self.natives is not None:
             for native in self.natives.open_handles():
                 native.drop_cached_tiles()
-        release_memory()
+        trim_heap()
 
     def profile(self, d: DecodedBatch) -> dict[str, float]:
         """The ``--profile`` figures of one batch (see :func:`make_decoder`)."""
@@ -374,6 +377,7 @@ def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], 
     """
 
     def decode(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        freeze_long_lived()
         if on_profile is not None:
             reset_peak_rss()
         decoder = TileDecoder(cfg)

@@ -36,7 +36,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
 from slidelake.config import MaskConfig
-from slidelake.memory import peak_rss_mib, release_memory, reset_peak_rss
+from slidelake.memory import freeze_long_lived, peak_rss_mib, release_memory, reset_peak_rss
 from slidelake.slides import SLIDES_SCHEMA
 
 TISSUE = 255
@@ -651,6 +651,7 @@ def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfi
         df = df.coalesce(max(1, len(slides)))
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        freeze_long_lived()
         for pdf in batches:
             rows = [_mask_row(rec, cfg, lake_root, run_id, phash, on_profile, True) for rec in pdf.to_dict("records")]
             yield pd.DataFrame(rows, columns=MASKS_SCHEMA.fieldNames())

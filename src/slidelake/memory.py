@@ -2,6 +2,9 @@
 
 * :func:`release_memory` hands freed heap pages back to the OS (glibc ``malloc_trim``), so a
   reused worker does not carry one stage's working arrays into the next.
+* :func:`freeze_long_lived` takes the objects a worker holds for good (its imported modules)
+  out of the garbage collector's view once, so the full collection PySpark runs after each
+  task of a reused worker stays cheap.
 * :func:`reset_peak_rss` and :func:`peak_rss_mib` measure the peak resident set size of a
   worker during one stage: Linux keeps the peak (``VmHWM`` in ``/proc/self/status``) and resets
   it when ``5`` is written to ``/proc/self/clear_refs`` (``proc(5)``, Linux >= 4.0). With
@@ -47,6 +50,27 @@ def trim_heap() -> None:
 
 
 _LIBC = None
+_FROZEN = False
+
+
+def freeze_long_lived() -> None:
+    """Once per process: move every object the garbage collector tracks now to its permanent
+    generation (``gc.freeze``, Python >= 3.7), so later collections skip them.
+
+    A reused Python worker runs a full ``gc.collect()`` after every task (``pyspark/daemon.py``,
+    ``SPARK_REUSE_WORKER``), and with pandas, pyarrow, PySpark, tifffile and the codecs
+    imported it walks ~100,000 objects: 35-80 ms between two tasks of the decode stage
+    (``docs/benchmarks.md``). A stage's function calls this when its first task starts, before
+    making anything of its own; what is alive then is the imports and PySpark's worker state,
+    which live as long as the process. Objects made afterwards (slide handles, caches, tiles)
+    are collected as usual. A no-op after the first call.
+    """
+    global _FROZEN
+    if not _FROZEN:
+        import gc
+
+        gc.freeze()
+        _FROZEN = True
 
 
 def reset_peak_rss() -> None:
@@ -71,4 +95,4 @@ def peak_rss_mib() -> float:
     return 0.0
 
 
-__all__ = ["release_memory", "trim_heap", "reset_peak_rss", "peak_rss_mib"]
+__all__ = ["release_memory", "trim_heap", "freeze_long_lived", "reset_peak_rss", "peak_rss_mib"]

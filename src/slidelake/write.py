@@ -42,7 +42,7 @@ from slidelake.decode import DECODE_COLUMNS, DECODE_FIELDS, TileDecoder, make_de
 from slidelake.direct_io import open_for_write
 from slidelake.filtering import keep_mask
 from slidelake.lineage import TILE_ERRORS_SCHEMA, CountLog, FailureLog
-from slidelake.memory import reset_peak_rss
+from slidelake.memory import freeze_long_lived, reset_peak_rss
 from slidelake.tables import WriteResult, commit_files, discard_staging, new_staging, to_stored, write_table
 
 # column order of the tiles table
@@ -212,6 +212,7 @@ def make_file_sink(
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
+        freeze_long_lived()
         if on_profile is not None:
             reset_peak_rss()
         decoder = TileDecoder(dcfg)
