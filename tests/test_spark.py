@@ -68,3 +68,28 @@ def test_warm_up_ignores_a_failure(monkeypatch):
     t = warm_up(Broken())
     t.join(10)
     assert not t.is_alive() and raised == []
+
+
+def test_local_frame_keeps_the_rows_and_types_in_the_plan(spark):
+    """Driver-side rows become a LocalRelation (no Python RDD, so no job or Python worker to
+    read them), with nulls, maps and timestamps as given."""
+    import datetime as dt
+
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    from slidelake.spark import local_frame
+
+    schema = T.StructType.fromDDL("slide_id string, level int, mpp double, attributes map<string,string>, "
+                                  "discovered_at timestamp")
+    when = dt.datetime(2026, 11, 22, 18, 30, tzinfo=dt.timezone.utc)
+    rows = [("a", 0, 0.25, {"stain": "HE"}, when), {"slide_id": "b", "level": 2, "mpp": None, "attributes": None,
+                                                    "discovered_at": None}]
+    df = local_frame(spark, rows, schema)
+    assert df.schema == schema
+    assert "LocalRelation" in df._jdf.queryExecution().optimizedPlan().toString()
+    got = {r["slide_id"]: r for r in df.select("*", F.unix_timestamp("discovered_at").alias("t")).collect()}
+    assert (got["a"]["level"], got["a"]["mpp"], got["a"]["attributes"]) == (0, 0.25, {"stain": "HE"})
+    assert got["a"]["t"] == int(when.timestamp())
+    assert (got["b"]["level"], got["b"]["mpp"], got["b"]["attributes"], got["b"]["t"]) == (2, None, None, None)
+    assert local_frame(spark, [], schema).count() == 0

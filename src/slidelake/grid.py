@@ -22,6 +22,9 @@ import math
 import numpy as np
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from slidelake.spark import local_frame
 
 
 def axis_count(length: int, extent: int, stride: int, last: str) -> int:
@@ -193,8 +196,9 @@ def banded_grid(spark: SparkSession, slides: list[dict], tile_extent: tuple[int,
         nx, ny = grid_shape(r["extent_x"], r["extent_y"], r["downsample"], tile_extent, stride, last, roi)
         bands += [(r["slide_id"], r["extent_x"], r["extent_y"], r["downsample"], b0, b1)
                   for b0, b1 in row_bands(ny, nx * ny, tiles_per_task)]
-    rows = spark.createDataFrame(bands, "slide_id string, extent_x long, extent_y long, downsample double, "
-                                        "band_start long, band_stop long")
+    # in the plan: the grid tasks start no Python worker to read their bands
+    rows = local_frame(spark, bands, T.StructType.fromDDL(
+        "slide_id string, extent_x long, extent_y long, downsample double, band_start long, band_stop long"))
     return expand_grid(rows, tile_extent, stride, last, roi, row_band=("band_start", "band_stop")).select(
         "slide_id", *TILE_COLUMNS)
 

@@ -32,6 +32,7 @@ from slidelake.overlap import SlideInputs, annotation_path, overlap_tiles
 from slidelake.progress import TileProgress
 from slidelake.resolution import resolve_row, resolved_schema
 from slidelake.slides import SLIDES_SCHEMA, discover, list_inputs, select_rows_for_tiling
+from slidelake.spark import local_frame
 from slidelake.tables import (
     partition_values, read_columns, read_rows, register_tables, resolve_writer, sql_in, to_stored, write_rows,
 )
@@ -416,9 +417,10 @@ def _tile_batch(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, batch:
              if ann.enabled else None for r in batch}
     sides = T.StructType([T.StructField("overlay_path", T.StringType()),
                           T.StructField("annotations_path", T.StringType())])
-    resolved = spark.createDataFrame([
+    # held in the plan (no Spark job to broadcast it below, no Python worker to read it)
+    resolved = local_frame(spark, [
         (*(r[f] for f in schema.fieldNames()), overlay[r["slide_id"]], notes[r["slide_id"]]) for r in batch
-    ], schema=T.StructType(schema.fields + sides.fields))
+    ], T.StructType(schema.fields + sides.fields))
     base = resolved.select(
         "slide_id", "path", "fingerprint", "attributes", "level", "level_downsample", "downsample",
         F.col("tile_mpp_x").alias("mpp_x"), F.col("tile_mpp_y").alias("mpp_y"),

@@ -17,7 +17,13 @@ import os
 import sys
 import threading
 
+from typing import TYPE_CHECKING
+
 from pyspark.sql import SparkSession
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame
+    from pyspark.sql.types import StructType
 
 RUNTIME_CONF: dict[str, str] = {
     "spark.sql.execution.arrow.pyspark.enabled": "true",
@@ -144,6 +150,32 @@ def warm_up(spark: SparkSession, group: str = WARM_UP_GROUP) -> threading.Thread
     t = threading.Thread(target=run, name="slidelake-warm-up", daemon=True)
     t.start()
     return t
+
+
+def local_frame(spark: SparkSession, rows: list[tuple] | list[dict], schema: "StructType") -> "DataFrame":
+    """A DataFrame of a few rows made on the driver, held in the query plan itself.
+
+    ``spark.createDataFrame`` on a Python list makes a Python RDD: every task that reads it
+    first starts a Python worker to unpickle the rows, and a broadcast of it is a Spark job of
+    its own (~0.1 s of a warm run, ``docs/benchmarks.md``). Built from an Arrow table it is a
+    ``LocalRelation`` instead: Spark reads it without a job or a Python worker, and spreads it
+    over ``min(rows, defaultParallelism)`` tasks where a plan needs partitions.
+
+    Args:
+        spark: the session.
+        rows: tuples in ``schema``'s field order, or dicts by field name.
+        schema: the Spark schema (timestamps are taken as UTC).
+
+    Raises:
+        pyarrow.ArrowInvalid / ArrowTypeError: a value does not fit its field's type.
+    """
+    import pyarrow as pa
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    names = schema.fieldNames()
+    dicts = [r if isinstance(r, dict) else dict(zip(names, r)) for r in rows]
+    table = pa.Table.from_pylist(dicts, schema=to_arrow_schema(schema, timezone="UTC"))
+    return spark.createDataFrame(table, schema=schema)
 
 
 def delta_jars_available(spark: SparkSession) -> bool:
