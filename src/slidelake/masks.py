@@ -38,6 +38,7 @@ from pyspark.sql import types as T
 from slidelake.config import MaskConfig
 from slidelake.memory import freeze_long_lived, peak_rss_mib, release_memory, reset_peak_rss
 from slidelake.slides import SLIDES_SCHEMA
+from slidelake.spark import local_frame
 
 TISSUE = 255
 BACKGROUND = 0
@@ -639,7 +640,7 @@ def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfi
     phash = params_hash(cfg)
     fields = ["slide_id", "path", "fingerprint", "width", "height", "mpp_x", "mpp_y", "attributes"]
     in_schema = T.StructType([f for f in SLIDES_SCHEMA.fields if f.name in fields])
-    df = spark.createDataFrame([{k: r[k] for k in fields} for r in slides], schema=in_schema)
+    df = local_frame(spark, [{k: r[k] for k in fields} for r in slides], in_schema)
     cores = spark.sparkContext.defaultParallelism
     if len(slides) > cores:
         # more slides than cores: smaller tasks balance slides of different sizes

@@ -57,6 +57,7 @@ SLIDES_SCHEMA = T.StructType([
 ])
 
 from slidelake.config import PROPERTY_ALLOWLIST  # noqa: E402 - re-exported
+from slidelake.spark import local_frame  # noqa: E402
 
 # Where level-0 mpp is looked up, in order (as TRIDENT's chain). TIFF resolution tags are in
 # pixels per unit; ``_tiff_mpp`` converts them.
@@ -363,7 +364,7 @@ def discover(spark: SparkSession, paths: pd.DataFrame, run_id: str, on_driver_be
         T.StructField("discovered_at", T.TimestampType(), True),
     ])
     n = max(1, min(len(data), spark.sparkContext.defaultParallelism * 4))
-    src = spark.createDataFrame(data, schema=src_schema).repartition(n, "path")
+    src = local_frame(spark, data, src_schema).repartition(n, "path")
     spark.sparkContext.setJobDescription("discover")
     return [r.asDict(recursive=True) for r in src.mapInPandas(_prober(properties), schema=SLIDES_SCHEMA).collect()]
 
