@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import sys
 import threading
-
 from typing import TYPE_CHECKING
 
 from pyspark.sql import SparkSession
