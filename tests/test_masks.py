@@ -278,6 +278,46 @@ def test_a_slide_split_over_grid_tasks_gives_the_same_tiles(spark, lake, tmp_pat
     assert (banded["overlay_path"] == str(tmp_path / "gen.mask.tiff")).all()
 
 
+@pipeline
+def test_the_plan_made_beside_the_masks_is_used_only_when_the_masks_match_it(spark, lake, tmp_path, monkeypatch):
+    """The first batch is planned in a thread while its masks are made, with the overlay paths
+    the masks will have (``mask_path_of``); that plan is used when every mask comes out at those
+    paths, and planned again without the slide whose mask failed otherwise."""
+    import threading
+
+    import slidelake.pipeline as pipeline_module
+    from slidelake.masks import mask_path_of
+
+    calls = []
+    real = pipeline_module.plan_tiles
+
+    def spy(spark, cfg, batch, overlay, on_profile=None):
+        calls.append((threading.current_thread().name.startswith("slidelake-plan"), dict(overlay)))
+        return real(spark, cfg, batch, overlay, on_profile)
+
+    monkeypatch.setattr(pipeline_module, "plan_tiles", spy)
+    d = tmp_path / "in"
+    d.mkdir()
+    make_tiff(d / "good.tiff", 600, 400, levels=1, tile=64, mpp=0.5)
+    kw = dict(resolution={"level": 0}, grid={"tile_extent": 100}, filter={"min_tissue_fraction": None})
+    rec = run_all(spark, cfg_for(lake, [d], **kw))
+    assert rec.status == "succeeded" and rec.counts["masks_computed"] == 1
+    m = pl.read_delta(str(lake / "masks")).row(0, named=True)
+    slide = pl.read_delta(str(lake / "slides")).row(0, named=True)
+    assert mask_path_of(slide, MaskConfig(), str(lake)) == m["mask_path"] and os.path.isfile(m["mask_path"])
+    assert calls == [(True, {m["slide_id"]: m["mask_path"]})]  # planned once, beside the mask
+    t = pl.read_delta(str(lake / "tiles"))
+    assert t.height == 6 * 4 and (t["overlay_path"] == m["mask_path"]).all()
+    # a second slide whose mask fails (over masks.max_megapixels): the early plan had both slides
+    make_tiff(d / "absurd.tiff", 300, 200, mpp=400.0, seed=3)
+    calls.clear()
+    rec = run_all(spark, cfg_for(lake, [d], masks={"max_megapixels": 1.0}, tables={"tiles_table": "again"}, **kw))
+    assert rec.status == "succeeded" and rec.counts["masks_failed"] == 1
+    assert [len(o) for _, o in calls] == [2, 1] and [inside for inside, _ in calls] == [True, False]
+    again = pl.read_delta(str(lake / "again"))
+    assert set(again["path"]) == {str(d / "good.tiff")} and again.height == 6 * 4
+
+
 @pytest.mark.parametrize("method,threshold", [("grayscale", "multi_otsu"), ("grayscale", "otsu"), ("saturation", 0.1)])
 def test_threshold_variants_agree_on_the_he_sample(method, threshold):
     need(CMU)

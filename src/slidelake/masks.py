@@ -481,6 +481,19 @@ def user_overlay_path(path: str, attributes: dict[str, str] | None, cfg: MaskCon
     return None
 
 
+def mask_path_of(row: dict[str, Any], cfg: MaskConfig, lake_root: str) -> str:
+    """Where the overlay of a ``slides`` row (``slide_id``, ``path``, ``attributes``) is, before
+    it is made: the user overlay (:func:`user_overlay_path`), else the computed one,
+    ``<lake_root>/overlays/<slide_id>/tissue-<params_hash>.tiff`` (the ``mask_path`` that
+    :func:`compute_mask` gives an ``ok`` row)."""
+    user = user_overlay_path(row["path"], row.get("attributes"), cfg)
+    return user if user is not None else _computed_path(lake_root, row["slide_id"], params_hash(cfg))
+
+
+def _computed_path(lake_root: str, slide_id: str, phash: str) -> str:
+    return os.path.join(overlay_dir(lake_root, slide_id), f"tissue-{phash}.tiff")
+
+
 def compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str,
                  phash: str, threads: int = 1) -> dict[str, Any]:
     """Make (or take the user's) overlay of one slide and return its ``masks`` row.
@@ -542,7 +555,7 @@ def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: s
             labels, info = tissue_mask(rgb, valid, mpp, cfg)
             if not known:
                 info["algorithm"] += f" (slide has no mpp: {NOMINAL_MPP} µm/px assumed for the mask)"
-            mask_path = os.path.join(folder, f"tissue-{phash}.tiff")
+            mask_path = _computed_path(lake_root, row["slide_id"], phash)
             write_overlay(mask_path, labels, mpp)
             res = dict(source="computed", mask_path=mask_path, algorithm=info["algorithm"],
                        params=json.dumps(cfg.algorithm_dict(), sort_keys=True),
@@ -664,5 +677,5 @@ def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfi
 __all__ = [
     "MASKS_SCHEMA", "TISSUE", "BACKGROUND", "MaskError", "params_hash", "mask_size", "read_slide_at",
     "detect_polarity", "remove_small_components", "tissue_mask", "write_overlay", "read_overlay", "mask_outline", "qc_picture",
-    "overlay_dir", "user_overlay_path", "compute_mask", "compute_masks_on_driver", "make_masks",
+    "overlay_dir", "user_overlay_path", "mask_path_of", "compute_mask", "compute_masks_on_driver", "make_masks",
 ]

@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -27,7 +27,7 @@ from slidelake.grid import banded_grid, grid_constants, grid_size
 from slidelake.lineage import (
     RUN_SLIDES_SCHEMA, RUNS_SCHEMA, TILE_ERRORS_SCHEMA, CountLog, RunRecord, SumLog, utcnow, versions,
 )
-from slidelake.masks import MASKS_SCHEMA, compute_masks_on_driver, make_masks, params_hash, qc_picture
+from slidelake.masks import MASKS_SCHEMA, compute_masks_on_driver, make_masks, mask_path_of, params_hash, qc_picture
 from slidelake.overlap import SlideInputs, annotation_path, overlap_tiles
 from slidelake.progress import TileProgress
 from slidelake.resolution import resolve_row, resolved_schema
@@ -342,9 +342,11 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     good = [r for r in good if r["slide_id"] not in done]
     prof_acc = spark.sparkContext.accumulator({}, SumLog()) if profile else None
     on_profile = (lambda d: prof_acc.add(d)) if prof_acc is not None else None
+    step = cfg.tables.slides_per_commit
     masks: dict[str, dict] = {}
+    early: tuple[dict[str, str | None], DataFrame] | None = None
     if cfg.masks.enabled and good:
-        masks = mask_slides(spark, cfg, rec, good, on_profile)
+        masks, early = _masks_and_first_plan(spark, cfg, rec, good[:step], good, on_profile)
         good = [r for r in good if r["slide_id"] in masks]
     generated = {
         r["slide_id"]: grid_size(r["extent_x"], r["extent_y"], r["downsample"], grid_cfg.tile_extent,
@@ -362,7 +364,6 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
 
     counts: list[dict] = []
     written_total = 0
-    step = cfg.tables.slides_per_commit
     batches = [good[i:i + step] for i in range(0, len(good), step)] or ([[]] if replace_table or stale else [])
     with TileProgress(spark, total, lambda: sum(decoded_acc.value.values()), enabled=progress):
         for i, batch in enumerate(batches):
@@ -371,7 +372,13 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
                 expected = sum(generated[r["slide_id"]] * (_tissue_share(masks.get(r["slide_id"]))
                                                            if cfg.filter.min_tissue_fraction is not None else 1.0)
                                for r in batch)
-                wrote = _tile_batch(spark, cfg, rec, batch, masks, expected,
+                overlay = {r["slide_id"]: masks[r["slide_id"]]["mask_path"] if r["slide_id"] in masks else None
+                           for r in batch}
+                # the plan made while the masks were made holds if its slides and overlays are these
+                planned = early[1] if i == 0 and early is not None and early[0] == overlay else None
+                if planned is None:
+                    planned = plan_tiles(spark, cfg, batch, overlay, on_profile)
+                wrote = _tile_batch(spark, cfg, rec, batch, planned, expected,
                                     replace_table and i == 0, stale if i == 0 else [], decoded_acc.add, on_profile)
             res = wrote.result
             rec.table_versions[cfg.tables.tiles_table] = res.version if res.version is not None else -1
@@ -400,19 +407,46 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     )
 
 
-def _tile_batch(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, batch: list[dict], masks: dict[str, dict],
-                expected: float, replace_table: bool, drop: list[str], on_decoded, on_profile) -> TileWrite:
-    """Grid, overlap, filter, repartition, decode, write one batch of resolved slide rows as one
-    commit replacing their partitions and removing the ``drop`` partitions (the whole table
-    when ``replace_table``). ``expected``: tiles expected to be decoded (sizes the decode tasks,
-    :func:`slidelake.decode.partition_count`)."""
-    paths = lake_paths(cfg)
-    writer = rec.delta_writer or "delta-rs"
-    chash = config_hash(cfg)
+def _masks_and_first_plan(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, first: list[dict],
+                          slides: list[dict], on_profile) -> tuple[dict[str, dict], tuple[dict, DataFrame] | None]:
+    """The masks stage (:func:`mask_slides` on ``slides``) with, beside it in a thread, the plan
+    of the first batch ``first`` (:func:`plan_tiles`) made with the overlay paths its masks will
+    have (:func:`slidelake.masks.mask_path_of`): ~0.2 s of Py4J calls that would otherwise wait
+    for the mask (``docs/benchmarks.md``, ninth pass). No Spark job runs in the plan.
+
+    Returns:
+        The masks (as :func:`mask_slides`) and ``(overlay paths by slide_id, plan)``, or None
+        when planning failed (the batch is then planned again after the masks, raising there).
+        The caller uses the plan only if the batch and its overlay paths turn out the same.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = overlay_root(cfg)
+    guess = {r["slide_id"]: mask_path_of(r, cfg.masks, root) for r in first}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slidelake-plan") as pool:
+        planned = pool.submit(plan_tiles, spark, cfg, first, guess, on_profile)
+        masks = mask_slides(spark, cfg, rec, slides, on_profile)
+        try:
+            early = (guess, planned.result())
+        except Exception:  # noqa: BLE001 - an early plan only saves time; the batch's own plan decides
+            early = None
+    return masks, early
+
+
+def plan_tiles(spark: SparkSession, cfg: PipelineConfig, batch: list[dict], overlay: dict[str, str | None],
+               on_profile=None) -> DataFrame:
+    """Steps 1-3 of a batch's plan: the grid rows of ``batch`` (resolved slide rows), their
+    overlap with each slide's overlay (``overlay``: ``slide_id`` -> overlay path or None) and
+    annotations, the filter before decode, and the slides' own columns joined back (lazy: no
+    Spark job runs; the rows are in the plan).
+
+    Returns:
+        A DataFrame of kept tile rows with the decode inputs and every non-pixel tiles column
+        but ``tile_id`` (:func:`_tile_batch` adds it after the repartition).
+    """
     grid_cfg, fcfg, ann = cfg.grid, cfg.filter, cfg.annotations
     schema = resolved_schema(SLIDES_SCHEMA)
     # per-slide inputs of the overlap stage, decided on the driver
-    overlay = {r["slide_id"]: masks[r["slide_id"]]["mask_path"] if r["slide_id"] in masks else None for r in batch}
     notes = {r["slide_id"]: annotation_path(r["path"], r["attributes"], ann.column, ann.sidecar_suffix)
              if ann.enabled else None for r in batch}
     sides = T.StructType([T.StructField("overlay_path", T.StringType()),
@@ -434,6 +468,7 @@ def _tile_batch(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, batch:
     base = base.withColumns({
         "read_width": F.greatest(F.lit(1), F.round(F.lit(ex) * scale)).cast("int"),
         "read_height": F.greatest(F.lit(1), F.round(F.lit(ey) * scale)).cast("int"),
+        **grid_constants(grid_cfg.tile_extent, grid_cfg.stride_xy),
     })
     # 1. grid (metadata only): per-tile columns only, a large slide's grid rows split in bands
     # over several tasks; the slide's own columns are joined back to the kept tiles (3.)
@@ -447,14 +482,24 @@ def _tile_batch(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, batch:
     min_tissue = fcfg.min_tissue_fraction if cfg.masks.enabled else None
     tiles = overlap_tiles(tiles, inputs, grid_cfg.tile_roi, ann.label_min_fraction, min_tissue,
                           fcfg.min_annotated_fraction, on_profile)
-    base = base.withColumns(grid_constants(grid_cfg.tile_extent, grid_cfg.stride_xy))
-    tiles = tiles.join(F.broadcast(base), "slide_id")
+    return tiles.join(F.broadcast(base), "slide_id")
+
+
+def _tile_batch(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, batch: list[dict], planned: DataFrame,
+                expected: float, replace_table: bool, drop: list[str], on_decoded, on_profile) -> TileWrite:
+    """Repartition, decode, filter and write one batch of resolved slide rows (``planned``: its
+    :func:`plan_tiles`) as one commit replacing their partitions and removing the ``drop``
+    partitions (the whole table when ``replace_table``). ``expected``: tiles expected to be
+    decoded (sizes the decode tasks, :func:`slidelake.decode.partition_count`)."""
+    paths = lake_paths(cfg)
+    writer = rec.delta_writer or "delta-rs"
+    chash = config_hash(cfg)
     # 4. repartition (with the tile id: a hash of slide, config and position)
-    tiles = repartition_tiles(tiles, cfg.partition, expected).withColumn(
+    tiles = repartition_tiles(planned, cfg.partition, expected).withColumn(
         "tile_id", F.xxhash64("slide_id", F.lit(chash), "tile_x", "tile_y"))
     # 5. decode, 6. pixel filter, 7. write with lineage columns: in the Python workers
     lineage = Lineage(rec.run_id, chash, __version__, rec.started_at, cfg.tables.path_root)
-    return write_tiles(spark, tiles, paths["tiles"], writer, cfg.decode, fcfg, lineage,
+    return write_tiles(spark, tiles, paths["tiles"], writer, cfg.decode, cfg.filter, lineage,
                        None if replace_table else [r["slide_id"] for r in batch] + list(drop), cfg.tables.tile_compression,
                        on_decoded, on_profile, cfg.tables.direct_io)
 
@@ -626,4 +671,4 @@ def summary(rec: RunRecord) -> str:
 
 
 __all__ = ["run_discover", "run_masks", "run_tile", "run_all", "discover_slides", "mask_slides", "tile_slides",
-           "draw_qc", "lake_paths", "lake_root", "summary", "ConfigMismatchError", "TILES_COLUMNS"]
+           "plan_tiles", "draw_qc", "lake_paths", "lake_root", "summary", "ConfigMismatchError", "TILES_COLUMNS"]
