@@ -130,6 +130,63 @@ def test_threaded_read_of_a_real_slide_is_the_same():
     assert one[1].all() and one[0].std() > 10  # a real picture, not a blank
 
 
+def test_mask_read_from_stored_tiles_equals_read_region(tmp_path):
+    """``masks.reader=auto`` reads the mask's level from the file's JPEG tiles: the same pixels
+    and validity as ``read_region`` (real CMU sample, a generated JPEG pyramid read at level 1
+    with edge regions), on 1 and 2 threads, without calling ``read_region`` at all; the masks
+    made both ways are the same."""
+    from slidelake.native import open_native
+
+    need(CMU)
+    jpeg = tmp_path / "jpeg.tiff"
+    make_tiff(jpeg, 2500, 1700, levels=3, tile=128, compression="jpeg")
+
+    class NoReadRegion:
+        def __init__(self, osr):
+            self.osr = osr
+
+        def __getattr__(self, name):
+            if name == "read_region":
+                raise AssertionError("read_region called although the level is stored as JPEG tiles")
+            return getattr(self.osr, name)
+
+    for path, size in ((CMU, (555, 741)), (jpeg, (1000, 680))):
+        osr = openslide.OpenSlide(str(path))
+        native = open_native(str(path), cache_tiles=0)
+        level = osr.get_best_level_for_downsample(min(osr.dimensions[0] / size[0], osr.dimensions[1] / size[1]))
+        assert native.level(level) is not None and (path == CMU or level == 1)
+        ref = read_slide_at(osr, size, chunk_px=256)
+        for threads in (1, 2):
+            got = read_slide_at(NoReadRegion(osr), size, chunk_px=256, threads=threads, native=native)
+            np.testing.assert_array_equal(got[0], ref[0])
+            np.testing.assert_array_equal(got[1], ref[1])
+        assert ref[0].std() > 10
+        native.close()
+    rec = {**probe_slide(str(CMU)), "slide_id": "cmu", "path": str(CMU), "fingerprint": "f", "attributes": {}}
+    rows = {reader: compute_mask(rec, MaskConfig(reader=reader), str(tmp_path / reader), "r", "p")
+            for reader in ("auto", "openslide")}
+    assert rows["auto"]["status"] == rows["openslide"]["status"] == "ok"
+    assert rows["auto"]["tissue_fraction"] == rows["openslide"]["tissue_fraction"]
+    np.testing.assert_array_equal(read_overlay(rows["auto"]["mask_path"])[0], read_overlay(rows["openslide"]["mask_path"])[0])
+
+
+def test_mask_of_a_slide_with_corrupt_tiles_fails_as_with_openslide(tmp_path):
+    """A corrupt stored JPEG tile under the mask's level is left to OpenSlide, which fails the
+    read: the native read never turns a broken slide into a mask."""
+    need(CMU)
+    data = bytearray(CMU.read_bytes())
+    at = int(len(data) * 0.3)
+    data[at: at + 20000] = b"\xff\x00" * 10000
+    bad = tmp_path / "corrupt.svs"
+    bad.write_bytes(bytes(data))
+    rec = {**probe_slide(str(bad)), "slide_id": "bad", "path": str(bad), "fingerprint": "f", "attributes": {}}
+    cfg = {"mpp": 2.0, "chunk_px": 512}  # the mask read at level 0, where the tiles are broken
+    rows = {reader: compute_mask(rec, MaskConfig(reader=reader, **cfg), str(tmp_path / reader), "r", "p")
+            for reader in ("auto", "openslide")}
+    assert rows["openslide"]["status"] == "error"
+    assert rows["auto"]["status"] == "error" and str(bad) in rows["auto"]["error"]
+
+
 # ----------------------------------------------------------------------- mask-first pipeline
 
 def cfg_for(lake, inputs, **kw):

@@ -98,7 +98,7 @@ def mask_size(width0: int, height0: int, mpp_x: float, mpp_y: float, mask_mpp: f
 
 
 def read_slide_at(slide: Any, out_size: tuple[int, int], chunk_px: int = 2048,
-                  threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                  threads: int = 1, native: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Read a whole slide resized to ``out_size`` = ``(w, h)`` px, in bounded-memory regions.
 
     The read level is OpenSlide's ``get_best_level_for_downsample`` of the needed downsample
@@ -116,22 +116,44 @@ def read_slide_at(slide: Any, out_size: tuple[int, int], chunk_px: int = 2048,
             its own output pixels, so the result does not depend on it); memory grows by one
             region per thread. 2 threads read the 100,000 x 80,000 px benchmark slide's
             6,250 x 5,000 px level in 0.34 s instead of 0.69 s (``docs/benchmarks.md``).
+        native: a :class:`slidelake.native.NativeSlide` of the same file, or None. When the read
+            level is stored as JPEG tiles it is read from them (the region's top-left level px
+            is ``floor(x0 / level_downsample)``; no cache, so threads share it safely) instead
+            of ``read_region``; a region with a corrupt stored tile is read by OpenSlide.
 
     Returns:
         ``(rgb, valid)``: uint8 ``(h, w, 3)`` colours (not premultiplied) and bool ``(h, w)``,
-        true where the slide has pixels (OpenSlide alpha >= 128).
+        true where the slide has pixels (OpenSlide alpha >= 128; inside the level for a
+        native read).
     """
     from PIL import Image
+
+    from slidelake.native import CorruptTileError
 
     w, h = out_size
     W0, H0 = slide.dimensions
     ds_x, ds_y = W0 / w, H0 / h
     level = slide.get_best_level_for_downsample(min(ds_x, ds_y))
     lds = slide.level_downsamples[level]
+    stored = native.level(level) if native is not None else None
     step_x = max(1, int(chunk_px * lds // ds_x))  # output px per region
     step_y = max(1, int(chunk_px * lds // ds_y))
     rgb = np.empty((h, w, 3), np.uint8)  # filled region by region: no (h, w, 4) copy of the slide
     valid = np.empty((h, w), bool)
+
+    def from_stored(x0: int, y0: int, rw: int, rh: int, ow: int, oh: int) -> tuple[np.ndarray, np.ndarray] | None:
+        lx, ly = int(x0 // lds), int(y0 // lds)
+        try:
+            px = stored.read(lx, ly, rw, rh, cache=False)
+        except CorruptTileError:
+            return None  # OpenSlide decides
+        inside_w, inside_h = min(rw, stored.width - lx), min(rh, stored.height - ly)
+        out = np.asarray(Image.fromarray(px).resize((ow, oh), Image.Resampling.BOX))
+        if inside_w >= rw and inside_h >= rh:
+            return out, np.ones((oh, ow), bool)
+        inside = np.zeros((rh, rw), np.uint8)
+        inside[:max(0, inside_h), :max(0, inside_w)] = 255
+        return out, np.asarray(Image.fromarray(inside).resize((ow, oh), Image.Resampling.BOX)) >= 128
 
     def read(ox: int, oy: int) -> None:
         ow, oh = min(step_x, w - ox), min(step_y, h - oy)
@@ -139,6 +161,10 @@ def read_slide_at(slide: Any, out_size: tuple[int, int], chunk_px: int = 2048,
         x1, y1 = math.ceil((ox + ow) * ds_x), math.ceil((oy + oh) * ds_y)
         rw = max(1, round((x1 - x0) / lds))
         rh = max(1, round((y1 - y0) / lds))
+        got = from_stored(x0, y0, rw, rh, ow, oh) if stored is not None else None
+        if got is not None:
+            rgb[oy:oy + oh, ox:ox + ow], valid[oy:oy + oh, ox:ox + ow] = got
+            return
         region = np.asarray(slide.read_region((x0, y0), level, (rw, rh)).resize((ow, oh), Image.Resampling.BOX))
         rgb[oy:oy + oh, ox:ox + ow] = region[..., :3]
         np.greater_equal(region[..., 3], 128, out=valid[oy:oy + oh, ox:ox + ow])
@@ -526,6 +552,17 @@ def compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: s
     return out
 
 
+def _native_of(path: str, slide: Any) -> Any:
+    """A :class:`slidelake.native.NativeSlide` of an open OpenSlide ``slide`` (None when its
+    TIFF structure cannot be read: OpenSlide reads it then)."""
+    from slidelake.native import NativeSlide
+
+    try:
+        return NativeSlide(path, list(slide.level_dimensions), slide.properties.get("openslide.vendor"), cache_tiles=0)
+    except Exception:  # noqa: BLE001 - tifffile's own errors; OpenSlide opened the file and decides
+        return None
+
+
 def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: str, threads: int) -> dict[str, Any]:
     import openslide
     from PIL import Image
@@ -534,11 +571,12 @@ def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: s
     folder = overlay_dir(lake_root, row["slide_id"])
     user = user_overlay_path(row["path"], row.get("attributes"), cfg)
     slide = openslide.OpenSlide(row["path"])
+    native = _native_of(row["path"], slide) if cfg.reader == "auto" else None
     try:
         if user is not None:
             labels, _ = read_overlay(user)
             h, w = labels.shape
-            rgb, _valid = read_slide_at(slide, (w, h), cfg.chunk_px, threads)
+            rgb, _valid = read_slide_at(slide, (w, h), cfg.chunk_px, threads, native)
             res: dict[str, Any] = dict(source="user", mask_path=user, algorithm="user overlay",
                                        params=json.dumps({"overlay": user}))
         else:
@@ -550,7 +588,7 @@ def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: s
                 # absurd dimensions (a corrupt header, or masks.mpp far too fine) must not exhaust memory
                 raise MaskError(f"the mask would be {w} x {h} px ({w * h / 1e6:,.0f} Mpx) at {cfg.mpp} µm/px, over "
                                 f"masks.max_megapixels={cfg.max_megapixels:g}; raise masks.mpp or the limit")
-            rgb, valid = read_slide_at(slide, (w, h), cfg.chunk_px, threads)
+            rgb, valid = read_slide_at(slide, (w, h), cfg.chunk_px, threads, native)
             mpp = (mx * W0 / w, my * H0 / h)
             labels, info = tissue_mask(rgb, valid, mpp, cfg)
             if not known:
@@ -563,6 +601,8 @@ def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: s
         level = slide.get_best_level_for_downsample(min(W0 / w, H0 / h))
     finally:
         slide.close()
+        if native is not None:
+            native.close()
     os.makedirs(folder, exist_ok=True)
     thumb = os.path.join(folder, f"thumbnail-{phash}.jpg")
     Image.fromarray(rgb).save(thumb, quality=90)

@@ -100,18 +100,20 @@ class NativeLevel:
         self.cache_tiles = cache_tiles
         self._cache: OrderedDict[int, np.ndarray | None] = OrderedDict()
 
-    def stored_tile(self, col: int, row: int) -> np.ndarray | None:
+    def stored_tile(self, col: int, row: int, cache: bool = True) -> np.ndarray | None:
         """Decoded stored tile ``(tile_h, tile_w, 3)`` uint8, or None for a tile absent from the
-        file (byte count 0: OpenSlide paints it transparent, i.e. white here).
+        file (byte count 0: OpenSlide paints it transparent, i.e. white here). With ``cache``
+        false the tile is decoded without touching the cache (safe from several threads).
 
         Raises:
             CorruptTileError: bad JPEG structure or a decoder error.
         """
         idx = row * self.across + col
-        hit = self._cache.get(idx, False)
-        if hit is not False:
-            self._cache.move_to_end(idx)
-            return hit
+        if cache:
+            hit = self._cache.get(idx, False)
+            if hit is not False:
+                self._cache.move_to_end(idx)
+                return hit
         count = int(self.counts[idx])
         tile = None
         if count:
@@ -122,22 +124,25 @@ class NativeLevel:
             except Exception as exc:  # noqa: BLE001 - imagecodecs raises its own error types
                 raise CorruptTileError(f"stored tile {idx}: {type(exc).__name__}: {exc}") from None
             tile = seg.reshape(seg.shape[-3:])[..., :3]
+        if not cache:
+            return tile
         self._cache[idx] = tile
         while len(self._cache) > self.cache_tiles:
             self._cache.popitem(last=False)
         return tile
 
-    def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+    def read(self, x: int, y: int, w: int, h: int, cache: bool = True) -> np.ndarray:
         """Region ``[x, x + w) x [y, y + h)`` in px of this level, uint8 ``(h, w, 3)``; pixels
         outside the level are white (as OpenSlide's transparent pixels composited on white).
         A region that is exactly one stored tile is returned as a read-only view of the decoded
-        (cached) tile; copy it before writing into it.
+        (cached) tile; copy it before writing into it. ``cache``: see :meth:`stored_tile`
+        (false for a region read once, e.g. by a mask, or by several threads at once).
 
         Raises:
             CorruptTileError: a stored tile under the region is corrupt.
         """
         tw, th = self.tile_w, self.tile_h
-        if (w, h) == (tw, th) and x % tw == 0 and y % th == 0 and 0 <= x and x + w <= self.width \
+        if cache and (w, h) == (tw, th) and x % tw == 0 and y % th == 0 and 0 <= x and x + w <= self.width \
                 and 0 <= y and y + h <= self.height:
             # the region is one whole stored tile (the usual case when the tile grid matches the
             # file's): the decoded tile itself, read-only, saves filling and copying 192 KiB
@@ -157,7 +162,7 @@ class NativeLevel:
             for col in range(x0 // tw, (x1 - 1) // tw + 1):
                 tx = col * tw
                 sx0, sx1 = max(x0, tx), min(x1, tx + tw)
-                tile = self.stored_tile(col, row)
+                tile = self.stored_tile(col, row, cache)
                 if tile is not None:
                     out[sy0 - y:sy1 - y, sx0 - x:sx1 - x] = tile[sy0 - ty:sy1 - ty, sx0 - tx:sx1 - tx]
         return out
