@@ -66,7 +66,7 @@ MPP_PROPERTIES: tuple[tuple[str, str], ...] = (
     ("aperio.MPP", "aperio.MPP"),
 )
 
-_READ_CHUNK = 8 << 20
+_READ_CHUNK = 1 << 20
 
 
 def _file_parts(path: str) -> list[str]:
@@ -80,16 +80,20 @@ def _file_parts(path: str) -> list[str]:
 
 
 def fingerprint_file(path: str) -> str:
-    """SHA-256 hex digest of a slide's bytes, streamed in 8 MiB chunks (bounded memory).
+    """SHA-256 hex digest of a slide's bytes, streamed through one reused 1 MiB buffer (bounded
+    memory; no new buffer per chunk: 0.11 s instead of 0.12-0.14 s for the 194 MB benchmark
+    slide, the rest is SHA-256 itself).
 
     Raises:
         OSError: the file (or a MIRAX data file) cannot be read.
     """
     h = hashlib.sha256()
+    buf = bytearray(_READ_CHUNK)
+    view = memoryview(buf)
     for part in _file_parts(path):
-        with open(part, "rb") as f:
-            while chunk := f.read(_READ_CHUNK):
-                h.update(chunk)
+        with open(part, "rb", buffering=0) as f:
+            while n := f.readinto(buf):
+                h.update(view[:n])
     return h.hexdigest()
 
 
