@@ -375,6 +375,60 @@ def test_the_plan_made_beside_the_masks_is_used_only_when_the_masks_match_it(spa
     assert set(again["path"]) == {str(d / "good.tiff")} and again.height == 6 * 4
 
 
+@pipeline
+def test_a_tiling_run_draws_each_new_masks_qc_picture_once_and_also_when_it_fails(spark, lake, tmp_path, monkeypatch):
+    """In a tiling run the masks stage leaves the QC picture to the end of the run, where it is
+    drawn once with the kept tiles; a run that fails after its masks were committed still leaves
+    each new mask's picture (outline, no tiles) at its ``qc_path``."""
+    from slidelake.masks import qc_picture as real_qc_picture
+    import slidelake.masks as masks_module
+    import slidelake.pipeline as pipeline_module
+    from slidelake.pipeline import ConfigMismatchError
+
+    drawn = []
+
+    def counting(rgb, mask, tiles=None, **kw):
+        drawn.append(0 if tiles is None else len(tiles))
+        return real_qc_picture(rgb, mask, tiles, **kw)
+
+    monkeypatch.setattr(masks_module, "qc_picture", counting)
+    monkeypatch.setattr(pipeline_module, "qc_picture", counting)
+
+    def yellow_green(path):
+        pic = np.asarray(Image.open(path).convert("RGB"))
+        return (((pic[..., 0] == 255) & (pic[..., 1] == 200) & (pic[..., 2] == 0)).sum(),
+                ((pic[..., 0] == 0) & (pic[..., 1] == 200) & (pic[..., 2] == 0)).sum())
+
+    def slide(path, seed):  # white glass, a block of stained-looking texture in the middle
+        img = np.full((800, 1200, 3), 245, np.uint8)
+        rng = np.random.default_rng(seed)
+        img[200:600, 300:900] = rng.integers(0, 60, (400, 600, 3)) + np.array([150, 40, 120], np.uint8)
+        tifffile.imwrite(path, img, tile=(64, 64), photometric="rgb", resolution=(2e4, 2e4),
+                         resolutionunit="CENTIMETER")
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    slide(a / "a.tiff", 1)
+    slide(b / "b.tiff", 2)
+    kw = dict(resolution={"level": 0}, filter={"min_tissue_fraction": None})
+    rec = run_all(spark, cfg_for(lake, [a], grid={"tile_extent": 100}, **kw))
+    assert rec.status == "succeeded" and rec.counts["masks_computed"] == 1
+    assert drawn == [rec.counts["tiles_written"]] and drawn[0] > 0  # one picture, with the tiles
+    qc_a = pl.read_delta(str(lake / "masks")).row(0, named=True)["qc_path"]
+    yellow, green = yellow_green(qc_a)
+    assert yellow > 100 and green > 100
+    # another slide with another tile size into the same table: refused after its mask is made
+    drawn.clear()
+    with pytest.raises(ConfigMismatchError):
+        run_all(spark, cfg_for(lake, [b], grid={"tile_extent": 200}, **kw))
+    m = pl.read_delta(str(lake / "masks")).filter(pl.col("path") == str(b / "b.tiff")).row(0, named=True)
+    assert m["status"] == "ok" and drawn == [0]
+    yellow, green = yellow_green(m["qc_path"])
+    assert yellow == 0 and green > 100
+    runs = pl.read_delta(str(lake / "runs")).sort("started_at")
+    assert runs["status"].to_list() == ["succeeded", "failed"]
+
+
 @pytest.mark.parametrize("method,threshold", [("grayscale", "multi_otsu"), ("grayscale", "otsu"), ("saturation", 0.1)])
 def test_threshold_variants_agree_on_the_he_sample(method, threshold):
     need(CMU)

@@ -521,7 +521,7 @@ def _computed_path(lake_root: str, slide_id: str, phash: str) -> str:
 
 
 def compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str,
-                 phash: str, threads: int = 1) -> dict[str, Any]:
+                 phash: str, threads: int = 1, qc: bool = True) -> dict[str, Any]:
     """Make (or take the user's) overlay of one slide and return its ``masks`` row.
 
     A slide without mpp gets a mask made as if level 0 were :data:`NOMINAL_MPP` µm/px (said in
@@ -533,6 +533,8 @@ def compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: s
             ``mpp_x``, ``mpp_y``, ``attributes``).
         cfg, lake_root, run_id, phash: settings, lake root, run id, :func:`params_hash`.
         threads: threads reading the slide (:func:`read_slide_at`).
+        qc: draw the QC picture (``qc_path``: thumbnail and mask outline) now; false when the
+            caller draws it later (a tiling run, with its tiles). The path is in the row either way.
     """
     from datetime import datetime, timezone
 
@@ -543,7 +545,7 @@ def compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: s
                slide_height=int(row["height"]) if row["height"] is not None else None,
                created_at=datetime.now(timezone.utc).replace(tzinfo=None))
     try:
-        out.update(_compute_mask(row, cfg, lake_root, phash, threads))
+        out.update(_compute_mask(row, cfg, lake_root, phash, threads, qc))
         out["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 - one slide's failure is its error row
         msg = f"{type(exc).__name__}: {exc}"
@@ -563,7 +565,8 @@ def _native_of(path: str, slide: Any) -> Any:
         return None
 
 
-def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: str, threads: int) -> dict[str, Any]:
+def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: str, threads: int,
+                  qc: bool) -> dict[str, Any]:
     import openslide
     from PIL import Image
 
@@ -606,9 +609,10 @@ def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: s
     os.makedirs(folder, exist_ok=True)
     thumb = os.path.join(folder, f"thumbnail-{phash}.jpg")
     Image.fromarray(rgb).save(thumb, quality=90)
-    qc = os.path.join(folder, f"qc-{phash}.png")
-    # the outline is drawn on the thumbnail's pixels, no longer needed; zlib level 1 (~5x faster than 6, lossless)
-    Image.fromarray(qc_picture(rgb, labels, inplace=True)).save(qc, compress_level=1)
+    qc_file = os.path.join(folder, f"qc-{phash}.png")
+    if qc:
+        # the outline is drawn on the thumbnail's pixels, no longer needed; zlib level 1 (~5x faster than 6, lossless)
+        Image.fromarray(qc_picture(rgb, labels, inplace=True)).save(qc_file, compress_level=1)
     del rgb
     ds_x, ds_y = W0 / w, H0 / h
     mpp_x = row["mpp_x"] * ds_x if row["mpp_x"] is not None else None
@@ -616,17 +620,17 @@ def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: s
     res.update(
         mask_mpp_x=mpp_x, mask_mpp_y=mpp_y, mask_downsample_x=ds_x, mask_downsample_y=ds_y,
         mask_width=w, mask_height=h, read_level=int(level),
-        tissue_fraction=float((labels != BACKGROUND).mean()), qc_path=qc, thumbnail_path=thumb,
+        tissue_fraction=float((labels != BACKGROUND).mean()), qc_path=qc_file, thumbnail_path=thumb,
     )
     return res
 
 
 def _mask_row(rec: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str, phash: str,
               on_profile: Callable[[dict[str, float]], None] | None, worker: bool,
-              threads: int = 1) -> dict[str, Any]:
+              threads: int = 1, qc: bool = True) -> dict[str, Any]:
     """The ``masks`` row of one ``slides`` row (see :func:`make_masks`); ``worker``: in a Spark
     worker (measure its peak memory, give memory back afterwards); ``threads``: threads reading
-    the slide."""
+    the slide; ``qc``: as :func:`compute_mask`."""
     if on_profile is not None and worker:
         reset_peak_rss()
     t0 = time.perf_counter()
@@ -636,7 +640,7 @@ def _mask_row(rec: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str,
     for k in ("mpp_x", "mpp_y", "width", "height"):
         if rec[k] is not None and isinstance(rec[k], float) and math.isnan(rec[k]):
             rec[k] = None  # pandas turns a null double into NaN
-    row = compute_mask(rec, cfg, lake_root, run_id, phash, threads)
+    row = compute_mask(rec, cfg, lake_root, run_id, phash, threads, qc)
     if on_profile is not None:
         fig = {"masks.s": time.perf_counter() - t0, "masks.slides": 1.0}
         if worker:
@@ -648,12 +652,14 @@ def _mask_row(rec: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str,
 
 
 def compute_masks_on_driver(slides: list[dict[str, Any]], cfg: MaskConfig, lake_root: str, run_id: str,
-                            on_profile: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, Any]]:
+                            on_profile: Callable[[dict[str, float]], None] | None = None,
+                            qc: bool = True) -> list[dict[str, Any]]:
     """The masks of a few ``slides`` made in this process, one thread per core (up to one per
     slide; the cores left over read the slides' regions in parallel), without a Spark job: for
     fewer than ``masks.on_driver_below`` slides a job's start-up costs more than the masks (see
     :func:`make_masks` for the rows and ``on_profile``, which gets no worker peak here and is
-    called under a lock). OpenSlide, NumPy and SciPy release the GIL in their loops.
+    called under a lock; ``qc`` as :func:`compute_mask`). OpenSlide, NumPy and SciPy release the
+    GIL in their loops.
 
     Returns:
         ``masks`` rows (dicts of :data:`MASKS_SCHEMA`), in the order of ``slides``.
@@ -673,15 +679,17 @@ def compute_masks_on_driver(slides: list[dict[str, Any]], cfg: MaskConfig, lake_
 
     def one(rec: dict[str, Any]) -> dict[str, Any]:
         return _mask_row(rec, cfg, lake_root, run_id, phash, report if on_profile is not None else None, False,
-                         readers)
+                         readers, qc)
 
     with ThreadPoolExecutor(max_workers=max(1, min(len(slides), cores))) as pool:
         return list(pool.map(one, slides))
 
 
 def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfig, lake_root: str,
-               run_id: str, on_profile: Callable[[dict[str, float]], None] | None = None) -> DataFrame:
-    """Compute the masks of ``slides`` (``slides`` rows as dicts), one Spark task per slide.
+               run_id: str, on_profile: Callable[[dict[str, float]], None] | None = None,
+               qc: bool = True) -> DataFrame:
+    """Compute the masks of ``slides`` (``slides`` rows as dicts), one Spark task per slide
+    (``qc`` as :func:`compute_mask`).
 
     ``on_profile({"masks.s": seconds, "masks.slides": 1, "masks.worker_peak_mib": MiB})`` is
     called once per slide (``--profile``; the peak is the worker's resident set while it made
@@ -707,7 +715,7 @@ def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfi
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         freeze_long_lived()
         for pdf in batches:
-            rows = [_mask_row(rec, cfg, lake_root, run_id, phash, on_profile, True) for rec in pdf.to_dict("records")]
+            rows = [_mask_row(rec, cfg, lake_root, run_id, phash, on_profile, True, 1, qc) for rec in pdf.to_dict("records")]
             yield pd.DataFrame(rows, columns=MASKS_SCHEMA.fieldNames())
 
     spark.sparkContext.setJobDescription("masks")

@@ -161,7 +161,7 @@ def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, fo
 # ------------------------------------------------------------------------------------- masks
 
 def mask_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides: list[dict],
-                on_profile: Callable[[dict[str, float]], None] | None = None) -> dict[str, dict]:
+                on_profile: Callable[[dict[str, float]], None] | None = None, qc: bool = True) -> dict[str, dict]:
     """Masks stage: make sure each of ``slides`` (``slides`` rows as dicts) has a tissue mask.
 
     A mask whose slide content (``slide_id`` is the content hash) and algorithm settings
@@ -171,7 +171,8 @@ def mask_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     (rows of the same slide and ``params_hash`` are replaced). User overlays are re-read every
     run. Slides whose mask fails are recorded in ``rec.slide_errors`` (stage ``masks``).
     ``on_profile`` receives the per-slide figures of :func:`slidelake.masks.make_masks`
-    (``--profile``).
+    (``--profile``). ``qc`` false leaves the new masks' QC pictures to the caller (a tiling
+    run draws them once, with its tiles, :func:`draw_qc`).
 
     Returns:
         ``{slide_id: masks row}`` for every slide with an ``ok`` mask.
@@ -194,10 +195,10 @@ def mask_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
                  if m["mask_path"] and os.path.isfile(m["mask_path"])}
         todo = [r for r in slides if r["slide_id"] not in reuse]
         if len(todo) < cfg.masks.on_driver_below:  # a Spark job's start-up costs more than a mask
-            made = compute_masks_on_driver(todo, cfg.masks, overlay_root(cfg), rec.run_id, on_profile)
+            made = compute_masks_on_driver(todo, cfg.masks, overlay_root(cfg), rec.run_id, on_profile, qc)
         else:
             made = [m.asDict(recursive=True)
-                    for m in make_masks(spark, todo, cfg.masks, overlay_root(cfg), rec.run_id, on_profile).collect()]
+                    for m in make_masks(spark, todo, cfg.masks, overlay_root(cfg), rec.run_id, on_profile, qc).collect()]
         if made:
             # replace the rows of these slides and settings only (concurrent runs keep theirs)
             where = f"params_hash = '{phash}' AND " + sql_in("slide_id", [m["slide_id"] for m in made])
@@ -236,13 +237,14 @@ def _write_tile_errors(spark: SparkSession, path: str, writer: str, rec: RunReco
         rec.table_versions["tile_errors"] = res.version if res.version is not None else -1
 
 
-def draw_qc(spark: SparkSession, tiles_path: str, writer: str, masks: dict[str, dict], run_id: str) -> None:
-    """Redraw each slide's QC picture (``masks.qc_path``) with the tiles this run kept.
+def draw_qc(spark: SparkSession | None, tiles_path: str | None, writer: str, masks: dict[str, dict],
+            run_id: str | None) -> None:
+    """Draw each slide's QC picture (``masks.qc_path``) with the tiles this run kept.
 
     The tiles' in-slide rectangles (five numeric columns, no pixels) are read back from the
     committed tiles table (:func:`slidelake.tables.read_columns`) and drawn, in mask px, over the
     thumbnail and mask outline, on the driver with one thread per core (a picture takes tens
-    of ms).
+    of ms). ``tiles_path`` None draws the outline only.
     """
     todo = {sid: m for sid, m in masks.items() if m.get("qc_path") and m.get("thumbnail_path")}
     if not todo:
@@ -250,13 +252,16 @@ def draw_qc(spark: SparkSession, tiles_path: str, writer: str, masks: dict[str, 
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
+    import pandas as pd
     from PIL import Image
 
     from slidelake.masks import read_overlay
 
-    cols = read_columns(spark, tiles_path, writer, ["slide_id", "run_id", "level0_x", "level0_y", "valid_width",
-                                                    "valid_height", "downsample"], list(todo)).to_pandas()
-    cols = cols[cols["run_id"] == run_id]
+    cols = pd.DataFrame({"slide_id": []})
+    if tiles_path is not None:
+        cols = read_columns(spark, tiles_path, writer, ["slide_id", "run_id", "level0_x", "level0_y", "valid_width",
+                                                        "valid_height", "downsample"], list(todo)).to_pandas()
+        cols = cols[cols["run_id"] == run_id] if len(cols.columns) else pd.DataFrame({"slide_id": []})
     by_slide = dict(tuple(cols.groupby("slide_id", sort=False)))
 
     def draw(sid: str) -> None:
@@ -275,6 +280,17 @@ def draw_qc(spark: SparkSession, tiles_path: str, writer: str, masks: dict[str, 
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(pool.map(draw, list(todo)))
+
+
+def _draw_qc_after_failure(masks: dict[str, dict]) -> None:
+    """The QC pictures of ``masks`` (made by a tiling run that then failed), outline only; an
+    error here is logged, not raised over the run's own error."""
+    try:
+        draw_qc(None, None, "", masks, None)
+    except Exception as exc:  # noqa: BLE001 - the run's own error is the one to raise
+        import logging
+
+        logging.getLogger(__name__).warning("QC pictures of the failed run not drawn: %s", exc)
 
 
 # -------------------------------------------------------------------------------------- tile
@@ -348,49 +364,55 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     if cfg.masks.enabled and good:
         masks, early = _masks_and_first_plan(spark, cfg, rec, good[:step], good, on_profile)
         good = [r for r in good if r["slide_id"] in masks]
-    generated = {
-        r["slide_id"]: grid_size(r["extent_x"], r["extent_y"], r["downsample"], grid_cfg.tile_extent,
-                                 grid_cfg.stride_xy, grid_cfg.last, grid_cfg.roi)
-        for r in good
-    }
-    total = sum(generated.values())
-    _check_config_mix(spark, paths, writer, chash, [r["slide_id"] for r in good], replace_table)
-    # tiles of content no longer in the slides table (a file rewritten with other content since
-    # it was tiled) are removed with the first commit
-    current = {r["slide_id"] for r in read_rows(spark, paths["slides"], writer, SLIDES_SCHEMA)} | {r["slide_id"] for r in slides}
-    stale = sorted(partition_values(spark, paths["tiles"], writer) - current)
+    try:
+        generated = {
+            r["slide_id"]: grid_size(r["extent_x"], r["extent_y"], r["downsample"], grid_cfg.tile_extent,
+                                     grid_cfg.stride_xy, grid_cfg.last, grid_cfg.roi)
+            for r in good
+        }
+        total = sum(generated.values())
+        _check_config_mix(spark, paths, writer, chash, [r["slide_id"] for r in good], replace_table)
+        # tiles of content no longer in the slides table (a file rewritten with other content since
+        # it was tiled) are removed with the first commit
+        current = {r["slide_id"] for r in read_rows(spark, paths["slides"], writer, SLIDES_SCHEMA)} | {r["slide_id"] for r in slides}
+        stale = sorted(partition_values(spark, paths["tiles"], writer) - current)
 
-    decoded_acc = spark.sparkContext.accumulator({}, CountLog())  # live progress only
+        decoded_acc = spark.sparkContext.accumulator({}, CountLog())  # live progress only
 
-    counts: list[dict] = []
-    written_total = 0
-    batches = [good[i:i + step] for i in range(0, len(good), step)] or ([[]] if replace_table or stale else [])
-    with TileProgress(spark, total, lambda: sum(decoded_acc.value.values()), enabled=progress):
-        for i, batch in enumerate(batches):
-            with _stage(rec, "overlap+decode+write"):
-                # tasks sized by the tiles expected to be decoded, not by the grid (masks drop most)
-                expected = sum(generated[r["slide_id"]] * (_tissue_share(masks.get(r["slide_id"]))
-                                                           if cfg.filter.min_tissue_fraction is not None else 1.0)
-                               for r in batch)
-                overlay = {r["slide_id"]: masks[r["slide_id"]]["mask_path"] if r["slide_id"] in masks else None
-                           for r in batch}
-                # the plan made while the masks were made holds if its slides and overlays are these
-                planned = early[1] if i == 0 and early is not None and early[0] == overlay else None
-                if planned is None:
-                    planned = plan_tiles(spark, cfg, batch, overlay, on_profile)
-                wrote = _tile_batch(spark, cfg, rec, batch, planned, expected,
-                                    replace_table and i == 0, stale if i == 0 else [], decoded_acc.add, on_profile)
-            res = wrote.result
-            rec.table_versions[cfg.tables.tiles_table] = res.version if res.version is not None else -1
-            batch_counts = _slide_counts(rec, batch, generated, wrote)
-            with _stage(rec, "write"):
-                _write_tile_errors(spark, paths["tile_errors"], writer, rec, chash, batch, wrote.failures,
-                                   cfg.tables.path_root)
-                _write_run_slides(spark, paths["run_slides"], writer, rec, chash, cfg.tables.tiles_table,
-                                  batch, batch_counts, rec.table_versions[cfg.tables.tiles_table],
-                                  replace_table and i == 0, cfg.tables.path_root)
-            counts += batch_counts
-            written_total += res.rows
+        counts: list[dict] = []
+        written_total = 0
+        batches = [good[i:i + step] for i in range(0, len(good), step)] or ([[]] if replace_table or stale else [])
+        with TileProgress(spark, total, lambda: sum(decoded_acc.value.values()), enabled=progress):
+            for i, batch in enumerate(batches):
+                with _stage(rec, "overlap+decode+write"):
+                    # tasks sized by the tiles expected to be decoded, not by the grid (masks drop most)
+                    expected = sum(generated[r["slide_id"]] * (_tissue_share(masks.get(r["slide_id"]))
+                                                               if cfg.filter.min_tissue_fraction is not None else 1.0)
+                                   for r in batch)
+                    overlay = {r["slide_id"]: masks[r["slide_id"]]["mask_path"] if r["slide_id"] in masks else None
+                               for r in batch}
+                    # the plan made while the masks were made holds if its slides and overlays are these
+                    planned = early[1] if i == 0 and early is not None and early[0] == overlay else None
+                    if planned is None:
+                        planned = plan_tiles(spark, cfg, batch, overlay, on_profile)
+                    wrote = _tile_batch(spark, cfg, rec, batch, planned, expected,
+                                        replace_table and i == 0, stale if i == 0 else [], decoded_acc.add, on_profile)
+                res = wrote.result
+                rec.table_versions[cfg.tables.tiles_table] = res.version if res.version is not None else -1
+                batch_counts = _slide_counts(rec, batch, generated, wrote)
+                with _stage(rec, "write"):
+                    _write_tile_errors(spark, paths["tile_errors"], writer, rec, chash, batch, wrote.failures,
+                                       cfg.tables.path_root)
+                    _write_run_slides(spark, paths["run_slides"], writer, rec, chash, cfg.tables.tiles_table,
+                                      batch, batch_counts, rec.table_versions[cfg.tables.tiles_table],
+                                      replace_table and i == 0, cfg.tables.path_root)
+                counts += batch_counts
+                written_total += res.rows
+    except BaseException:
+        # the QC pictures of this run's new masks are drawn with its tiles below; a failed run
+        # still leaves each masks row's qc_path with its picture (mask outline, no tiles)
+        _draw_qc_after_failure({sid: m for sid, m in masks.items() if m.get("run_id") == rec.run_id})
+        raise
     with _stage(rec, "qc"):
         draw_qc(spark, paths["tiles"], writer, {r["slide_id"]: masks[r["slide_id"]] for r in good
                                                 if r["slide_id"] in masks}, rec.run_id)
@@ -425,7 +447,7 @@ def _masks_and_first_plan(spark: SparkSession, cfg: PipelineConfig, rec: RunReco
     guess = {r["slide_id"]: mask_path_of(r, cfg.masks, root) for r in first}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slidelake-plan") as pool:
         planned = pool.submit(plan_tiles, spark, cfg, first, guess, on_profile)
-        masks = mask_slides(spark, cfg, rec, slides, on_profile)
+        masks = mask_slides(spark, cfg, rec, slides, on_profile, qc=False)  # drawn with the tiles at the end
         try:
             early = (guess, planned.result())
         except Exception:  # noqa: BLE001 - an early plan only saves time; the batch's own plan decides
