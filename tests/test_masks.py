@@ -414,9 +414,14 @@ def test_a_tiling_run_draws_each_new_masks_qc_picture_once_and_also_when_it_fail
     rec = run_all(spark, cfg_for(lake, [a], grid={"tile_extent": 100}, **kw))
     assert rec.status == "succeeded" and rec.counts["masks_computed"] == 1
     assert drawn == [rec.counts["tiles_written"]] and drawn[0] > 0  # one picture, with the tiles
-    qc_a = pl.read_delta(str(lake / "masks")).row(0, named=True)["qc_path"]
-    yellow, green = yellow_green(qc_a)
+    drawn.clear()
+    mask_a = pl.read_delta(str(lake / "masks")).row(0, named=True)
+    yellow, green = yellow_green(mask_a["qc_path"])
     assert yellow > 100 and green > 100
+    # drawn from the rectangles the write tasks reported: the same picture as from the table
+    from_tasks = np.asarray(Image.open(mask_a["qc_path"]))
+    pipeline_module.draw_qc(spark, str(lake / "tiles"), "delta-rs", {mask_a["slide_id"]: mask_a}, rec.run_id)
+    np.testing.assert_array_equal(np.asarray(Image.open(mask_a["qc_path"])), from_tasks)
     # another slide with another tile size into the same table: refused after its mask is made
     drawn.clear()
     with pytest.raises(ConfigMismatchError):

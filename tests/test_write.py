@@ -113,6 +113,13 @@ def test_file_sink_writes_kept_tiles_and_reports_every_failure(tmp_path):
     assert set(df["run_id"]) == {"run-1"} and set(df["config_hash"]) == {"cfg-1"}
     assert set(df["created_at"].dt.tz_convert(None)) == {pd.Timestamp(LINEAGE.created_at)}
     assert df["attributes"].map(dict).tolist() == [{"split": "train"}] * 11
+    # the results carry each file's tiles' level-0 rectangles, in the file's row order (for the QC picture)
+    rects = np.concatenate([np.frombuffer(r, "<i4").reshape(-1, 4) for r in ra["rects"] if r])
+    want = np.stack([df["level0_x"], df["level0_y"], df["level0_x"] + df["valid_width"],
+                     df["level0_y"] + df["valid_height"]], axis=1)
+    np.testing.assert_array_equal(rects, want)
+    assert (want[:, 2] - want[:, 0]).min() == 1000 - 768  # the partial right-hand tiles
+    assert not any(rb["rects"])
     osr = openslide.OpenSlide(str(good))
     for r in df.itertuples():
         ref = rgba_to_rgb(np.asarray(osr.read_region((int(r.level0_x), int(r.level0_y)), 0, (256, 256)))).copy()

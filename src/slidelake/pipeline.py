@@ -16,6 +16,7 @@ import time
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+import numpy as np
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -238,45 +239,42 @@ def _write_tile_errors(spark: SparkSession, path: str, writer: str, rec: RunReco
 
 
 def draw_qc(spark: SparkSession | None, tiles_path: str | None, writer: str, masks: dict[str, dict],
-            run_id: str | None) -> None:
+            run_id: str | None, rects: dict[str, np.ndarray] | None = None) -> None:
     """Draw each slide's QC picture (``masks.qc_path``) with the tiles this run kept.
 
-    The tiles' in-slide rectangles (five numeric columns, no pixels) are read back from the
-    committed tiles table (:func:`slidelake.tables.read_columns`) and drawn, in mask px, over the
-    thumbnail and mask outline, on the driver with one thread per core (a picture takes tens
-    of ms). ``tiles_path`` None draws the outline only.
+    The tiles' in-slide rectangles, ``rects`` (``{slide_id: (n, 4) array}`` of ``(x0, y0, x1,
+    y1)`` in level-0 px, as the delta-rs writer's tasks report them), or else read back from the
+    committed tiles table (five numeric columns, no pixels; :func:`slidelake.tables.read_columns`),
+    are drawn, in mask px, over the thumbnail and mask outline, on the driver with one thread per
+    core (a picture takes tens of ms). ``tiles_path`` and ``rects`` None draw the outline only.
     """
     todo = {sid: m for sid, m in masks.items() if m.get("qc_path") and m.get("thumbnail_path")}
     if not todo:
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    import numpy as np
-    import pandas as pd
     from PIL import Image
 
     from slidelake.masks import read_overlay
 
-    cols = pd.DataFrame({"slide_id": []})
-    if tiles_path is not None:
+    level0: dict[str, np.ndarray] = dict(rects or {})
+    if rects is None and tiles_path is not None:
         cols = read_columns(spark, tiles_path, writer, ["slide_id", "run_id", "level0_x", "level0_y", "valid_width",
                                                         "valid_height", "downsample"], list(todo)).to_pandas()
-        cols = cols[cols["run_id"] == run_id] if len(cols.columns) else pd.DataFrame({"slide_id": []})
-    by_slide = dict(tuple(cols.groupby("slide_id", sort=False)))
+        if len(cols.columns):
+            for sid, t in cols[cols["run_id"] == run_id].groupby("slide_id", sort=False):
+                x0, y0 = t["level0_x"].to_numpy(float), t["level0_y"].to_numpy(float)
+                ds = t["downsample"].to_numpy(float)
+                level0[sid] = np.stack([x0, y0, x0 + t["valid_width"].to_numpy(float) * ds,
+                                        y0 + t["valid_height"].to_numpy(float) * ds], axis=1)
 
     def draw(sid: str) -> None:
         m = todo[sid]
-        t = by_slide.get(sid)
-        rects = np.zeros((0, 4))
-        if t is not None:
-            x0, y0 = t["level0_x"].to_numpy(float), t["level0_y"].to_numpy(float)
-            ds = t["downsample"].to_numpy(float)
-            rects = np.stack([x0, y0, x0 + t["valid_width"].to_numpy(float) * ds,
-                              y0 + t["valid_height"].to_numpy(float) * ds], axis=1)
-            rects /= np.array([m["mask_downsample_x"], m["mask_downsample_y"]] * 2, dtype=float)
+        boxes = np.asarray(level0.get(sid, np.zeros((0, 4))), dtype=float)
+        boxes = boxes / np.array([m["mask_downsample_x"], m["mask_downsample_y"]] * 2, dtype=float)
         labels, _ = read_overlay(m["mask_path"])
         rgb = np.asarray(Image.open(m["thumbnail_path"]).convert("RGB"))
-        Image.fromarray(qc_picture(rgb, labels, rects)).save(m["qc_path"], compress_level=1)
+        Image.fromarray(qc_picture(rgb, labels, boxes)).save(m["qc_path"], compress_level=1)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(pool.map(draw, list(todo)))
@@ -381,6 +379,7 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
 
         counts: list[dict] = []
         written_total = 0
+        rects: dict[str, np.ndarray] | None = {}  # this run's tiles for the QC pictures (None: read back)
         batches = [good[i:i + step] for i in range(0, len(good), step)] or ([[]] if replace_table or stale else [])
         with TileProgress(spark, total, lambda: sum(decoded_acc.value.values()), enabled=progress):
             for i, batch in enumerate(batches):
@@ -408,6 +407,7 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
                                       replace_table and i == 0, cfg.tables.path_root)
                 counts += batch_counts
                 written_total += res.rows
+                rects = None if rects is None or wrote.rects is None else {**rects, **wrote.rects}
     except BaseException:
         # the QC pictures of this run's new masks are drawn with its tiles below; a failed run
         # still leaves each masks row's qc_path with its picture (mask outline, no tiles)
@@ -415,7 +415,7 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
         raise
     with _stage(rec, "qc"):
         draw_qc(spark, paths["tiles"], writer, {r["slide_id"]: masks[r["slide_id"]] for r in good
-                                                if r["slide_id"] in masks}, rec.run_id)
+                                                if r["slide_id"] in masks}, rec.run_id, rects)
     rec.slide_counts = counts
     if prof_acc is not None:
         rec.profile = {**(rec.profile or {}), **{k: float(v) for k, v in prof_acc.value.items()},

@@ -74,6 +74,9 @@ TILE_FILES_SCHEMA = T.StructType([
     T.StructField("decoded", T.LongType()),
     T.StructField("failed", T.LongType()),
     T.StructField("failures", T.ArrayType(TILE_FAILURE)),
+    # the file's tiles' rectangles in level-0 px, (x0, y0, x1, y1) little-endian int32 per tile
+    # (16 bytes a tile): the QC picture is drawn from them without reading the files back
+    T.StructField("rects", T.BinaryType()),
 ])
 
 
@@ -98,12 +101,28 @@ class TileWrite:
         failed: ``{slide_id: tiles that failed to decode}``.
         failures: ``{slide_id: [{"tile_x", "tile_y", "stage", "error"}, ...]}``: every failed
             tile with the ``delta-rs`` writer, up to 20 samples per slide with ``spark``.
+        rects: ``{slide_id: int32 (n, 4) array}`` of the written tiles' rectangles
+            ``(x0, y0, x1, y1)`` in level-0 px (``level0_x + valid_width * downsample``, rounded),
+            from the task results (``delta-rs`` writer); None with ``spark`` (read them back).
     """
 
     result: WriteResult
     decoded: dict[str, int] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)
     failures: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    rects: dict[str, np.ndarray] | None = None
+
+
+def _level0_rects(table: Any) -> bytes:
+    """The rectangles ``(x0, y0, x1, y1)`` in level-0 px of a table of tile rows, as
+    little-endian int32 bytes (``x1 = x0 + valid_width * downsample``, rounded)."""
+    def col(name: str) -> np.ndarray:
+        return table.column(name).to_numpy(zero_copy_only=False)
+
+    x0, y0, ds = col("level0_x"), col("level0_y"), col("downsample")
+    x1 = x0 + np.rint(col("valid_width") * ds)
+    y1 = y0 + np.rint(col("valid_height") * ds)
+    return np.stack([x0, y0, x1, y1], axis=1).astype("<i4").tobytes()
 
 
 def tiles_schema(pre: T.StructType) -> T.StructType:
@@ -249,9 +268,10 @@ def make_file_sink(
                     f.close()
                     raise
                 writers[sid] = (w, f)
-                slide(sid)["files"].append([rel, 0])
+                slide(sid)["files"].append([rel, 0, []])
             writers[sid][0].write_table(table)
             stats[sid]["files"][-1][1] += table.num_rows
+            stats[sid]["files"][-1][2].append(_level0_rects(table))
 
         try:
             for rb in batches:
@@ -318,11 +338,12 @@ def make_file_sink(
             decoder.end_task()
         rows_out = []
         for sid, st in stats.items():
-            for i, (rel, n) in enumerate(st["files"] or [[None, 0]]):
+            for i, (rel, n, rects) in enumerate(st["files"] or [[None, 0, []]]):
                 rows_out.append({"slide_id": sid, "file": rel, "rows": n,
                                  "decoded": st["decoded"] if i == 0 else 0,
                                  "failed": len(st["failures"]) if i == 0 else 0,
-                                 "failures": st["failures"] if i == 0 else []})
+                                 "failures": st["failures"] if i == 0 else [],
+                                 "rects": b"".join(rects)})
         if rows_out:
             yield pa.RecordBatch.from_pylist(rows_out, schema=result_schema)
 
@@ -433,10 +454,14 @@ def write_tiles(
                         "write.bytes": float(size)})
     finally:
         discard_staging(staging)
-    out = TileWrite(res)
+    out = TileWrite(res, rects={})
+    rects: dict[str, list[np.ndarray]] = {}
     for r in results:
         sid = r["slide_id"]
         out.decoded[sid] = out.decoded.get(sid, 0) + int(r["decoded"])
         out.failed[sid] = out.failed.get(sid, 0) + int(r["failed"])
         out.failures.setdefault(sid, []).extend(f.asDict() for f in r["failures"] or [])
+        if r["file"] and r["rects"]:
+            rects.setdefault(sid, []).append(np.frombuffer(bytes(r["rects"]), "<i4").reshape(-1, 4))
+    out.rects = {sid: np.concatenate(parts) for sid, parts in rects.items()}
     return out
