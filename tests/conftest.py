@@ -24,6 +24,17 @@ def need(*paths: Path) -> None:
         pytest.skip(f"real slides absent (set SLIDELAKE_TEST_SLIDES): {', '.join(missing)}")
 
 
+def corrupt_copy(path: Path, out: Path) -> Path:
+    """A copy of a real slide with 20,000 bytes at 30 % of the file overwritten by ``FF 00``
+    pairs (stuffed bytes: stored JPEG tiles there decode to garbage or fail), for tests of
+    corrupt tiles."""
+    data = bytearray(path.read_bytes())
+    at = int(len(data) * 0.3)
+    data[at: at + 20000] = b"\xff\x00" * 10000
+    out.write_bytes(bytes(data))
+    return out
+
+
 @pytest.fixture(scope="session")
 def spark():
     os.environ.setdefault("SLIDELAKE_SPARK_MASTER", "local[2]")

@@ -14,7 +14,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage.color import rgb2hsv
 
-from conftest import CMU, DAPI, TCGA, TRITC, make_tiff, need
+from conftest import CMU, DAPI, TCGA, TRITC, corrupt_copy, make_tiff, need
 from slidelake.config import MaskConfig, PipelineConfig
 from slidelake.masks import (compute_mask, mask_outline, params_hash, read_overlay, read_slide_at,
                              tissue_mask, write_overlay)
@@ -174,11 +174,7 @@ def test_mask_of_a_slide_with_corrupt_tiles_fails_as_with_openslide(tmp_path):
     """A corrupt stored JPEG tile under the mask's level is left to OpenSlide, which fails the
     read: the native read never turns a broken slide into a mask."""
     need(CMU)
-    data = bytearray(CMU.read_bytes())
-    at = int(len(data) * 0.3)
-    data[at: at + 20000] = b"\xff\x00" * 10000
-    bad = tmp_path / "corrupt.svs"
-    bad.write_bytes(bytes(data))
+    bad = corrupt_copy(CMU, tmp_path / "corrupt.svs")
     rec = {**probe_slide(str(bad)), "slide_id": "bad", "path": str(bad), "fingerprint": "f", "attributes": {}}
     cfg = {"mpp": 2.0, "chunk_px": 512}  # the mask read at level 0, where the tiles are broken
     rows = {reader: compute_mask(rec, MaskConfig(reader=reader, **cfg), str(tmp_path / reader), "r", "p")

@@ -4,7 +4,7 @@ import numpy as np
 import openslide
 import pytest
 
-from conftest import CMU, DAPI, TCGA, make_tiff, need
+from conftest import CMU, DAPI, TCGA, corrupt_copy, make_tiff, need
 from slidelake.decode import rgba_to_rgb
 from slidelake.native import CorruptTileError, check_jpeg, open_native
 
@@ -104,11 +104,7 @@ def test_check_jpeg_catches_truncated_and_overwritten_tiles():
 
 def test_corrupt_tiles_are_flagged_where_openslide_fails(tmp_path):
     need(CMU)
-    data = bytearray(CMU.read_bytes())
-    at = int(len(data) * 0.3)
-    data[at: at + 20000] = b"\xff\x00" * 10000
-    p = tmp_path / "corrupt.svs"
-    p.write_bytes(bytes(data))
+    p = corrupt_copy(CMU, tmp_path / "corrupt.svs")
     lvl = open_native(str(p)).level(0)
     for idx in range(len(lvl.offsets)):
         row, col = divmod(idx, lvl.across)

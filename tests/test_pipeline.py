@@ -10,7 +10,7 @@ import pytest
 from deltalake import DeltaTable
 from PIL import Image
 
-from conftest import CMU, DAPI, TCGA, make_tiff, need
+from conftest import CMU, DAPI, TCGA, corrupt_copy, make_tiff, need
 from slidelake.config import PipelineConfig
 from slidelake.decode import rgba_to_rgb
 from slidelake.encoding import decode_tile
@@ -163,10 +163,7 @@ def test_corrupt_and_empty_files_among_good_slides(spark, lake, tmp_path):
     shutil.copy(DAPI, d / "good.ndpi")
     (d / "empty.svs").write_bytes(b"")
     (d / "junk.svs").write_bytes(b"not a slide" * 100)
-    data = bytearray(CMU.read_bytes())
-    at = int(len(data) * 0.3)
-    data[at: at + 20000] = b"\xff\x00" * 10000  # corrupt JPEG tile data, header intact
-    (d / "corrupt-tiles.svs").write_bytes(bytes(data))
+    corrupt_copy(CMU, d / "corrupt-tiles.svs")  # corrupt JPEG tile data, header intact
     cfg = cfg_for(lake, [d], resolution={"level": 0}, grid={"tile_extent": 256})
     rec = run_all(spark, cfg)
     assert rec.status == "succeeded"
