@@ -157,3 +157,16 @@ def test_repartition_keeps_regions_together_in_raster_order(spark):
         assert keys == sorted(keys)
         for r in p:  # every tile of a 4 x 4 region is in one task
             assert home.setdefault((r.slide_id, r.tile_row // 4, r.tile_col // 4), i) == i
+
+
+def test_level0_rects_scale_the_valid_part_by_the_downsample():
+    import numpy as np
+    import pyarrow as pa
+
+    from slidelake.grid import level0_rects
+
+    t = pa.table({"level0_x": [0, 1024, 2048], "level0_y": [512, 512, 512], "valid_width": [256, 256, 100],
+                  "valid_height": [256, 256, 37], "downsample": [4.0, 4.0, 2.5]})
+    got = level0_rects(t)
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, [[0, 512, 1024, 1536], [1024, 512, 2048, 1536], [2048, 512, 2298, 604]])

@@ -18,6 +18,7 @@ Tile positions are in px at the tile resolution; level-0 positions are
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -165,6 +166,23 @@ def expand_grid(
         "valid_height": E(f"CAST(LEAST(CAST({ey} AS BIGINT), {H} - tile_y) AS INT)"),
     })
     return out.drop("_x0", "_y0", "_lx", "_ly", "_nx", "_ny", "_r0", "_r1")
+
+
+def level0_rects(tiles: Any) -> np.ndarray:
+    """The in-slide rectangles of tile rows, int32 ``(n, 4)`` of ``(x0, y0, x1, y1)`` in level-0
+    px: ``x0 = level0_x``, ``x1 = x0 + round(valid_width * downsample)`` (the part of the tile
+    inside the slide; the same for y).
+
+    Args:
+        tiles: a ``pyarrow.Table`` (or record batch) with ``level0_x``, ``level0_y``,
+            ``valid_width``, ``valid_height`` and ``downsample``.
+    """
+    def col(name: str) -> np.ndarray:
+        return tiles.column(name).to_numpy(zero_copy_only=False)
+
+    x0, y0, ds = col("level0_x"), col("level0_y"), col("downsample")
+    return np.stack([x0, y0, x0 + np.rint(col("valid_width") * ds), y0 + np.rint(col("valid_height") * ds)],
+                    axis=1).astype(np.int32)
 
 
 def row_bands(grid_rows: int, grid_tiles: int, tiles_per_band: int) -> list[tuple[int, int]]:

@@ -24,7 +24,7 @@ from pyspark.sql import types as T
 from slidelake import __version__
 from slidelake.config import PipelineConfig, config_hash
 from slidelake.decode import repartition_tiles
-from slidelake.grid import banded_grid, grid_constants, grid_size
+from slidelake.grid import banded_grid, grid_constants, grid_size, level0_rects
 from slidelake.lineage import (
     RUN_SLIDES_SCHEMA, RUNS_SCHEMA, TILE_ERRORS_SCHEMA, CountLog, RunRecord, SumLog, utcnow, versions,
 )
@@ -259,14 +259,14 @@ def draw_qc(spark: SparkSession | None, tiles_path: str | None, writer: str, mas
 
     level0: dict[str, np.ndarray] = dict(rects or {})
     if rects is None and tiles_path is not None:
-        cols = read_columns(spark, tiles_path, writer, ["slide_id", "run_id", "level0_x", "level0_y", "valid_width",
-                                                        "valid_height", "downsample"], list(todo)).to_pandas()
-        if len(cols.columns):
-            for sid, t in cols[cols["run_id"] == run_id].groupby("slide_id", sort=False):
-                x0, y0 = t["level0_x"].to_numpy(float), t["level0_y"].to_numpy(float)
-                ds = t["downsample"].to_numpy(float)
-                level0[sid] = np.stack([x0, y0, x0 + t["valid_width"].to_numpy(float) * ds,
-                                        y0 + t["valid_height"].to_numpy(float) * ds], axis=1)
+        import pyarrow.compute as pc
+
+        t = read_columns(spark, tiles_path, writer, ["slide_id", "run_id", "level0_x", "level0_y", "valid_width",
+                                                     "valid_height", "downsample"], list(todo))
+        if t.num_columns:
+            t = t.filter(pc.equal(t.column("run_id"), run_id))
+            sids, boxes = t.column("slide_id").to_numpy(zero_copy_only=False), level0_rects(t)
+            level0 = {sid: boxes[sids == sid] for sid in todo}
 
     def draw(sid: str) -> None:
         m = todo[sid]

@@ -41,6 +41,7 @@ from slidelake.config import DecodeConfig, FilterConfig
 from slidelake.decode import DECODE_COLUMNS, DECODE_FIELDS, TileDecoder, make_decoder
 from slidelake.direct_io import open_for_write
 from slidelake.filtering import keep_mask
+from slidelake.grid import level0_rects
 from slidelake.lineage import TILE_ERRORS_SCHEMA, CountLog, FailureLog
 from slidelake.memory import freeze_long_lived, reset_peak_rss
 from slidelake.tables import WriteResult, commit_files, discard_staging, new_staging, to_stored, write_table
@@ -101,9 +102,8 @@ class TileWrite:
         failed: ``{slide_id: tiles that failed to decode}``.
         failures: ``{slide_id: [{"tile_x", "tile_y", "stage", "error"}, ...]}``: every failed
             tile with the ``delta-rs`` writer, up to 20 samples per slide with ``spark``.
-        rects: ``{slide_id: int32 (n, 4) array}`` of the written tiles' rectangles
-            ``(x0, y0, x1, y1)`` in level-0 px (``level0_x + valid_width * downsample``, rounded),
-            from the task results (``delta-rs`` writer); None with ``spark`` (read them back).
+        rects: ``{slide_id: int32 (n, 4) array}`` of the written tiles' rectangles in level-0 px
+            (:func:`slidelake.grid.level0_rects`), from the task results (``delta-rs`` writer); None with ``spark`` (read them back).
     """
 
     result: WriteResult
@@ -111,18 +111,6 @@ class TileWrite:
     failed: dict[str, int] = field(default_factory=dict)
     failures: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     rects: dict[str, np.ndarray] | None = None
-
-
-def _level0_rects(table: Any) -> bytes:
-    """The rectangles ``(x0, y0, x1, y1)`` in level-0 px of a table of tile rows, as
-    little-endian int32 bytes (``x1 = x0 + valid_width * downsample``, rounded)."""
-    def col(name: str) -> np.ndarray:
-        return table.column(name).to_numpy(zero_copy_only=False)
-
-    x0, y0, ds = col("level0_x"), col("level0_y"), col("downsample")
-    x1 = x0 + np.rint(col("valid_width") * ds)
-    y1 = y0 + np.rint(col("valid_height") * ds)
-    return np.stack([x0, y0, x1, y1], axis=1).astype("<i4").tobytes()
 
 
 def tiles_schema(pre: T.StructType) -> T.StructType:
@@ -271,7 +259,7 @@ def make_file_sink(
                 slide(sid)["files"].append([rel, 0, []])
             writers[sid][0].write_table(table)
             stats[sid]["files"][-1][1] += table.num_rows
-            stats[sid]["files"][-1][2].append(_level0_rects(table))
+            stats[sid]["files"][-1][2].append(level0_rects(table).astype("<i4").tobytes())
 
         try:
             for rb in batches:
