@@ -557,10 +557,10 @@ def compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: s
 def _native_of(path: str, slide: Any) -> Any:
     """A :class:`slidelake.native.NativeSlide` of an open OpenSlide ``slide`` (None when its
     TIFF structure cannot be read: OpenSlide reads it then)."""
-    from slidelake.native import NativeSlide
+    from slidelake.native import open_native
 
     try:
-        return NativeSlide(path, list(slide.level_dimensions), slide.properties.get("openslide.vendor"), cache_tiles=0)
+        return open_native(path, 0, slide)
     except Exception:  # noqa: BLE001 - tifffile's own errors; OpenSlide opened the file and decides
         return None
 

@@ -228,18 +228,19 @@ class NativeSlide:
             self._tf = None
 
 
-def open_native(path: str, cache_tiles: int = 64) -> NativeSlide:
-    """A :class:`NativeSlide` for ``path`` using OpenSlide for the level sizes and vendor.
+def open_native(path: str, cache_tiles: int = 64, slide: Any = None) -> NativeSlide:
+    """A :class:`NativeSlide` for ``path`` using OpenSlide for the level sizes and vendor
+    (``slide``: an ``openslide.OpenSlide`` of ``path`` already open, else one is opened).
 
     Raises:
         What ``openslide.OpenSlide`` or ``tifffile.TiffFile`` raise for unreadable files.
     """
-    import openslide
+    if slide is None:
+        import openslide
 
-    with openslide.OpenSlide(path) as osr:
-        dims = list(osr.level_dimensions)
-        vendor = osr.properties.get("openslide.vendor")
-    return NativeSlide(path, dims, vendor, cache_tiles)
+        with openslide.OpenSlide(path) as osr:
+            return open_native(path, cache_tiles, osr)
+    return NativeSlide(path, list(slide.level_dimensions), slide.properties.get("openslide.vendor"), cache_tiles)
 
 
 __all__ = ["CorruptTileError", "check_jpeg", "NativeLevel", "NativeSlide", "open_native", "NATIVE_VENDORS"]

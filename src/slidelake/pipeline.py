@@ -265,8 +265,10 @@ def draw_qc(spark: SparkSession | None, tiles_path: str | None, writer: str, mas
                                                      "valid_height", "downsample"], list(todo))
         if t.num_columns:
             t = t.filter(pc.equal(t.column("run_id"), run_id))
-            sids, boxes = t.column("slide_id").to_numpy(zero_copy_only=False), level0_rects(t)
-            level0 = {sid: boxes[sids == sid] for sid in todo}
+            sids = t.column("slide_id").to_numpy(zero_copy_only=False)
+            order = np.argsort(sids, kind="stable")  # one pass over the rows, not one per slide
+            keys, starts = np.unique(sids[order], return_index=True)
+            level0 = dict(zip(keys.tolist(), np.split(level0_rects(t)[order], starts[1:])))
 
     def draw(sid: str) -> None:
         m = todo[sid]
