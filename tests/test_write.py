@@ -218,3 +218,33 @@ def test_file_sink_writes_the_same_files_with_and_without_direct_io(tmp_path):
         (f,) = [f for f in res["file"] if f]
         data[direct] = (staging / f).read_bytes()
     assert len(data[True]) > 12 * 256 * 256 * 3 and data[True] == data[False]
+
+
+def test_raw_tiles_go_into_the_arrow_column_as_the_bytes_of_their_pixels(tmp_path, monkeypatch):
+    """The file sink's decoder keeps raw tiles as arrays (``raw_pixels``) and ``tile_column``
+    copies them once into the Arrow column: the same values as the bytes the pandas decoder
+    stores, for whole tiles, partial edge tiles (painted white) and tiles read across stored
+    tiles (not aligned); encoded tiles and the >2 GiB fallback give the same column."""
+    import slidelake.decode as D
+
+    path = tmp_path / "s.tiff"
+    make_tiff(path, 700, 500, levels=1, tile=128, compression="jpeg")
+    rows = pd.concat([_rows(str(path), "a", 700, 500), _rows(str(path), "a", 700, 500, tile=200)], ignore_index=True)
+    rows.loc[rows["tile_extent_x"] == 200, ["level0_x", "level0_y"]] += 37  # not on the stored 128 px grid
+    rows["read_width"], rows["read_height"] = rows["tile_extent_x"], rows["tile_extent_y"]
+    col = {c: rows[c].to_numpy() for c in D.DECODE_COLUMNS}
+    as_bytes = D.TileDecoder(DecodeConfig(encoding="raw")).decode(col)
+    as_arrays = D.TileDecoder(DecodeConfig(encoding="raw"), raw_pixels=True).decode(col)
+    assert all(e is None for e in as_bytes.errors + as_arrays.errors)
+    assert all(isinstance(t, bytes) for t in as_bytes.tiles)
+    assert all(isinstance(t, np.ndarray) and t.flags.c_contiguous for t in as_arrays.tiles)
+    np.testing.assert_array_equal(as_arrays.std, as_bytes.std)
+    column = D.tile_column(as_arrays.tiles)
+    assert column.type == pa.binary() and column.to_pylist() == as_bytes.tiles
+    assert {len(b) for b in as_bytes.tiles} == {256 * 256 * 3, 200 * 200 * 3}
+    assert D.tile_column(as_bytes.tiles).to_pylist() == as_bytes.tiles  # encoded tiles pass through
+    monkeypatch.setattr(D, "MAX_BINARY_BYTES", 1000)
+    assert D.tile_column(as_arrays.tiles).to_pylist() == as_bytes.tiles
+    # only raw tiles are kept as arrays
+    jpeg = D.TileDecoder(DecodeConfig(encoding="jpeg"), raw_pixels=True).decode(col)
+    assert all(isinstance(t, bytes) for t in jpeg.tiles)

@@ -38,7 +38,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from slidelake.config import DecodeConfig, FilterConfig
-from slidelake.decode import DECODE_COLUMNS, DECODE_FIELDS, TileDecoder, make_decoder
+from slidelake.decode import DECODE_COLUMNS, DECODE_FIELDS, TileDecoder, make_decoder, tile_column
 from slidelake.direct_io import open_for_write
 from slidelake.filtering import keep_mask
 from slidelake.grid import level0_rects
@@ -222,7 +222,7 @@ def make_file_sink(
         freeze_long_lived()
         if on_profile is not None:
             reset_peak_rss()
-        decoder = TileDecoder(dcfg)
+        decoder = TileDecoder(dcfg, raw_pixels=True)  # raw tiles copied once, into the Arrow column
         writers: dict[str, tuple[pq.ParquetWriter, Any]] = {}  # slide_id -> (writer, its file)
         stats: dict[str, dict[str, Any]] = {}  # slide_id -> decoded, failures, files [[rel, rows]]
         constants = {"tile_format": pa.scalar(dcfg.encoding, pa.string()),
@@ -290,7 +290,8 @@ def make_file_sink(
                     failed = np.array([i for i, e in enumerate(d.errors) if e is not None], np.int64)
                     for sid, info in _arrow_failures(chunk, failed, "", "decode", d.errors):
                         slide(sid)["failures"].append(info)
-                    keep = keep_mask(pd.DataFrame({"decode_error": d.errors, "tile": d.tiles, "tile_std": d.std,
+                    decoded = [None if t is None else True for t in d.tiles]  # raw tiles are arrays
+                    keep = keep_mask(pd.DataFrame({"decode_error": d.errors, "tile": decoded, "tile_std": d.std,
                                                    "background_fraction": d.background_fraction}), fcfg)
                     idx = np.flatnonzero(keep)
                     if len(idx):
@@ -298,7 +299,7 @@ def make_file_sink(
                         n = len(idx)
                         new = {
                             "path": _stored_path_array(kept.column("path"), lineage.path_root),
-                            "tile": pa.array([d.tiles[i] for i in idx], pa.binary()),
+                            "tile": tile_column([d.tiles[i] for i in idx]),
                             "tile_width": pc.cast(kept.column("tile_extent_x"), pa.int32()),
                             "tile_height": pc.cast(kept.column("tile_extent_y"), pa.int32()),
                             "tile_mean": pa.array(d.mean[idx]),
