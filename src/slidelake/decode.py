@@ -82,12 +82,11 @@ def repartition_tiles(tiles: DataFrame, cfg: PartitionConfig, expected_tiles: fl
     spark = tiles.sparkSession
     n = partition_count(expected_tiles, cfg.tiles_per_partition, spark.sparkContext.defaultParallelism)
     r = cfg.region_tiles
-    return (
-        tiles.withColumns({"_region_row": F.floor(F.col("tile_row") / r), "_region_col": F.floor(F.col("tile_col") / r)})
-        .repartition(n, "slide_id", "_region_row", "_region_col")
-        .sortWithinPartitions("slide_id", "_region_row", "_region_col", "tile_y", "tile_x")
-        .drop("_region_row", "_region_col")
-    )
+    # the region as expressions, not columns: two DataFrame calls (each a Catalyst analysis of
+    # the whole plan, on the driver between the mask and the first job) fewer
+    region_row, region_col = F.floor(F.col("tile_row") / r), F.floor(F.col("tile_col") / r)
+    return tiles.repartition(n, "slide_id", region_row, region_col).sortWithinPartitions(
+        "slide_id", region_row, region_col, "tile_y", "tile_x")
 
 
 def _open_openslide(path: str) -> Any:

@@ -465,8 +465,9 @@ def plan_tiles(spark: SparkSession, cfg: PipelineConfig, batch: list[dict], over
     Spark job runs; the rows are in the plan).
 
     Returns:
-        A DataFrame of kept tile rows with the decode inputs and every non-pixel tiles column
-        but ``tile_id`` (:func:`_tile_batch` adds it after the repartition).
+        A DataFrame of kept tile rows with the decode inputs and every non-pixel tiles column,
+        ``tile_id`` included (a hash of slide, config and position, so it does not depend on
+        where the row is computed).
     """
     grid_cfg, fcfg, ann = cfg.grid, cfg.filter, cfg.annotations
     schema = resolved_schema(SLIDES_SCHEMA)
@@ -506,7 +507,8 @@ def plan_tiles(spark: SparkSession, cfg: PipelineConfig, batch: list[dict], over
     min_tissue = fcfg.min_tissue_fraction if cfg.masks.enabled else None
     tiles = overlap_tiles(tiles, inputs, grid_cfg.tile_roi, ann.label_min_fraction, min_tissue,
                           fcfg.min_annotated_fraction, on_profile)
-    return tiles.join(F.broadcast(base), "slide_id")
+    return tiles.join(F.broadcast(base), "slide_id").withColumn(
+        "tile_id", F.xxhash64("slide_id", F.lit(config_hash(cfg)), "tile_x", "tile_y"))
 
 
 def _tile_batch(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, batch: list[dict], planned: DataFrame,
@@ -517,12 +519,10 @@ def _tile_batch(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, batch:
     decoded (sizes the decode tasks, :func:`slidelake.decode.partition_count`)."""
     paths = lake_paths(cfg)
     writer = rec.delta_writer or "delta-rs"
-    chash = config_hash(cfg)
-    # 4. repartition (with the tile id: a hash of slide, config and position)
-    tiles = repartition_tiles(planned, cfg.partition, expected).withColumn(
-        "tile_id", F.xxhash64("slide_id", F.lit(chash), "tile_x", "tile_y"))
+    # 4. repartition
+    tiles = repartition_tiles(planned, cfg.partition, expected)
     # 5. decode, 6. pixel filter, 7. write with lineage columns: in the Python workers
-    lineage = Lineage(rec.run_id, chash, __version__, rec.started_at, cfg.tables.path_root)
+    lineage = Lineage(rec.run_id, config_hash(cfg), __version__, rec.started_at, cfg.tables.path_root)
     return write_tiles(spark, tiles, paths["tiles"], writer, cfg.decode, cfg.filter, lineage,
                        None if replace_table else [r["slide_id"] for r in batch] + list(drop), cfg.tables.tile_compression,
                        on_decoded, on_profile, cfg.tables.direct_io)
