@@ -259,7 +259,7 @@ def make_file_sink(
                 slide(sid)["files"].append([rel, 0, []])
             writers[sid][0].write_table(table)
             stats[sid]["files"][-1][1] += table.num_rows
-            stats[sid]["files"][-1][2].append(level0_rects(table).astype("<i4").tobytes())
+            stats[sid]["files"][-1][2].append(level0_rects(table).astype("<i4", copy=False).tobytes())
 
         try:
             for rb in batches:
