@@ -159,6 +159,56 @@ def test_repartition_keeps_regions_together_in_raster_order(spark):
             assert home.setdefault((r.slide_id, r.tile_row // 4, r.tile_col // 4), i) == i
 
 
+def test_region_task_deals_a_tissue_disc_evenly():
+    """The diagonal lattice gives each task an even share of an elliptical tissue region (the
+    largest task within 8 % of the mean for 2-8 tasks), where a random task per region (what a
+    hash of the region does) leaves the largest task 8-30 % over the mean."""
+    import numpy as np
+
+    from slidelake.decode import region_task
+
+    ty, tx = np.mgrid[0:120, 0:160]
+    inside = ((tx - 70) / 55.0) ** 2 + ((ty - 60) / 40.0) ** 2 <= 1  # kept tiles: an ellipse
+    rr, rc = ty[inside] // 8, tx[inside] // 8
+    regions, inv = np.unique(rr * 1000 + rc, return_inverse=True)
+    rng = np.random.default_rng(0)
+    for n in (2, 4, 6, 8):
+        task = region_task(rr, rc, 1, n)
+        assert task.min() >= 0 and task.max() < n
+        lattice = np.bincount(task, minlength=n).max() / (inside.sum() / n)
+        hashed = np.median([np.bincount(rng.integers(0, n, len(regions))[inv], minlength=n).max() / (inside.sum() / n)
+                            for _ in range(50)])
+        assert lattice < 1.08 and hashed > lattice + 0.04, (n, lattice, hashed)
+        # neighbouring regions, across and down, go to different tasks
+        assert region_task(0, 0, 0, n) not in (region_task(0, 1, 0, n), region_task(1, 0, 0, n))
+
+
+def test_repartition_puts_each_region_in_its_lattice_task(spark):
+    """repartitionById sends each row to exactly the task region_task names (Spark >= 4.1),
+    and the tasks of a disc of kept tiles are even."""
+    from pyspark.sql import functions as F
+
+    from slidelake.config import PartitionConfig
+    from slidelake.decode import partition_count, region_task, repartition_tiles
+
+    slides = spark.createDataFrame([("a", 4096, 3072, 1.0), ("b", 2048, 2048, 1.0)],
+                                   "slide_id string, extent_x long, extent_y long, downsample double")
+    grid = expand_grid(slides, (64, 64), (64, 64), "drop")
+    # keep a disc of each slide, as a mask would
+    grid = grid.where((F.col("tile_col") - 30) ** 2 + (F.col("tile_row") - 24) ** 2 <= 20 ** 2)
+    n_rows = grid.count()
+    cfg = PartitionConfig(region_tiles=4, tiles_per_partition=300)
+    n = partition_count(n_rows, 300, spark.sparkContext.defaultParallelism)
+    parts = repartition_tiles(grid, cfg, n_rows).withColumn("offset", F.pmod(F.xxhash64("slide_id"), F.lit(n))) \
+        .select("slide_id", "tile_col", "tile_row", "offset").rdd.glom().collect()
+    assert len(parts) == n >= 4 and sum(len(p) for p in parts) == n_rows
+    for i, p in enumerate(parts):
+        for r in p:
+            assert region_task(r.tile_row // 4, r.tile_col // 4, r.offset, n) == i
+    sizes = [len(p) for p in parts]
+    assert max(sizes) / (n_rows / n) < 1.1, sizes
+
+
 def test_level0_rects_scale_the_valid_part_by_the_downsample():
     import numpy as np
     import pyarrow as pa

@@ -299,8 +299,10 @@ class AnnotationConfig(_Strict):
 class PartitionConfig(_Strict):
     """How tile rows are spread over Spark tasks.
 
-    Tiles are hashed by ``(slide_id, region)`` where a region is ``region_tiles`` x
-    ``region_tiles`` neighbouring tiles, so a task reads nearby tiles with one slide handle.
+    Tiles are grouped in regions of ``region_tiles`` x ``region_tiles`` neighbouring tiles, a
+    region in one task (nearby tiles read with one slide handle), and the regions dealt out to
+    the tasks on a diagonal lattice so each task gets an even share of the tissue
+    (:func:`slidelake.decode.region_task`).
     The number of partitions is ``ceil(tiles / tiles_per_partition)`` where ``tiles`` is the
     number expected to be decoded (with masks: grid size x the mask's tissue fraction), rounded
     up to a multiple of Spark's default parallelism so the last wave of tasks fills every core.
