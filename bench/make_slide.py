@@ -113,6 +113,8 @@ def make_slide(path: str | os.PathLike, width: int = 40960, height: int = 30720,
         quality: JPEG quality of the stored tiles.
         source: an H&E slide whose level 0 gives the texture (default: the CMU-1 sample in
             ``$SLIDELAKE_TEST_SLIDES`` or ``../shared/slides``).
+        seed: varies the tissue ellipses' vertical places and the glass noise, so slides made
+            with different seeds are different files (``0``: the benchmark slide).
     """
     import tifffile
     from PIL import Image
@@ -120,7 +122,7 @@ def make_slide(path: str | os.PathLike, width: int = 40960, height: int = 30720,
     if source is None:
         root = Path(os.environ.get("SLIDELAKE_TEST_SLIDES", Path(__file__).resolve().parents[2] / "shared" / "slides"))
         source = str(root / "aperio" / "CMU-1-Small-Region.svs")
-    ell = ellipses(width, height, tissue)
+    ell = ellipses(width, height, tissue, seed=7 + seed)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     desc = (f"Aperio Image Library v12.0.15 SYNTHETIC slidelake benchmark slide\r\n{width}x{height} [0,0 {width}x{height}] "
@@ -154,8 +156,9 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=30720)
     ap.add_argument("--tissue", type=float, default=0.3)
     ap.add_argument("--quality", type=int, default=85)
+    ap.add_argument("--seed", type=int, default=0, help="another seed gives another slide of the same kind")
     a = ap.parse_args()
-    print(make_slide(a.path, a.width, a.height, a.tissue, a.quality))
+    print(make_slide(a.path, a.width, a.height, a.tissue, a.quality, seed=a.seed))
 
 
 if __name__ == "__main__":

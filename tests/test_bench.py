@@ -136,3 +136,30 @@ def test_free_page_reporting_reads_the_balloon_feature_bit(tmp_path, devices, ex
         (tmp_path / name / "device").write_text(device + "\n")
         (tmp_path / name / "features").write_text(features + "\n")
     assert tp.free_page_reporting(str(tmp_path)) is expected
+
+
+def test_folder_scaling_measures_n_cores_against_one_on_a_folder(tmp_path):
+    """``bench/folder_scaling.py`` end to end on a small folder: it builds distinct synthetic
+    slides, runs slidelake on 2 cores and on 1 in fresh processes, and reports both, the ratios
+    and the read loop over the tiles slidelake kept."""
+    need(CMU)
+    import json
+
+    import folder_scaling
+
+    out = tmp_path / "scaling.json"
+    res = folder_scaling.main(["--slides", "2", "--width", "2048", "--height", "1536", "--cores", "2",
+                               "--pairs", "1", "--warm-runs", "1", "--data", str(tmp_path), "--out", str(out)])
+    folder = tmp_path / "folder-2048x1536"
+    files = sorted(folder.glob("synthetic-*.svs"))
+    assert [f.name for f in files] == ["synthetic-1.svs", "synthetic-2.svs"]
+    assert files[0].read_bytes() != files[1].read_bytes()  # seeds give different slides
+    assert json.loads(out.read_text()) == res
+    assert res["tiles_written"] > 0
+    assert set(res["sessions"]) == {"2c", "1c"} and all(len(s) == 1 for s in res["sessions"].values())
+    two, one = res["sessions"]["2c"][0], res["sessions"]["1c"][0]
+    ratios = res["2c_over_1c"]
+    assert ratios["warm (median of all warm runs)"] == pytest.approx(one["warm_wall_s"] / two["warm_wall_s"], abs=0.02)
+    assert ratios["pairs"][0]["order"] == "2c then 1c"
+    assert two["warm_worker_s"]["decode.read_s"] > 0 and two["warm_tiling_s"] > 0
+    assert ratios["read loop"] > 0
