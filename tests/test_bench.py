@@ -160,6 +160,8 @@ def test_folder_scaling_measures_n_cores_against_one_on_a_folder(tmp_path):
     two, one = res["sessions"]["2c"][0], res["sessions"]["1c"][0]
     ratios = res["2c_over_1c"]
     assert ratios["warm (median of all warm runs)"] == pytest.approx(one["warm_wall_s"] / two["warm_wall_s"], abs=0.02)
-    assert ratios["pairs"][0]["order"] == "2c then 1c"
+    pair = ratios["pairs"][0]
+    assert pair["order"] == "2c then 1c" and pair["warm"] == ratios["warm (median of pairs)"]
     assert two["warm_worker_s"]["decode.read_s"] > 0 and two["warm_tiling_s"] > 0
-    assert ratios["read loop"] > 0
+    loop = pair["read loop tiles/s/core"]
+    assert pair["read loop"] == pytest.approx(2 * loop["2p"] / loop["1p"], rel=0.02)
