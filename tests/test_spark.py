@@ -8,7 +8,7 @@ from slidelake.spark import LOCAL_CONF, LOCAL_JVM_OPTIONS, local_conf
 def test_local_conf_jvm_options_default_override_and_off(monkeypatch):
     monkeypatch.delenv("SLIDELAKE_JVM_OPTIONS", raising=False)
     conf = local_conf()
-    assert conf["spark.driver.extraJavaOptions"] == LOCAL_JVM_OPTIONS == "-XX:TieredStopAtLevel=1"
+    assert conf["spark.driver.extraJavaOptions"] == LOCAL_JVM_OPTIONS == "-XX:TieredStopAtLevel=1 -XX:+UseParallelGC"
     assert {k: conf[k] for k in LOCAL_CONF} == LOCAL_CONF
 
     monkeypatch.setenv("SLIDELAKE_JVM_OPTIONS", "-XX:+UseSerialGC -Xss4m")
@@ -26,6 +26,9 @@ def test_embedded_session_jvm_runs_with_the_options(spark):
     args = list(spark._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments())
     assert expected and all(opt in args for opt in expected), args
     assert spark.conf.get("spark.driver.extraJavaOptions") == " ".join(expected)
+    if "-XX:+UseParallelGC" in expected:  # the default: the parallel collector's two generations
+        beans = spark._jvm.java.lang.management.ManagementFactory.getGarbageCollectorMXBeans()
+        assert sorted(b.getName() for b in beans) == ["PS MarkSweep", "PS Scavenge"]
 
 
 @pytest.mark.spark

@@ -4,8 +4,9 @@
   used, never a second one; the cluster's master and settings are left alone.
 * From plain Python (tests, the CLI on a laptop): an embedded ``local[*]`` session is started
   (``SLIDELAKE_SPARK_MASTER`` overrides the master, e.g. ``local-cluster[2,1,1024]``). Its JVM
-  compiles with the client JIT only (:data:`LOCAL_JVM_OPTIONS`; ``SLIDELAKE_JVM_OPTIONS``
-  replaces them, an empty value keeps the JVM's defaults).
+  compiles with the client JIT only and collects with the parallel collector
+  (:data:`LOCAL_JVM_OPTIONS`; ``SLIDELAKE_JVM_OPTIONS`` replaces them, an empty value keeps the
+  JVM's defaults).
 
 In both cases the runtime SQL settings slidelake relies on are applied: Arrow for pandas UDFs,
 microsecond Parquet timestamps (not INT96, which delta-rs and polars read differently), UTC.
@@ -38,8 +39,14 @@ RUNTIME_CONF: dict[str, str] = {
 # runs were no slower after it, on that slide or on a 100,000 x 80,000 px one
 # (docs/benchmarks.md). JVM-heavy work loses: grid expansion alone runs at 1.7-3.3 instead of
 # 5.5-9.9 million rows/s, and handing rows to the Python workers costs 10-15 % more in the
-# overlap stage. HotSpot option: https://docs.oracle.com/en/java/javase/17/docs/specs/man/java.html
-LOCAL_JVM_OPTIONS = "-XX:TieredStopAtLevel=1"
+# overlap stage. The parallel (throughput) collector instead of G1: the driver JVM of a local run
+# allocates briefly (Arrow buffers, task results) and never needs short pauses, while G1's
+# concurrent marking and refinement threads take CPU beside the workers; on a folder of four
+# slides the JVM used 1.30 instead of 1.47 s of CPU per warm run and the run took 4.20 instead
+# of 4.44 s (medians of 12 alternated runs, docs/benchmarks.md, thirteenth pass).
+# HotSpot options: https://docs.oracle.com/en/java/javase/17/docs/specs/man/java.html and
+# https://docs.oracle.com/en/java/javase/17/gctuning/parallel-collector1.html
+LOCAL_JVM_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseParallelGC"
 
 LOCAL_CONF: dict[str, str] = {
     "spark.driver.memory": "4g",
