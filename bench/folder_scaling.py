@@ -22,7 +22,8 @@ as many tiles as the one-slide benchmark by default, and on that folder measures
 Prints one JSON document and writes it to ``--out`` (``docs/folder_scaling.json``):
 N cores / 1 core per pair (warm, the tiling stage alone ``overlap+decode+write``, cold, the read
 loop) and their medians over the pairs, the pooled median of all warm runs, and per session the
-walls, stage walls and the workers' own seconds per stage (``--profile``). ``docs/benchmarks.md`` quotes it.
+walls, stage walls, the CPU seconds of the driver, the JVM and the Python workers
+(``throughput.cpu_seconds``) and the workers' own seconds per stage (``--profile``). ``docs/benchmarks.md`` quotes it.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def session_figures(run: dict) -> dict:
             "warm_wall_s": round(run["warm"]["wall_s"], 2),
             "warm_tiling_s": round(run["warm"]["stage_seconds"][TILING], 2),
             "warm_stage_s": {k: round(v, 2) for k, v in run["warm"]["stage_seconds"].items()},
+            # CPU seconds of the driver's Python, the JVM and the Python workers (warm median run)
+            "warm_cpu_s": {k: round(v, 2) for k, v in run["warm"]["cpu_s"].items()},
             # the workers' own seconds per stage, summed over tasks (``--profile``)
             "warm_worker_s": {k: round(v, 2) for k, v in (run["warm"].get("profile") or {}).items()
                               if k.endswith(("_s", ".s")) and not k.startswith("wall.")}}

@@ -89,6 +89,29 @@ def descendants(root: int) -> dict[int, str]:
     return out
 
 
+def cpu_seconds(root: int | None = None) -> dict[str, float]:
+    """CPU seconds (user + system, ``/proc/<pid>/stat``) used so far by ``root`` (default: this
+    process: the driver's Python), by the JVMs among its descendants, and by the other
+    descendants (PySpark's daemon and Python workers), each with the children it has reaped
+    (a worker that exited counts through the daemon). Differences of two calls give what each
+    part of a run used."""
+    root = os.getpid() if root is None else root
+    hz = os.sysconf("SC_CLK_TCK")
+
+    def used(pid: int, children: bool) -> float:
+        try:
+            f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(f[11]) + int(f[12]) + (int(f[13]) + int(f[14]) if children else 0)) / hz
+
+    out = {"driver": used(root, False), "jvm": 0.0, "python_workers": 0.0}
+    for pid, cmd in descendants(root).items():
+        key = "jvm" if "java" in cmd.split(" ")[0] else "python_workers"
+        out[key] += used(pid, True)
+    return out
+
+
 def machine() -> dict:
     cpu = ""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -259,16 +282,19 @@ def slidelake_child(args) -> None:
     # the same session, so that the mask-first ratio compares runs made one after the other.
     warms, warms_off = [], []
     for i in range(max(1, args.warm_runs)):
+        c0 = cpu_seconds()
         t = time.perf_counter()
         rec_i = run_all(spark, config(args.masks, f"{args.lake}-warm{i}"), profile=True)
-        warms.append((time.perf_counter() - t, rec_i))
+        wall_i = time.perf_counter() - t
+        c1 = cpu_seconds()
+        warms.append((wall_i, rec_i, {k: c1[k] - c0[k] for k in c0}))
         shutil.rmtree(f"{args.lake}-warm{i}", ignore_errors=True)
         if args.interleave_masks_off:
             t = time.perf_counter()
             rec_i = run_all(spark, config("off", f"{args.lake}-off{i}"), profile=True)
             warms_off.append((time.perf_counter() - t, rec_i))
             shutil.rmtree(f"{args.lake}-off{i}", ignore_errors=True)
-    warm_wall, warm = sorted(warms, key=lambda w: w[0])[len(warms) // 2]
+    warm_wall, warm, warm_cpu = sorted(warms, key=lambda w: w[0])[len(warms) // 2]
     kids = descendants(os.getpid())
     jvm = [p for p, c in kids.items() if "java" in c.split(" ")[0]]
     workers = [p for p, c in kids.items() if "python" in c and p not in jvm]
@@ -280,7 +306,9 @@ def slidelake_child(args) -> None:
         "profile": rec.profile,
         "warm": {"wall_s": warm_wall, "stage_seconds": warm.stage_seconds, "profile": warm.profile,
                  "tiles_per_s_per_core": warm.counts.get("tiles_written", 0) / warm_wall / args.cores,
-                 "walls_s": [w for w, _ in warms]},
+                 "walls_s": [w for w, _, _ in warms],
+                 # CPU seconds of the driver's Python, the JVM and the Python workers in that run
+                 "cpu_s": warm_cpu},
         "warm_masks_off": {"walls_s": [w for w, _ in warms_off],
                            "tiles_written": [r.counts.get("tiles_written", 0) for _, r in warms_off]} if warms_off else None,
         "peak_rss_mib": {
@@ -289,7 +317,7 @@ def slidelake_child(args) -> None:
             # the workers reset their VmHWM at the start of each stage (--profile); their peak
             # is the largest of the stage peaks they reported and what the live ones still show
             "python_worker_max": max([vm_hwm_kib(p) / 1024 for p in workers]
-                                     + [v for r in [rec] + [w for _, w in warms] for k, v in (r.profile or {}).items()
+                                     + [v for r in [rec] + [w for _, w, _ in warms] for k, v in (r.profile or {}).items()
                                         if k.endswith("worker_peak_mib")] + [0.0]),
         },
     }
@@ -571,6 +599,16 @@ def report(res: dict) -> str:
         lines += ["", f"The read loop itself on {c} processes / 1 process: **{mid * c / one_proc['tiles_per_s_per_core']:.2f}x** "
                   f"({mid:.0f} and {one_proc['tiles_per_s_per_core']:.0f} tiles/s/core, measured one after the other): "
                   f"this machine's own scaling of a CPU-bound loop, the ceiling of slidelake's."]
+    cpu = {name: runs[name]["warm"].get("cpu_s") for name in ("masks, native reader", "masks, 1 core") if name in runs}
+    if all(cpu.values()) and len(cpu) == 2:
+        n_cpu, one_cpu = cpu["masks, native reader"], cpu["masks, 1 core"]
+        walls = (best["warm"]["wall_s"], runs["masks, 1 core"]["warm"]["wall_s"])
+        lines += ["", f"CPU of the median warm run on {c} cores / on 1 core (`/proc`, user + system): "
+                  + ", ".join(f"{label} {n_cpu[k]:.2f} / {one_cpu[k]:.2f} s" for k, label in
+                              (("python_workers", "Python workers"), ("jvm", "JVM"), ("driver", "driver Python")))
+                  + f"; in all {sum(n_cpu.values()):.2f} s in {walls[0]:.2f} s of wall time on {c} cores "
+                    f"({sum(n_cpu.values()) / walls[0] / c:.0%} busy) and {sum(one_cpu.values()):.2f} s in "
+                    f"{walls[1]:.2f} s on 1 core ({sum(one_cpu.values()) / walls[1]:.0%} busy)."]
     lines += ["", "Ratios, first run in a fresh Spark session (cold: includes Spark's one-off first-job warm-up):", "",
               *ratios("cold"), "",
               "Ratios, the same run again in the same session into a fresh lake (warm: the per-run cost; median of the warm runs):", "",

@@ -163,5 +163,9 @@ def test_folder_scaling_measures_n_cores_against_one_on_a_folder(tmp_path):
     pair = ratios["pairs"][0]
     assert pair["order"] == "2c then 1c" and pair["warm"] == ratios["warm (median of pairs)"]
     assert two["warm_worker_s"]["decode.read_s"] > 0 and two["warm_tiling_s"] > 0
+    # the workers decode every tile: their CPU is most of a run's and at least what they timed
+    cpu = one["warm_cpu_s"]
+    assert cpu["python_workers"] >= 0.8 * one["warm_worker_s"]["decode.read_s"] > 0
+    assert cpu["jvm"] > 0 and cpu["driver"] > 0
     loop = pair["read loop tiles/s/core"]
     assert pair["read loop"] == pytest.approx(2 * loop["2p"] / loop["1p"], rel=0.02)
