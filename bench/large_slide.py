@@ -24,7 +24,8 @@ check ~8 minutes to run). Steps, on the same SYNTHETIC slide (``bench/make_slide
    to write, next to the machine's cost of fresh memory (``throughput.memory_first_touch``),
    which every page of tiles written to the page cache pays.
 
-Prints one JSON document (walls, tiles/s/core, ratios, per-stage worker peaks, driver peaks);
+Prints one JSON document (walls, tiles/s/core, ratios, per-stage worker peaks, driver peaks, and
+for the warm runs the stage walls and the CPU seconds of the driver, the JVM and the workers);
 ``docs/benchmarks.md`` quotes it.
 """
 
@@ -54,7 +55,10 @@ def summary(run: dict) -> dict:
                      "worker_peaks_mib": peaks(run.get("profile"))},
             "warm": {"wall_s": round(run["warm"]["wall_s"], 1),
                      "tiles_per_s_per_core": round(run["warm"]["tiles_per_s_per_core"]),
-                     "worker_peaks_mib": peaks(run["warm"].get("profile"))},
+                     "worker_peaks_mib": peaks(run["warm"].get("profile")),
+                     "stage_s": {k: round(v, 2) for k, v in run["warm"]["stage_seconds"].items()},
+                     # CPU seconds of the driver's Python, the JVM and the Python workers
+                     "cpu_s": {k: round(v, 2) for k, v in (run["warm"].get("cpu_s") or {}).items()}},
             "peak_rss_mib": {k: round(v) for k, v in run["peak_rss_mib"].items()}}
 
 
