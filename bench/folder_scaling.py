@@ -23,7 +23,8 @@ Prints one JSON document and writes it to ``--out`` (``docs/folder_scaling.json`
 N cores / 1 core per pair (warm, the tiling stage alone ``overlap+decode+write``, cold, the read
 loop) and their medians over the pairs, the pooled median of all warm runs, and per session the
 walls, stage walls, the CPU seconds of the driver, the JVM and the Python workers
-(``throughput.cpu_seconds``) and the workers' own seconds per stage (``--profile``). ``docs/benchmarks.md`` quotes it.
+(``throughput.cpu_seconds``) and the workers' own seconds per stage (``--profile``).
+``docs/benchmarks.md`` quotes it.
 """
 
 from __future__ import annotations
@@ -120,8 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
                       "read loop tiles/s/core": {f"{c}p": round(lp["tiles_per_s_per_core"]) for c, lp in loops.items()}})
         tiles_written = runs[a.cores]["counts"]["tiles_written"]
 
-    def med(cores: int, key: str) -> float:
-        return median(w for s in sessions[cores] for w in (s["warm_walls_s"] if key == "warm" else [s[key]]))
+    def warm_median(cores: int) -> float:  # over all warm runs of all sessions on ``cores``
+        return median(w for s in sessions[cores] for w in s["warm_walls_s"])
 
     out = {
         "date": time.strftime("%Y-%m-%d"), "machine": tp.machine(), "cores": a.cores,
@@ -132,10 +133,10 @@ def main(argv: list[str] | None = None) -> dict:
             # the figure least moved by the VM's drift; the pooled medians are given beside it
             **{f"{k} (median of pairs)": round(median(pr[k] for pr in pairs), 2)
                for k in ("warm", "warm tiling stage", "cold", "read loop")},
-            "warm (median of all warm runs)": round(med(1, "warm") / med(a.cores, "warm"), 2),
+            "warm (median of all warm runs)": round(warm_median(1) / warm_median(a.cores), 2),
             "pairs": pairs,
         },
-        "warm_tiles_per_s_per_core": {f"{c}c": round(tiles_written / med(c, "warm") / c) for c in (a.cores, 1)},
+        "warm_tiles_per_s_per_core": {f"{c}c": round(tiles_written / warm_median(c) / c) for c in (a.cores, 1)},
         "sessions": {f"{c}c": s for c, s in sessions.items()},
     }
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")

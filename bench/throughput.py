@@ -89,6 +89,11 @@ def descendants(root: int) -> dict[int, str]:
     return out
 
 
+def is_jvm(cmd: str) -> bool:
+    """Whether a command line (:func:`descendants`) is a JVM's (Spark's driver JVM)."""
+    return "java" in cmd.split(" ")[0]
+
+
 def cpu_seconds(root: int | None = None) -> dict[str, float]:
     """CPU seconds (user + system, ``/proc/<pid>/stat``) used so far by ``root`` (default: this
     process: the driver's Python), by the JVMs among its descendants, and by the other
@@ -107,7 +112,7 @@ def cpu_seconds(root: int | None = None) -> dict[str, float]:
 
     out = {"driver": used(root, False), "jvm": 0.0, "python_workers": 0.0}
     for pid, cmd in descendants(root).items():
-        key = "jvm" if "java" in cmd.split(" ")[0] else "python_workers"
+        key = "jvm" if is_jvm(cmd) else "python_workers"
         out[key] += used(pid, True)
     return out
 
@@ -296,7 +301,7 @@ def slidelake_child(args) -> None:
             shutil.rmtree(f"{args.lake}-off{i}", ignore_errors=True)
     warm_wall, warm, warm_cpu = sorted(warms, key=lambda w: w[0])[len(warms) // 2]
     kids = descendants(os.getpid())
-    jvm = [p for p, c in kids.items() if "java" in c.split(" ")[0]]
+    jvm = [p for p, c in kids.items() if is_jvm(c)]
     workers = [p for p, c in kids.items() if "python" in c and p not in jvm]
     out = {
         "wall_s": wall, "spark_start_s": started, "status": rec.status, "counts": rec.counts,
