@@ -44,7 +44,7 @@ from slidelake.filtering import keep_mask
 from slidelake.grid import level0_rects
 from slidelake.lineage import TILE_ERRORS_SCHEMA, CountLog, FailureLog
 from slidelake.memory import freeze_long_lived, reset_peak_rss
-from slidelake.tables import WriteResult, commit_files, discard_staging, new_staging, to_stored, write_table
+from slidelake.tables import WriteResult, commit_files, discard_staging_later, new_staging, to_stored, write_table
 
 # column order of the tiles table
 TILES_COLUMNS = (
@@ -442,7 +442,7 @@ def write_tiles(
             on_profile({"write.commit_s": time.perf_counter() - t0, "write.files": float(len(files)),
                         "write.bytes": float(size)})
     finally:
-        discard_staging(staging)
+        discard_staging_later(staging)  # off the driver's path (the folder is empty or holds orphans)
     out = TileWrite(res, rects={})
     rects: dict[str, list[np.ndarray]] = {}
     for r in results:
