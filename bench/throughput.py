@@ -117,6 +117,26 @@ def cpu_seconds(root: int | None = None) -> dict[str, float]:
     return out
 
 
+def cpus_seconds(cpus: set[int] | None = None) -> dict[str, float]:
+    """Seconds so far (``/proc/stat``, summed over ``cpus``, default: the CPUs this process may
+    run on) that those CPUs spent idle (``idle`` + ``iowait``) and that the hypervisor ran
+    something else while they had work (``steal``). Differences of two calls give a run's.
+
+    Steal is how a VM's own disk writes show up: the host does them on its CPUs, and when every
+    vCPU of the VM is busy that time is taken from them. On this project's 2-vCPU VM, writing
+    ~0.4 GB/s with ``O_DIRECT`` beside two CPU-bound processes cost 0.6 CPUs of steal and none
+    beside one (``docs/benchmarks.md``, fourteenth pass)."""
+    cpus = os.sched_getaffinity(0) if cpus is None else cpus
+    hz = os.sysconf("SC_CLK_TCK")
+    out = {"idle": 0.0, "steal": 0.0}
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *f = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            out["idle"] += (int(f[3]) + int(f[4])) / hz
+            out["steal"] += int(f[7]) / hz if len(f) > 7 else 0.0
+    return out
+
+
 def machine() -> dict:
     cpu = ""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -287,19 +307,19 @@ def slidelake_child(args) -> None:
     # the same session, so that the mask-first ratio compares runs made one after the other.
     warms, warms_off = [], []
     for i in range(max(1, args.warm_runs)):
-        c0 = cpu_seconds()
+        c0, m0 = cpu_seconds(), cpus_seconds()
         t = time.perf_counter()
         rec_i = run_all(spark, config(args.masks, f"{args.lake}-warm{i}"), profile=True)
         wall_i = time.perf_counter() - t
-        c1 = cpu_seconds()
-        warms.append((wall_i, rec_i, {k: c1[k] - c0[k] for k in c0}))
+        c1, m1 = cpu_seconds(), cpus_seconds()
+        warms.append((wall_i, rec_i, {k: c1[k] - c0[k] for k in c0}, {k: m1[k] - m0[k] for k in m0}))
         shutil.rmtree(f"{args.lake}-warm{i}", ignore_errors=True)
         if args.interleave_masks_off:
             t = time.perf_counter()
             rec_i = run_all(spark, config("off", f"{args.lake}-off{i}"), profile=True)
             warms_off.append((time.perf_counter() - t, rec_i))
             shutil.rmtree(f"{args.lake}-off{i}", ignore_errors=True)
-    warm_wall, warm, warm_cpu = sorted(warms, key=lambda w: w[0])[len(warms) // 2]
+    warm_wall, warm, warm_cpu, warm_cpus = sorted(warms, key=lambda w: w[0])[len(warms) // 2]
     kids = descendants(os.getpid())
     jvm = [p for p, c in kids.items() if is_jvm(c)]
     workers = [p for p, c in kids.items() if "python" in c and p not in jvm]
@@ -311,9 +331,11 @@ def slidelake_child(args) -> None:
         "profile": rec.profile,
         "warm": {"wall_s": warm_wall, "stage_seconds": warm.stage_seconds, "profile": warm.profile,
                  "tiles_per_s_per_core": warm.counts.get("tiles_written", 0) / warm_wall / args.cores,
-                 "walls_s": [w for w, _, _ in warms],
+                 "walls_s": [w for w, *_ in warms],
                  # CPU seconds of the driver's Python, the JVM and the Python workers in that run
-                 "cpu_s": warm_cpu},
+                 "cpu_s": warm_cpu,
+                 # seconds the run's CPUs were idle, and taken by the hypervisor (steal)
+                 "cpus_s": warm_cpus},
         "warm_masks_off": {"walls_s": [w for w, _ in warms_off],
                            "tiles_written": [r.counts.get("tiles_written", 0) for _, r in warms_off]} if warms_off else None,
         "peak_rss_mib": {
@@ -322,7 +344,7 @@ def slidelake_child(args) -> None:
             # the workers reset their VmHWM at the start of each stage (--profile); their peak
             # is the largest of the stage peaks they reported and what the live ones still show
             "python_worker_max": max([vm_hwm_kib(p) / 1024 for p in workers]
-                                     + [v for r in [rec] + [w for _, w, _ in warms] for k, v in (r.profile or {}).items()
+                                     + [v for r in [rec] + [w for _, w, *_ in warms] for k, v in (r.profile or {}).items()
                                         if k.endswith("worker_peak_mib")] + [0.0]),
         },
     }
@@ -614,6 +636,11 @@ def report(res: dict) -> str:
                   + f"; in all {sum(n_cpu.values()):.2f} s in {walls[0]:.2f} s of wall time on {c} cores "
                     f"({sum(n_cpu.values()) / walls[0] / c:.0%} busy) and {sum(one_cpu.values()):.2f} s in "
                     f"{walls[1]:.2f} s on 1 core ({sum(one_cpu.values()) / walls[1]:.0%} busy)."]
+        cpus = (best["warm"].get("cpus_s"), runs["masks, 1 core"]["warm"].get("cpus_s"))
+        if all(cpus):
+            lines[-1] += (f" The run's CPUs were idle {cpus[0]['idle']:.2f} / {cpus[1]['idle']:.2f} s and the "
+                          f"hypervisor took {cpus[0]['steal']:.2f} / {cpus[1]['steal']:.2f} s of them (steal: "
+                          f"this VM's disk writes, done by the host on the busy vCPUs' time).")
     lines += ["", "Ratios, first run in a fresh Spark session (cold: includes Spark's one-off first-job warm-up):", "",
               *ratios("cold"), "",
               "Ratios, the same run again in the same session into a fresh lake (warm: the per-run cost; median of the warm runs):", "",

@@ -167,5 +167,11 @@ def test_folder_scaling_measures_n_cores_against_one_on_a_folder(tmp_path):
     cpu = one["warm_cpu_s"]
     assert cpu["python_workers"] >= 0.8 * one["warm_worker_s"]["decode.read_s"] > 0
     assert cpu["jvm"] > 0 and cpu["driver"] > 0
+    # the 1-core session's one CPU: idle for part of a run (discovery waits on the file, Spark
+    # between jobs), never for longer than the run; steal is never negative
+    for s in (one, two):
+        assert 0 <= s["warm_cpus_s"]["idle"] < s["warm_wall_s"] * (1 if s is one else 2)
+        assert s["warm_cpus_s"]["steal"] >= 0
+    assert 0 < pair["warm without steal"] and pair["warm without steal"] >= pair["warm"] - 0.05
     loop = pair["read loop tiles/s/core"]
     assert pair["read loop"] == pytest.approx(2 * loop["2p"] / loop["1p"], rel=0.02)
