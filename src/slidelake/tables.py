@@ -301,7 +301,11 @@ def discard_staging_later(staging: str) -> None:
 
 def wait_for_discards(timeout: float | None = None) -> None:
     """Block until the staging folders handed to :func:`discard_staging_later` are deleted
-    (at most ``timeout`` seconds each)."""
+    (at most ``timeout`` seconds each; tests call it before they look at ``_staging``).
+
+    Raises:
+        TimeoutError: a deletion took longer than ``timeout`` (``concurrent.futures``').
+    """
     with _discards_lock:
         pending = list(_pending)
     for f in pending:
