@@ -22,9 +22,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
@@ -272,9 +271,8 @@ def discard_staging(staging: str) -> None:
             pass
 
 
-_discards: "ThreadPoolExecutor | None" = None
-_discards_lock = threading.Lock()
-_pending: list[Future] = []
+# one thread, started by the first submit: the deletions run in the order they were asked for
+_discards = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slidelake-discard")
 
 
 def discard_staging_later(staging: str) -> None:
@@ -292,24 +290,18 @@ def discard_staging_later(staging: str) -> None:
     deletes later. The interpreter waits for the thread at exit; :func:`wait_for_discards`
     waits for it earlier.
     """
-    global _discards
-    with _discards_lock:
-        if _discards is None:
-            _discards = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slidelake-discard")
-        _pending[:] = [f for f in _pending if not f.done()] + [_discards.submit(discard_staging, staging)]
+    _discards.submit(discard_staging, staging)
 
 
 def wait_for_discards(timeout: float | None = None) -> None:
-    """Block until the staging folders handed to :func:`discard_staging_later` are deleted
-    (at most ``timeout`` seconds each; tests call it before they look at ``_staging``).
+    """Block until the staging folders handed to :func:`discard_staging_later` so far are
+    deleted (tests call it before they look at ``_staging``): the one thread runs them in
+    order, so a no-op queued behind them finishes after them.
 
     Raises:
-        TimeoutError: a deletion took longer than ``timeout`` (``concurrent.futures``').
+        TimeoutError: they took longer than ``timeout`` seconds (``concurrent.futures``').
     """
-    with _discards_lock:
-        pending = list(_pending)
-    for f in pending:
-        f.result(timeout=timeout)
+    _discards.submit(lambda: None).result(timeout=timeout)
 
 
 def commit_files(
