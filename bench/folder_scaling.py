@@ -24,7 +24,7 @@ N cores / 1 core per pair (warm, the tiling stage alone ``overlap+decode+write``
 loop) and their medians over the pairs, the pooled median of all warm runs, and per session the
 walls, stage walls, the CPU seconds of the driver, the JVM and the Python workers
 (``throughput.cpu_seconds``), the seconds the session's CPUs were idle or taken by the
-hypervisor (steal, ``throughput.cpus_seconds``: this VM's disk writes cost the busy vCPUs
+hypervisor (steal, ``throughput.idle_steal_seconds``: this VM's disk writes cost the busy vCPUs
 time, which a 1-core run does not pay; "warm without steal" estimates the ratio without it)
 and the workers' own seconds per stage (``--profile``).
 ``docs/benchmarks.md`` quotes it.
@@ -74,7 +74,7 @@ def session_figures(run: dict) -> dict:
             # CPU seconds of the driver's Python, the JVM and the Python workers (warm median run)
             "warm_cpu_s": {k: round(v, 2) for k, v in run["warm"]["cpu_s"].items()},
             # seconds the session's CPUs were idle and taken by the hypervisor (steal), same run
-            "warm_cpus_s": {k: round(v, 2) for k, v in run["warm"]["cpus_s"].items()},
+            "warm_idle_steal_s": {k: round(v, 2) for k, v in run["warm"]["idle_steal_s"].items()},
             # the workers' own seconds per stage, summed over tasks (``--profile``)
             "warm_worker_s": {k: round(v, 2) for k, v in (run["warm"].get("profile") or {}).items()
                               if k.endswith(("_s", ".s")) and not k.startswith("wall.")}}
@@ -123,8 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
                       # the same with each warm run's wall less its CPUs' steal per CPU: what the
                       # ratio would be had the hypervisor not taken that time (an estimate)
                       "warm without steal": round(
-                          (runs[1]["warm"]["wall_s"] - runs[1]["warm"]["cpus_s"]["steal"])
-                          / (runs[a.cores]["warm"]["wall_s"] - runs[a.cores]["warm"]["cpus_s"]["steal"] / a.cores), 2),
+                          (runs[1]["warm"]["wall_s"] - runs[1]["warm"]["idle_steal_s"]["steal"])
+                          / (runs[a.cores]["warm"]["wall_s"] - runs[a.cores]["warm"]["idle_steal_s"]["steal"] / a.cores), 2),
                       "cold": round(runs[1]["wall_s"] / runs[a.cores]["wall_s"], 2),
                       "read loop": round(loops[a.cores]["tiles_per_s_per_core"] * a.cores
                                          / loops[1]["tiles_per_s_per_core"], 2),

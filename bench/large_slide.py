@@ -60,7 +60,7 @@ def summary(run: dict) -> dict:
                      # CPU seconds of the driver's Python, the JVM and the Python workers
                      "cpu_s": {k: round(v, 2) for k, v in (run["warm"].get("cpu_s") or {}).items()},
                      # seconds the run's CPUs were idle and taken by the hypervisor (steal)
-                     "cpus_s": {k: round(v, 2) for k, v in (run["warm"].get("cpus_s") or {}).items()}},
+                     "idle_steal_s": {k: round(v, 2) for k, v in (run["warm"].get("idle_steal_s") or {}).items()}},
             "peak_rss_mib": {k: round(v) for k, v in run["peak_rss_mib"].items()}}
 
 

@@ -117,7 +117,7 @@ def cpu_seconds(root: int | None = None) -> dict[str, float]:
     return out
 
 
-def cpus_seconds(cpus: set[int] | None = None) -> dict[str, float]:
+def idle_steal_seconds(cpus: set[int] | None = None) -> dict[str, float]:
     """Seconds so far (``/proc/stat``, summed over ``cpus``, default: the CPUs this process may
     run on) that those CPUs spent idle (``idle`` + ``iowait``) and that the hypervisor ran
     something else while they had work (``steal``). Differences of two calls give a run's.
@@ -307,11 +307,11 @@ def slidelake_child(args) -> None:
     # the same session, so that the mask-first ratio compares runs made one after the other.
     warms, warms_off = [], []
     for i in range(max(1, args.warm_runs)):
-        c0, m0 = cpu_seconds(), cpus_seconds()
+        c0, m0 = cpu_seconds(), idle_steal_seconds()
         t = time.perf_counter()
         rec_i = run_all(spark, config(args.masks, f"{args.lake}-warm{i}"), profile=True)
         wall_i = time.perf_counter() - t
-        c1, m1 = cpu_seconds(), cpus_seconds()
+        c1, m1 = cpu_seconds(), idle_steal_seconds()
         warms.append((wall_i, rec_i, {k: c1[k] - c0[k] for k in c0}, {k: m1[k] - m0[k] for k in m0}))
         shutil.rmtree(f"{args.lake}-warm{i}", ignore_errors=True)
         if args.interleave_masks_off:
@@ -319,7 +319,7 @@ def slidelake_child(args) -> None:
             rec_i = run_all(spark, config("off", f"{args.lake}-off{i}"), profile=True)
             warms_off.append((time.perf_counter() - t, rec_i))
             shutil.rmtree(f"{args.lake}-off{i}", ignore_errors=True)
-    warm_wall, warm, warm_cpu, warm_cpus = sorted(warms, key=lambda w: w[0])[len(warms) // 2]
+    warm_wall, warm, warm_cpu, warm_idle_steal = sorted(warms, key=lambda w: w[0])[len(warms) // 2]
     kids = descendants(os.getpid())
     jvm = [p for p, c in kids.items() if is_jvm(c)]
     workers = [p for p, c in kids.items() if "python" in c and p not in jvm]
@@ -335,7 +335,7 @@ def slidelake_child(args) -> None:
                  # CPU seconds of the driver's Python, the JVM and the Python workers in that run
                  "cpu_s": warm_cpu,
                  # seconds the run's CPUs were idle, and taken by the hypervisor (steal)
-                 "cpus_s": warm_cpus},
+                 "idle_steal_s": warm_idle_steal},
         "warm_masks_off": {"walls_s": [w for w, _ in warms_off],
                            "tiles_written": [r.counts.get("tiles_written", 0) for _, r in warms_off]} if warms_off else None,
         "peak_rss_mib": {
@@ -636,10 +636,10 @@ def report(res: dict) -> str:
                   + f"; in all {sum(n_cpu.values()):.2f} s in {walls[0]:.2f} s of wall time on {c} cores "
                     f"({sum(n_cpu.values()) / walls[0] / c:.0%} busy) and {sum(one_cpu.values()):.2f} s in "
                     f"{walls[1]:.2f} s on 1 core ({sum(one_cpu.values()) / walls[1]:.0%} busy)."]
-        cpus = (best["warm"].get("cpus_s"), runs["masks, 1 core"]["warm"].get("cpus_s"))
-        if all(cpus):
-            lines[-1] += (f" The run's CPUs were idle {cpus[0]['idle']:.2f} / {cpus[1]['idle']:.2f} s and the "
-                          f"hypervisor took {cpus[0]['steal']:.2f} / {cpus[1]['steal']:.2f} s of them (steal: "
+        idle_steal = (best["warm"].get("idle_steal_s"), runs["masks, 1 core"]["warm"].get("idle_steal_s"))
+        if all(idle_steal):
+            lines[-1] += (f" The run's CPUs were idle {idle_steal[0]['idle']:.2f} / {idle_steal[1]['idle']:.2f} s and the "
+                          f"hypervisor took {idle_steal[0]['steal']:.2f} / {idle_steal[1]['steal']:.2f} s of them (steal: "
                           f"this VM's disk writes, done by the host on the busy vCPUs' time).")
     lines += ["", "Ratios, first run in a fresh Spark session (cold: includes Spark's one-off first-job warm-up):", "",
               *ratios("cold"), "",
