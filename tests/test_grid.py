@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from slidelake.grid import GRID_COLUMNS, axis_positions, expand_grid, grid_shape, grid_size, row_bands
+from slidelake.grid import GRID_COLUMNS, axis_positions, band_tiles, expand_grid, grid_shape, grid_size, row_bands
 
 
 def reference(length, extent, stride, last):
@@ -91,6 +91,22 @@ def test_row_bands_cover_every_row_once(rows, tiles, per_band):
     assert len(bands) == min(rows, -(-tiles // per_band))
     per_row = tiles / rows
     assert max(b1 - b0 for b0, b1 in bands) * per_row <= per_band + per_row  # about per_band tiles each
+
+
+@pytest.mark.parametrize("batch,cores,want,bands", [
+    (19_200, 2, 9_600, 2),        # the benchmark slide (160 x 120 tiles) on 2 cores: a band per core
+    (19_200, 1, 19_200, 1),       # on 1 core: one band
+    (121_680, 2, 60_840, 2),      # the 100,000 x 80,000 px slide (390 x 312 tiles): two bands, as with the cap alone
+    (1_228_800, 2, 65_536, 19),   # capped: a large grid in several waves of bands
+    (5_000, 2, 4_096, 2),         # no band below the minimum
+    (19_200, 64, 4_096, 5),       # a cluster's many cores: bands of the minimum
+    (0, 2, 4_096, 1),
+])
+def test_band_tiles_spread_a_batch_over_the_cores(batch, cores, want, bands):
+    per_band = band_tiles(batch, cores, 65_536, 4_096)
+    assert per_band == want
+    cols = {19_200: 160, 121_680: 390, 1_228_800: 1280, 5_000: 100, 0: 1}[batch]
+    assert len(row_bands(max(1, batch // cols), batch, per_band)) == bands
 
 
 @pytest.mark.spark

@@ -332,6 +332,38 @@ def test_a_slide_split_over_grid_tasks_gives_the_same_tiles(spark, lake, tmp_pat
 
 
 @pipeline
+def test_one_slide_grid_is_spread_over_the_cores(spark, lake, tmp_path, monkeypatch):
+    """A one-slide batch's grid goes to the grid + overlap stage in one band per core
+    (``grid.band_tiles``; here with the minimum band size lowered to this small slide), and the
+    kept tiles are those of the grid in one band."""
+    import slidelake.pipeline as pipeline_module
+
+    make_tiff(tmp_path / "gen.tiff", 1024, 768, levels=1, tile=64, mpp=0.5)
+    ov = np.zeros((96, 128), np.uint8)
+    ov[10:70, 20:100] = 255
+    write_overlay(str(tmp_path / "gen.mask.tiff"), ov, (4.0, 4.0))
+    kw = dict(resolution={"level": 0}, grid={"tile_extent": 96, "stride": 80}, filter={"min_tissue_fraction": 0.3})
+    run_all(spark, cfg_for(lake, [tmp_path / "gen.tiff"], **kw))  # 108 tiles < the minimum band: one band
+    per_band = []
+    real = pipeline_module.banded_grid
+
+    def spy(*args):
+        per_band.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(pipeline_module, "banded_grid", spy)
+    monkeypatch.setattr(pipeline_module, "GRID_TILES_PER_TASK_MIN", 1)
+    run_all(spark, cfg_for(lake, [tmp_path / "gen.tiff"], tables={"tiles_table": "spread"}, **kw))
+    cores = spark.sparkContext.defaultParallelism
+    assert cores >= 2 and per_band == [-(-108 // cores)]  # 12 x 9 grid tiles over the cores
+    key = ["tile_x", "tile_y"]
+    cols = key + ["tissue_fraction", "overlay_fractions", "level0_x", "valid_width", "path", "tile"]
+    one = pl.read_delta(str(lake / "tiles")).select(cols).sort(key)
+    spread = pl.read_delta(str(lake / "spread")).select(cols).sort(key)
+    assert 0 < spread.height < 108 and spread.equals(one)
+
+
+@pipeline
 def test_the_plan_made_beside_the_masks_is_used_only_when_the_masks_match_it(spark, lake, tmp_path, monkeypatch):
     """The first batch is planned in a thread while its masks are made, with the overlay paths
     the masks will have (``mask_path_of``); that plan is used when every mask comes out at those

@@ -197,6 +197,21 @@ def row_bands(grid_rows: int, grid_tiles: int, tiles_per_band: int) -> list[tupl
     return list(zip(edges[:-1], edges[1:]))
 
 
+def band_tiles(batch_tiles: int, parallelism: int, most: int, least: int) -> int:
+    """Grid tiles per band (:func:`row_bands`) for a batch of ``batch_tiles`` grid tiles on
+    ``parallelism`` cores: the batch spread evenly over the cores, ``ceil(batch_tiles /
+    parallelism)``, in bands of at least ``least`` tiles (a smaller band's task costs more to
+    start than its overlap work) and at most ``most`` (a large slide's grid in several waves of
+    tasks). So one slide of a few ten thousand tiles on 2 cores is two bands, and its grid and
+    overlap run on both cores instead of one (``docs/benchmarks.md``, fifteenth pass: the warm
+    2-core run of the benchmark slide 2.99 s against 3.12 s).
+
+    Returns:
+        Tiles per band, >= 1.
+    """
+    return max(1, min(most, max(least, math.ceil(batch_tiles / max(1, parallelism)))))
+
+
 def banded_grid(spark: SparkSession, slides: list[dict], tile_extent: tuple[int, int], stride: tuple[int, int],
                 last: str, roi: tuple[int, int, int, int] | None, tiles_per_task: int) -> DataFrame:
     """The grid rows of ``slides`` with only ``slide_id`` and :data:`TILE_COLUMNS`, each slide's

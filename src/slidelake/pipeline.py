@@ -24,7 +24,7 @@ from pyspark.sql import types as T
 from slidelake import __version__
 from slidelake.config import PipelineConfig, config_hash
 from slidelake.decode import repartition_tiles
-from slidelake.grid import banded_grid, grid_constants, grid_size, level0_rects
+from slidelake.grid import band_tiles, banded_grid, grid_constants, grid_size, level0_rects
 from slidelake.lineage import (
     RUN_SLIDES_SCHEMA, RUNS_SCHEMA, TILE_ERRORS_SCHEMA, CountLog, RunRecord, SumLog, utcnow, versions,
 )
@@ -41,9 +41,11 @@ from slidelake.write import TILES_COLUMNS, Lineage, TileWrite, write_tiles  # no
 
 # failed tiles listed per slide in runs.slide_errors
 MAX_ERROR_SAMPLES = 20
-# tiles per task of the grid + overlap stage: a larger slide's grid is split in bands of rows
-# (the overlap stage runs ~100,000 tiles/s per task, docs/benchmarks.md)
+# grid tiles per band of the grid + overlap stage (grid.band_tiles): a batch's grid is spread
+# over the cores in bands of rows of at most GRID_TILES_PER_TASK tiles (the overlap stage runs
+# ~100,000 tiles/s per task, docs/benchmarks.md) and at least GRID_TILES_PER_TASK_MIN
 GRID_TILES_PER_TASK = 65_536
+GRID_TILES_PER_TASK_MIN = 4_096
 
 
 class ConfigMismatchError(RuntimeError):
@@ -495,10 +497,12 @@ def plan_tiles(spark: SparkSession, cfg: PipelineConfig, batch: list[dict], over
         "read_height": F.greatest(F.lit(1), F.round(F.lit(ey) * scale)).cast("int"),
         **grid_constants(grid_cfg.tile_extent, grid_cfg.stride_xy),
     })
-    # 1. grid (metadata only): per-tile columns only, a large slide's grid rows split in bands
-    # over several tasks; the slide's own columns are joined back to the kept tiles (3.)
-    tiles = banded_grid(spark, batch, grid_cfg.tile_extent, grid_cfg.stride_xy, grid_cfg.last, grid_cfg.roi,
-                        GRID_TILES_PER_TASK)
+    # 1. grid (metadata only): per-tile columns only, the batch's grid rows split in bands over
+    # the cores; the slide's own columns are joined back to the kept tiles (3.)
+    per_band = band_tiles(sum(grid_size(r["extent_x"], r["extent_y"], r["downsample"], grid_cfg.tile_extent,
+                                        grid_cfg.stride_xy, grid_cfg.last, grid_cfg.roi) for r in batch),
+                          spark.sparkContext.defaultParallelism, GRID_TILES_PER_TASK, GRID_TILES_PER_TASK_MIN)
+    tiles = banded_grid(spark, batch, grid_cfg.tile_extent, grid_cfg.stride_xy, grid_cfg.last, grid_cfg.roi, per_band)
     # 2. overlap with the mask and annotations, per slide, still metadata only, and
     # 3. the filter before decode, in the same task: only tiles that pass are ever decoded
     # (tiles whose overlap failed go on, undecoded, so the write stage records them exactly)
