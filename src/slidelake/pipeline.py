@@ -367,11 +367,7 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
         masks, early = _masks_and_first_plan(spark, cfg, rec, good[:step], good, on_profile)
         good = [r for r in good if r["slide_id"] in masks]
     try:
-        generated = {
-            r["slide_id"]: grid_size(r["extent_x"], r["extent_y"], r["downsample"], grid_cfg.tile_extent,
-                                     grid_cfg.stride_xy, grid_cfg.last, grid_cfg.roi)
-            for r in good
-        }
+        generated = {r["slide_id"]: _grid_tiles(r, grid_cfg) for r in good}
         total = sum(generated.values())
         _check_config_mix(spark, paths, writer, chash, [r["slide_id"] for r in good], replace_table)
         # tiles of content no longer in the slides table (a file rewritten with other content since
@@ -499,9 +495,8 @@ def plan_tiles(spark: SparkSession, cfg: PipelineConfig, batch: list[dict], over
     })
     # 1. grid (metadata only): per-tile columns only, the batch's grid rows split in bands over
     # the cores; the slide's own columns are joined back to the kept tiles (3.)
-    per_band = band_tiles(sum(grid_size(r["extent_x"], r["extent_y"], r["downsample"], grid_cfg.tile_extent,
-                                        grid_cfg.stride_xy, grid_cfg.last, grid_cfg.roi) for r in batch),
-                          spark.sparkContext.defaultParallelism, GRID_TILES_PER_TASK, GRID_TILES_PER_TASK_MIN)
+    per_band = band_tiles(sum(_grid_tiles(r, grid_cfg) for r in batch), spark.sparkContext.defaultParallelism,
+                          GRID_TILES_PER_TASK, GRID_TILES_PER_TASK_MIN)
     tiles = banded_grid(spark, batch, grid_cfg.tile_extent, grid_cfg.stride_xy, grid_cfg.last, grid_cfg.roi, per_band)
     # 2. overlap with the mask and annotations, per slide, still metadata only, and
     # 3. the filter before decode, in the same task: only tiles that pass are ever decoded
@@ -530,6 +525,12 @@ def _tile_batch(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, batch:
     return write_tiles(spark, tiles, paths["tiles"], writer, cfg.decode, cfg.filter, lineage,
                        None if replace_table else [r["slide_id"] for r in batch] + list(drop), cfg.tables.tile_compression,
                        on_decoded, on_profile, cfg.tables.direct_io)
+
+
+def _grid_tiles(row: dict, grid_cfg) -> int:
+    """Grid tiles of one resolved slide row (:func:`slidelake.grid.grid_size` with ``grid_cfg``)."""
+    return grid_size(row["extent_x"], row["extent_y"], row["downsample"], grid_cfg.tile_extent, grid_cfg.stride_xy,
+                     grid_cfg.last, grid_cfg.roi)
 
 
 def _tissue_share(mask: dict | None) -> float:
