@@ -43,6 +43,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from statistics import median
+from typing import Any
 
 import numpy as np
 
@@ -267,6 +268,22 @@ def naive_baseline(tiles: list[tuple[str, np.ndarray]], size: tuple[int, int], c
 
 # --------------------------------------------------------------- 3. slidelake end to end
 
+def write_kept(spark, lake: str, out: str) -> None:
+    """Write the kept tiles of the lake's ``tiles`` table to the Parquet file ``out``
+    (``path, level0_x, level0_y, level``, slides in path order, tiles in raster order; empty
+    when no slide could be tiled), for :func:`load_kept`."""
+    import pandas as pd
+
+    from slidelake.tables import read_table, table_exists
+
+    kept = pd.DataFrame({"path": pd.Series(dtype=str), **{c: pd.Series(dtype="int64") for c in
+                                                           ("level0_x", "level0_y", "level")}})
+    if table_exists(f"{lake}/tiles"):
+        t = read_table(spark, f"{lake}/tiles", "delta-rs").select(*kept.columns)
+        kept = t.orderBy("path", "level0_y", "level0_x").toPandas()
+    kept.to_parquet(out)
+
+
 def slidelake_child(args) -> None:
     """Run one slidelake job in this (fresh) process and print its figures as JSON.
 
@@ -305,15 +322,31 @@ def slidelake_child(args) -> None:
     # this VM's speed drifts by 20-30 %, as the read limit's three measurements show)
     # With --interleave-masks-off, each warm run is followed by the same run without masks in
     # the same session, so that the mask-first ratio compares runs made one after the other.
-    warms, warms_off = [], []
-    for i in range(max(1, args.warm_runs)):
+    def warm_run(lake: str) -> tuple[float, Any, dict, dict]:
+        # one warm run into a fresh lake: its wall, run record, CPU by process and idle/steal
         c0, m0 = cpu_seconds(), idle_steal_seconds()
         t = time.perf_counter()
-        rec_i = run_all(spark, config(args.masks, f"{args.lake}-warm{i}"), profile=True)
+        rec_i = run_all(spark, config(args.masks, lake), profile=True)
         wall_i = time.perf_counter() - t
         c1, m1 = cpu_seconds(), idle_steal_seconds()
-        warms.append((wall_i, rec_i, {k: c1[k] - c0[k] for k in c0}, {k: m1[k] - m0[k] for k in m0}))
-        shutil.rmtree(f"{args.lake}-warm{i}", ignore_errors=True)
+        shutil.rmtree(lake, ignore_errors=True)
+        return wall_i, rec_i, {k: c1[k] - c0[k] for k in c0}, {k: m1[k] - m0[k] for k in m0}
+
+    if args.serve:  # a live session (:class:`LiveSession`): the cold run, then one warm run per line read
+        if args.kept_out:
+            write_kept(spark, args.lake, args.kept_out)
+        print("BENCH-JSON " + json.dumps({"wall_s": wall, "status": rec.status, "counts": rec.counts,
+                                          "stage_seconds": rec.stage_seconds}), flush=True)
+        for i, _ in enumerate(sys.stdin):
+            w, r, cpu, idle_steal = warm_run(f"{args.lake}-warm{i}")
+            print("BENCH-JSON " + json.dumps({"wall_s": w, "status": r.status, "counts": r.counts,
+                                              "stage_seconds": r.stage_seconds, "cpu_s": cpu,
+                                              "idle_steal_s": idle_steal, "profile": r.profile}), flush=True)
+        spark.stop()
+        return
+    warms, warms_off = [], []
+    for i in range(max(1, args.warm_runs)):
+        warms.append(warm_run(f"{args.lake}-warm{i}"))
         if args.interleave_masks_off:
             t = time.perf_counter()
             rec_i = run_all(spark, config("off", f"{args.lake}-off{i}"), profile=True)
@@ -350,16 +383,9 @@ def slidelake_child(args) -> None:
     }
     if args.kept_out:
         # the first run's kept tiles (for the read limit and the naive baseline) and slides
-        import pandas as pd
+        from slidelake.tables import read_table
 
-        from slidelake.tables import read_table, table_exists
-
-        kept = pd.DataFrame({"path": pd.Series(dtype=str), **{c: pd.Series(dtype="int64") for c in
-                                                               ("level0_x", "level0_y", "level")}})
-        if table_exists(f"{args.lake}/tiles"):  # no tiles table when no slide could be tiled
-            t = read_table(spark, f"{args.lake}/tiles", "delta-rs").select(*kept.columns)
-            kept = t.orderBy("path", "level0_y", "level0_x").toPandas()
-        kept.to_parquet(args.kept_out)
+        write_kept(spark, args.lake, args.kept_out)
         slides = read_table(spark, f"{args.lake}/slides", "delta-rs").select(
             "path", "vendor", "width", "height", "level_count", "mpp_x", "status", "error").orderBy("path")
         out["slides"] = [r.asDict() for r in slides.collect()]
@@ -388,6 +414,120 @@ def run_slidelake(slide: str | list[str], cores: int, masks: str = "on", reader:
         return bench_json(subprocess.run(cmd, capture_output=True, text=True, check=False))
     finally:
         shutil.rmtree(lake, ignore_errors=True)
+
+
+class LiveSession:
+    """A slidelake session kept alive in a fresh process confined to ``cores`` CPUs: its cold run
+    at start, then one warm run (into a fresh lake) per :meth:`run` call, so that runs of two
+    sessions (N cores and 1 core) can alternate seconds apart instead of minutes apart. This
+    VM's per-core speed drifts by tens of per cent between minutes; adjacent runs share the
+    drift. An idle session holds a JVM and its Python workers, which use no CPU while waiting.
+    ``kept_out``: a Parquet file for the cold run's kept tiles (:func:`load_kept`), written
+    before the constructor returns.
+
+    Raises:
+        RuntimeError: the child failed (with its stderr) or a run did not succeed.
+    """
+
+    def __init__(self, slide: str | list[str], cores: int, masks: str = "on", reader: str = "auto",
+                 kept_out: str | None = None) -> None:
+        self.lake = tempfile.mkdtemp(prefix="slidelake-bench-")
+        paths = [slide] if isinstance(slide, str) else list(slide)
+        self._err = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__)), "--child", "--serve", "--slide", *paths, "--lake", self.lake,
+             "--cores", str(cores), "--masks", masks, "--reader", reader]
+            + (["--kept-out", kept_out] if kept_out else []),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True)
+        self.cold = self._read()
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("BENCH-JSON "):
+                out = json.loads(line[len("BENCH-JSON "):])
+                if out.get("status") != "succeeded":
+                    raise RuntimeError(f"slidelake run failed: {json.dumps(out)[:2000]}")
+                return out
+        self._err.seek(0)
+        raise RuntimeError(f"benchmark child failed ({self.proc.wait()}):\n{self._err.read()[-3000:]}")
+
+    def run(self) -> dict:
+        """One warm run: ``wall_s``, ``stage_seconds``, ``counts``, ``cpu_s``, ``idle_steal_s``."""
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.stdin and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        self.proc.wait()
+        self._err.close()
+        shutil.rmtree(self.lake, ignore_errors=True)
+
+
+def scaling_rounds(slide: str | list[str], cores: int, rounds: int, kept: str, loop_rounds: int = 4) -> dict:
+    """N cores against 1 core with the runs of the two sessions interleaved: a 1-core and an
+    N-core :class:`LiveSession` (masks, native reader, raw tiles), started one after the other
+    (their cold runs), then ``rounds`` rounds of one warm run on each, alternating the order
+    (N, 1 / 1, N / ...), so the two runs of a round are seconds apart and share this VM's drift;
+    then ``loop_rounds`` rounds of the read loop (:func:`read_limit` over the kept tiles, which
+    the 1-core session's cold run writes to the Parquet file ``kept``) in N processes and in one,
+    alternated the same way: the machine's own scaling at that time.
+
+    Returns:
+        ``cold`` (wall s of the two cold runs and their ratio), ``rounds`` (per round: the
+        order, each warm run's wall, tiling-stage seconds, CPU seconds by process and idle/steal
+        seconds, and the round's N-core / 1-core ratio of tiles per second), ``warm`` (the median
+        of the rounds' ratios, the lowest and highest, the ratio of the median walls, the median
+        tiling-stage ratio), ``read_loop`` (per round and median).
+    """
+    one = LiveSession(slide, 1, kept_out=kept)
+    multi = LiveSession(slide, cores)
+    try:
+        n_one, n_multi = one.cold["counts"]["tiles_written"], multi.cold["counts"]["tiles_written"]
+        out_rounds = []
+        for i in range(rounds):
+            order = [(cores, multi), (1, one)] if i % 2 == 0 else [(1, one), (cores, multi)]
+            got = {c: sess.run() for c, sess in order}
+            m, o = got[cores], got[1]
+            out_rounds.append({
+                "order": f"{order[0][0]}c then {order[1][0]}c",
+                **{f"{c}c": {"wall_s": round(r["wall_s"], 3),
+                             "tiling_s": round(r["stage_seconds"].get("overlap+decode+write", 0.0), 3),
+                             "cpu_s": {k: round(v, 2) for k, v in r["cpu_s"].items()},
+                             "idle_steal_s": {k: round(v, 2) for k, v in r["idle_steal_s"].items()},
+                             # the workers' own seconds per stage, summed over tasks (``--profile``)
+                             "worker_s": {k: round(v, 2) for k, v in (r.get("profile") or {}).items()
+                                          if k.endswith(("_s", ".s")) and not k.startswith("wall.")}}
+                   for c, r in ((cores, m), (1, o))},
+                "ratio": round((n_multi / m["wall_s"]) / (n_one / o["wall_s"]), 3),
+                # the same with each run's wall less its CPUs' steal per CPU: what the ratio would
+                # be had the hypervisor not taken that time (an estimate)
+                "ratio_without_steal": round(
+                    (n_multi / (m["wall_s"] - m["idle_steal_s"]["steal"] / cores))
+                    / (n_one / (o["wall_s"] - o["idle_steal_s"]["steal"])), 3),
+                "tiling_ratio": round(o["stage_seconds"]["overlap+decode+write"]
+                                      / m["stage_seconds"]["overlap+decode+write"], 3)})
+        cold = {f"{cores}c_s": round(multi.cold["wall_s"], 2), "1c_s": round(one.cold["wall_s"], 2),
+                "ratio": round((n_multi / multi.cold["wall_s"]) / (n_one / one.cold["wall_s"]), 3)}
+    finally:
+        one.close()
+        multi.close()
+    tiles, loops = load_kept(kept), []
+    for i in range(loop_rounds):
+        order = [cores, 1] if i % 2 == 0 else [1, cores]
+        got = {c: read_limit(tiles, (256, 256), c)["tiles_per_s_per_core"] for c in order}
+        loops.append({"order": f"{order[0]}p then {order[1]}p", **{f"{c}p": round(v) for c, v in got.items()},
+                      "ratio": round(got[cores] * cores / got[1], 3)})
+    ratios = [r["ratio"] for r in out_rounds]
+    walls = {c: median(r[f"{c}c"]["wall_s"] for r in out_rounds) for c in (cores, 1)}
+    return {"cores": cores, "tiles_written": n_multi, "cold": cold, "rounds": out_rounds,
+            "warm": {"median_of_rounds": round(median(ratios), 3), "lowest": min(ratios), "highest": max(ratios),
+                     "ratio_of_median_walls": round((n_multi / walls[cores]) / (n_one / walls[1]), 3),
+                     "median_walls_s": {f"{c}c": round(w, 3) for c, w in walls.items()},
+                     "tiling_median_of_rounds": round(median(r["tiling_ratio"] for r in out_rounds), 3),
+                     "without_steal_median_of_rounds": round(median(r["ratio_without_steal"] for r in out_rounds), 3)},
+            "read_loop": {"rounds": loops, "median": round(median(r["ratio"] for r in loops), 3)}}
 
 
 def load_kept(path: str) -> list[tuple[str, np.ndarray]]:
@@ -587,6 +727,7 @@ def report(res: dict) -> str:
         speedup = scaling(b["wall_s"], one["wall_s"])
         mask_first = b['wall_s'] / g('no masks (pixel filter)')['wall_s']
         mask_note = scale_note = ""
+        tiling = one["stage_seconds"]["overlap+decode+write"] / b["stage_seconds"]["overlap+decode+write"]
         if key == "warm" and best.get("warm_masks_off"):
             # warm runs with and without masks alternated in one session (see slidelake_child)
             sep = mask_first
@@ -594,17 +735,17 @@ def report(res: dict) -> str:
             mask_note = (f" (runs with and without masks alternated in one session, medians "
                          f"{median(b['walls_s']):.1f} / {median(best['warm_masks_off']['walls_s']):.1f} s; "
                          f"from separate sessions: {sep:.2f})")
-        pair = res.get("second_pair")
-        if pair:
-            b2, one2 = g("masks, native reader", pair), g("masks, 1 core", pair)
-            second = scaling(b2["wall_s"], one2["wall_s"])
-            if key == "warm":  # pooled warm runs of both pairs
-                multi, single = b["walls_s"] + b2["walls_s"], one["walls_s"] + one2["walls_s"]
-                first, speedup = speedup, scaling(median(multi), median(single))
-                scale_note = (f"; medians of the {len(multi)} + {len(single)} warm runs of two pairs of sessions "
-                              f"run in both orders, each pair alone: {first:.2f}x, {second:.2f}x")
+        sc = res.get("scaling")  # scaling_rounds: warm runs of a 1-core and an N-core session interleaved
+        if sc:
+            if key == "warm":
+                w = sc["warm"]
+                sessions, speedup, tiling = speedup, w["median_of_rounds"], w["tiling_median_of_rounds"]
+                scale_note = (f"; median of {len(sc['rounds'])} rounds of one warm run in a 1-core session and one "
+                              f"in an N-core session kept alive side by side, alternating which goes first: "
+                              f"{w['lowest']:.2f}x-{w['highest']:.2f}x, ratio of their median walls "
+                              f"{w['ratio_of_median_walls']:.2f}x; the separate sessions' median warm runs: {sessions:.2f}x")
             else:
-                scale_note = f"; second pair, 1 core first: {second:.2f}x"
+                scale_note = f"; the interleaved sessions' cold runs: {sc['cold']['ratio']:.2f}x"
         return [
             f"- slidelake end to end / read limit: **{b['tiles_per_s_per_core'] / lim_rate:.2f}x** "
             f"(with `decode.reader=openslide`: {g('masks, openslide reader')['tiles_per_s_per_core'] / lim_rate:.2f}x"
@@ -616,7 +757,7 @@ def report(res: dict) -> str:
             f"- slidelake / naive baseline: **{b['tiles_per_s_per_core'] / naive['tiles_per_s_per_core']:.1f}x**",
             f"- mask-first wall time / the same run without masks: **{mask_first:.2f}**{mask_note}",
             f"- {c} cores / 1 core (tiles per second): **{speedup:.2f}x** "
-            f"(tiling stage alone: {one['stage_seconds']['overlap+decode+write'] / b['stage_seconds']['overlap+decode+write']:.2f}x; "
+            f"(tiling stage alone: {tiling:.2f}x; "
             f"each run confined to its cores{scale_note})",
         ]
 
@@ -625,7 +766,11 @@ def report(res: dict) -> str:
         mid = spread[1] if len(spread) > 1 else lim_rate
         lines += ["", f"The read loop itself on {c} processes / 1 process: **{mid * c / one_proc['tiles_per_s_per_core']:.2f}x** "
                   f"({mid:.0f} and {one_proc['tiles_per_s_per_core']:.0f} tiles/s/core, measured one after the other): "
-                  f"this machine's own scaling of a CPU-bound loop, the ceiling of slidelake's."]
+                  f"this machine's own scaling of a CPU-bound loop, the ceiling of slidelake's"
+                  + (f"; alternated {len(res['scaling']['read_loop']['rounds'])} times after the interleaved runs: "
+                     f"{res['scaling']['read_loop']['median']:.2f}x (median; "
+                     + ", ".join(f"{r['ratio']:.2f}x" for r in res["scaling"]["read_loop"]["rounds"]) + ")"
+                     if res.get("scaling") else "") + "."]
     cpu = {name: runs[name]["warm"].get("cpu_s") for name in ("masks, native reader", "masks, 1 core") if name in runs}
     if all(cpu.values()) and len(cpu) == 2:
         n_cpu, one_cpu = cpu["masks, native reader"], cpu["masks, 1 core"]
@@ -707,7 +852,10 @@ def main() -> None:
     ap.add_argument("--kept-out", help=argparse.SUPPRESS)
     ap.add_argument("--page-cache", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--interleave-masks-off", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--warm-runs", type=int, default=3, help="warm runs per configuration (the median is reported)")
+    ap.add_argument("--scaling-rounds", type=int, default=8,
+                    help="rounds of interleaved warm runs on N cores and on 1 core (scaling_rounds)")
     args = ap.parse_args()
     if args.child:
         slidelake_child(args)
@@ -756,11 +904,10 @@ def main() -> None:
     res["read_limit_one_process"] = read_limit(tiles, (256, 256), 1)
     runs["masks, 1 core"] = run_slidelake(str(slide), 1, "on", "auto", warm_runs=args.warm_runs)
     res["slidelake"] = runs
-    # N cores / 1 core: the two runs are minutes apart and this VM drifts, so the pair is
-    # measured once more, in the other order; the warm ratio pools the warm runs of both pairs
-    print("slidelake: N cores / 1 core, second pair ...", flush=True)
-    res["second_pair"] = {"masks, 1 core": run_slidelake(str(slide), 1, "on", "auto", warm_runs=args.warm_runs),
-                          "masks, native reader": run_slidelake(str(slide), cores, "on", "auto", warm_runs=args.warm_runs)}
+    # N cores / 1 core: the two sessions above are minutes apart and this VM drifts by tens of
+    # per cent between minutes, so the warm ratio comes from runs of two live sessions interleaved
+    print("slidelake: N cores / 1 core, interleaved warm runs ...", flush=True)
+    res["scaling"] = scaling_rounds(str(slide), cores, args.scaling_rounds, kept)
     res["small"] = run_slidelake(str(CMU), cores, "on", "auto", warm_runs=args.warm_runs)
     limits.append(read_limit(tiles, (256, 256), cores))
     res["read_limit"] = {**sorted(limits, key=lambda r: r["wall_s"])[1],
