@@ -17,7 +17,8 @@ One command, everything measured in the same run on the same slide and cores:
    pixel filter alone), on 1 core, and with ``decode.reader=openslide``; each cold (the
    session's first run) then warm (``--warm-runs``, median). This VM drifts, so the ratios
    that compare runs are measured close together: the warm runs with masks alternate with runs
-   without masks in one session, and the N-core and 1-core sessions run twice, in both orders;
+   without masks in one session, and the warm N-core / 1-core ratio comes from warm runs of
+   a 1-core and an N-core session kept alive side by side and interleaved (``scaling_rounds``);
 4. stage costs: grid expansion (rows/s, >= 1 million tiles), mask overlap (tiles/s), encoding per
    format (ms/tile, bytes/tile), the workers' decode and tile Parquet write (per core, from ``--profile``);
 5. peak memory (VmHWM) of the driver JVM, the driver Python and the Python workers, on the
