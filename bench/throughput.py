@@ -440,7 +440,11 @@ class LiveSession:
              "--cores", str(cores), "--masks", masks, "--reader", reader]
             + (["--kept-out", kept_out] if kept_out else []),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True)
-        self.cold = self._read()
+        try:
+            self.cold = self._read()
+        except BaseException:
+            self.close()  # the child then reads end of input and stops its session
+            raise
 
     def _read(self) -> dict:
         for line in self.proc.stdout:
@@ -483,8 +487,9 @@ def scaling_rounds(slide: str | list[str], cores: int, rounds: int, kept: str, l
         tiling-stage ratio), ``read_loop`` (per round and median).
     """
     one = LiveSession(slide, 1, kept_out=kept)
-    multi = LiveSession(slide, cores)
+    multi = None
     try:
+        multi = LiveSession(slide, cores)
         n_one, n_multi = one.cold["counts"]["tiles_written"], multi.cold["counts"]["tiles_written"]
         out_rounds = []
         for i in range(rounds):
@@ -513,7 +518,8 @@ def scaling_rounds(slide: str | list[str], cores: int, rounds: int, kept: str, l
                 "ratio": round((n_multi / multi.cold["wall_s"]) / (n_one / one.cold["wall_s"]), 3)}
     finally:
         one.close()
-        multi.close()
+        if multi is not None:
+            multi.close()
     tiles, loops = load_kept(kept), []
     for i in range(loop_rounds):
         order = [cores, 1] if i % 2 == 0 else [1, cores]
