@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(HERE))
 SHARED = Path(os.environ.get("SLIDELAKE_TEST_SLIDES", ROOT.parent / "shared" / "slides"))
 CMU = SHARED / "aperio" / "CMU-1-Small-Region.svs"
+TILING = "overlap+decode+write"  # the tiling stage's name in a run's stage_seconds
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -395,6 +396,15 @@ def slidelake_child(args) -> None:
     print("BENCH-JSON " + json.dumps(out))
 
 
+def child_command(slide: str | list[str], lake: str, cores: int, masks: str, reader: str,
+                  kept_out: str | None) -> list[str]:
+    """The command line of a :func:`slidelake_child` process over ``slide`` (a path, or several)
+    into ``lake``, on ``cores`` cores, writing its first run's kept tiles to ``kept_out``."""
+    paths = [slide] if isinstance(slide, str) else list(slide)
+    return ([sys.executable, str(Path(__file__)), "--child", "--slide", *paths, "--lake", lake, "--cores", str(cores),
+             "--masks", masks, "--reader", reader] + (["--kept-out", kept_out] if kept_out else []))
+
+
 def run_slidelake(slide: str | list[str], cores: int, masks: str = "on", reader: str = "auto",
                   kept_out: str | None = None, warm_runs: int = 3, interleave_masks_off: bool = False,
                   encoding: str = "raw", page_cache: bool = False) -> dict:
@@ -406,9 +416,8 @@ def run_slidelake(slide: str | list[str], cores: int, masks: str = "on", reader:
     first run's kept tiles (:func:`load_kept`); the result then also lists the ``slides`` rows
     and ``slide_errors``."""
     lake = tempfile.mkdtemp(prefix="slidelake-bench-")
-    paths = [slide] if isinstance(slide, str) else list(slide)
-    cmd = [sys.executable, str(Path(__file__)), "--child", "--slide", *paths, "--lake", lake, "--cores", str(cores),
-           "--masks", masks, "--reader", reader, "--encoding", encoding, "--warm-runs", str(warm_runs)] + (["--kept-out", kept_out] if kept_out else [])
+    cmd = child_command(slide, lake, cores, masks, reader, kept_out)
+    cmd += ["--encoding", encoding, "--warm-runs", str(warm_runs)]
     cmd += ["--interleave-masks-off"] if interleave_masks_off else []
     cmd += ["--page-cache"] if page_cache else []
     try:
@@ -433,12 +442,9 @@ class LiveSession:
     def __init__(self, slide: str | list[str], cores: int, masks: str = "on", reader: str = "auto",
                  kept_out: str | None = None) -> None:
         self.lake = tempfile.mkdtemp(prefix="slidelake-bench-")
-        paths = [slide] if isinstance(slide, str) else list(slide)
         self._err = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__)), "--child", "--serve", "--slide", *paths, "--lake", self.lake,
-             "--cores", str(cores), "--masks", masks, "--reader", reader]
-            + (["--kept-out", kept_out] if kept_out else []),
+            child_command(slide, self.lake, cores, masks, reader, kept_out) + ["--serve"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True)
         try:
             self.cold = self._read()
@@ -499,7 +505,7 @@ def scaling_rounds(slide: str | list[str], cores: int, rounds: int, kept: str, l
             out_rounds.append({
                 "order": f"{order[0][0]}c then {order[1][0]}c",
                 **{f"{c}c": {"wall_s": round(r["wall_s"], 3),
-                             "tiling_s": round(r["stage_seconds"].get("overlap+decode+write", 0.0), 3),
+                             "tiling_s": round(r["stage_seconds"][TILING], 3),
                              "cpu_s": {k: round(v, 2) for k, v in r["cpu_s"].items()},
                              "idle_steal_s": {k: round(v, 2) for k, v in r["idle_steal_s"].items()},
                              # the workers' own seconds per stage, summed over tasks (``--profile``)
@@ -512,8 +518,7 @@ def scaling_rounds(slide: str | list[str], cores: int, rounds: int, kept: str, l
                 "ratio_without_steal": round(
                     (n_multi / (m["wall_s"] - m["idle_steal_s"]["steal"] / cores))
                     / (n_one / (o["wall_s"] - o["idle_steal_s"]["steal"])), 3),
-                "tiling_ratio": round(o["stage_seconds"]["overlap+decode+write"]
-                                      / m["stage_seconds"]["overlap+decode+write"], 3)})
+                "tiling_ratio": round(o["stage_seconds"][TILING] / m["stage_seconds"][TILING], 3)})
         cold = {f"{cores}c_s": round(multi.cold["wall_s"], 2), "1c_s": round(one.cold["wall_s"], 2),
                 "ratio": round((n_multi / multi.cold["wall_s"]) / (n_one / one.cold["wall_s"]), 3)}
     finally:
@@ -734,7 +739,7 @@ def report(res: dict) -> str:
         speedup = scaling(b["wall_s"], one["wall_s"])
         mask_first = b['wall_s'] / g('no masks (pixel filter)')['wall_s']
         mask_note = scale_note = ""
-        tiling = one["stage_seconds"]["overlap+decode+write"] / b["stage_seconds"]["overlap+decode+write"]
+        tiling = one["stage_seconds"][TILING] / b["stage_seconds"][TILING]
         if key == "warm" and best.get("warm_masks_off"):
             # warm runs with and without masks alternated in one session (see slidelake_child)
             sep = mask_first
@@ -803,7 +808,7 @@ def report(res: dict) -> str:
     commit = (f"{prof['write.commit_s']:.2f} s for {prof['write.files']:.0f} files (the data written in all: "
               f"{written_mb / (prof['write.s'] / c + prof['write.commit_s']):,.0f} MB/s on {c} cores)"
               if "write.commit_s" in prof else
-              f"part of the tiling stage's {best['warm']['stage_seconds']['overlap+decode+write']:.1f} s (warm)")
+              f"part of the tiling stage's {best['warm']['stage_seconds'][TILING]:.1f} s (warm)")
     lines.append(table([
         ["grid expansion", f"{st['grid']['rows']:,} rows", f"{st['grid']['rows_per_s']:,.0f} rows/s ({c} cores)"],
         ["mask overlap: the function alone (in-process)", f"{st['overlap']['tiles']:,} tiles",
