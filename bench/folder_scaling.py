@@ -79,26 +79,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     kept_path = str(folder.parent / f"kept-folder-{a.slides}x{a.width}x{a.height}.parquet")
     sc = tp.scaling_rounds(slides, a.cores, a.rounds, kept_path, a.loop_rounds)
-    n, w = a.cores, sc["warm"]
     out = {
-        "date": time.strftime("%Y-%m-%d"), "machine": tp.machine(), "cores": n,
+        "date": time.strftime("%Y-%m-%d"), "machine": tp.machine(), "cores": a.cores,
         "folder": f"{a.slides} SYNTHETIC slides of {a.width} x {a.height} px (bench/make_slide.py, seeds 1-{a.slides})",
-        "tiles_written": sc["tiles_written"],
-        f"{n}c_over_1c": {
-            "warm (median of rounds)": w["median_of_rounds"],
-            "warm (lowest, highest round)": [w["lowest"], w["highest"]],
-            "warm (ratio of median walls)": w["ratio_of_median_walls"],
-            "warm tiling stage (median of rounds)": w["tiling_median_of_rounds"],
-            "warm without steal (median of rounds)": w["without_steal_median_of_rounds"],
-            "cold": sc["cold"]["ratio"],
-            "read loop (median of rounds)": sc["read_loop"]["median"],
-        },
-        "warm_median_walls_s": w["median_walls_s"],
-        "warm_tiles_per_s_per_core": {f"{c}c": round(sc["tiles_written"] / w["median_walls_s"][f"{c}c"] / c)
-                                      for c in (n, 1)},
-        "cold_walls_s": {k: v for k, v in sc["cold"].items() if k != "ratio"},
-        "rounds": sc["rounds"],
-        "read_loop_rounds": sc["read_loop"]["rounds"],
+        **tp.scaling_summary(sc),
     }
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out, indent=1))

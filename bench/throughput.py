@@ -542,6 +542,33 @@ def scaling_rounds(slide: str | list[str], cores: int, rounds: int, kept: str, l
             "read_loop": {"rounds": loops, "median": round(median(r["ratio"] for r in loops), 3)}}
 
 
+def scaling_summary(sc: dict) -> dict:
+    """A :func:`scaling_rounds` result as the benchmarks' JSON documents give it: the tiles each
+    run wrote, ``<N>c_over_1c`` (the ratios: warm as the median of the rounds, the lowest and highest
+    round, the ratio of the median walls, the tiling stage's and without steal; cold; the read
+    loop's median), the warm median walls and tiles/s/core of each session, the cold walls, and
+    the rounds of slidelake and of the read loop."""
+    n, w = sc["cores"], sc["warm"]
+    return {
+        "tiles_written": sc["tiles_written"],
+        f"{n}c_over_1c": {
+            "warm (median of rounds)": w["median_of_rounds"],
+            "warm (lowest, highest round)": [w["lowest"], w["highest"]],
+            "warm (ratio of median walls)": w["ratio_of_median_walls"],
+            "warm tiling stage (median of rounds)": w["tiling_median_of_rounds"],
+            "warm without steal (median of rounds)": w["without_steal_median_of_rounds"],
+            "cold": sc["cold"]["ratio"],
+            "read loop (median of rounds)": sc["read_loop"]["median"],
+        },
+        "warm_median_walls_s": w["median_walls_s"],
+        "warm_tiles_per_s_per_core": {f"{c}c": round(sc["tiles_written"] / w["median_walls_s"][f"{c}c"] / c)
+                                      for c in (n, 1)},
+        "cold_walls_s": {k: v for k, v in sc["cold"].items() if k != "ratio"},
+        "rounds": sc["rounds"],
+        "read_loop_rounds": sc["read_loop"]["rounds"],
+    }
+
+
 def load_kept(path: str) -> list[tuple[str, np.ndarray]]:
     """The kept tiles a ``kept_out`` file lists: ``[(slide path, int64 rows x, y, level)]``
     (level-0 px), slides in path order, tiles in raster order."""

@@ -207,3 +207,42 @@ def test_throughput_report_takes_the_warm_core_ratio_from_the_interleaved_rounds
     assert warm.startswith("- 2 cores / 1 core (tiles per second): **1.81x** (tiling stage alone: 1.90x;")
     assert "median of 3 rounds" in warm and "1.50x-1.93x" in warm and "ratio of their median walls 1.78x" in warm
     assert "alternated 2 times after the interleaved runs: 1.92x (median; 1.97x, 1.87x)" in tp.report(res)
+
+
+def test_large_slide_check_measures_one_slide_and_its_core_scaling_in_interleaved_rounds(tmp_path):
+    """``bench/large_slide.py`` end to end on a small synthetic slide: two slidelake processes
+    bracketed by the read limit, the mask-first ratio from alternated warm runs, and N cores
+    against 1 from interleaved rounds of two live sessions (``throughput.scaling_rounds``), all
+    over the same kept tiles; the JSON document is written to ``--out``."""
+    need(CMU)
+    import json
+    from statistics import median
+
+    import large_slide
+
+    out = tmp_path / "large.json"
+    res = large_slide.main(["--width", "2048", "--height", "1536", "--cores", "2", "--rounds", "2",
+                            "--loop-rounds", "1", "--no-mask-off", "--no-jpeg", "--data", str(tmp_path),
+                            "--out", str(out)])
+    assert json.loads(out.read_text()) == res
+    assert (tmp_path / "synthetic-2048x1536.svs").is_file()
+    first, second = res["runs"]
+    kept = sum(len(c) for _, c in tp.load_kept(str(tmp_path / "kept-2048x1536.parquet")))
+    assert kept == first["tiles_written"] == second["tiles_written"] == res["scaling"]["tiles_written"] > 0
+    assert len(res["read_limit_tiles_per_s_per_core"]) == 2 and min(res["read_limit_tiles_per_s_per_core"]) > 0
+    # every ratio against both read-limit measurements
+    assert res["x_read_limit"]["run 1 warm"] == [round(first["warm"]["tiles_per_s_per_core"] / r, 2)
+                                                 for r in res["read_limit_tiles_per_s_per_core"]]
+    mf = res["mask_first"]
+    assert len(mf["warm_walls_s"]["masks"]) == len(mf["warm_walls_s"]["no masks"]) == 2
+    assert mf["warm"] == pytest.approx(median(mf["warm_walls_s"]["masks"]) / median(mf["warm_walls_s"]["no masks"]),
+                                       abs=0.06)  # of walls rounded to 0.1 s
+    assert "no_masks" not in res and "jpeg" not in res  # --no-mask-off, --no-jpeg
+    assert max(first["warm"]["worker_peaks_mib"].values()) > 0
+    sc = res["scaling"]
+    rounds, ratios = sc["rounds"], sc["2c_over_1c"]
+    assert [r["order"] for r in rounds] == ["2c then 1c", "1c then 2c"]
+    assert ratios["warm (median of rounds)"] == pytest.approx(median(r["ratio"] for r in rounds), abs=0.001)
+    assert ratios["cold"] == pytest.approx(sc["cold_walls_s"]["1c_s"] / sc["cold_walls_s"]["2c_s"], rel=0.02)
+    assert [lp["order"] for lp in sc["read_loop_rounds"]] == ["2p then 1p"]
+    assert sc["warm_tiles_per_s_per_core"]["1c"] == round(kept / sc["warm_median_walls_s"]["1c"])
