@@ -28,7 +28,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -521,7 +521,7 @@ def _computed_path(lake_root: str, slide_id: str, phash: str) -> str:
 
 
 def compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str,
-                 phash: str, threads: int = 1, qc: bool = True) -> dict[str, Any]:
+                 phash: str, threads: int = 1, qc: bool = True, early: EarlyMasks | None = None) -> dict[str, Any]:
     """Make (or take the user's) overlay of one slide and return its ``masks`` row.
 
     A slide without mpp gets a mask made as if level 0 were :data:`NOMINAL_MPP` µm/px (said in
@@ -535,6 +535,8 @@ def compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: s
         threads: threads reading the slide (:func:`read_slide_at`).
         qc: draw the QC picture (``qc_path``: thumbnail and mask outline) now; false when the
             caller draws it later (a tiling run, with its tiles). The path is in the row either way.
+        early: pixels begun while discovery hashed the file (:class:`EarlyMasks`), taken when
+            they match ``row``; otherwise the mask is computed here.
     """
     from datetime import datetime, timezone
 
@@ -545,7 +547,7 @@ def compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: s
                slide_height=int(row["height"]) if row["height"] is not None else None,
                created_at=datetime.now(timezone.utc).replace(tzinfo=None))
     try:
-        out.update(_compute_mask(row, cfg, lake_root, phash, threads, qc))
+        out.update(_compute_mask(row, cfg, lake_root, phash, threads, qc, early))
         out["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 - one slide's failure is its error row
         msg = f"{type(exc).__name__}: {exc}"
@@ -565,47 +567,171 @@ def _native_of(path: str, slide: Any) -> Any:
         return None
 
 
-def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: str, threads: int,
-                  qc: bool) -> dict[str, Any]:
+class MaskPixels(NamedTuple):
+    """A computed mask before it is written: ``rgb`` uint8 ``(h, w, 3)`` (the slide read at the
+    mask size), ``labels`` uint8 ``(h, w)``, ``info`` (:func:`tissue_mask`'s ``algorithm``,
+    ``polarity``, ``thresholds``), ``mpp`` (µm per mask px, x and y), ``level`` (the pyramid
+    level read)."""
+
+    rgb: np.ndarray
+    labels: np.ndarray
+    info: dict[str, Any]
+    mpp: tuple[float, float]
+    level: int
+
+
+def mask_pixels(path: str, width0: int, height0: int, mpp_x: float | None, mpp_y: float | None,
+                cfg: MaskConfig, threads: int = 1) -> MaskPixels:
+    """Read a slide at the mask size and threshold it (:func:`mask_size`, :func:`read_slide_at`,
+    :func:`tissue_mask`); nothing is written. ``width0``, ``height0``: level-0 px; ``mpp_x``,
+    ``mpp_y``: level-0 µm/px, None for a slide without mpp (the mask then assumes
+    :data:`NOMINAL_MPP`, said in ``info["algorithm"]``).
+
+    Raises:
+        MaskError: the mask would exceed ``cfg.max_megapixels``.
+        openslide.OpenSlideError, OSError: the slide cannot be read.
+    """
     import openslide
+
+    known = mpp_x is not None and mpp_y is not None
+    # without mpp the mask geometry and µm settings assume NOMINAL_MPP at level 0
+    mx, my = (mpp_x, mpp_y) if known else (NOMINAL_MPP, NOMINAL_MPP)
+    w, h = mask_size(width0, height0, mx, my, cfg.mpp)
+    if w * h > cfg.max_megapixels * 1e6:
+        # absurd dimensions (a corrupt header, or masks.mpp far too fine) must not exhaust memory
+        raise MaskError(f"the mask would be {w} x {h} px ({w * h / 1e6:,.0f} Mpx) at {cfg.mpp} µm/px, over "
+                        f"masks.max_megapixels={cfg.max_megapixels:g}; raise masks.mpp or the limit")
+    slide = openslide.OpenSlide(path)
+    native = _native_of(path, slide) if cfg.reader == "auto" else None
+    try:
+        rgb, valid = read_slide_at(slide, (w, h), cfg.chunk_px, threads, native)
+        level = slide.get_best_level_for_downsample(min(width0 / w, height0 / h))
+    finally:
+        slide.close()
+        if native is not None:
+            native.close()
+    mpp = (mx * width0 / w, my * height0 / h)
+    labels, info = tissue_mask(rgb, valid, mpp, cfg)
+    if not known:
+        info["algorithm"] += f" (slide has no mpp: {NOMINAL_MPP} µm/px assumed for the mask)"
+    return MaskPixels(rgb, labels, info, mpp, int(level))
+
+
+class EarlyMasks:
+    """Masks of a few slides computed in a background thread while discovery hashes their files.
+
+    A slide's ``slide_id`` is the SHA-256 of its bytes (:func:`slidelake.slides.fingerprint_file`),
+    and its overlay file is named by it, so the masks stage waits for discovery; but the mask's
+    pixels (:func:`mask_pixels`) need only the file. On a run over one slide the hash (~0.12 s
+    for the 194 MB benchmark slide, ~0.6 s for 1.2 GB) holds one core while the others wait:
+    :meth:`start` reads and thresholds the slide on them meanwhile, and the masks stage
+    (:func:`compute_mask`) takes the result (:meth:`take`) instead of computing it again. Only
+    for slides whose masks are made on the driver (``masks.on_driver_below``); slides with a
+    user overlay are not started. The pixels are used only when the ``slides`` row agrees with
+    what they were made from (path, level-0 size and mpp, the file's size and modification time
+    unchanged), so the outcome is the same as without; a failure here is dropped and the masks
+    stage computes (and reports) the mask itself.
+
+    Args:
+        cfg: the masks settings.
+        assumed_mpp: ``resolution.assumed_mpp`` (µm/px), applied to slides without mpp as the
+            masks stage does.
+    """
+
+    def __init__(self, cfg: MaskConfig, assumed_mpp: float | None = None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.cfg, self.assumed_mpp = cfg, assumed_mpp
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slidelake-early-mask")
+        self._jobs: dict[str, tuple[tuple[int, int], Any]] = {}
+        self.used = 0  # masks taken by the masks stage
+
+    def start(self, path: str, attributes: dict[str, str] | None = None, threads: int = 1) -> None:
+        """Begin the mask of the slide at ``path`` (``attributes``: its manifest columns, which
+        may name a user overlay), read by ``threads`` threads; returns at once."""
+        if path in self._jobs or user_overlay_path(path, attributes, self.cfg) is not None:
+            return
+        try:
+            st = os.stat(path)
+        except OSError:
+            return  # discovery reports it
+        self._jobs[path] = ((st.st_size, st.st_mtime_ns), self._pool.submit(self._compute, path, threads))
+
+    def _compute(self, path: str, threads: int) -> tuple[tuple, MaskPixels]:
+        import openslide
+
+        from slidelake.slides import mpp_from_properties
+
+        with openslide.OpenSlide(path) as slide:
+            (w0, h0), props = slide.dimensions, dict(slide.properties)
+        mx, my, _ = mpp_from_properties(props)
+        if mx is None and self.assumed_mpp is not None:
+            mx = my = float(self.assumed_mpp)
+        return (int(w0), int(h0), mx, my), mask_pixels(path, w0, h0, mx, my, self.cfg, threads)
+
+    def take(self, row: dict[str, Any]) -> MaskPixels | None:
+        """The pixels started for ``row["path"]`` (waiting for them), or None when none were
+        started, they failed, or ``row`` (a ``slides`` row, mpp as the masks stage uses it) or
+        the file no longer matches them."""
+        job = self._jobs.pop(row["path"], None)
+        if job is None:
+            return None
+        stat, future = job
+        try:
+            key, px = future.result()
+            st = os.stat(row["path"])
+        except Exception:  # noqa: BLE001 - the masks stage computes the mask itself and reports its error
+            return None
+        if (st.st_size, st.st_mtime_ns) != stat or key != (row["width"], row["height"], row["mpp_x"], row["mpp_y"]):
+            return None
+        self.used += 1
+        return px
+
+    def close(self) -> None:
+        """Drop the slides not taken (a mask being computed is finished first)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._jobs.clear()
+
+    def __enter__(self) -> "EarlyMasks":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: str, threads: int,
+                  qc: bool, early: EarlyMasks | None = None) -> dict[str, Any]:
     from PIL import Image
 
     W0, H0 = int(row["width"]), int(row["height"])
     folder = overlay_dir(lake_root, row["slide_id"])
     user = user_overlay_path(row["path"], row.get("attributes"), cfg)
-    slide = openslide.OpenSlide(row["path"])
-    native = _native_of(row["path"], slide) if cfg.reader == "auto" else None
-    try:
-        if user is not None:
-            labels, _ = read_overlay(user)
-            h, w = labels.shape
+    if user is not None:
+        import openslide
+
+        labels, _ = read_overlay(user)
+        h, w = labels.shape
+        slide = openslide.OpenSlide(row["path"])
+        native = _native_of(row["path"], slide) if cfg.reader == "auto" else None
+        try:
             rgb, _valid = read_slide_at(slide, (w, h), cfg.chunk_px, threads, native)
-            res: dict[str, Any] = dict(source="user", mask_path=user, algorithm="user overlay",
-                                       params=json.dumps({"overlay": user}))
-        else:
-            known = row["mpp_x"] is not None and row["mpp_y"] is not None
-            # without mpp the mask geometry and µm settings assume NOMINAL_MPP at level 0
-            mx, my = (row["mpp_x"], row["mpp_y"]) if known else (NOMINAL_MPP, NOMINAL_MPP)
-            w, h = mask_size(W0, H0, mx, my, cfg.mpp)
-            if w * h > cfg.max_megapixels * 1e6:
-                # absurd dimensions (a corrupt header, or masks.mpp far too fine) must not exhaust memory
-                raise MaskError(f"the mask would be {w} x {h} px ({w * h / 1e6:,.0f} Mpx) at {cfg.mpp} µm/px, over "
-                                f"masks.max_megapixels={cfg.max_megapixels:g}; raise masks.mpp or the limit")
-            rgb, valid = read_slide_at(slide, (w, h), cfg.chunk_px, threads, native)
-            mpp = (mx * W0 / w, my * H0 / h)
-            labels, info = tissue_mask(rgb, valid, mpp, cfg)
-            if not known:
-                info["algorithm"] += f" (slide has no mpp: {NOMINAL_MPP} µm/px assumed for the mask)"
-            mask_path = _computed_path(lake_root, row["slide_id"], phash)
-            write_overlay(mask_path, labels, mpp)
-            res = dict(source="computed", mask_path=mask_path, algorithm=info["algorithm"],
-                       params=json.dumps(cfg.algorithm_dict(), sort_keys=True),
-                       polarity=info["polarity"], thresholds=info["thresholds"])
-        level = slide.get_best_level_for_downsample(min(W0 / w, H0 / h))
-    finally:
-        slide.close()
-        if native is not None:
-            native.close()
+            level = slide.get_best_level_for_downsample(min(W0 / w, H0 / h))
+        finally:
+            slide.close()
+            if native is not None:
+                native.close()
+        res: dict[str, Any] = dict(source="user", mask_path=user, algorithm="user overlay",
+                                   params=json.dumps({"overlay": user}))
+    else:
+        px = (early.take(row) if early is not None else None) or \
+            mask_pixels(row["path"], W0, H0, row["mpp_x"], row["mpp_y"], cfg, threads)
+        rgb, labels, level = px.rgb, px.labels, px.level
+        h, w = labels.shape
+        mask_path = _computed_path(lake_root, row["slide_id"], phash)
+        write_overlay(mask_path, labels, px.mpp)
+        res = dict(source="computed", mask_path=mask_path, algorithm=px.info["algorithm"],
+                   params=json.dumps(cfg.algorithm_dict(), sort_keys=True),
+                   polarity=px.info["polarity"], thresholds=px.info["thresholds"])
     os.makedirs(folder, exist_ok=True)
     thumb = os.path.join(folder, f"thumbnail-{phash}.jpg")
     Image.fromarray(rgb).save(thumb, quality=90)
@@ -627,10 +753,10 @@ def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: s
 
 def _mask_row(rec: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str, phash: str,
               on_profile: Callable[[dict[str, float]], None] | None, worker: bool,
-              threads: int = 1, qc: bool = True) -> dict[str, Any]:
+              threads: int = 1, qc: bool = True, early: EarlyMasks | None = None) -> dict[str, Any]:
     """The ``masks`` row of one ``slides`` row (see :func:`make_masks`); ``worker``: in a Spark
     worker (measure its peak memory, give memory back afterwards); ``threads``: threads reading
-    the slide; ``qc``: as :func:`compute_mask`."""
+    the slide; ``qc``, ``early``: as :func:`compute_mask`."""
     if on_profile is not None and worker:
         reset_peak_rss()
     t0 = time.perf_counter()
@@ -640,7 +766,7 @@ def _mask_row(rec: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str,
     for k in ("mpp_x", "mpp_y", "width", "height"):
         if rec[k] is not None and isinstance(rec[k], float) and math.isnan(rec[k]):
             rec[k] = None  # pandas turns a null double into NaN
-    row = compute_mask(rec, cfg, lake_root, run_id, phash, threads, qc)
+    row = compute_mask(rec, cfg, lake_root, run_id, phash, threads, qc, early)
     if on_profile is not None:
         fig = {"masks.s": time.perf_counter() - t0, "masks.slides": 1.0}
         if worker:
@@ -653,13 +779,14 @@ def _mask_row(rec: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str,
 
 def compute_masks_on_driver(slides: list[dict[str, Any]], cfg: MaskConfig, lake_root: str, run_id: str,
                             on_profile: Callable[[dict[str, float]], None] | None = None,
-                            qc: bool = True) -> list[dict[str, Any]]:
+                            qc: bool = True, early: EarlyMasks | None = None) -> list[dict[str, Any]]:
     """The masks of a few ``slides`` made in this process, one thread per core (up to one per
     slide; the cores left over read the slides' regions in parallel), without a Spark job: for
     fewer than ``masks.on_driver_below`` slides a job's start-up costs more than the masks (see
     :func:`make_masks` for the rows and ``on_profile``, which gets no worker peak here and is
     called under a lock; ``qc`` as :func:`compute_mask`). OpenSlide, NumPy and SciPy release the
-    GIL in their loops.
+    GIL in their loops. ``early``: masks begun while discovery hashed the files
+    (:class:`EarlyMasks`), taken instead of computed where they match.
 
     Returns:
         ``masks`` rows (dicts of :data:`MASKS_SCHEMA`), in the order of ``slides``.
@@ -679,7 +806,7 @@ def compute_masks_on_driver(slides: list[dict[str, Any]], cfg: MaskConfig, lake_
 
     def one(rec: dict[str, Any]) -> dict[str, Any]:
         return _mask_row(rec, cfg, lake_root, run_id, phash, report if on_profile is not None else None, False,
-                         readers, qc)
+                         readers, qc, early)
 
     with ThreadPoolExecutor(max_workers=max(1, min(len(slides), cores))) as pool:
         return list(pool.map(one, slides))
@@ -725,5 +852,5 @@ def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfi
 __all__ = [
     "MASKS_SCHEMA", "TISSUE", "BACKGROUND", "MaskError", "params_hash", "mask_size", "read_slide_at",
     "detect_polarity", "remove_small_components", "tissue_mask", "write_overlay", "read_overlay", "mask_outline", "qc_picture",
-    "overlay_dir", "user_overlay_path", "mask_path_of", "compute_mask", "compute_masks_on_driver", "make_masks",
+    "overlay_dir", "user_overlay_path", "mask_path_of", "MaskPixels", "mask_pixels", "EarlyMasks", "compute_mask", "compute_masks_on_driver", "make_masks",
 ]

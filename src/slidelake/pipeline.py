@@ -28,7 +28,7 @@ from slidelake.grid import band_tiles, banded_grid, grid_constants, grid_size, l
 from slidelake.lineage import (
     RUN_SLIDES_SCHEMA, RUNS_SCHEMA, TILE_ERRORS_SCHEMA, CountLog, RunRecord, SumLog, utcnow, versions,
 )
-from slidelake.masks import MASKS_SCHEMA, compute_masks_on_driver, make_masks, mask_path_of, params_hash, qc_picture
+from slidelake.masks import MASKS_SCHEMA, EarlyMasks, compute_masks_on_driver, make_masks, mask_path_of, params_hash, qc_picture
 from slidelake.overlap import SlideInputs, annotation_path, overlap_tiles
 from slidelake.progress import TileProgress
 from slidelake.resolution import resolve_row, resolved_schema
@@ -107,14 +107,17 @@ def _write_run(spark: SparkSession, rec: RunRecord, paths: dict[str, str], write
 
 # ---------------------------------------------------------------------------------- discover
 
-def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, force: bool = False) -> list[dict]:
+def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, force: bool = False,
+                    early_masks: EarlyMasks | None = None) -> list[dict]:
     """Discovery stage: list the inputs, probe the files, merge into ``<lake>/slides``.
 
     A path whose ``slides`` row is ``ok`` and whose size and modification time are unchanged
     keeps its row (no re-hashing: a nightly scan of an archive reads only new or changed
     files); ``force`` probes every file again. Rows of paths scanned again replace their
     previous rows (no duplicates); other rows are kept. A ``resolution.assumed_mpp`` fills mpp
-    (``mpp_source='assumed'``) for readable slides that have none.
+    (``mpp_source='assumed'``) for readable slides that have none. With ``early_masks``, the
+    masks of files to be hashed begin beside their hash when they are fewer than
+    ``masks.on_driver_below`` (their masks would be made on the driver, one after the hash).
 
     Returns:
         The rows of this scan as dicts (:data:`~slidelake.slides.SLIDES_SCHEMA`), one per path.
@@ -139,6 +142,11 @@ def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, fo
                 reused.append(r)
             else:
                 fresh.append(i)
+        if early_masks is not None and 0 < len(fresh) < cfg.masks.on_driver_below:
+            # the cores the hashes leave free read the slides for their masks meanwhile
+            readers = max(1, ((os.cpu_count() or 1) - len(fresh)) // len(fresh))
+            for i in fresh:
+                early_masks.start(listed["path"][i], listed["attributes"][i], readers)
         rows = discover(spark, listed.iloc[fresh].reset_index(drop=True), rec.run_id,
                         cfg.discovery.on_driver_below, cfg.discovery.properties) + reused
         assumed = cfg.resolution.assumed_mpp
@@ -164,7 +172,8 @@ def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, fo
 # ------------------------------------------------------------------------------------- masks
 
 def mask_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides: list[dict],
-                on_profile: Callable[[dict[str, float]], None] | None = None, qc: bool = True) -> dict[str, dict]:
+                on_profile: Callable[[dict[str, float]], None] | None = None, qc: bool = True,
+                early_masks: EarlyMasks | None = None) -> dict[str, dict]:
     """Masks stage: make sure each of ``slides`` (``slides`` rows as dicts) has a tissue mask.
 
     A mask whose slide content (``slide_id`` is the content hash) and algorithm settings
@@ -175,7 +184,8 @@ def mask_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     run. Slides whose mask fails are recorded in ``rec.slide_errors`` (stage ``masks``).
     ``on_profile`` receives the per-slide figures of :func:`slidelake.masks.make_masks`
     (``--profile``). ``qc`` false leaves the new masks' QC pictures to the caller (a tiling
-    run draws them once, with its tiles, :func:`draw_qc`).
+    run draws them once, with its tiles, :func:`draw_qc`). ``early_masks``: masks begun during
+    discovery (:class:`slidelake.masks.EarlyMasks`), taken where they match, on the driver.
 
     Returns:
         ``{slide_id: masks row}`` for every slide with an ``ok`` mask.
@@ -198,7 +208,7 @@ def mask_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
                  if m["mask_path"] and os.path.isfile(m["mask_path"])}
         todo = [r for r in slides if r["slide_id"] not in reuse]
         if len(todo) < cfg.masks.on_driver_below:  # a Spark job's start-up costs more than a mask
-            made = compute_masks_on_driver(todo, cfg.masks, overlay_root(cfg), rec.run_id, on_profile, qc)
+            made = compute_masks_on_driver(todo, cfg.masks, overlay_root(cfg), rec.run_id, on_profile, qc, early_masks)
         else:
             made = [m.asDict(recursive=True)
                     for m in make_masks(spark, todo, cfg.masks, overlay_root(cfg), rec.run_id, on_profile, qc).collect()]
@@ -317,7 +327,7 @@ def _check_config_mix(spark, paths, writer, chash, slide_ids, replace_table) -> 
 
 def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides: list[dict],
                 replace_table: bool = False, progress: bool = False, profile: bool = False,
-                force: bool = False) -> None:
+                force: bool = False, early_masks: EarlyMasks | None = None) -> None:
     """Tiling stages on ``slides`` rows (dicts of the ``slides`` table schema; ``ok`` rows are
     tiled, once per ``slide_id``): resolve, skip slides already tiled, masks, then per batch of
     ``tables.slides_per_commit`` slides: grid, overlap, filter before decode, repartition,
@@ -335,7 +345,8 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
 
     ``progress`` shows live tile counts on the driver (:class:`~slidelake.progress.TileProgress`);
     ``profile`` records seconds and tiles per stage, summed over the Python workers, into
-    ``rec.profile`` (the ``runs.profile`` column).
+    ``rec.profile`` (the ``runs.profile`` column). ``early_masks``: masks begun during discovery
+    (:func:`discover_slides`), taken by the masks stage where they match.
 
     Raises:
         ConfigMismatchError: the table holds other slides' tiles of another config and
@@ -364,7 +375,7 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     masks: dict[str, dict] = {}
     early: tuple[dict[str, str | None], DataFrame] | None = None
     if cfg.masks.enabled and good:
-        masks, early = _masks_and_first_plan(spark, cfg, rec, good[:step], good, on_profile)
+        masks, early = _masks_and_first_plan(spark, cfg, rec, good[:step], good, on_profile, early_masks)
         good = [r for r in good if r["slide_id"] in masks]
     try:
         generated = {r["slide_id"]: _grid_tiles(r, grid_cfg) for r in good}
@@ -420,7 +431,8 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     if prof_acc is not None:
         rec.profile = {**(rec.profile or {}), **{k: float(v) for k, v in prof_acc.value.items()},
                        **{f"wall.{k}": v for k, v in rec.stage_seconds.items()},
-                       "tiles.generated": float(total), "tiles.written": float(written_total)}
+                       "tiles.generated": float(total), "tiles.written": float(written_total),
+                       **({"masks.early_slides": float(early_masks.used)} if early_masks is not None else {})}
     rec.counts.update(
         slides_tiled=len(good),
         tiles_generated=total,
@@ -430,7 +442,8 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
 
 
 def _masks_and_first_plan(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, first: list[dict],
-                          slides: list[dict], on_profile) -> tuple[dict[str, dict], tuple[dict, DataFrame] | None]:
+                          slides: list[dict], on_profile, early_masks: EarlyMasks | None = None
+                          ) -> tuple[dict[str, dict], tuple[dict, DataFrame] | None]:
     """The masks stage (:func:`mask_slides` on ``slides``) with, beside it in a thread, the plan
     of the first batch ``first`` (:func:`plan_tiles`) made with the overlay paths its masks will
     have (:func:`slidelake.masks.mask_path_of`): ~0.2 s of Py4J calls that would otherwise wait
@@ -447,7 +460,8 @@ def _masks_and_first_plan(spark: SparkSession, cfg: PipelineConfig, rec: RunReco
     guess = {r["slide_id"]: mask_path_of(r, cfg.masks, root) for r in first}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slidelake-plan") as pool:
         planned = pool.submit(plan_tiles, spark, cfg, first, guess, on_profile)
-        masks = mask_slides(spark, cfg, rec, slides, on_profile, qc=False)  # drawn with the tiles at the end
+        masks = mask_slides(spark, cfg, rec, slides, on_profile, qc=False,  # drawn with the tiles at the end
+                            early_masks=early_masks)
         try:
             early = (guess, planned.result())
         except Exception:  # noqa: BLE001 - an early plan only saves time; the batch's own plan decides
@@ -667,10 +681,17 @@ def run_all(spark: SparkSession, cfg: PipelineConfig, replace_table: bool = Fals
     """Discover ``cfg.inputs``, then make masks (when enabled) and tile the slides found, as one run.
 
     Incremental: unchanged files are not re-hashed and slides already tiled with this config
-    are skipped (:func:`tile_slides`); ``force`` re-probes and re-tiles every listed slide."""
+    are skipped (:func:`tile_slides`); ``force`` re-probes and re-tiles every listed slide.
+    The mask of a slide hashed in this run begins beside its hash (:class:`slidelake.masks.EarlyMasks`;
+    not with ``force``, whose slides may keep their masks)."""
     def body(rec: RunRecord) -> None:
-        found = discover_slides(spark, cfg, rec, force)
-        tile_slides(spark, cfg, rec, found, replace_table, progress, profile, force)
+        early = EarlyMasks(cfg.masks, cfg.resolution.assumed_mpp) if cfg.masks.enabled and not force else None
+        try:
+            found = discover_slides(spark, cfg, rec, force, early)
+            tile_slides(spark, cfg, rec, found, replace_table, progress, profile, force, early)
+        finally:
+            if early is not None:
+                early.close()
 
     return _run(spark, cfg, "run", body)
 
