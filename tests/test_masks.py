@@ -632,3 +632,109 @@ def test_label_and_macro_images_never_reach_the_lake(spark, lake):
     for p in written:
         with Image.open(p) as im:
             assert im.size not in forbidden, p
+
+
+# ------------------------------------------------------- masks begun beside discovery's hash
+
+def test_early_mask_is_the_mask_the_stage_makes_and_is_taken_only_when_it_matches(tmp_path):
+    """``EarlyMasks`` reads and thresholds a slide before its ``slide_id`` is known; the masks
+    stage takes those pixels only for the same file, size and mpp, and the masks row, overlay
+    and thumbnail come out as computed there. A failure is dropped (the stage reports it)."""
+    need(CMU)
+    from slidelake.masks import EarlyMasks
+
+    cfg, phash = MaskConfig(), params_hash(MaskConfig())
+    row = probe_slide(str(CMU))
+    ref = compute_mask(row, cfg, str(tmp_path / "ref"), "run", phash, qc=False)
+    with EarlyMasks(cfg) as early:
+        early.start(str(CMU), {})
+        got = compute_mask(row, cfg, str(tmp_path / "early"), "run", phash, qc=False, early=early)
+        assert early.used == 1
+    assert got["status"] == ref["status"] == "ok"
+    skip = {"mask_path", "qc_path", "thumbnail_path", "created_at"}
+    assert {k: v for k, v in got.items() if k not in skip} == {k: v for k, v in ref.items() if k not in skip}
+    np.testing.assert_array_equal(read_overlay(got["mask_path"])[0], read_overlay(ref["mask_path"])[0])
+    assert Path(got["thumbnail_path"]).read_bytes() == Path(ref["thumbnail_path"]).read_bytes()
+
+    # another mpp in the row (e.g. a different assumed_mpp), or the file touched since: not taken
+    with EarlyMasks(cfg) as early:
+        early.start(str(CMU), {})
+        assert early.take(dict(row, mpp_x=2 * row["mpp_x"])) is None
+        assert early.take(row) is None and early.used == 0  # taken once, then gone
+    copy = tmp_path / "copy.svs"
+    shutil.copyfile(CMU, copy)
+    with EarlyMasks(cfg) as early:
+        early.start(str(copy), {})
+        st = os.stat(copy)
+        os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        again = compute_mask(dict(row, path=str(copy)), cfg, str(tmp_path / "touched"), "run", phash, qc=False)
+        assert early.take(dict(row, path=str(copy))) is None and early.used == 0
+    assert again["status"] == "ok" and again["tissue_fraction"] == ref["tissue_fraction"]
+
+    # not a slide: the early attempt fails quietly, the stage gives the error row; a user
+    # overlay or a missing file is not started at all
+    bad = tmp_path / "bad.svs"
+    bad.write_bytes(b"not a slide" * 100)
+    with EarlyMasks(cfg) as early:
+        early.start(str(bad), {})
+        early.start(str(CMU), {"overlay_path": str(tmp_path / "user.tiff")})
+        early.start(str(tmp_path / "missing.svs"), {})
+        out = compute_mask(dict(row, path=str(bad)), cfg, str(tmp_path / "bad"), "run", phash, qc=False, early=early)
+        assert out["status"] == "error" and early.used == 0
+        assert early.take(row) is None and early.take(dict(row, path=str(tmp_path / "missing.svs"))) is None
+
+
+def test_early_mask_of_a_slide_without_mpp_uses_the_assumed_mpp_as_the_stage_does(tmp_path):
+    """A slide without mpp: with ``resolution.assumed_mpp`` the early mask is made at it (the
+    row the masks stage sees carries it); without, at the nominal mpp, said in ``algorithm``."""
+    from slidelake.masks import NOMINAL_MPP, EarlyMasks
+
+    path = tmp_path / "nompp.tiff"
+    make_tiff(path, 1600, 1200, levels=2, mpp=None)
+    row = probe_slide(str(path))
+    assert row["status"] == "ok" and row["mpp_x"] is None
+    cfg, phash = MaskConfig(), params_hash(MaskConfig())
+    widths = {}
+    for assumed in (1.0, None):
+        seen = dict(row, mpp_x=assumed, mpp_y=assumed)
+        with EarlyMasks(cfg, assumed) as early:
+            early.start(str(path), {})
+            got = compute_mask(seen, cfg, str(tmp_path / f"a{assumed}"), "run", phash, qc=False, early=early)
+            assert early.used == 1
+        ref = compute_mask(seen, cfg, str(tmp_path / f"r{assumed}"), "run", phash, qc=False)
+        assert got["mask_width"] == ref["mask_width"] and got["algorithm"] == ref["algorithm"]
+        np.testing.assert_array_equal(read_overlay(got["mask_path"])[0], read_overlay(ref["mask_path"])[0])
+        assert (f"{NOMINAL_MPP} µm/px assumed" in got["algorithm"]) == (assumed is None)
+        widths[assumed] = got["mask_width"]
+    assert widths[1.0] == 4 * widths[None]  # 1.0 against the nominal 0.25 µm/px at level 0
+
+
+@pipeline
+def test_a_run_over_one_new_slide_begins_its_mask_beside_the_hash(spark, tmp_path):
+    """``run_all`` on one slide it hashes: the mask is made during discovery and taken by the
+    masks stage (``runs.profile['masks.early_slides']``), with the same masks row and overlay as
+    a ``force`` run (which makes it after discovery); a rerun hashes nothing and begins nothing;
+    two new slides with ``masks.on_driver_below=2`` (masks made by Spark) begin nothing."""
+    need(CMU)
+    kw = dict(resolution={"level": 0}, grid={"tile_extent": 512}, filter={"min_tissue_fraction": 0.5})
+    lake = tmp_path / "lake"
+    rec = run_all(spark, cfg_for(lake, [CMU], **kw), profile=True)
+    assert rec.status == "succeeded" and rec.counts["masks_computed"] == 1
+    assert rec.profile["masks.early_slides"] == 1.0
+    forced = tmp_path / "forced"
+    run_all(spark, cfg_for(forced, [CMU], **kw), force=True)
+    m, f = (pl.read_delta(str(p / "masks")).row(0, named=True) for p in (lake, forced))
+    same = ("slide_id", "mask_width", "mask_height", "read_level", "algorithm", "thresholds", "tissue_fraction")
+    assert {k: m[k] for k in same} == {k: f[k] for k in same}
+    np.testing.assert_array_equal(read_overlay(m["mask_path"])[0], read_overlay(f["mask_path"])[0])
+    assert pl.read_delta(str(lake / "tiles")).height == pl.read_delta(str(forced / "tiles")).height > 0
+
+    rec = run_all(spark, cfg_for(lake, [CMU], **kw), profile=True)
+    assert rec.counts["slides_unchanged"] == 1 and rec.profile.get("masks.early_slides", 0.0) == 0.0
+
+    two = tmp_path / "two"
+    two.mkdir()
+    for i in (1, 2):
+        make_tiff(two / f"s{i}.tiff", 1200, 900, levels=2, mpp=0.5, seed=i)
+    rec = run_all(spark, cfg_for(tmp_path / "lake2", [two], **kw), profile=True)
+    assert rec.counts["masks_computed"] == 2 and rec.profile["masks.early_slides"] == 0.0
