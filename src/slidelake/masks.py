@@ -567,6 +567,24 @@ def _native_of(path: str, slide: Any) -> Any:
         return None
 
 
+def _read_at_mask_size(path: str, size: tuple[int, int], cfg: MaskConfig, threads: int
+                       ) -> tuple[np.ndarray, np.ndarray, int]:
+    """The slide at ``path`` read at ``size`` (w, h) (:func:`read_slide_at`, from the file's own
+    tiles when ``cfg.reader`` allows), and the pyramid level it was read from."""
+    import openslide
+
+    slide = openslide.OpenSlide(path)
+    native = _native_of(path, slide) if cfg.reader == "auto" else None
+    try:
+        rgb, valid = read_slide_at(slide, size, cfg.chunk_px, threads, native)
+        w0, h0 = slide.dimensions
+        return rgb, valid, int(slide.get_best_level_for_downsample(min(w0 / size[0], h0 / size[1])))
+    finally:
+        slide.close()
+        if native is not None:
+            native.close()
+
+
 class MaskPixels(NamedTuple):
     """A computed mask before it is written: ``rgb`` uint8 ``(h, w, 3)`` (the slide read at the
     mask size), ``labels`` uint8 ``(h, w)``, ``info`` (:func:`tissue_mask`'s ``algorithm``,
@@ -591,8 +609,6 @@ def mask_pixels(path: str, width0: int, height0: int, mpp_x: float | None, mpp_y
         MaskError: the mask would exceed ``cfg.max_megapixels``.
         openslide.OpenSlideError, OSError: the slide cannot be read.
     """
-    import openslide
-
     known = mpp_x is not None and mpp_y is not None
     # without mpp the mask geometry and µm settings assume NOMINAL_MPP at level 0
     mx, my = (mpp_x, mpp_y) if known else (NOMINAL_MPP, NOMINAL_MPP)
@@ -601,15 +617,7 @@ def mask_pixels(path: str, width0: int, height0: int, mpp_x: float | None, mpp_y
         # absurd dimensions (a corrupt header, or masks.mpp far too fine) must not exhaust memory
         raise MaskError(f"the mask would be {w} x {h} px ({w * h / 1e6:,.0f} Mpx) at {cfg.mpp} µm/px, over "
                         f"masks.max_megapixels={cfg.max_megapixels:g}; raise masks.mpp or the limit")
-    slide = openslide.OpenSlide(path)
-    native = _native_of(path, slide) if cfg.reader == "auto" else None
-    try:
-        rgb, valid = read_slide_at(slide, (w, h), cfg.chunk_px, threads, native)
-        level = slide.get_best_level_for_downsample(min(width0 / w, height0 / h))
-    finally:
-        slide.close()
-        if native is not None:
-            native.close()
+    rgb, valid, level = _read_at_mask_size(path, (w, h), cfg, threads)
     mpp = (mx * width0 / w, my * height0 / h)
     labels, info = tissue_mask(rgb, valid, mpp, cfg)
     if not known:
@@ -707,19 +715,9 @@ def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: s
     folder = overlay_dir(lake_root, row["slide_id"])
     user = user_overlay_path(row["path"], row.get("attributes"), cfg)
     if user is not None:
-        import openslide
-
         labels, _ = read_overlay(user)
         h, w = labels.shape
-        slide = openslide.OpenSlide(row["path"])
-        native = _native_of(row["path"], slide) if cfg.reader == "auto" else None
-        try:
-            rgb, _valid = read_slide_at(slide, (w, h), cfg.chunk_px, threads, native)
-            level = slide.get_best_level_for_downsample(min(W0 / w, H0 / h))
-        finally:
-            slide.close()
-            if native is not None:
-                native.close()
+        rgb, _valid, level = _read_at_mask_size(row["path"], (w, h), cfg, threads)
         res: dict[str, Any] = dict(source="user", mask_path=user, algorithm="user overlay",
                                    params=json.dumps({"overlay": user}))
     else:
