@@ -711,16 +711,18 @@ def test_early_mask_of_a_slide_without_mpp_uses_the_assumed_mpp_as_the_stage_doe
 
 @pipeline
 def test_a_run_over_one_new_slide_begins_its_mask_beside_the_hash(spark, tmp_path):
-    """``run_all`` on one slide it hashes: the mask is made during discovery and taken by the
-    masks stage (``runs.profile['masks.early_slides']``), with the same masks row and overlay as
-    a ``force`` run (which makes it after discovery); a rerun hashes nothing and begins nothing;
-    two new slides with ``masks.on_driver_below=2`` (masks made by Spark) begin nothing."""
+    """``run_all`` on one slide it hashes (on 2 or more cores): the mask is made during
+    discovery and taken by the masks stage (``runs.profile['masks.early_slides']``), with the
+    same masks row and overlay as a ``force`` run (which makes it after discovery); a rerun
+    hashes nothing and begins nothing; two new slides with ``masks.on_driver_below=2`` (masks
+    made by Spark) begin nothing."""
     need(CMU)
     kw = dict(resolution={"level": 0}, grid={"tile_extent": 512}, filter={"min_tissue_fraction": 0.5})
     lake = tmp_path / "lake"
     rec = run_all(spark, cfg_for(lake, [CMU], **kw), profile=True)
     assert rec.status == "succeeded" and rec.counts["masks_computed"] == 1
-    assert rec.profile["masks.early_slides"] == 1.0
+    # only where the hash leaves a core free
+    assert rec.profile["masks.early_slides"] == (1.0 if (os.cpu_count() or 1) > 1 else 0.0)
     forced = tmp_path / "forced"
     run_all(spark, cfg_for(forced, [CMU], **kw), force=True)
     m, f = (pl.read_delta(str(p / "masks")).row(0, named=True) for p in (lake, forced))

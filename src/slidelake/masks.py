@@ -634,8 +634,9 @@ class EarlyMasks:
     for the 194 MB benchmark slide, ~0.6 s for 1.2 GB) holds one core while the others wait:
     :meth:`start` reads and thresholds the slide on them meanwhile, and the masks stage
     (:func:`compute_mask`) takes the result (:meth:`take`) instead of computing it again. Only
-    for slides whose masks are made on the driver (``masks.on_driver_below``); slides with a
-    user overlay are not started. The pixels are used only when the ``slides`` row agrees with
+    for fewer slides than cores whose masks are made on the driver (``masks.on_driver_below``;
+    :func:`slidelake.pipeline.discover_slides` decides); slides with a user overlay are not
+    started. The pixels are used only when the ``slides`` row agrees with
     what they were made from (path, level-0 size and mpp, the file's size and modification time
     unchanged), so the outcome is the same as without; a failure here is dropped and the masks
     stage computes (and reports) the mask itself.
@@ -650,7 +651,8 @@ class EarlyMasks:
         from concurrent.futures import ThreadPoolExecutor
 
         self.cfg, self.assumed_mpp = cfg, assumed_mpp
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slidelake-early-mask")
+        # one thread per slide started (made as slides are started), up to one per core
+        self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="slidelake-early-mask")
         self._jobs: dict[str, tuple[tuple[int, int], Any]] = {}
         self.used = 0  # masks taken by the masks stage
 

@@ -117,7 +117,8 @@ def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, fo
     previous rows (no duplicates); other rows are kept. A ``resolution.assumed_mpp`` fills mpp
     (``mpp_source='assumed'``) for readable slides that have none. With ``early_masks``, the
     masks of files to be hashed begin beside their hash when they are fewer than
-    ``masks.on_driver_below`` (their masks would be made on the driver, one after the hash).
+    ``masks.on_driver_below`` (their masks would be made on the driver, after the hash) and
+    than the cores (the hash leaves cores free).
 
     Returns:
         The rows of this scan as dicts (:data:`~slidelake.slides.SLIDES_SCHEMA`), one per path.
@@ -142,9 +143,10 @@ def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, fo
                 reused.append(r)
             else:
                 fresh.append(i)
-        if early_masks is not None and 0 < len(fresh) < cfg.masks.on_driver_below:
-            # the cores the hashes leave free read the slides for their masks meanwhile
-            readers = max(1, ((os.cpu_count() or 1) - len(fresh)) // len(fresh))
+        cores = os.cpu_count() or 1
+        if early_masks is not None and 0 < len(fresh) < min(cfg.masks.on_driver_below, cores):
+            # the cores the hashes (one thread per file) leave free read the slides for their masks meanwhile
+            readers = max(1, (cores - len(fresh)) // len(fresh))
             for i in fresh:
                 early_masks.start(listed["path"][i], listed["attributes"][i], readers)
         rows = discover(spark, listed.iloc[fresh].reset_index(drop=True), rec.run_id,
