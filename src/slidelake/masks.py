@@ -631,15 +631,16 @@ class EarlyMasks:
     A slide's ``slide_id`` is the SHA-256 of its bytes (:func:`slidelake.slides.fingerprint_file`),
     and its overlay file is named by it, so the masks stage waits for discovery; but the mask's
     pixels (:func:`mask_pixels`) need only the file. On a run over one slide the hash (~0.12 s
-    for the 194 MB benchmark slide, ~0.6 s for 1.2 GB) holds one core while the others wait:
+    for the 194 MB benchmark slide, ~0.7 s for 1.2 GB) holds one core while the others wait:
     :meth:`start` reads and thresholds the slide on them meanwhile, and the masks stage
     (:func:`compute_mask`) takes the result (:meth:`take`) instead of computing it again. Only
     for fewer slides than cores whose masks are made on the driver (``masks.on_driver_below``;
     :func:`slidelake.pipeline.discover_slides` decides); slides with a user overlay are not
-    started. The pixels are used only when the ``slides`` row agrees with
-    what they were made from (path, level-0 size and mpp, the file's size and modification time
-    unchanged), so the outcome is the same as without; a failure here is dropped and the masks
-    stage computes (and reports) the mask itself.
+    started. The pixels are used only when the ``slides`` row agrees with what they were made
+    from (path, level-0 size and mpp, the file's size and modification time unchanged), so the
+    outcome is the same as without; a failure here is dropped and the masks stage computes
+    (and reports) the mask itself. Thread-safe: :meth:`take` may be called from the masks
+    stage's threads.
 
     Args:
         cfg: the masks settings.
