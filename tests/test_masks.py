@@ -45,6 +45,23 @@ def test_he_mask_is_plausible_and_its_outline_sits_on_tissue():
     assert np.median(sat[ring]) < sat[outline].mean() < inside.mean()
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mask_outline_is_skimage_find_boundaries_inner(seed):
+    """The outline (a SciPy erosion) marks the pixels scikit-image's ``find_boundaries(mode=
+    "inner")`` does: on random blobs with holes that touch the image's edges, and on labels
+    other than 255."""
+    from skimage.segmentation import find_boundaries
+
+    rng = np.random.default_rng(seed)
+    blobs = ndimage.gaussian_filter(rng.random((120, 170)), 4) > 0.5
+    labels = np.where(blobs, np.uint8(255), np.uint8(0))
+    labels[:10, :] = 255  # touches the top edge
+    labels[40:50, 60:70] = 7  # another label counts as tissue
+    assert 0.1 < (labels > 0).mean() < 0.9
+    np.testing.assert_array_equal(mask_outline(labels), find_boundaries(labels > 0, mode="inner"))
+    assert mask_outline(labels).any() and not mask_outline(labels)[0, 50]  # the image edge is no outline
+
+
 @pytest.mark.parametrize("path", [DAPI, TRITC], ids=["DAPI", "TRITC"])
 def test_fluorescence_mask_is_not_trivial(path, tmp_path):
     need(path)
