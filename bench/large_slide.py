@@ -4,8 +4,8 @@
     .venv/bin/python bench/large_slide.py --width 60000 --height 48000 --cores 2
 
 Not part of ``bench/throughput.py``'s regular run (the slide takes minutes to build and the
-check ~15 minutes to run, half of it the interleaved N-core / 1-core rounds). Steps, on the same SYNTHETIC slide (``bench/make_slide.py``, cached in
-``bench/data/``) and cores:
+check ~15 minutes to run, half of it the interleaved N-core / 1-core rounds). Steps, on the
+same SYNTHETIC slide (``bench/make_slide.py``, cached in ``bench/data/``) and cores:
 
 1. slidelake end to end, cold then warm (``throughput.run_slidelake``: a fresh process, masks
    on, native reader, raw tiles), which also lists the kept tiles;

@@ -626,7 +626,7 @@ def mask_pixels(path: str, width0: int, height0: int, mpp_x: float | None, mpp_y
     labels, info = tissue_mask(rgb, valid, mpp, cfg)
     if not known:
         info["algorithm"] += f" (slide has no mpp: {NOMINAL_MPP} µm/px assumed for the mask)"
-    return MaskPixels(rgb, labels, info, mpp, int(level))
+    return MaskPixels(rgb, labels, info, mpp, level)
 
 
 class EarlyMasks:
@@ -857,5 +857,6 @@ def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfi
 __all__ = [
     "MASKS_SCHEMA", "TISSUE", "BACKGROUND", "MaskError", "params_hash", "mask_size", "read_slide_at",
     "detect_polarity", "remove_small_components", "tissue_mask", "write_overlay", "read_overlay", "mask_outline", "qc_picture",
-    "overlay_dir", "user_overlay_path", "mask_path_of", "MaskPixels", "mask_pixels", "EarlyMasks", "compute_mask", "compute_masks_on_driver", "make_masks",
+    "overlay_dir", "user_overlay_path", "mask_path_of", "MaskPixels", "mask_pixels", "EarlyMasks", "compute_mask",
+    "compute_masks_on_driver", "make_masks",
 ]

@@ -28,7 +28,9 @@ from slidelake.grid import band_tiles, banded_grid, grid_constants, grid_size, l
 from slidelake.lineage import (
     RUN_SLIDES_SCHEMA, RUNS_SCHEMA, TILE_ERRORS_SCHEMA, CountLog, RunRecord, SumLog, utcnow, versions,
 )
-from slidelake.masks import MASKS_SCHEMA, EarlyMasks, compute_masks_on_driver, make_masks, mask_path_of, params_hash, qc_picture
+from slidelake.masks import (
+    MASKS_SCHEMA, EarlyMasks, compute_masks_on_driver, make_masks, mask_path_of, params_hash, qc_picture,
+)
 from slidelake.overlap import SlideInputs, annotation_path, overlap_tiles
 from slidelake.progress import TileProgress
 from slidelake.resolution import resolve_row, resolved_schema
