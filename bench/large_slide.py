@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     # cold runs of two fresh processes
     off_walls = second["warm_masks_off"]["walls_s"]
     out["mask_first"] = {
-        "warm_walls_s": {"masks": [round(w, 1) for w in second["warm"]["walls_s"]],
-                         "no masks": [round(w, 1) for w in off_walls]},
+        "warm_walls_s": {"masks": [round(w, 3) for w in second["warm"]["walls_s"]],
+                         "no masks": [round(w, 3) for w in off_walls]},
         "warm": round(median(second["warm"]["walls_s"]) / median(off_walls), 2),
         "tiles_written_no_masks": second["warm_masks_off"]["tiles_written"],
     }

@@ -236,7 +236,7 @@ def test_large_slide_check_measures_one_slide_and_its_core_scaling_in_interleave
     mf = res["mask_first"]
     assert len(mf["warm_walls_s"]["masks"]) == len(mf["warm_walls_s"]["no masks"]) == 2
     assert mf["warm"] == pytest.approx(median(mf["warm_walls_s"]["masks"]) / median(mf["warm_walls_s"]["no masks"]),
-                                       abs=0.06)  # of walls rounded to 0.1 s
+                                       abs=0.011)  # the ratio is rounded to 0.01
     assert "no_masks" not in res and "jpeg" not in res  # --no-mask-off, --no-jpeg
     assert max(first["warm"]["worker_peaks_mib"].values()) > 0
     sc = res["scaling"]
