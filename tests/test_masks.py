@@ -381,23 +381,10 @@ def test_one_slide_grid_is_spread_over_the_cores(spark, lake, tmp_path, monkeypa
 
 
 @pipeline
-def test_the_plan_made_beside_the_masks_is_used_only_when_the_masks_match_it(spark, lake, tmp_path, monkeypatch):
-    """The first batch is planned in a thread while its masks are made, with the overlay paths
-    the masks will have (``mask_path_of``); that plan is used when every mask comes out at those
-    paths, and planned again without the slide whose mask failed otherwise."""
-    import threading
-
-    import slidelake.pipeline as pipeline_module
-    from slidelake.masks import mask_path_of
-
-    calls = []
-    real = pipeline_module.plan_tiles
-
-    def spy(spark, cfg, batch, overlay, on_profile=None):
-        calls.append((threading.current_thread().name.startswith("slidelake-plan"), dict(overlay)))
-        return real(spark, cfg, batch, overlay, on_profile)
-
-    monkeypatch.setattr(pipeline_module, "plan_tiles", spy)
+def test_a_slide_whose_mask_fails_is_not_tiled_and_the_others_are(spark, lake, tmp_path):
+    """Tiles carry the overlay path of their slide's committed mask; a slide whose mask fails
+    (over ``masks.max_megapixels``) is left out of the plan, and the other slide of the batch
+    is tiled in full."""
     d = tmp_path / "in"
     d.mkdir()
     make_tiff(d / "good.tiff", 600, 400, levels=1, tile=64, mpp=0.5)
@@ -405,17 +392,13 @@ def test_the_plan_made_beside_the_masks_is_used_only_when_the_masks_match_it(spa
     rec = run_all(spark, cfg_for(lake, [d], **kw))
     assert rec.status == "succeeded" and rec.counts["masks_computed"] == 1
     m = pl.read_delta(str(lake / "masks")).row(0, named=True)
-    slide = pl.read_delta(str(lake / "slides")).row(0, named=True)
-    assert mask_path_of(slide, MaskConfig(), str(lake)) == m["mask_path"] and os.path.isfile(m["mask_path"])
-    assert calls == [(True, {m["slide_id"]: m["mask_path"]})]  # planned once, beside the mask
+    assert os.path.isfile(m["mask_path"])
     t = pl.read_delta(str(lake / "tiles"))
     assert t.height == 6 * 4 and (t["overlay_path"] == m["mask_path"]).all()
-    # a second slide whose mask fails (over masks.max_megapixels): the early plan had both slides
     make_tiff(d / "absurd.tiff", 300, 200, mpp=400.0, seed=3)
-    calls.clear()
     rec = run_all(spark, cfg_for(lake, [d], masks={"max_megapixels": 1.0}, tables={"tiles_table": "again"}, **kw))
     assert rec.status == "succeeded" and rec.counts["masks_failed"] == 1
-    assert [len(o) for _, o in calls] == [2, 1] and [inside for inside, _ in calls] == [True, False]
+    assert [e["stage"] for e in rec.slide_errors] == ["masks"]
     again = pl.read_delta(str(lake / "again"))
     assert set(again["path"]) == {str(d / "good.tiff")} and again.height == 6 * 4
 
@@ -649,111 +632,3 @@ def test_label_and_macro_images_never_reach_the_lake(spark, lake):
     for p in written:
         with Image.open(p) as im:
             assert im.size not in forbidden, p
-
-
-# ------------------------------------------------------- masks begun beside discovery's hash
-
-def test_early_mask_is_the_mask_the_stage_makes_and_is_taken_only_when_it_matches(tmp_path):
-    """``EarlyMasks`` reads and thresholds a slide before its ``slide_id`` is known; the masks
-    stage takes those pixels only for the same file, size and mpp, and the masks row, overlay
-    and thumbnail come out as computed there. A failure is dropped (the stage reports it)."""
-    need(CMU)
-    from slidelake.masks import EarlyMasks
-
-    cfg, phash = MaskConfig(), params_hash(MaskConfig())
-    row = probe_slide(str(CMU))
-    ref = compute_mask(row, cfg, str(tmp_path / "ref"), "run", phash, qc=False)
-    with EarlyMasks(cfg) as early:
-        early.start(str(CMU), {})
-        got = compute_mask(row, cfg, str(tmp_path / "early"), "run", phash, qc=False, early=early)
-        assert early.used == 1
-    assert got["status"] == ref["status"] == "ok"
-    skip = {"mask_path", "qc_path", "thumbnail_path", "created_at"}
-    assert {k: v for k, v in got.items() if k not in skip} == {k: v for k, v in ref.items() if k not in skip}
-    np.testing.assert_array_equal(read_overlay(got["mask_path"])[0], read_overlay(ref["mask_path"])[0])
-    assert Path(got["thumbnail_path"]).read_bytes() == Path(ref["thumbnail_path"]).read_bytes()
-
-    # another mpp in the row (e.g. a different assumed_mpp), or the file touched since: not taken
-    with EarlyMasks(cfg) as early:
-        early.start(str(CMU), {})
-        assert early.take(dict(row, mpp_x=2 * row["mpp_x"])) is None
-        assert early.take(row) is None and early.used == 0  # taken once, then gone
-    copy = tmp_path / "copy.svs"
-    shutil.copyfile(CMU, copy)
-    with EarlyMasks(cfg) as early:
-        early.start(str(copy), {})
-        st = os.stat(copy)
-        os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-        again = compute_mask(dict(row, path=str(copy)), cfg, str(tmp_path / "touched"), "run", phash, qc=False)
-        assert early.take(dict(row, path=str(copy))) is None and early.used == 0
-    assert again["status"] == "ok" and again["tissue_fraction"] == ref["tissue_fraction"]
-
-    # not a slide: the early attempt fails quietly, the stage gives the error row; a user
-    # overlay or a missing file is not started at all
-    bad = tmp_path / "bad.svs"
-    bad.write_bytes(b"not a slide" * 100)
-    with EarlyMasks(cfg) as early:
-        early.start(str(bad), {})
-        early.start(str(CMU), {"overlay_path": str(tmp_path / "user.tiff")})
-        early.start(str(tmp_path / "missing.svs"), {})
-        out = compute_mask(dict(row, path=str(bad)), cfg, str(tmp_path / "bad"), "run", phash, qc=False, early=early)
-        assert out["status"] == "error" and early.used == 0
-        assert early.take(row) is None and early.take(dict(row, path=str(tmp_path / "missing.svs"))) is None
-
-
-def test_early_mask_of_a_slide_without_mpp_uses_the_assumed_mpp_as_the_stage_does(tmp_path):
-    """A slide without mpp: with ``resolution.assumed_mpp`` the early mask is made at it (the
-    row the masks stage sees carries it); without, at the nominal mpp, said in ``algorithm``."""
-    from slidelake.masks import NOMINAL_MPP, EarlyMasks
-
-    path = tmp_path / "nompp.tiff"
-    make_tiff(path, 1600, 1200, levels=2, mpp=None)
-    row = probe_slide(str(path))
-    assert row["status"] == "ok" and row["mpp_x"] is None
-    cfg, phash = MaskConfig(), params_hash(MaskConfig())
-    widths = {}
-    for assumed in (1.0, None):
-        seen = dict(row, mpp_x=assumed, mpp_y=assumed)
-        with EarlyMasks(cfg, assumed) as early:
-            early.start(str(path), {})
-            got = compute_mask(seen, cfg, str(tmp_path / f"a{assumed}"), "run", phash, qc=False, early=early)
-            assert early.used == 1
-        ref = compute_mask(seen, cfg, str(tmp_path / f"r{assumed}"), "run", phash, qc=False)
-        assert got["mask_width"] == ref["mask_width"] and got["algorithm"] == ref["algorithm"]
-        np.testing.assert_array_equal(read_overlay(got["mask_path"])[0], read_overlay(ref["mask_path"])[0])
-        assert (f"{NOMINAL_MPP} µm/px assumed" in got["algorithm"]) == (assumed is None)
-        widths[assumed] = got["mask_width"]
-    assert widths[1.0] == 4 * widths[None]  # 1.0 against the nominal 0.25 µm/px at level 0
-
-
-@pipeline
-def test_a_run_over_one_new_slide_begins_its_mask_beside_the_hash(spark, tmp_path):
-    """``run_all`` on one slide it hashes (on 2 or more cores): the mask is made during
-    discovery and taken by the masks stage (``runs.profile['masks.early_slides']``), with the
-    same masks row and overlay as a ``force`` run (which makes it after discovery); a rerun
-    hashes nothing and begins nothing; two new slides with ``masks.on_driver_below=2`` (masks
-    made by Spark) begin nothing."""
-    need(CMU)
-    kw = dict(resolution={"level": 0}, grid={"tile_extent": 512}, filter={"min_tissue_fraction": 0.5})
-    lake = tmp_path / "lake"
-    rec = run_all(spark, cfg_for(lake, [CMU], **kw), profile=True)
-    assert rec.status == "succeeded" and rec.counts["masks_computed"] == 1
-    # only where the hash leaves a core free
-    assert rec.profile["masks.early_slides"] == (1.0 if (os.cpu_count() or 1) > 1 else 0.0)
-    forced = tmp_path / "forced"
-    run_all(spark, cfg_for(forced, [CMU], **kw), force=True)
-    m, f = (pl.read_delta(str(p / "masks")).row(0, named=True) for p in (lake, forced))
-    same = ("slide_id", "mask_width", "mask_height", "read_level", "algorithm", "thresholds", "tissue_fraction")
-    assert {k: m[k] for k in same} == {k: f[k] for k in same}
-    np.testing.assert_array_equal(read_overlay(m["mask_path"])[0], read_overlay(f["mask_path"])[0])
-    assert pl.read_delta(str(lake / "tiles")).height == pl.read_delta(str(forced / "tiles")).height > 0
-
-    rec = run_all(spark, cfg_for(lake, [CMU], **kw), profile=True)
-    assert rec.counts["slides_unchanged"] == 1 and rec.profile.get("masks.early_slides", 0.0) == 0.0
-
-    two = tmp_path / "two"
-    two.mkdir()
-    for i in (1, 2):
-        make_tiff(two / f"s{i}.tiff", 1200, 900, levels=2, mpp=0.5, seed=i)
-    rec = run_all(spark, cfg_for(tmp_path / "lake2", [two], **kw), profile=True)
-    assert rec.counts["masks_computed"] == 2 and rec.profile["masks.early_slides"] == 0.0

@@ -20,7 +20,7 @@ from slidelake.config import DecodeConfig, FilterConfig
 from slidelake.decode import rgba_to_rgb
 from slidelake.encoding import decode_tile
 from slidelake.filtering import keep_mask
-from slidelake.tables import commit_files, discard_staging, new_staging, wait_for_discards
+from slidelake.tables import commit_files, discard_staging, new_staging
 from slidelake.write import TILES_COLUMNS, Lineage, make_file_sink, tiles_schema
 
 LINEAGE = Lineage("run-1", "cfg-1", "0.test", datetime(2026, 11, 21, 12, 30, 0))
@@ -178,68 +178,12 @@ def test_pipeline_decodes_each_kept_tile_once_in_the_workers(spark, lake):
     assert rec.counts["tiles_generated"] == 6 * 4 == rec.counts["tiles_decoded"] == rec.counts["tiles_written"]
     assert tiles.height == 24 and tiles.select("tile_x", "tile_y").n_unique() == 24
     assert tiles["tile_format"].unique().to_list() == ["png"]
-    wait_for_discards(timeout=30)  # the staging folder is removed in the background
     assert not (lake / "tiles" / "_staging").exists()
     # every data file on disk is one the log references: no orphans from the workers
     from deltalake import DeltaTable
 
     on_disk = {str(p.resolve()) for p in (lake / "tiles").rglob("*.parquet")}
     assert on_disk == set(DeltaTable(str(lake / "tiles")).file_uris()) and len(on_disk) >= 1
-
-
-def test_staging_is_discarded_in_the_background_not_on_the_drivers_path(spark, lake, monkeypatch):
-    """The run does not wait for its staging folders to be deleted (on a filesystem with online
-    discard that took up to a second on this project's VM): a run completes while the deletion
-    is held back, and the folders are gone once it is let go."""
-    import threading
-
-    import slidelake.tables as tables
-    from slidelake.config import PipelineConfig
-    from slidelake.pipeline import run_all
-
-    held, calls = threading.Event(), []
-    real = tables.discard_staging
-
-    def held_back(staging):
-        calls.append(staging)
-        assert held.wait(60)
-        real(staging)
-
-    monkeypatch.setattr(tables, "discard_staging", held_back)
-    path = lake.parent / "gen.tiff"
-    make_tiff(path, 600, 400, levels=1, tile=128, compression="jpeg")
-    cfg = PipelineConfig.model_validate({
-        "inputs": [str(path)], "lake": str(lake), "resolution": {"level": 0, "assumed_mpp": 0.5},
-        "grid": {"tile_extent": 256, "last": "keep"}, "masks": {"enabled": False},
-        "filter": {"max_background_fraction": None},
-    })
-    try:
-        rec = run_all(spark, cfg)
-        assert rec.status == "succeeded", rec.error
-        assert rec.counts["tiles_written"] == 3 * 2 == pl.read_delta(str(lake / "tiles")).height
-        tiles_staging = [c for c in calls if c.startswith(str(lake / "tiles" / "_staging"))]
-        assert len(tiles_staging) == 1 and Path(tiles_staging[0]).is_dir()  # not deleted yet
-    finally:
-        held.set()
-    wait_for_discards(timeout=60)
-    assert calls and not any(Path(c).exists() for c in calls)
-    assert not any(lake.rglob("_staging"))
-
-
-def test_new_staging_while_discards_run_in_the_background(tmp_path):
-    """Staging folders made while earlier ones are being deleted (and their ``_staging`` parent
-    with them, when empty) are never lost to that deletion."""
-    from slidelake.tables import discard_staging_later
-
-    table = tmp_path / "t"
-    made = []
-    for i in range(200):
-        made.append(new_staging(str(table)))
-        (Path(made[-1]) / "part.parquet").write_bytes(b"x")
-        assert Path(made[-1]).is_dir()
-        discard_staging_later(made[-1])
-    wait_for_discards(timeout=60)
-    assert not any(Path(m).exists() for m in made) and not (table / "_staging").exists()
 
 
 def test_write_table_commits_a_spark_dataframe_with_delta_rs(spark, tmp_path):
@@ -256,25 +200,7 @@ def test_write_table_commits_a_spark_dataframe_with_delta_rs(spark, tmp_path):
     got = pl.read_delta(str(tmp_path / "t")).sort("id")
     assert res2.rows == 5 and got.height == 10
     assert sorted(got.filter(pl.col("slide_id") == "1")["id"].to_list()) == [101, 103, 105, 107, 109]
-    wait_for_discards(timeout=30)
     assert not (tmp_path / "t" / "_staging").exists()
-
-
-def test_file_sink_writes_the_same_files_with_and_without_direct_io(tmp_path):
-    """``tables.direct_io`` changes how the bytes reach the disk, not the bytes."""
-    good = tmp_path / "good.tiff"
-    make_tiff(good, 1000, 700, levels=1, tile=128, compression="jpeg")
-    rows = _rows(str(good), "a", 1000, 700)
-    data = {}
-    for direct in (True, False):
-        staging = tmp_path / f"staging-{direct}"
-        staging.mkdir()
-        sink = make_file_sink(DecodeConfig(encoding="raw", batch_mb=1.0), FilterConfig(max_background_fraction=None),
-                              LINEAGE, _schema(), str(staging), direct_io=direct)
-        res = _run_sink(sink, [rows])
-        (f,) = [f for f in res["file"] if f]
-        data[direct] = (staging / f).read_bytes()
-    assert len(data[True]) > 12 * 256 * 256 * 3 and data[True] == data[False]
 
 
 def test_raw_tiles_go_into_the_arrow_column_as_the_bytes_of_their_pixels(tmp_path, monkeypatch):

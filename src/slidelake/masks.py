@@ -511,21 +511,12 @@ def user_overlay_path(path: str, attributes: dict[str, str] | None, cfg: MaskCon
     return None
 
 
-def mask_path_of(row: dict[str, Any], cfg: MaskConfig, lake_root: str) -> str:
-    """Where the overlay of a ``slides`` row (``slide_id``, ``path``, ``attributes``) is, before
-    it is made: the user overlay (:func:`user_overlay_path`), else the computed one,
-    ``<lake_root>/overlays/<slide_id>/tissue-<params_hash>.tiff`` (the ``mask_path`` that
-    :func:`compute_mask` gives an ``ok`` row)."""
-    user = user_overlay_path(row["path"], row.get("attributes"), cfg)
-    return user if user is not None else _computed_path(lake_root, row["slide_id"], params_hash(cfg))
-
-
 def _computed_path(lake_root: str, slide_id: str, phash: str) -> str:
     return os.path.join(overlay_dir(lake_root, slide_id), f"tissue-{phash}.tiff")
 
 
 def compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str,
-                 phash: str, threads: int = 1, qc: bool = True, early: EarlyMasks | None = None) -> dict[str, Any]:
+                 phash: str, threads: int = 1, qc: bool = True) -> dict[str, Any]:
     """Make (or take the user's) overlay of one slide and return its ``masks`` row.
 
     A slide without mpp gets a mask made as if level 0 were :data:`NOMINAL_MPP` µm/px (said in
@@ -539,8 +530,6 @@ def compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: s
         threads: threads reading the slide (:func:`read_slide_at`).
         qc: draw the QC picture (``qc_path``: thumbnail and mask outline) now; false when the
             caller draws it later (a tiling run, with its tiles). The path is in the row either way.
-        early: pixels begun while discovery hashed the file (:class:`EarlyMasks`), taken when
-            they match ``row``; otherwise the mask is computed here.
     """
     from datetime import datetime, timezone
 
@@ -551,7 +540,7 @@ def compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: s
                slide_height=int(row["height"]) if row["height"] is not None else None,
                created_at=datetime.now(timezone.utc).replace(tzinfo=None))
     try:
-        out.update(_compute_mask(row, cfg, lake_root, phash, threads, qc, early))
+        out.update(_compute_mask(row, cfg, lake_root, phash, threads, qc))
         out["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 - one slide's failure is its error row
         msg = f"{type(exc).__name__}: {exc}"
@@ -629,93 +618,8 @@ def mask_pixels(path: str, width0: int, height0: int, mpp_x: float | None, mpp_y
     return MaskPixels(rgb, labels, info, mpp, level)
 
 
-class EarlyMasks:
-    """Masks of a few slides computed in a background thread while discovery hashes their files.
-
-    A slide's ``slide_id`` is the SHA-256 of its bytes (:func:`slidelake.slides.fingerprint_file`),
-    and its overlay file is named by it, so the masks stage waits for discovery; but the mask's
-    pixels (:func:`mask_pixels`) need only the file. On a run over one slide the hash (~0.12 s
-    for the 194 MB benchmark slide, ~0.7 s for 1.2 GB) holds one core while the others wait:
-    :meth:`start` reads and thresholds the slide on them meanwhile, and the masks stage
-    (:func:`compute_mask`) takes the result (:meth:`take`) instead of computing it again. Only
-    for fewer slides than cores whose masks are made on the driver (``masks.on_driver_below``;
-    :func:`slidelake.pipeline.discover_slides` decides); slides with a user overlay are not
-    started. The pixels are used only when the ``slides`` row agrees with what they were made
-    from (path, level-0 size and mpp, the file's size and modification time unchanged), so the
-    outcome is the same as without; a failure here is dropped and the masks stage computes
-    (and reports) the mask itself. Thread-safe: :meth:`take` may be called from the masks
-    stage's threads.
-
-    Args:
-        cfg: the masks settings.
-        assumed_mpp: ``resolution.assumed_mpp`` (µm/px), applied to slides without mpp as the
-            masks stage does.
-    """
-
-    def __init__(self, cfg: MaskConfig, assumed_mpp: float | None = None) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.cfg, self.assumed_mpp = cfg, assumed_mpp
-        # one thread per slide started (made as slides are started), up to one per core
-        self._pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="slidelake-early-mask")
-        self._jobs: dict[str, tuple[tuple[int, int], Any]] = {}
-        self.used = 0  # masks taken by the masks stage
-
-    def start(self, path: str, attributes: dict[str, str] | None = None, threads: int = 1) -> None:
-        """Begin the mask of the slide at ``path`` (``attributes``: its manifest columns, which
-        may name a user overlay), read by ``threads`` threads; returns at once."""
-        if path in self._jobs or user_overlay_path(path, attributes, self.cfg) is not None:
-            return
-        try:
-            st = os.stat(path)
-        except OSError:
-            return  # discovery reports it
-        self._jobs[path] = ((st.st_size, st.st_mtime_ns), self._pool.submit(self._compute, path, threads))
-
-    def _compute(self, path: str, threads: int) -> tuple[tuple, MaskPixels]:
-        import openslide
-
-        from slidelake.slides import mpp_from_properties
-
-        with openslide.OpenSlide(path) as slide:
-            (w0, h0), props = slide.dimensions, dict(slide.properties)
-        mx, my, _ = mpp_from_properties(props)
-        if mx is None and self.assumed_mpp is not None:
-            mx = my = float(self.assumed_mpp)
-        return (int(w0), int(h0), mx, my), mask_pixels(path, w0, h0, mx, my, self.cfg, threads)
-
-    def take(self, row: dict[str, Any]) -> MaskPixels | None:
-        """The pixels started for ``row["path"]`` (waiting for them), or None when none were
-        started, they failed, or ``row`` (a ``slides`` row, mpp as the masks stage uses it) or
-        the file no longer matches them."""
-        job = self._jobs.pop(row["path"], None)
-        if job is None:
-            return None
-        stat, future = job
-        try:
-            key, px = future.result()
-            st = os.stat(row["path"])
-        except Exception:  # noqa: BLE001 - the masks stage computes the mask itself and reports its error
-            return None
-        if (st.st_size, st.st_mtime_ns) != stat or key != (row["width"], row["height"], row["mpp_x"], row["mpp_y"]):
-            return None
-        self.used += 1
-        return px
-
-    def close(self) -> None:
-        """Drop the slides not taken (a mask being computed is finished first)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._jobs.clear()
-
-    def __enter__(self) -> "EarlyMasks":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
 def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: str, threads: int,
-                  qc: bool, early: EarlyMasks | None = None) -> dict[str, Any]:
+                  qc: bool) -> dict[str, Any]:
     from PIL import Image
 
     W0, H0 = int(row["width"]), int(row["height"])
@@ -728,8 +632,7 @@ def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: s
         res: dict[str, Any] = dict(source="user", mask_path=user, algorithm="user overlay",
                                    params=json.dumps({"overlay": user}))
     else:
-        px = (early.take(row) if early is not None else None) or \
-            mask_pixels(row["path"], W0, H0, row["mpp_x"], row["mpp_y"], cfg, threads)
+        px = mask_pixels(row["path"], W0, H0, row["mpp_x"], row["mpp_y"], cfg, threads)
         rgb, labels, level = px.rgb, px.labels, px.level
         h, w = labels.shape
         mask_path = _computed_path(lake_root, row["slide_id"], phash)
@@ -758,10 +661,10 @@ def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: s
 
 def _mask_row(rec: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str, phash: str,
               on_profile: Callable[[dict[str, float]], None] | None, worker: bool,
-              threads: int = 1, qc: bool = True, early: EarlyMasks | None = None) -> dict[str, Any]:
+              threads: int = 1, qc: bool = True) -> dict[str, Any]:
     """The ``masks`` row of one ``slides`` row (see :func:`make_masks`); ``worker``: in a Spark
     worker (measure its peak memory, give memory back afterwards); ``threads``: threads reading
-    the slide; ``qc``, ``early``: as :func:`compute_mask`."""
+    the slide; ``qc``: as :func:`compute_mask`."""
     if on_profile is not None and worker:
         reset_peak_rss()
     t0 = time.perf_counter()
@@ -771,7 +674,7 @@ def _mask_row(rec: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str,
     for k in ("mpp_x", "mpp_y", "width", "height"):
         if rec[k] is not None and isinstance(rec[k], float) and math.isnan(rec[k]):
             rec[k] = None  # pandas turns a null double into NaN
-    row = compute_mask(rec, cfg, lake_root, run_id, phash, threads, qc, early)
+    row = compute_mask(rec, cfg, lake_root, run_id, phash, threads, qc)
     if on_profile is not None:
         fig = {"masks.s": time.perf_counter() - t0, "masks.slides": 1.0}
         if worker:
@@ -784,14 +687,13 @@ def _mask_row(rec: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str,
 
 def compute_masks_on_driver(slides: list[dict[str, Any]], cfg: MaskConfig, lake_root: str, run_id: str,
                             on_profile: Callable[[dict[str, float]], None] | None = None,
-                            qc: bool = True, early: EarlyMasks | None = None) -> list[dict[str, Any]]:
+                            qc: bool = True) -> list[dict[str, Any]]:
     """The masks of a few ``slides`` made in this process, one thread per core (up to one per
     slide; the cores left over read the slides' regions in parallel), without a Spark job: for
     fewer than ``masks.on_driver_below`` slides a job's start-up costs more than the masks (see
     :func:`make_masks` for the rows and ``on_profile``, which gets no worker peak here and is
     called under a lock; ``qc`` as :func:`compute_mask`). OpenSlide, NumPy and SciPy release the
-    GIL in their loops. ``early``: masks begun while discovery hashed the files
-    (:class:`EarlyMasks`), taken instead of computed where they match.
+    GIL in their loops.
 
     Returns:
         ``masks`` rows (dicts of :data:`MASKS_SCHEMA`), in the order of ``slides``.
@@ -811,7 +713,7 @@ def compute_masks_on_driver(slides: list[dict[str, Any]], cfg: MaskConfig, lake_
 
     def one(rec: dict[str, Any]) -> dict[str, Any]:
         return _mask_row(rec, cfg, lake_root, run_id, phash, report if on_profile is not None else None, False,
-                         readers, qc, early)
+                         readers, qc)
 
     with ThreadPoolExecutor(max_workers=max(1, min(len(slides), cores))) as pool:
         return list(pool.map(one, slides))
@@ -857,6 +759,6 @@ def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfi
 __all__ = [
     "MASKS_SCHEMA", "TISSUE", "BACKGROUND", "MaskError", "params_hash", "mask_size", "read_slide_at",
     "detect_polarity", "remove_small_components", "tissue_mask", "write_overlay", "read_overlay", "mask_outline", "qc_picture",
-    "overlay_dir", "user_overlay_path", "mask_path_of", "MaskPixels", "mask_pixels", "EarlyMasks", "compute_mask",
+    "overlay_dir", "user_overlay_path", "MaskPixels", "mask_pixels", "compute_mask",
     "compute_masks_on_driver", "make_masks",
 ]

@@ -28,9 +28,7 @@ from slidelake.grid import band_tiles, banded_grid, grid_constants, grid_size, l
 from slidelake.lineage import (
     RUN_SLIDES_SCHEMA, RUNS_SCHEMA, TILE_ERRORS_SCHEMA, CountLog, RunRecord, SumLog, utcnow, versions,
 )
-from slidelake.masks import (
-    MASKS_SCHEMA, EarlyMasks, compute_masks_on_driver, make_masks, mask_path_of, params_hash, qc_picture,
-)
+from slidelake.masks import MASKS_SCHEMA, compute_masks_on_driver, make_masks, params_hash, qc_picture
 from slidelake.overlap import SlideInputs, annotation_path, overlap_tiles
 from slidelake.progress import TileProgress
 from slidelake.resolution import resolve_row, resolved_schema
@@ -109,18 +107,14 @@ def _write_run(spark: SparkSession, rec: RunRecord, paths: dict[str, str], write
 
 # ---------------------------------------------------------------------------------- discover
 
-def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, force: bool = False,
-                    early_masks: EarlyMasks | None = None) -> list[dict]:
+def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, force: bool = False) -> list[dict]:
     """Discovery stage: list the inputs, probe the files, merge into ``<lake>/slides``.
 
     A path whose ``slides`` row is ``ok`` and whose size and modification time are unchanged
     keeps its row (no re-hashing: a nightly scan of an archive reads only new or changed
     files); ``force`` probes every file again. Rows of paths scanned again replace their
     previous rows (no duplicates); other rows are kept. A ``resolution.assumed_mpp`` fills mpp
-    (``mpp_source='assumed'``) for readable slides that have none. With ``early_masks``, the
-    masks of files to be hashed begin beside their hash when they are fewer than
-    ``masks.on_driver_below`` (their masks would be made on the driver, after the hash) and
-    than the cores (the hash leaves cores free).
+    (``mpp_source='assumed'``) for readable slides that have none.
 
     Returns:
         The rows of this scan as dicts (:data:`~slidelake.slides.SLIDES_SCHEMA`), one per path.
@@ -145,12 +139,6 @@ def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, fo
                 reused.append(r)
             else:
                 fresh.append(i)
-        cores = os.cpu_count() or 1
-        if early_masks is not None and 0 < len(fresh) < min(cfg.masks.on_driver_below, cores):
-            # the cores the hashes (one thread per file) leave free read the slides for their masks meanwhile
-            readers = max(1, (cores - len(fresh)) // len(fresh))
-            for i in fresh:
-                early_masks.start(listed["path"][i], listed["attributes"][i], readers)
         rows = discover(spark, listed.iloc[fresh].reset_index(drop=True), rec.run_id,
                         cfg.discovery.on_driver_below, cfg.discovery.properties) + reused
         assumed = cfg.resolution.assumed_mpp
@@ -176,8 +164,7 @@ def discover_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, fo
 # ------------------------------------------------------------------------------------- masks
 
 def mask_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides: list[dict],
-                on_profile: Callable[[dict[str, float]], None] | None = None, qc: bool = True,
-                early_masks: EarlyMasks | None = None) -> dict[str, dict]:
+                on_profile: Callable[[dict[str, float]], None] | None = None, qc: bool = True) -> dict[str, dict]:
     """Masks stage: make sure each of ``slides`` (``slides`` rows as dicts) has a tissue mask.
 
     A mask whose slide content (``slide_id`` is the content hash) and algorithm settings
@@ -188,8 +175,7 @@ def mask_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     run. Slides whose mask fails are recorded in ``rec.slide_errors`` (stage ``masks``).
     ``on_profile`` receives the per-slide figures of :func:`slidelake.masks.make_masks`
     (``--profile``). ``qc`` false leaves the new masks' QC pictures to the caller (a tiling
-    run draws them once, with its tiles, :func:`draw_qc`). ``early_masks``: masks begun during
-    discovery (:class:`slidelake.masks.EarlyMasks`), taken where they match, on the driver.
+    run draws them once, with its tiles, :func:`draw_qc`).
 
     Returns:
         ``{slide_id: masks row}`` for every slide with an ``ok`` mask.
@@ -212,7 +198,7 @@ def mask_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
                  if m["mask_path"] and os.path.isfile(m["mask_path"])}
         todo = [r for r in slides if r["slide_id"] not in reuse]
         if len(todo) < cfg.masks.on_driver_below:  # a Spark job's start-up costs more than a mask
-            made = compute_masks_on_driver(todo, cfg.masks, overlay_root(cfg), rec.run_id, on_profile, qc, early_masks)
+            made = compute_masks_on_driver(todo, cfg.masks, overlay_root(cfg), rec.run_id, on_profile, qc)
         else:
             made = [m.asDict(recursive=True)
                     for m in make_masks(spark, todo, cfg.masks, overlay_root(cfg), rec.run_id, on_profile, qc).collect()]
@@ -331,7 +317,7 @@ def _check_config_mix(spark, paths, writer, chash, slide_ids, replace_table) -> 
 
 def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides: list[dict],
                 replace_table: bool = False, progress: bool = False, profile: bool = False,
-                force: bool = False, early_masks: EarlyMasks | None = None) -> None:
+                force: bool = False) -> None:
     """Tiling stages on ``slides`` rows (dicts of the ``slides`` table schema; ``ok`` rows are
     tiled, once per ``slide_id``): resolve, skip slides already tiled, masks, then per batch of
     ``tables.slides_per_commit`` slides: grid, overlap, filter before decode, repartition,
@@ -349,8 +335,7 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
 
     ``progress`` shows live tile counts on the driver (:class:`~slidelake.progress.TileProgress`);
     ``profile`` records seconds and tiles per stage, summed over the Python workers, into
-    ``rec.profile`` (the ``runs.profile`` column). ``early_masks``: masks begun during discovery
-    (:func:`discover_slides`), taken by the masks stage where they match.
+    ``rec.profile`` (the ``runs.profile`` column).
 
     Raises:
         ConfigMismatchError: the table holds other slides' tiles of another config and
@@ -377,9 +362,8 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     on_profile = (lambda d: prof_acc.add(d)) if prof_acc is not None else None
     step = cfg.tables.slides_per_commit
     masks: dict[str, dict] = {}
-    early: tuple[dict[str, str | None], DataFrame] | None = None
     if cfg.masks.enabled and good:
-        masks, early = _masks_and_first_plan(spark, cfg, rec, good[:step], good, on_profile, early_masks)
+        masks = mask_slides(spark, cfg, rec, good, on_profile, qc=False)  # QC drawn with the tiles at the end
         good = [r for r in good if r["slide_id"] in masks]
     try:
         generated = {r["slide_id"]: _grid_tiles(r, grid_cfg) for r in good}
@@ -405,10 +389,7 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
                                    for r in batch)
                     overlay = {r["slide_id"]: masks[r["slide_id"]]["mask_path"] if r["slide_id"] in masks else None
                                for r in batch}
-                    # the plan made while the masks were made holds if its slides and overlays are these
-                    planned = early[1] if i == 0 and early is not None and early[0] == overlay else None
-                    if planned is None:
-                        planned = plan_tiles(spark, cfg, batch, overlay, on_profile)
+                    planned = plan_tiles(spark, cfg, batch, overlay, on_profile)
                     wrote = _tile_batch(spark, cfg, rec, batch, planned, expected,
                                         replace_table and i == 0, stale if i == 0 else [], decoded_acc.add, on_profile)
                 res = wrote.result
@@ -435,42 +416,13 @@ def tile_slides(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, slides
     if prof_acc is not None:
         rec.profile = {**(rec.profile or {}), **{k: float(v) for k, v in prof_acc.value.items()},
                        **{f"wall.{k}": v for k, v in rec.stage_seconds.items()},
-                       "tiles.generated": float(total), "tiles.written": float(written_total),
-                       **({"masks.early_slides": float(early_masks.used)} if early_masks is not None else {})}
+                       "tiles.generated": float(total), "tiles.written": float(written_total)}
     rec.counts.update(
         slides_tiled=len(good),
         tiles_generated=total,
         tiles_written=written_total,
         **{k: sum(c[k] for c in counts) for k in ("tiles_skipped", "tiles_decoded", "tiles_failed", "tiles_filtered")},
     )
-
-
-def _masks_and_first_plan(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, first: list[dict],
-                          slides: list[dict], on_profile, early_masks: EarlyMasks | None = None
-                          ) -> tuple[dict[str, dict], tuple[dict, DataFrame] | None]:
-    """The masks stage (:func:`mask_slides` on ``slides``) with, beside it in a thread, the plan
-    of the first batch ``first`` (:func:`plan_tiles`) made with the overlay paths its masks will
-    have (:func:`slidelake.masks.mask_path_of`): ~0.2 s of Py4J calls that would otherwise wait
-    for the mask (``docs/benchmarks.md``, ninth pass). No Spark job runs in the plan.
-
-    Returns:
-        The masks (as :func:`mask_slides`) and ``(overlay paths by slide_id, plan)``, or None
-        when planning failed (the batch is then planned again after the masks, raising there).
-        The caller uses the plan only if the batch and its overlay paths turn out the same.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    root = overlay_root(cfg)
-    guess = {r["slide_id"]: mask_path_of(r, cfg.masks, root) for r in first}
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slidelake-plan") as pool:
-        planned = pool.submit(plan_tiles, spark, cfg, first, guess, on_profile)
-        masks = mask_slides(spark, cfg, rec, slides, on_profile, qc=False,  # drawn with the tiles at the end
-                            early_masks=early_masks)
-        try:
-            early = (guess, planned.result())
-        except Exception:  # noqa: BLE001 - an early plan only saves time; the batch's own plan decides
-            early = None
-    return masks, early
 
 
 def plan_tiles(spark: SparkSession, cfg: PipelineConfig, batch: list[dict], overlay: dict[str, str | None],
@@ -542,7 +494,7 @@ def _tile_batch(spark: SparkSession, cfg: PipelineConfig, rec: RunRecord, batch:
     lineage = Lineage(rec.run_id, config_hash(cfg), __version__, rec.started_at, cfg.tables.path_root)
     return write_tiles(spark, tiles, paths["tiles"], writer, cfg.decode, cfg.filter, lineage,
                        None if replace_table else [r["slide_id"] for r in batch] + list(drop), cfg.tables.tile_compression,
-                       on_decoded, on_profile, cfg.tables.direct_io)
+                       on_decoded, on_profile)
 
 
 def _grid_tiles(row: dict, grid_cfg) -> int:
@@ -685,17 +637,10 @@ def run_all(spark: SparkSession, cfg: PipelineConfig, replace_table: bool = Fals
     """Discover ``cfg.inputs``, then make masks (when enabled) and tile the slides found, as one run.
 
     Incremental: unchanged files are not re-hashed and slides already tiled with this config
-    are skipped (:func:`tile_slides`); ``force`` re-probes and re-tiles every listed slide.
-    The mask of a slide hashed in this run begins beside its hash (:class:`slidelake.masks.EarlyMasks`;
-    not with ``force``, whose slides may keep their masks)."""
+    are skipped (:func:`tile_slides`); ``force`` re-probes and re-tiles every listed slide."""
     def body(rec: RunRecord) -> None:
-        early = EarlyMasks(cfg.masks, cfg.resolution.assumed_mpp) if cfg.masks.enabled and not force else None
-        try:
-            found = discover_slides(spark, cfg, rec, force, early)
-            tile_slides(spark, cfg, rec, found, replace_table, progress, profile, force, early)
-        finally:
-            if early is not None:
-                early.close()
+        found = discover_slides(spark, cfg, rec, force)
+        tile_slides(spark, cfg, rec, found, replace_table, progress, profile, force)
 
     return _run(spark, cfg, "run", body)
 

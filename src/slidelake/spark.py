@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 from typing import TYPE_CHECKING
 
 from pyspark.sql import SparkSession
@@ -81,8 +80,7 @@ def get_spark(app_name: str = "slidelake", master: str | None = None) -> SparkSe
         master: master URL for a new local session; default ``$SLIDELAKE_SPARK_MASTER`` or
             ``local[*]``. Ignored when a session already exists or under spark-submit.
 
-    A new local session gets :func:`local_conf` (its JVM options included) and starts its
-    Python workers in the background (:func:`warm_up`; ``SLIDELAKE_WARM_UP=0`` turns it off).
+    A new local session gets :func:`local_conf` (its JVM options included).
 
     Returns:
         The session, with :data:`RUNTIME_CONF` applied.
@@ -106,56 +104,12 @@ def get_spark(app_name: str = "slidelake", master: str | None = None) -> SparkSe
         spark = builder.getOrCreate()
         if not _under_cluster_launcher():
             spark.sparkContext.setLogLevel(os.environ.get("SLIDELAKE_SPARK_LOG_LEVEL", "ERROR"))
-            if os.environ.get("SLIDELAKE_WARM_UP", "1").strip() != "0":
-                warm_up(spark)
     for k, v in RUNTIME_CONF.items():
         try:
             spark.conf.set(k, v)
         except Exception:  # noqa: BLE001 - some managed runtimes pin a setting; keep theirs
             pass
     return spark
-
-
-WARM_UP_GROUP = "slidelake-warm-up"
-
-
-def _warm_worker(batches):
-    """``mapInArrow`` function of :func:`warm_up`: import, in the Python worker, the modules the
-    pipeline's stages run, and pass the rows through."""
-    import slidelake.decode  # noqa: F401 - NumPy, pandas, OpenSlide, the native reader
-    import slidelake.overlap  # noqa: F401 - pyarrow, shapely
-    import slidelake.write  # noqa: F401
-
-    yield from batches
-
-
-def warm_up(spark: SparkSession, group: str = WARM_UP_GROUP) -> threading.Thread:
-    """Start, in a daemon thread, one small job that pays a new local session's one-off Python
-    costs while the driver discovers slides and makes masks: a Python worker per core started
-    and the pipeline's modules imported in it (the workers are then reused,
-    ``spark.python.worker.reuse``). The job reads and writes nothing and runs in the Spark job
-    group ``group``; any failure is ignored (the first real job then pays the costs itself).
-    :func:`get_spark` calls it for a new embedded session unless ``SLIDELAKE_WARM_UP=0``.
-
-    Measured (``docs/benchmarks.md``, sixth pass; fresh processes, alternated): the first run
-    of a session 0.6-0.9 s faster on the benchmark slide (~8.6 -> ~7.8 s) and on the small CMU
-    sample (~5.3 -> ~4.4 s); later runs unchanged.
-
-    Returns:
-        The started thread.
-    """
-    def run() -> None:
-        try:
-            spark.sparkContext.setJobGroup(group, "warm-up: start the Python workers")
-            n = spark.sparkContext.defaultParallelism
-            df = spark.range(0, n, numPartitions=n)
-            df.mapInArrow(_warm_worker, df.schema).collect()
-        except Exception:  # noqa: BLE001 - an optimisation only
-            pass
-
-    t = threading.Thread(target=run, name="slidelake-warm-up", daemon=True)
-    t.start()
-    return t
 
 
 def local_frame(spark: SparkSession, rows: list[tuple] | list[dict], schema: "StructType") -> "DataFrame":

@@ -8,8 +8,8 @@ Two writers produce the same standard Delta tables:
   Python workers themselves, :mod:`slidelake.write`); exactly the files of the successful task
   attempts are moved next to the table's data and committed to the Delta log by delta-rs in
   **one** commit (:func:`commit_files`). A failure before the commit leaves the table as it
-  was (staged files are deleted, in the background: :func:`discard_staging_later`; files
-  never committed are invisible to every Delta reader). Reads list the log's active files
+  was (staged files are deleted, :func:`discard_staging`; files never committed are invisible
+  to every Delta reader). Reads list the log's active files
   only, never the folder.
 
 Every write is one atomic Delta commit: ``append``, ``overwrite`` (whole table) or
@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
@@ -271,39 +270,6 @@ def discard_staging(staging: str) -> None:
             pass
 
 
-# one thread, started by the first submit: the deletions run in the order they were asked for
-_discards = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slidelake-discard")
-
-
-def discard_staging_later(staging: str) -> None:
-    """:func:`discard_staging` in a background thread of this process (one thread, in order),
-    so that the caller does not wait on the filesystem.
-
-    Removing a folder frees its blocks, and on a filesystem mounted with online discard (ext4
-    ``-o discard``, common on cloud VMs) that sends TRIM commands to the device. On this
-    project's VM, right after a run had written ~1 GB of tiles, removing the three empty
-    staging folders sometimes took 0.3-1.0 s with no CPU busy, on the driver's path between
-    the tiles' commit and the rest of the run (``docs/benchmarks.md``, fourteenth pass).
-
-    The folder holds nothing the table references (the commit moved its files out), so a
-    process that ends first leaves at most a staging folder that :func:`clean_stale_staging`
-    deletes later. The interpreter waits for the thread at exit; :func:`wait_for_discards`
-    waits for it earlier.
-    """
-    _discards.submit(discard_staging, staging)
-
-
-def wait_for_discards(timeout: float | None = None) -> None:
-    """Block until the staging folders handed to :func:`discard_staging_later` so far are
-    deleted (tests call it before they look at ``_staging``): the one thread runs them in
-    order, so a no-op queued behind them finishes after them.
-
-    Raises:
-        TimeoutError: they took longer than ``timeout`` seconds (``concurrent.futures``').
-    """
-    _discards.submit(lambda: None).result(timeout=timeout)
-
-
 def commit_files(
     path: str,
     staging: str,
@@ -426,7 +392,7 @@ def _write_delta_rs(df, path, mode, partition_by, replace_partitions) -> WriteRe
                  for f in _staged_files(staging)]
         return commit_files(local, staging, files, df.schema, mode, partition_by, replace_partitions)
     finally:
-        discard_staging_later(staging)
+        discard_staging(staging)
 
 
 def read_rows(spark: SparkSession, path: str, writer: str, schema: T.StructType,

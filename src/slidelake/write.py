@@ -39,12 +39,11 @@ from pyspark.sql import types as T
 
 from slidelake.config import DecodeConfig, FilterConfig
 from slidelake.decode import DECODE_COLUMNS, DECODE_FIELDS, TileDecoder, make_decoder, tile_column
-from slidelake.direct_io import open_for_write
 from slidelake.filtering import keep_mask
 from slidelake.grid import level0_rects
 from slidelake.lineage import TILE_ERRORS_SCHEMA, CountLog, FailureLog
 from slidelake.memory import freeze_long_lived, reset_peak_rss
-from slidelake.tables import WriteResult, commit_files, discard_staging_later, new_staging, to_stored, write_table
+from slidelake.tables import WriteResult, commit_files, discard_staging, new_staging, to_stored, write_table
 
 # column order of the tiles table
 TILES_COLUMNS = (
@@ -187,7 +186,6 @@ def make_file_sink(
     tile_compression: str = "none",
     on_decoded: Callable[[dict[str, int]], None] | None = None,
     on_profile: Callable[[dict[str, float]], None] | None = None,
-    direct_io: bool = True,
 ) -> Callable[[Iterator[Any]], Iterator[Any]]:
     """Build the ``mapInArrow`` function that decodes, filters and writes a task's tiles.
 
@@ -197,9 +195,7 @@ def make_file_sink(
     to ``<staging>/<partition_col>=<value>/part-<uuid>.parquet`` (one row group per decode
     batch of at most ``decode.batch_mb`` MiB of pixels; the ``tile`` bytes compressed with
     ``tile_compression`` and without dictionary or statistics, the other columns zstd level 1;
-    the partition column is not stored in the file, as Spark and Delta do). With ``direct_io``
-    the files are written around the page cache (:func:`slidelake.direct_io.open_for_write`;
-    the same bytes).
+    the partition column is not stored in the file, as Spark and Delta do).
     Yields :data:`TILE_FILES_SCHEMA` record batches, one row per slide the task saw (and per
     extra file of a slide). ``on_decoded`` and ``on_profile`` are as in
     :func:`slidelake.decode.make_decoder` (progress, ``--profile``; ``write.s`` adds the seconds
@@ -247,7 +243,7 @@ def make_file_sink(
                 rel = f"{partition_col}={quote(sid, safe='')}/part-{uuid.uuid4().hex}.parquet"
                 full = os.path.join(staging, rel)
                 os.makedirs(os.path.dirname(full), exist_ok=True)
-                f = open_for_write(full, direct_io)
+                f = open(full, "wb")
                 try:
                     w = pq.ParquetWriter(f, arrow_schema, compression=codecs,
                                          compression_level={c: 1 for c in small},
@@ -373,7 +369,6 @@ def write_tiles(
     tile_compression: str = "none",
     on_decoded: Callable[[dict[str, int]], None] | None = None,
     on_profile: Callable[[dict[str, float]], None] | None = None,
-    direct_io: bool = True,
 ) -> TileWrite:
     """Decode, filter and write ``tiles`` (repartitioned tile rows with ``tile_id``) to the
     tiles table at ``path``, partitioned by ``slide_id``, in one Delta commit.
@@ -390,8 +385,6 @@ def write_tiles(
         replace_partitions: slide ids whose partitions this commit replaces (``None``: the
             whole table).
         on_decoded, on_profile: progress and ``--profile`` callbacks (accumulators).
-        direct_io: write the tile files around the page cache (``delta-rs`` writer only;
-            :mod:`slidelake.direct_io`).
 
     Returns:
         :class:`TileWrite`. Nothing is committed when a task fails for good (Spark raises).
@@ -431,7 +424,7 @@ def write_tiles(
     staging = new_staging(path)
     try:
         sink = make_file_sink(dcfg, fcfg, lineage, schema, staging, "slide_id", tile_compression, on_decoded,
-                              on_profile, direct_io)
+                              on_profile)
         results = tiles.mapInArrow(sink, schema=TILE_FILES_SCHEMA).collect()
         files = [(r["file"], int(r["rows"])) for r in results if r["file"]]
         size = sum(os.path.getsize(os.path.join(staging, f)) for f, _ in files) if on_profile is not None else 0
@@ -442,7 +435,7 @@ def write_tiles(
             on_profile({"write.commit_s": time.perf_counter() - t0, "write.files": float(len(files)),
                         "write.bytes": float(size)})
     finally:
-        discard_staging_later(staging)  # off the driver's path (the folder is empty or holds orphans)
+        discard_staging(staging)  # empty, or holds the files of failed task attempts
     out = TileWrite(res, rects={})
     rects: dict[str, list[np.ndarray]] = {}
     for r in results:
