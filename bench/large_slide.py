@@ -24,7 +24,8 @@ same SYNTHETIC slide (``bench/make_slide.py``, cached in ``bench/data/``) and co
    read loop over the kept tiles in N processes and in one, ``--loop-rounds`` times
    alternated: this machine's own scaling of a CPU-bound loop, the ceiling of the other;
 7. slidelake storing ``jpeg`` tiles instead of ``raw`` (``--no-jpeg`` skips it): 7x fewer bytes
-   to write.
+   to write, next to the machine's cost of fresh memory (``throughput.memory_first_touch``),
+   which every page of tiles written to the page cache pays.
 
 Prints one JSON document (walls, tiles/s/core, ratios, per-stage worker peaks, driver peaks, and
 for the warm runs the stage walls and the CPU seconds of the driver, the JVM and the workers)
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {
         "date": time.strftime("%Y-%m-%d"), "machine": tp.machine(),
         "slide": f"SYNTHETIC {a.width} x {a.height} px ({slide.stat().st_size / 2**30:.1f} GiB)", "cores": a.cores,
+        "memory": {k: round(v, 3) for k, v in tp.memory_first_touch().items()},
         "read_limit_tiles_per_s_per_core": [round(r) for r in ref],
         "runs": [summary(first), summary(second)],
         "x_read_limit": {f"run {i + 1} {phase}": [round(r[phase]["tiles_per_s_per_core"] / lim, 2) for lim in ref]

@@ -128,7 +128,7 @@ def idle_steal_seconds(cpus: set[int] | None = None) -> dict[str, float]:
     Steal is how a VM's own disk writes show up: the host does them on its CPUs, and when every
     vCPU of the VM is busy that time is taken from them. On this project's 2-vCPU VM, writing
     ~0.4 GB/s with ``O_DIRECT`` beside two CPU-bound processes cost 0.6 CPUs of steal and none
-    beside one (``docs/benchmarks.md``, fourteenth pass)."""
+    beside one (``docs/benchmarks.md``)."""
     cpus = os.sched_getaffinity(0) if cpus is None else cpus
     hz = os.sysconf("SC_CLK_TCK")
     out = {"idle": 0.0, "steal": 0.0}
@@ -152,7 +152,47 @@ def machine() -> dict:
 
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_mib": mem, "python": platform.python_version(),
             "pyspark": pyspark.__version__, "openslide": openslide.__library_version__,
-            "platform": platform.platform()}
+            "platform": platform.platform(), "free_page_reporting": free_page_reporting()}
+
+
+def free_page_reporting(devices: str = "/sys/bus/virtio/devices") -> bool | None:
+    """Whether this machine is a VM guest whose balloon device reports free pages to the host
+    (virtio device id 5 with feature bit 5, ``VIRTIO_BALLOON_F_REPORTING``, virtio spec 5.5.3):
+    memory the guest frees then goes back to the host, and the next use of it is a fresh
+    allocation there (:func:`memory_first_touch`). None when there is no balloon device."""
+    found = None
+    for dev in Path(devices).glob("*") if Path(devices).is_dir() else []:
+        try:
+            if int((dev / "device").read_text().strip(), 16) == 5:
+                found = bool(found) or (dev / "features").read_text().strip()[5:6] == "1"
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def memory_first_touch(mib: int = 1024, settle_s: float = 10.0) -> dict:
+    """Seconds per GiB to write into ``mib`` MiB of memory this process has just allocated (the
+    first touch: the kernel's page faults and, on a VM, the host's), then into the same memory
+    again (already backed). Every page of tiles written to the page cache is new memory, so the
+    difference is what writing a tile costs beyond the copy on this machine.
+
+    A VM guest that reports free pages to its host (``virtio_balloon``) hands memory freed by
+    earlier runs back within seconds; until then, new allocations reuse it at the cheaper rate.
+    ``settle_s`` seconds of waiting first make the figure that of memory the host has taken back
+    (on the J-L machine of ``docs/benchmarks.md``: 2.3-2.5 s/GiB after 10-30 s of waiting,
+    0.07-0.5 s/GiB within 5 s of another process freeing memory)."""
+    time.sleep(settle_s)
+    a = np.empty(mib * 2**20, np.uint8)
+    t = time.perf_counter()
+    a.fill(1)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    a.fill(2)
+    again = time.perf_counter() - t
+    del a
+    gib = mib / 1024
+    return {"first_touch_s_per_gib": first / gib, "again_s_per_gib": again / gib,
+            "first_touch_ms_per_raw_tile": first / gib / 2**30 * 256 * 256 * 3 * 1000}
 
 
 # ------------------------------------------------------------------- 1. the read limit
@@ -236,12 +276,13 @@ def write_kept(spark, lake: str, out: str) -> None:
     when no slide could be tiled), for :func:`load_kept`."""
     import pandas as pd
 
-    from slidelake.tables import read_table, table_exists
+    from slidelake.lake import Lake
 
     kept = pd.DataFrame({"path": pd.Series(dtype=str), **{c: pd.Series(dtype="int64") for c in
                                                            ("level0_x", "level0_y", "level")}})
-    if table_exists(f"{lake}/tiles"):
-        t = read_table(spark, f"{lake}/tiles", "delta-rs").select(*kept.columns)
+    tiles = Lake(spark, lake)
+    if tiles.exists("tiles"):
+        t = tiles.read("tiles").select(*kept.columns)
         kept = t.orderBy("path", "level0_y", "level0_x").toPandas()
     kept.to_parquet(out)
 
@@ -268,6 +309,7 @@ def slidelake_child(args) -> None:
             "resolution": {"level": 0}, "grid": {"tile_extent": 256},
             "decode": {"encoding": args.encoding, "reader": args.reader},
             "masks": {"enabled": masks == "on"},
+            "tables": {"direct_io": not args.page_cache},
             # with masks: keep tiles >= 50 % tissue; without: the pixel filter alone decides
             "filter": {"min_tissue_fraction": 0.5, "max_background_fraction": None if masks == "on" else 0.5},
         })
@@ -344,10 +386,10 @@ def slidelake_child(args) -> None:
     }
     if args.kept_out:
         # the first run's kept tiles (for the read limit and the naive baseline) and slides
-        from slidelake.tables import read_table
+        from slidelake.lake import Lake
 
         write_kept(spark, args.lake, args.kept_out)
-        slides = read_table(spark, f"{args.lake}/slides", "delta-rs").select(
+        slides = Lake(spark, args.lake).read("slides").select(
             "path", "vendor", "width", "height", "level_count", "mpp_x", "status", "error").orderBy("path")
         out["slides"] = [r.asDict() for r in slides.collect()]
         out["slide_errors"] = rec.slide_errors
@@ -366,17 +408,19 @@ def child_command(slide: str | list[str], lake: str, cores: int, masks: str, rea
 
 def run_slidelake(slide: str | list[str], cores: int, masks: str = "on", reader: str = "auto",
                   kept_out: str | None = None, warm_runs: int = 3, interleave_masks_off: bool = False,
-                  encoding: str = "raw") -> dict:
+                  encoding: str = "raw", page_cache: bool = False) -> dict:
     """One configuration in a fresh process (:func:`slidelake_child`): a cold run over ``slide``
     (a path, or several: files, folders, globs, manifests), then ``warm_runs`` warm runs in the
     same session (the median is reported as ``warm``), each followed by a run without masks when
-    ``interleave_masks_off``; tiles stored as ``encoding``. ``kept_out``: a Parquet file for the
+    ``interleave_masks_off``; tiles stored as ``encoding``, written through the page cache when
+    ``page_cache`` (``tables.direct_io=false``). ``kept_out``: a Parquet file for the
     first run's kept tiles (:func:`load_kept`); the result then also lists the ``slides`` rows
     and ``slide_errors``."""
     lake = tempfile.mkdtemp(prefix="slidelake-bench-")
     cmd = child_command(slide, lake, cores, masks, reader, kept_out)
     cmd += ["--encoding", encoding, "--warm-runs", str(warm_runs)]
     cmd += ["--interleave-masks-off"] if interleave_masks_off else []
+    cmd += ["--page-cache"] if page_cache else []
     try:
         return bench_json(subprocess.run(cmd, capture_output=True, text=True, check=False))
     finally:
@@ -578,7 +622,7 @@ def overlap_inputs(tmp: str) -> tuple[str, int, int]:
     large enough for 1.2 million 256 px tiles: ``(path, W0, H0)``."""
     from scipy import ndimage
 
-    from slidelake.masks import write_overlay
+    from slidelake.overlays import write_overlay
 
     field = ndimage.gaussian_filter(np.random.default_rng(0).random((3840, 5120), np.float32), 40)
     path = os.path.join(tmp, "ov.tiff")
@@ -684,6 +728,16 @@ def report(res: dict) -> str:
              f"{res['slide']['height']} px Aperio-style SVS at 0.25 µm/px, 256 px JPEG tiles, tissue ellipses over "
              f"{res['slide']['tissue_area_fraction']:.0%} of the area; level 0, 256 px tiles, raw encoding, "
              f"{lim['tiles']} kept tiles (>= 50 % tissue). N = {c} cores.", ""]
+    if res.get("memory"):
+        mm = res["memory"]
+        lines += [f"Fresh memory on this machine: writing into memory just allocated takes "
+                  f"{mm['first_touch_s_per_gib']:.2f} s/GiB, into the same memory again {mm['again_s_per_gib']:.2f} s/GiB. "
+                  f"Every page of tiles written through the page cache is new memory: "
+                  f"{mm['first_touch_ms_per_raw_tile']:.2f} ms per raw 256 px tile (192 KiB) beyond the copy"
+                  + (" (this VM's balloon device reports freed memory back to the host)"
+                     if m.get("free_page_reporting") else "")
+                  + ". slidelake's workers write their tile files around it (`tables.direct_io`); the run "
+                    "`page cache` below writes them through it.", ""]
     lim_rate = lim["tiles_per_s_per_core"]
     spread = lim.get("runs_tiles_per_s_per_core") or [lim_rate]
     lines += [f"Read limit measured {len(spread)} times in this run (start, middle, end): "
@@ -737,7 +791,9 @@ def report(res: dict) -> str:
             f"(with `decode.reader=openslide`: {g('masks, openslide reader')['tiles_per_s_per_core'] / lim_rate:.2f}x"
             + (f"; storing `jpeg` tiles: {g('masks, native reader, jpeg')['tiles_per_s_per_core'] / lim_rate:.2f}x"
                if "masks, native reader, jpeg" in runs else "")
-            + ")",
+            + (f"; tile files written through the page cache: "
+               f"{g('masks, native reader, page cache')['tiles_per_s_per_core'] / lim_rate:.2f}x"
+               if "masks, native reader, page cache" in runs else "") + ")",
             f"- slidelake / naive baseline: **{b['tiles_per_s_per_core'] / naive['tiles_per_s_per_core']:.1f}x**",
             f"- mask-first wall time / the same run without masks: **{mask_first:.2f}**{mask_note}",
             f"- {c} cores / 1 core (tiles per second): **{speedup:.2f}x** "
@@ -834,6 +890,7 @@ def main() -> None:
     ap.add_argument("--reader", default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--encoding", default="raw", help=argparse.SUPPRESS)
     ap.add_argument("--kept-out", help=argparse.SUPPRESS)
+    ap.add_argument("--page-cache", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--interleave-masks-off", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--warm-runs", type=int, default=3, help="warm runs per configuration (the median is reported)")
@@ -857,7 +914,8 @@ def main() -> None:
         print(f"making {slide} ...", flush=True)
         make_slide(slide, args.width, args.height)
     info = {"width": args.width, "height": args.height, "tissue_area_fraction": 0.3, "synthetic": True}
-    res: dict = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "cores": cores, "slide": info}
+    res: dict = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "cores": cores, "slide": info,
+                 "memory": memory_first_touch()}
     kept = str(HERE / "data" / "kept.parquet")
     runs = {}
     print("slidelake: masks, native reader ...", flush=True)
@@ -878,6 +936,9 @@ def main() -> None:
     # the same run storing JPEG tiles (7x fewer bytes to write than raw)
     runs["masks, native reader, jpeg"] = run_slidelake(str(slide), cores, "on", "auto", warm_runs=args.warm_runs,
                                                        encoding="jpeg")
+    # the same run writing its tile files through the page cache (tables.direct_io=false)
+    runs["masks, native reader, page cache"] = run_slidelake(str(slide), cores, "on", "auto", warm_runs=args.warm_runs,
+                                                             page_cache=True)
     limits.append(read_limit(tiles, (256, 256), cores))
     # the machine's own N-core scaling of a CPU-bound loop, next to the N-core measurement
     res["read_limit_one_process"] = read_limit(tiles, (256, 256), 1)

@@ -118,6 +118,26 @@ def test_profile_worker_decodes_the_kept_tiles_of_a_bench_run(tmp_path, capsys):
     assert out.startswith("4 tiles, reader=auto, encoding=raw:") and "1 failed" in out and "tottime" in out
 
 
+def test_memory_first_touch_reports_both_passes_and_the_cost_per_raw_tile():
+    m = tp.memory_first_touch(16, settle_s=0)
+    assert m["first_touch_s_per_gib"] > 0 and m["again_s_per_gib"] > 0
+    # a raw 256 px tile is 192 KiB: 192 / 1024**2 of a GiB
+    assert m["first_touch_ms_per_raw_tile"] == pytest.approx(m["first_touch_s_per_gib"] * 196608 / 2**30 * 1000)
+
+
+@pytest.mark.parametrize("devices, expected", [
+    ({"virtio0": ("0x0005", "0110010100"), "virtio1": ("0x0002", "0010001001")}, True),  # balloon, bit 5 set
+    ({"virtio0": ("0x0005", "0110000100")}, False),  # balloon without free page reporting
+    ({"virtio1": ("0x0002", "0010011001")}, None),  # a disk, no balloon
+])
+def test_free_page_reporting_reads_the_balloon_feature_bit(tmp_path, devices, expected):
+    for name, (device, features) in devices.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "device").write_text(device + "\n")
+        (tmp_path / name / "features").write_text(features + "\n")
+    assert tp.free_page_reporting(str(tmp_path)) is expected
+
+
 def test_folder_scaling_measures_n_cores_against_one_on_a_folder(tmp_path):
     """``bench/folder_scaling.py`` end to end on a small folder: it builds distinct synthetic
     slides, runs slidelake in a 2-core and a 1-core live session, interleaves their warm runs

@@ -81,7 +81,7 @@ def test_run_killed_between_commits_is_finished_by_running_it_again(spark, lake,
         slides.append(p)
     cfg = _cfg(lake, slides, tables={"slides_per_commit": 1})
 
-    real = pipeline._tile_batch
+    real = pipeline.write_tiles
     calls = {"n": 0}
 
     def dies_on_second_batch(*args, **kwargs):
@@ -90,10 +90,10 @@ def test_run_killed_between_commits_is_finished_by_running_it_again(spark, lake,
             raise KeyboardInterrupt("driver killed")  # as a kill between two commits
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "_tile_batch", dies_on_second_batch)
+    monkeypatch.setattr(pipeline, "write_tiles", dies_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
         run_all(spark, cfg)
-    monkeypatch.setattr(pipeline, "_tile_batch", real)
+    monkeypatch.setattr(pipeline, "write_tiles", real)
     partial = _tiles(lake)
     assert partial["slide_id"].n_unique() == 1 and partial.height == 6  # the first batch is committed
     runs = pl.read_delta(str(lake / "runs"))
@@ -180,7 +180,7 @@ import sys
 import time
 
 from pyspark.sql import types as T
-from slidelake.tables import write_rows
+from slidelake.lake import Lake
 
 path, owner = sys.argv[1], sys.argv[2]
 open(f"{path}.ready.{owner}", "w").close()  # imports done; start together
@@ -188,11 +188,12 @@ while not os.path.exists(f"{path}.go"):
     time.sleep(0.01)
 schema = T.StructType([T.StructField("owner", T.StringType()), T.StructField("k", T.LongType()),
                        T.StructField("round", T.LongType())])
+lake = Lake(None, os.path.dirname(path))  # the table is <lake>/runs
 for k in range(8):  # appends
-    write_rows(None, [{"owner": owner, "k": k, "round": 0}], schema, path, "delta-rs", mode="append")
+    lake.write_rows("runs", [{"owner": owner, "k": k, "round": 0}], schema, mode="append")
 for r in range(1, 5):  # replace this owner's rows only, as a run replaces the rows of its slides
-    write_rows(None, [{"owner": owner, "k": k, "round": r} for k in range(8)], schema, path, "delta-rs",
-               mode="overwrite", replace_where=f"owner = '{owner}'")
+    lake.write_rows("runs", [{"owner": owner, "k": k, "round": r} for k in range(8)], schema,
+                    mode="overwrite", replace_where=f"owner = '{owner}'")
 """
 
 
@@ -206,7 +207,7 @@ def test_separate_processes_committing_to_one_table(tmp_path):
 
     from deltalake import DeltaTable
 
-    path = str(tmp_path / "t")
+    path = str(tmp_path / "runs")  # the table runs of the lake tmp_path
     owners = ["a", "b", "c"]
     procs = [subprocess.Popen([sys.executable, "-c", _WRITER, path, o], stderr=subprocess.PIPE, text=True)
              for o in owners]

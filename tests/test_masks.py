@@ -16,8 +16,10 @@ from skimage.color import rgb2hsv
 
 from conftest import CMU, DAPI, TCGA, TRITC, corrupt_copy, make_tiff, need
 from slidelake.config import MaskConfig, PipelineConfig
-from slidelake.masks import (compute_mask, mask_outline, params_hash, read_overlay, read_slide_at,
-                             tissue_mask, write_overlay)
+from slidelake.masks import compute_mask, params_hash, read_slide_at
+from slidelake.overlays import read_overlay, write_overlay
+from slidelake.qc import mask_outline
+from slidelake.tissue import tissue_mask
 from slidelake.pipeline import run_all, run_discover, run_masks
 from slidelake.slides import probe_slide
 
@@ -408,9 +410,9 @@ def test_a_tiling_run_draws_each_new_masks_qc_picture_once_and_also_when_it_fail
     """In a tiling run the masks stage leaves the QC picture to the end of the run, where it is
     drawn once with the kept tiles; a run that fails after its masks were committed still leaves
     each new mask's picture (outline, no tiles) at its ``qc_path``."""
-    from slidelake.masks import qc_picture as real_qc_picture
+    from slidelake.qc import qc_picture as real_qc_picture
     import slidelake.masks as masks_module
-    import slidelake.pipeline as pipeline_module
+    import slidelake.qc as qc_module
     from slidelake.pipeline import ConfigMismatchError
 
     drawn = []
@@ -420,7 +422,7 @@ def test_a_tiling_run_draws_each_new_masks_qc_picture_once_and_also_when_it_fail
         return real_qc_picture(rgb, mask, tiles, **kw)
 
     monkeypatch.setattr(masks_module, "qc_picture", counting)
-    monkeypatch.setattr(pipeline_module, "qc_picture", counting)
+    monkeypatch.setattr(qc_module, "qc_picture", counting)
 
     def yellow_green(path):
         pic = np.asarray(Image.open(path).convert("RGB"))
@@ -448,7 +450,9 @@ def test_a_tiling_run_draws_each_new_masks_qc_picture_once_and_also_when_it_fail
     assert yellow > 100 and green > 100
     # drawn from the rectangles the write tasks reported: the same picture as from the table
     from_tasks = np.asarray(Image.open(mask_a["qc_path"]))
-    pipeline_module.draw_qc(spark, str(lake / "tiles"), "delta-rs", {mask_a["slide_id"]: mask_a}, rec.run_id)
+    from slidelake.lake import Lake
+
+    qc_module.draw_qc(Lake(spark, str(lake)), {mask_a["slide_id"]: mask_a}, rec.run_id)
     np.testing.assert_array_equal(np.asarray(Image.open(mask_a["qc_path"])), from_tasks)
     # another slide with another tile size into the same table: refused after its mask is made
     drawn.clear()
@@ -483,7 +487,7 @@ def test_saturation_feature_is_hsv_saturation():
     ``rgb2hsv``) and equals skimage's HSV saturation."""
     from skimage.color import rgb2hsv
 
-    from slidelake.masks import _feature
+    from slidelake.tissue import _feature
 
     rng = np.random.default_rng(7)
     rgb = rng.integers(0, 256, (120, 90, 3), dtype=np.uint8)
@@ -540,7 +544,7 @@ def test_small_components_and_holes_are_removed_as_skimage_does():
     ``remove_small_objects`` clears, and on the inverted image fills what ``remove_small_holes`` fills."""
     from skimage import morphology
 
-    from slidelake.masks import remove_small_components
+    from slidelake.tissue import remove_small_components
 
     rng = np.random.default_rng(11)
     fg = ndimage.binary_opening(rng.random((700, 530)) > 0.55)  # blobs of many sizes, touching the edges
@@ -560,7 +564,7 @@ def test_thresholds_from_the_strip_histogram_equal_skimage_on_the_values(seed):
     give exactly skimage's thresholds of the values themselves."""
     from skimage import filters
 
-    from slidelake.masks import _valid_histogram
+    from slidelake.tissue import _valid_histogram
 
     rng = np.random.default_rng(seed)
     h, w = 613, 411  # not a multiple of the strip height
@@ -603,7 +607,7 @@ def test_tissue_mask_memory_is_a_few_bytes_per_mask_pixel():
 
 
 def test_qc_picture_in_place_draws_on_the_thumbnail():
-    from slidelake.masks import qc_picture
+    from slidelake.qc import qc_picture
 
     rgb = np.full((300, 400, 3), 240, np.uint8)
     mask = np.zeros((300, 400), np.uint8)

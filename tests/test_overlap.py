@@ -10,8 +10,9 @@ import pytest
 import shapely
 
 from slidelake.grid import axis_positions
-from slidelake.overlap import (OVERLAP_INPUTS, AnnotationIndex, ColumnCounts, OverlayIndex, SlideInputs,
-                               fraction_map, label_rule, load_annotations, make_overlap, slide_overlap, slide_runs,
+from slidelake.annotations import AnnotationIndex, label_rule, load_annotations
+from slidelake.overlap import (OVERLAP_INPUTS, ColumnCounts, OverlayIndex, SlideInputs,
+                               fraction_map, make_overlap, slide_overlap, slide_runs,
                                summed_area_rows)
 
 
@@ -136,7 +137,7 @@ def test_overlay_fractions_equal_brute_force(mask_wh, downsample, extent, stride
 
 
 def test_slide_overlap_uses_overlay_file_and_tile_roi(tmp_path):
-    from slidelake.masks import write_overlay
+    from slidelake.overlays import write_overlay
 
     W0, H0 = 1000, 770
     lab = make_overlay(61, 47)
@@ -245,7 +246,7 @@ def test_an_overlap_task_drops_the_overlays_it_loaded(tmp_path):
     globals it names, so the worker's real cache must be the one emptied."""
     from pyspark import cloudpickle
 
-    from slidelake.masks import write_overlay
+    from slidelake.overlays import write_overlay
     from slidelake.overlap import _OVERLAYS
 
     labels = np.zeros((40, 50), np.uint8)
@@ -273,7 +274,7 @@ def test_the_stage_takes_a_batch_slide_by_slide(tmp_path):
     """A batch holding rows of several slides (one with an overlay, one with none, the first
     again) comes out in the same order with its input columns untouched, each run of rows
     measured against its own slide's overlay."""
-    from slidelake.masks import write_overlay
+    from slidelake.overlays import write_overlay
 
     lab = make_overlay(61, 47)
     path = str(tmp_path / "ov.tiff")
@@ -319,7 +320,7 @@ def test_filter_before_decode_keeps_passing_and_failed_tiles():
                             "valid_width": np.full(xx.size, 256), "valid_height": np.full(xx.size, 256)})
     import tempfile
 
-    from slidelake.masks import write_overlay
+    from slidelake.overlays import write_overlay
     with tempfile.TemporaryDirectory() as tmp:
         write_overlay(f"{tmp}/ov.tiff", lab, (8.0, 8.0))
         stage = make_overlap({"s": SlideInputs(1600, 1280, 1.0, f"{tmp}/ov.tiff")}, None, 0.5, 0.5)

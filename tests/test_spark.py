@@ -31,6 +31,48 @@ def test_embedded_session_jvm_runs_with_the_options(spark):
         assert sorted(b.getName() for b in beans) == ["PS MarkSweep", "PS Scavenge"]
 
 
+@pytest.mark.spark
+def test_warm_up_runs_one_job_in_its_group_and_returns(spark):
+    from slidelake.spark import warm_up
+
+    tracker = spark.sparkContext.statusTracker()
+    warm_up(spark, group="test-warm-up").join(120)
+    (job,) = tracker.getJobIdsForGroup("test-warm-up")
+    assert tracker.getJobInfo(job).status == "SUCCEEDED"
+    # the calling thread's own job group is untouched (Spark's local properties are per thread)
+    assert spark.sparkContext.getLocalProperty("spark.jobGroup.id") != "test-warm-up"
+
+
+def test_warm_up_worker_imports_the_pipeline_and_passes_rows_through():
+    import sys
+
+    import pyarrow as pa
+
+    from slidelake.spark import _warm_worker
+
+    batch = pa.RecordBatch.from_pydict({"id": [0, 1]})
+    assert list(_warm_worker(iter([batch]))) == [batch]
+    assert {"slidelake.decode", "slidelake.overlap", "slidelake.write"} <= set(sys.modules)
+
+
+def test_warm_up_ignores_a_failure(monkeypatch):
+    import threading
+
+    from slidelake.spark import warm_up
+
+    raised = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: raised.append(args.exc_value))
+
+    class Broken:
+        @property
+        def sparkContext(self):
+            raise RuntimeError("no session")
+
+    t = warm_up(Broken())
+    t.join(10)
+    assert not t.is_alive() and raised == []
+
+
 def test_local_frame_keeps_the_rows_and_types_in_the_plan(spark):
     """Driver-side rows become a LocalRelation (no Python RDD, so no job or Python worker to
     read them), with nulls, maps and timestamps as given."""

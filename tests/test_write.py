@@ -186,21 +186,39 @@ def test_pipeline_decodes_each_kept_tile_once_in_the_workers(spark, lake):
     assert on_disk == set(DeltaTable(str(lake / "tiles")).file_uris()) and len(on_disk) >= 1
 
 
-def test_write_table_commits_a_spark_dataframe_with_delta_rs(spark, tmp_path):
+def test_write_frame_commits_a_spark_dataframe_with_delta_rs(spark, tmp_path):
     """The generic Spark DataFrame writer (Spark Parquet in staging, one delta-rs commit)."""
     from pyspark.sql import functions as F
 
-    from slidelake.tables import write_table
+    from slidelake.lake import Lake
 
+    lake = Lake(spark, str(tmp_path), "delta-rs", tiles_table="t")
     df = spark.range(10).withColumn("slide_id", (F.col("id") % 2).cast("string"))
-    res = write_table(spark, df, str(tmp_path / "t"), "delta-rs", mode="overwrite", partition_by=["slide_id"])
+    res = lake.write_frame("tiles", df, mode="overwrite", partition_by=["slide_id"])
     assert res.rows == 10 and res.rows_by_partition == {"0": 5, "1": 5}
-    res2 = write_table(spark, df.where("slide_id = '1'").withColumn("id", F.col("id") + 100), str(tmp_path / "t"),
-                       "delta-rs", mode="overwrite", partition_by=["slide_id"], replace_partitions=["1"])
+    res2 = lake.write_frame("tiles", df.where("slide_id = '1'").withColumn("id", F.col("id") + 100), mode="overwrite",
+                            partition_by=["slide_id"], replace_partitions=["1"])
     got = pl.read_delta(str(tmp_path / "t")).sort("id")
     assert res2.rows == 5 and got.height == 10
     assert sorted(got.filter(pl.col("slide_id") == "1")["id"].to_list()) == [101, 103, 105, 107, 109]
     assert not (tmp_path / "t" / "_staging").exists()
+
+
+def test_file_sink_writes_the_same_files_with_and_without_direct_io(tmp_path):
+    """``tables.direct_io`` changes how the bytes reach the disk, not the bytes."""
+    good = tmp_path / "good.tiff"
+    make_tiff(good, 1000, 700, levels=1, tile=128, compression="jpeg")
+    rows = _rows(str(good), "a", 1000, 700)
+    data = {}
+    for direct in (True, False):
+        staging = tmp_path / f"staging-{direct}"
+        staging.mkdir()
+        sink = make_file_sink(DecodeConfig(encoding="raw", batch_mb=1.0), FilterConfig(max_background_fraction=None),
+                              LINEAGE, _schema(), str(staging), direct_io=direct)
+        res = _run_sink(sink, [rows])
+        (f,) = [f for f in res["file"] if f]
+        data[direct] = (staging / f).read_bytes()
+    assert len(data[True]) > 12 * 256 * 256 * 3 and data[True] == data[False]
 
 
 def test_raw_tiles_go_into_the_arrow_column_as_the_bytes_of_their_pixels(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ Settings come from a YAML file (``--config conf/<name>.yaml``) and are overridde
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Optional
 
@@ -56,8 +57,8 @@ def _load(config: Optional[str], overrides: dict[str, Any]):
         raise typer.Exit(2) from exc
 
 
-def _report(rec, cfg) -> None:
-    from slidelake.pipeline import lake_paths, summary
+def _report(rec, lake) -> None:
+    from slidelake.pipeline import summary
 
     console.print(summary(rec), markup=False, highlight=False)
     if rec.profile:
@@ -66,9 +67,11 @@ def _report(rec, cfg) -> None:
             table.add_row(k, f"{v:,.2f}")
         console.print(table)
     shown = {"discover": ("slides", "runs"), "masks": ("masks", "runs")}.get(rec.job, ("slides", "masks", "tiles", "tile_errors", "runs"))
-    for name, p in lake_paths(cfg).items():
-        if name in shown:
-            console.print(f"  {name:11s} {p}", markup=False, highlight=False)
+    for name in shown:
+        p = lake.path(name)
+        if rec.job == "run" and name == "masks" and not os.path.isdir(p):
+            continue  # a run without masks made no masks table
+        console.print(f"  {name:11s} {p}", markup=False, highlight=False)
 
 
 def _xy(v: Optional[str]) -> Optional[list[int]]:
@@ -107,7 +110,9 @@ def _run_job(job: str, inputs, config, lake, replace_table: bool, progress: Opti
     except ConfigMismatchError as exc:
         console.print(f"[red]refused:[/red] {exc}")
         raise typer.Exit(3) from exc
-    _report(rec, cfg)
+    from slidelake.lake import Lake
+
+    _report(rec, Lake.open(spark, cfg))
 
 
 TILE_FLAGS = dict(
@@ -217,19 +222,15 @@ def sql(
     limit: int = typer.Option(50, help="Rows to print at most."),
 ) -> None:
     """Run a SQL query on the lake's tables (registered as temporary views)."""
-    from slidelake.pipeline import lake_paths
     from slidelake.config import PipelineConfig, TablesConfig
+    from slidelake.lake import TABLES, Lake
     from slidelake.spark import get_spark
-    from slidelake.tables import read_table, resolve_writer
 
     spark = get_spark()
-    cfg = PipelineConfig(lake=lake, tables=TablesConfig(tiles_table=tiles_table))
-    writer = resolve_writer(spark, "auto")
-    for name, p in lake_paths(cfg).items():
-        try:
-            read_table(spark, p, writer).createOrReplaceTempView(name)
-        except FileNotFoundError:
-            pass
+    lake_ = Lake.open(spark, PipelineConfig(lake=lake, tables=TablesConfig(tiles_table=tiles_table)))
+    for name in TABLES:
+        if lake_.exists(name):
+            lake_.read(name).createOrReplaceTempView(name)
     try:
         df = spark.sql(query)
     except Exception as exc:  # noqa: BLE001 - AnalysisException, ParseException

@@ -324,6 +324,9 @@ class TablesConfig(_Strict):
     tile files (``delta-rs`` writer; the other columns always use zstd). ``none`` by default:
     ``jpeg``/``png``/``webp`` tiles are already compressed, and raw pixels of tissue gained
     ~8 % from zstd level 1 for ~0.4 ms per 256 px tile (``docs/benchmarks.md``).
+    ``direct_io``: the workers write the tile files around the page cache (``O_DIRECT``, where
+    the filesystem allows it; the same bytes; :mod:`slidelake.direct_io`). ``false`` writes
+    through the page cache.
     ``slides_per_commit``: slides tiled per tiles-table commit; a run killed half way keeps the
     batches already committed, and running it again does the rest.
     ``path_root``: slide paths under this folder are stored relative to it in every table
@@ -336,6 +339,7 @@ class TablesConfig(_Strict):
     catalog_database: str | None = None
     tiles_table: str = Field(default="tiles", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     tile_compression: Literal["none", "zstd", "lz4", "snappy"] = "none"
+    direct_io: bool = True
     slides_per_commit: int = Field(default=16, ge=1)
     path_root: str | None = None
 

@@ -78,7 +78,7 @@ def region_task(region_row: Any, region_col: Any, slide_offset: Any, n: int) -> 
     of the slide: tissue is spatially smooth. On the kept tiles of the benchmark slides the
     largest of 4 tasks holds 1.01-1.02x the mean tile count against 1.08-1.20x (median of random
     draws) for a hash of the region, the largest of 18 tasks 1.04-1.12x against 1.3-1.7x
-    (``docs/benchmarks.md``, eleventh pass). Works on NumPy arrays and on Spark columns alike
+    (``docs/benchmarks.md``). Works on NumPy arrays and on Spark columns alike
     (``%`` of non-negative operands).
 
     Args:
@@ -334,8 +334,7 @@ class TileDecoder:
     ``raw_pixels``: with encoding ``raw``, keep each tile's pixels as an array
     (:attr:`DecodedBatch.tiles`) instead of copying them into a ``bytes`` of their own; the file
     sink then copies the kept ones once, straight into the batch's Arrow column
-    (:func:`tile_column`): one copy of 192 KiB per 256 px tile fewer (``docs/benchmarks.md``,
-    tenth pass).
+    (:func:`tile_column`): one copy of 192 KiB per 256 px tile fewer.
     """
 
     def __init__(self, cfg: DecodeConfig, raw_pixels: bool = False) -> None:

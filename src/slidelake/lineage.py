@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import platform
+import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
-from typing import Any
+from typing import Any, Iterator
 
 from pyspark.accumulators import AccumulatorParam
 from pyspark.sql import types as T
@@ -214,6 +216,26 @@ class RunRecord:
     slide_errors: list[dict[str, Any]] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     profile: dict[str, float] | None = None
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time a pipeline stage into :attr:`stage_seconds` (summed over repeats) and name the
+        Spark jobs it starts after it (their description in the Spark UI)."""
+        from pyspark.sql import SparkSession
+
+        t = time.perf_counter()
+        active = SparkSession.getActiveSession()
+        if active is not None:
+            active.sparkContext.setJobDescription(name)
+        try:
+            yield
+        finally:
+            self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def slide_error(self, slide: dict[str, Any], stage: str, message: str) -> None:
+        """Record one slide's failure at ``stage`` (a ``runs.slide_errors`` entry)."""
+        self.slide_errors.append({"slide_id": slide.get("slide_id"), "path": slide.get("path"), "stage": stage,
+                                  "error": message})
 
     def row(self) -> dict[str, Any]:
         """The record as a dict matching :data:`RUNS_SCHEMA`."""

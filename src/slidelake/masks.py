@@ -1,24 +1,12 @@
-"""Tissue masks: one label overlay per slide, computed once, saved as a pyramidal TIFF, reused.
+"""The masks stage: one tissue overlay per slide, computed once, saved as a pyramidal TIFF
+(:mod:`slidelake.overlays`), reused while the slide and the mask settings are unchanged.
 
-Stage ``masks``: for every readable slide, read the slide at the mask resolution
-(``masks.mpp``, default 8 µm/px) from the nearest pyramid level that is not coarser than needed,
-in bounded ``chunk_px`` regions, threshold it, clean it morphologically and save it as an
-overlay file ``<lake>/overlays/<slide_id>/tissue-<params_hash>.tiff``; write one row per slide
-to the ``masks`` table (:data:`MASKS_SCHEMA`).
-
-Overlay convention (also for overlays users bring, e.g. a segmentation model's output):
-
-* a single-channel uint8 label image; 0 = background, 255 = tissue; other values are further
-  labels (``overlay_fractions`` reports every value present);
-* it covers the slide's level-0 extent: overlay pixel ``(i, j)`` covers level-0 px
-  ``[j * ds_x, (j + 1) * ds_x) x [i * ds_y, (i + 1) * ds_y)`` with ``ds_x = width0 / mask_width``
-  and ``ds_y = height0 / mask_height``; the overlay's mpp is ``slide_mpp * ds``;
-* TIFF resolution tags hold that mpp (pixels per centimetre = 1e4 / mpp), so OpenSlide reports
-  it as ``openslide.mpp-x`` and tifffile as ``XResolution``.
-
-The thresholding follows CLAM (HSV saturation + Otsu, closing) for brightfield and ratiopath's
-``tissue_mask`` (grey levels, multi-Otsu, closing then opening) as an option; fluorescence
-slides (bright tissue on black) are thresholded on the log of their brightest channel.
+For every readable slide: read the slide at the mask resolution (``masks.mpp``, default
+8 µm/px) from the nearest pyramid level that is not coarser than needed, in bounded
+``chunk_px`` regions (:func:`read_slide_at`), threshold and clean it
+(:func:`slidelake.tissue.tissue_mask`), save the overlay and a thumbnail, and write one row per
+slide to the ``masks`` table (:data:`MASKS_SCHEMA`). A user overlay (manifest column or
+sidecar) is taken instead of a computed one.
 """
 
 from __future__ import annotations
@@ -28,7 +16,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -37,13 +25,18 @@ from pyspark.sql import types as T
 
 from slidelake.config import MaskConfig
 from slidelake.memory import freeze_long_lived, peak_rss_mib, release_memory, reset_peak_rss
+from slidelake.overlays import MaskError, computed_overlay_path, overlay_dir, read_overlay, user_overlay_path, write_overlay
+from slidelake.qc import qc_picture
 from slidelake.slides import SLIDES_SCHEMA
 from slidelake.spark import local_frame
+from slidelake.tissue import BACKGROUND, mask_size, tissue_mask
 
-TISSUE = 255
-BACKGROUND = 0
+if TYPE_CHECKING:
+    from slidelake.config import PipelineConfig
+    from slidelake.lake import Lake
+    from slidelake.lineage import RunRecord
+
 NOMINAL_MPP = 0.25  # µm/px assumed for the mask of a slide without mpp (40x; recorded in `algorithm`)
-QC_MAX_SIDE = 1024  # px of the longer side of a QC picture (small slides are upscaled to it)
 
 MASKS_SCHEMA = T.StructType([
     T.StructField("slide_id", T.StringType(), False),
@@ -75,26 +68,10 @@ MASKS_SCHEMA = T.StructType([
 ])
 
 
-class MaskError(ValueError):
-    """A slide cannot get a mask (no mpp, unreadable overlay, ...)."""
-
-
-# ----------------------------------------------------------------------------- pure helpers
-
 def params_hash(cfg: MaskConfig) -> str:
     """SHA-256 (16 hex digits) of the mask algorithm settings (:meth:`MaskConfig.algorithm_dict`)."""
     blob = json.dumps(cfg.algorithm_dict(), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def mask_size(width0: int, height0: int, mpp_x: float, mpp_y: float, mask_mpp: float) -> tuple[int, int]:
-    """``(mask_width, mask_height)`` in mask px for a slide of ``width0 x height0`` level-0 px
-    at ``mpp_x, mpp_y`` µm/px: ``round(width0 * mpp_x / mask_mpp)``, at least 1.
-
-    The overlay then covers the level-0 extent exactly, with downsample ``width0 / mask_width``
-    (within half a mask pixel of ``mask_mpp / mpp``).
-    """
-    return (max(1, round(width0 * mpp_x / mask_mpp)), max(1, round(height0 * mpp_y / mask_mpp)))
 
 
 def read_slide_at(slide: Any, out_size: tuple[int, int], chunk_px: int = 2048,
@@ -179,340 +156,6 @@ def read_slide_at(slide: Any, out_size: tuple[int, int], chunk_px: int = 2048,
         for o in origins:
             read(*o)
     return rgb, valid
-
-
-def detect_polarity(rgb: np.ndarray, valid: np.ndarray) -> str:
-    """``fluorescence`` when the median grey level of the image border (outer 5 %, slide pixels
-    only) is below 80 (dark background), else ``brightfield``.
-
-    Args:
-        rgb: uint8 ``(h, w, 3)``; valid: bool ``(h, w)``.
-    """
-    h, w = valid.shape
-    by, bx = max(1, h // 20), max(1, w // 20)
-    border = np.ones((h, w), bool)
-    border[by:h - by, bx:w - bx] = False
-    sel = border & valid
-    if not sel.any():
-        sel = valid
-    if not sel.any():
-        return "brightfield"
-    grey = rgb[sel].mean(axis=1)  # border pixels only: no float64 (h, w) grey image
-    return "fluorescence" if float(np.median(grey)) < 80 else "brightfield"
-
-
-STRIP_ROWS = 256  # mask rows processed at once where a whole-mask temporary would cost memory
-
-
-def _feature(rgb: np.ndarray, method: str, polarity: str) -> np.ndarray:
-    """float32 ``(h, w)`` feature image, larger = more tissue-like.
-
-    * brightfield ``saturation``: HSV saturation ``(max - min) / max`` of R, G, B, 0 where
-      ``max == 0``, as ``skimage.color.rgb2hsv`` defines it (0-1);
-    * brightfield ``grayscale``: darkness ``255 - (R + G + B) / 3`` (0-255);
-    * fluorescence: the brightest channel ``max(R, G, B)`` (0-255; :func:`tissue_mask` takes its
-      log after smoothing).
-
-    Computed in strips of :data:`STRIP_ROWS` rows from the channel planes, so the only
-    full-size allocation is the float32 result (4 bytes per mask pixel); ``rgb2hsv`` would make
-    float64 ``(h, w, 3)`` copies (~10x the mask's size). float32 holds these values to a relative
-    1e-7, far below the thresholds' resolution (Otsu on 256 histogram bins).
-    """
-    h, w = rgb.shape[:2]
-    out = np.empty((h, w), np.float32)
-    for y in range(0, h, STRIP_ROWS):
-        part = rgb[y:y + STRIP_ROWS]
-        r, g, b = part[..., 0], part[..., 1], part[..., 2]
-        o = out[y:y + STRIP_ROWS]
-        if polarity == "fluorescence" or method == "saturation":
-            mx = np.maximum(np.maximum(r, g), b)
-        if polarity == "fluorescence":
-            o[...] = mx  # log after smoothing
-        elif method == "saturation":
-            np.subtract(mx, np.minimum(np.minimum(r, g), b), out=o, dtype=np.float32)
-            np.divide(o, mx, out=o, where=mx > 0)
-        else:
-            np.add(r, g, out=o, dtype=np.float32)
-            o += b
-            np.subtract(765.0, o, out=o)
-            o /= 3.0
-    return out
-
-
-def remove_small_components(fg: np.ndarray, max_px: int) -> np.ndarray:
-    """Clear, in place, the 4-connected components of ``fg`` of at most ``max_px`` pixels.
-
-    The result equals ``skimage.morphology.remove_small_objects(fg, max_size=max_px)`` (its
-    default ``connectivity=1``), and ``remove_small_holes`` on the inverted image; skimage indexes
-    its int32 labels with an int64 copy and copies the input (13 bytes per pixel in all), this
-    walks the labels in strips of :data:`STRIP_ROWS` rows (4 bytes per pixel: the
-    labels).
-
-    Args:
-        fg: bool ``(h, w)``, modified in place.
-        max_px: size in pixels up to which a component is removed.
-
-    Returns:
-        ``fg``.
-    """
-    from scipy import ndimage
-
-    if max_px <= 0:
-        return fg
-    labels, n = ndimage.label(fg)  # int32, 4-connectivity (the default structure)
-    if n == 0:
-        return fg
-    sizes = np.zeros(n + 1, np.int64)
-    for y in range(0, fg.shape[0], STRIP_ROWS):
-        sizes += np.bincount(labels[y:y + STRIP_ROWS].ravel(), minlength=n + 1)
-    small = sizes <= max_px
-    small[0] = False  # the background
-    for y in range(0, fg.shape[0], STRIP_ROWS):
-        fg[y:y + STRIP_ROWS] &= ~small[labels[y:y + STRIP_ROWS]]
-    return fg
-
-
-def _valid_histogram(feat: np.ndarray, valid: np.ndarray, nbins: int = 256
-                     ) -> tuple[np.ndarray, np.ndarray] | np.floating | None:
-    """Histogram of ``feat`` over the slide pixels (``valid``), strip by strip.
-
-    Returns:
-        ``(counts, bin_centers)`` (int64 and float ``(nbins,)``) equal to what
-        ``skimage.exposure.histogram(feat[valid], nbins, source_range='image')`` gives for a float
-        image (``nbins`` equal bins from the minimum to the maximum), which is what
-        ``threshold_otsu`` / ``threshold_multiotsu`` compute from an image; without the copies
-        of the values they make (8 bytes per mask pixel). The single value when all slide
-        pixels are equal; None when there are none.
-    """
-    lo = hi = None
-    for y in range(0, feat.shape[0], STRIP_ROWS):
-        v = feat[y:y + STRIP_ROWS][valid[y:y + STRIP_ROWS]]
-        if v.size:
-            lo = v.min() if lo is None else min(lo, v.min())
-            hi = v.max() if hi is None else max(hi, v.max())
-    if lo is None or lo == hi:
-        return lo
-    counts = np.zeros(nbins, np.int64)
-    edges = None
-    for y in range(0, feat.shape[0], STRIP_ROWS):
-        c, edges = np.histogram(feat[y:y + STRIP_ROWS][valid[y:y + STRIP_ROWS]], bins=nbins,
-                                range=(lo, hi))
-        counts += c
-    return counts, (edges[:-1] + edges[1:]) / 2.0
-
-
-def tissue_mask(rgb: np.ndarray, valid: np.ndarray, mask_mpp: tuple[float, float] | float,
-                cfg: MaskConfig) -> tuple[np.ndarray, dict[str, Any]]:
-    """Threshold and clean a tissue mask.
-
-    Steps: feature image (HSV saturation or darkness for brightfield, the brightest channel for
-    fluorescence) -> Gaussian smoothing (sigma ``smooth_um``) -> log (fluorescence) -> threshold (Otsu,
-    3-class multi-Otsu taking the lowest threshold, or a fixed value; computed on slide pixels
-    only) -> closing (disk ``close_um``) -> opening (disk ``open_um``) -> removal of objects and
-    holes of at most ``min_object_um2`` / ``min_hole_um2``. Pixels outside the slide are
-    background.
-
-    Memory: beyond its inputs (4 bytes per mask pixel) it allocates under 12 bytes per mask
-    pixel (a float32 feature smoothed in place, bool masks, int32 component labels; histograms
-    and lookups go strip by strip), so a 100,000 x 80,000 px slide's 3,125 x 2,500 px mask
-    needs ~100 MiB; ``masks.max_megapixels`` caps the mask's size.
-
-    Args:
-        rgb: uint8 ``(h, w, 3)`` at the mask resolution; valid: bool ``(h, w)``.
-        mask_mpp: µm/px of ``rgb`` (``(x, y)`` or one value), to convert µm to px.
-        cfg: the mask settings.
-
-    Returns:
-        ``(mask, info)``: uint8 ``(h, w)`` with 0 / 255, and ``{"polarity", "thresholds",
-        "algorithm"}``.
-    """
-    from skimage import filters, morphology
-
-    mx, my = (mask_mpp, mask_mpp) if isinstance(mask_mpp, (int, float)) else mask_mpp
-    um = math.sqrt(mx * my)  # µm per px (geometric mean for slightly anisotropic masks)
-    polarity = detect_polarity(rgb, valid) if cfg.polarity == "auto" else cfg.polarity
-    feat = _feature(rgb, cfg.method, polarity)  # float32, the only full-size float image
-    if cfg.smooth_um > 0:
-        filters.gaussian(feat, sigma=cfg.smooth_um / um, preserve_range=True, out=feat)  # separable: in place is exact
-    if polarity == "fluorescence":
-        # smoothing first spreads sparse nuclear signal (DAPI) over the tissue between nuclei
-        np.log1p(feat, out=feat)
-    hist = _valid_histogram(feat, valid)
-    thresholds: list[float]
-    if not isinstance(hist, tuple):  # no slide pixels, or a flat image: no tissue
-        thresholds = [0.0 if hist is None else float(hist)]
-        fg = np.zeros(feat.shape, bool)
-    else:
-        counts, centers = hist
-        if cfg.threshold == "otsu":
-            thresholds = [float(filters.threshold_otsu(hist=(counts, centers)))]
-        elif cfg.threshold == "multi_otsu":
-            try:
-                thresholds = [float(t) for t in filters.threshold_multiotsu(hist=(counts / counts.sum(), centers),
-                                                                            classes=3)]
-            except ValueError:  # too few distinct values for 3 classes
-                thresholds = [float(filters.threshold_otsu(hist=(counts, centers)))]
-        else:
-            thresholds = [float(cfg.threshold)]
-        fg = feat > thresholds[0]
-        fg &= valid
-    del feat
-    if cfg.close_um > 0:
-        fg = morphology.closing(fg, morphology.disk(max(1, round(cfg.close_um / um))))
-    if cfg.open_um > 0:
-        fg = morphology.opening(fg, morphology.disk(max(1, round(cfg.open_um / um))))
-    if cfg.min_object_um2 > 0:
-        remove_small_components(fg, int(cfg.min_object_um2 / (mx * my)))
-    if cfg.min_hole_um2 > 0:
-        np.logical_not(fg, out=fg)  # holes are the background's small components
-        remove_small_components(fg, int(cfg.min_hole_um2 / (mx * my)))
-        np.logical_not(fg, out=fg)
-    fg &= valid
-    feature = "log_max_channel" if polarity == "fluorescence" else cfg.method
-    algorithm = f"{polarity}:{feature}:{cfg.threshold if isinstance(cfg.threshold, str) else 'fixed'}"
-    mask = fg.view(np.uint8) * np.uint8(TISSUE)  # bool is one byte of 0 / 1: 0 / 255
-    return mask, {"polarity": polarity, "thresholds": thresholds, "algorithm": algorithm}
-
-
-def write_overlay(path: str, labels: np.ndarray, mpp: tuple[float, float], tile: int = 256) -> None:
-    """Save a label image as a tiled, pyramidal, deflate-compressed (Big)TIFF overlay.
-
-    Level ``k`` is level 0 subsampled by ``2**k`` (nearest: labels are never blended), written
-    as successive IFDs (``NewSubfileType`` reduced image), which is how OpenSlide's generic
-    TIFF reader finds levels; levels stop when the longer side is at most ``tile`` px.
-
-    Args:
-        path: output file (parent folders are created; written to ``path + '.tmp'`` then
-            renamed, so readers never see a half-written overlay).
-        labels: uint8 ``(h, w)``.
-        mpp: ``(x, y)`` µm/px of level 0, stored as resolution tags in pixels per centimetre.
-    """
-    import tifffile
-
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    bigtiff = labels.nbytes > 2**31
-    with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
-        k, lvl = 0, labels
-        while True:
-            kw: dict[str, Any] = dict(
-                tile=(tile, tile), photometric="minisblack", compression="zlib",
-                subfiletype=0 if k == 0 else 1, metadata=None,
-                resolution=(1e4 / (mpp[0] * 2**k), 1e4 / (mpp[1] * 2**k)), resolutionunit="CENTIMETER",
-            )
-            tw.write(np.ascontiguousarray(lvl), **kw)
-            if max(lvl.shape) <= tile:
-                break
-            k, lvl = k + 1, labels[:: 2 ** (k + 1), :: 2 ** (k + 1)]
-    os.replace(tmp, path)
-
-
-def read_overlay(path: str) -> tuple[np.ndarray, tuple[float, float] | None]:
-    """Read level 0 of an overlay TIFF.
-
-    Returns:
-        ``(labels, mpp)``: uint8 ``(h, w)`` (the first channel of a multi-channel image) and
-        ``(mpp_x, mpp_y)`` from the resolution tags, or None when the file has none.
-
-    Raises:
-        MaskError: not a readable TIFF or not an integer image.
-    """
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tf:
-            page = tf.pages[0]
-            arr = page.asarray()
-            mpp = None
-            unit = page.tags.get("ResolutionUnit")
-            xr, yr = page.tags.get("XResolution"), page.tags.get("YResolution")
-            if xr is not None and yr is not None and unit is not None and int(unit.value) in (2, 3):
-                per_um = 1e4 if int(unit.value) == 3 else 25400.0  # 3 = cm, 2 = inch
-                fx = xr.value[0] / xr.value[1] if xr.value[1] else 0
-                fy = yr.value[0] / yr.value[1] if yr.value[1] else 0
-                if fx > 0 and fy > 0 and not (fx == 1 and fy == 1):
-                    mpp = (per_um / fx, per_um / fy)
-    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad overlay
-        raise MaskError(f"cannot read overlay {path}: {type(exc).__name__}: {exc}") from None
-    if arr.ndim == 3:
-        arr = arr[..., 0] if arr.shape[-1] <= 4 else arr[0]
-    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
-        raise MaskError(f"overlay {path} must be a single-channel integer label image, got {arr.dtype}{arr.shape}")
-    if arr.max(initial=0) > 255 or arr.min(initial=0) < 0:
-        raise MaskError(f"overlay {path}: label values must be 0-255")
-    return arr.astype(np.uint8, copy=False), mpp
-
-
-def mask_outline(mask: np.ndarray) -> np.ndarray:
-    """bool ``(h, w)``: tissue pixels with a background 4-neighbour (the mask's outline; outside
-    the image counts as tissue). The same pixels as scikit-image's
-    ``find_boundaries(mask > 0, mode="inner")``, by a binary erosion with the 4-connected cross
-    (SciPy; ~3x faster: 6 against 18 ms for a 1,280 x 960 mask)."""
-    from scipy import ndimage
-
-    fg = mask > 0
-    return fg & ~ndimage.binary_erosion(fg, structure=ndimage.generate_binary_structure(2, 1), border_value=1)
-
-
-def qc_picture(rgb: np.ndarray, mask: np.ndarray, tiles: np.ndarray | None = None,
-               max_side: int = QC_MAX_SIDE, inplace: bool = False) -> np.ndarray:
-    """Draw the mask outline (green) and tile rectangles (yellow) on a thumbnail.
-
-    Args:
-        rgb: uint8 ``(h, w, 3)`` thumbnail at the mask resolution.
-        mask: ``(h, w)`` labels (non-zero = tissue).
-        tiles: float ``(n, 4)`` rectangles ``x0, y0, x1, y1`` in mask px, or None.
-        max_side: the picture is upscaled by an integer factor so its longer side approaches
-            this (small slides stay legible); never downscaled.
-        inplace: draw the outline on ``rgb`` itself instead of a copy (saves 3 bytes per mask
-            pixel when the caller no longer needs the thumbnail).
-
-    Returns:
-        uint8 ``(h * k, w * k, 3)`` (``rgb`` itself when ``inplace``, ``k == 1`` and no tiles).
-    """
-    from PIL import Image, ImageDraw
-
-    h, w = mask.shape
-    k = max(1, max_side // max(h, w))
-    base = rgb if inplace else rgb.copy()
-    base[mask_outline(mask)] = (0, 200, 0)
-    if k == 1 and (tiles is None or not len(tiles)):
-        return base
-    img = Image.fromarray(base).resize((w * k, h * k), Image.Resampling.NEAREST)
-    if tiles is not None and len(tiles):
-        draw = ImageDraw.Draw(img)
-        for x0, y0, x1, y1 in np.asarray(tiles, dtype=np.float64) * k:
-            draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=(255, 200, 0))
-    return np.asarray(img)
-
-
-# ------------------------------------------------------------------------------ the stage
-
-def overlay_dir(lake_root: str, slide_id: str) -> str:
-    """Folder of a slide's overlay files: ``<lake>/overlays/<slide_id>``."""
-    return os.path.join(lake_root, "overlays", slide_id)
-
-
-def user_overlay_path(path: str, attributes: dict[str, str] | None, cfg: MaskConfig) -> str | None:
-    """The user overlay of a slide: the manifest column ``cfg.overlay_column``, else a sidecar
-    ``<slide path without extension><cfg.overlay_suffix>`` (or the ``.tif`` spelling) that
-    exists; None when neither. A relative manifest value is relative to the slide's folder."""
-    attrs = attributes or {}
-    given = attrs.get(cfg.overlay_column)
-    if given:
-        return given if os.path.isabs(given) else os.path.join(os.path.dirname(path), given)
-    stem, _ = os.path.splitext(path)
-    suffixes = [cfg.overlay_suffix]
-    if cfg.overlay_suffix.endswith(".tiff"):
-        suffixes.append(cfg.overlay_suffix[:-1])
-    for suf in suffixes:
-        if os.path.isfile(stem + suf):
-            return stem + suf
-    return None
-
-
-def _computed_path(lake_root: str, slide_id: str, phash: str) -> str:
-    return os.path.join(overlay_dir(lake_root, slide_id), f"tissue-{phash}.tiff")
 
 
 def compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str,
@@ -635,7 +278,7 @@ def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: s
         px = mask_pixels(row["path"], W0, H0, row["mpp_x"], row["mpp_y"], cfg, threads)
         rgb, labels, level = px.rgb, px.labels, px.level
         h, w = labels.shape
-        mask_path = _computed_path(lake_root, row["slide_id"], phash)
+        mask_path = computed_overlay_path(lake_root, row["slide_id"], phash)
         write_overlay(mask_path, labels, px.mpp)
         res = dict(source="computed", mask_path=mask_path, algorithm=px.info["algorithm"],
                    params=json.dumps(cfg.algorithm_dict(), sort_keys=True),
@@ -756,9 +399,52 @@ def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfi
     return df.mapInPandas(run, schema=MASKS_SCHEMA)
 
 
+def mask_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, slides: list[dict],
+                on_profile: Callable[[dict[str, float]], None] | None = None, qc: bool = True) -> dict[str, dict]:
+    """The masks stage: make sure each of ``slides`` (``slides`` rows) has a tissue mask.
+
+    A mask whose slide content (``slide_id`` is the content hash) and algorithm settings
+    (:func:`params_hash`) are unchanged, and whose overlay file still exists, is reused; the
+    others are computed (one Spark task per slide, or on the driver for fewer than
+    ``masks.on_driver_below`` slides) and merged into the ``masks`` table in one commit (rows of
+    the same slide and ``params_hash`` are replaced). User overlays are re-read every run.
+    Slides whose mask fails are recorded in ``rec.slide_errors`` (stage ``masks``).
+    ``on_profile`` receives the per-slide figures of :func:`make_masks` (``--profile``);
+    ``qc`` false leaves the new masks' QC pictures to the caller (a tiling run draws them with
+    its tiles, :func:`slidelake.qc.draw_qc`).
+
+    Returns:
+        ``{slide_id: masks row}`` for every slide with an ``ok`` mask.
+    """
+    from slidelake.resolution import with_assumed_mpp
+    from slidelake.tables import sql_in
+
+    phash = params_hash(cfg.masks)
+    slides = [with_assumed_mpp(r, cfg.resolution.assumed_mpp) for r in slides]
+    with rec.stage("masks"):
+        ids = {r["slide_id"] for r in slides}
+        reuse = {m["slide_id"]: m for m in lake.read_rows("masks", MASKS_SCHEMA)
+                 if m["params_hash"] == phash and m["status"] == "ok" and m["source"] == "computed"
+                 and m["slide_id"] in ids and m["mask_path"] and os.path.isfile(m["mask_path"])}
+        todo = [r for r in slides if r["slide_id"] not in reuse]
+        if len(todo) < cfg.masks.on_driver_below:  # a Spark job's start-up costs more than a mask
+            made = compute_masks_on_driver(todo, cfg.masks, lake.overlays, rec.run_id, on_profile, qc)
+        else:
+            made = [m.asDict(recursive=True) for m in
+                    make_masks(lake.spark, todo, cfg.masks, lake.overlays, rec.run_id, on_profile, qc).collect()]
+        if made:
+            # replace the rows of these slides and settings only (concurrent runs keep theirs)
+            where = f"params_hash = '{phash}' AND " + sql_in("slide_id", [m["slide_id"] for m in made])
+            res = lake.write_rows("masks", made, MASKS_SCHEMA, mode="overwrite", replace_where=where)
+            rec.table_versions["masks"] = res.version if res.version is not None else -1
+    failed = [m for m in made if m["status"] != "ok"]
+    rec.counts.update(masks_computed=len(made) - len(failed), masks_reused=len(reuse), masks_failed=len(failed))
+    for m in failed:
+        rec.slide_error(m, "masks", m["error"])
+    return {**reuse, **{m["slide_id"]: m for m in made if m["status"] == "ok"}}
+
+
 __all__ = [
-    "MASKS_SCHEMA", "TISSUE", "BACKGROUND", "MaskError", "params_hash", "mask_size", "read_slide_at",
-    "detect_polarity", "remove_small_components", "tissue_mask", "write_overlay", "read_overlay", "mask_outline", "qc_picture",
-    "overlay_dir", "user_overlay_path", "MaskPixels", "mask_pixels", "compute_mask",
-    "compute_masks_on_driver", "make_masks",
+    "MASKS_SCHEMA", "NOMINAL_MPP", "params_hash", "read_slide_at", "MaskPixels", "mask_pixels", "compute_mask",
+    "compute_masks_on_driver", "make_masks", "mask_slides",
 ]

@@ -22,9 +22,7 @@ only the table rows at the batch's rectangle edges.
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
 import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterator, NamedTuple
@@ -38,6 +36,7 @@ import shapely.geometry
 from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 
+from slidelake.annotations import AnnotationIndex, label_rule, load_annotations
 from slidelake.filtering import overlap_keep
 from slidelake.memory import freeze_long_lived, peak_rss_mib, reset_peak_rss, trim_heap
 
@@ -215,115 +214,6 @@ class OverlayIndex:
             for v in self.values:
                 out[v][n] = float(weights[sub == v].sum()) / total
         return out
-
-
-# ----------------------------------------------------------------------------- annotations
-
-def load_annotations(path: str) -> dict[str, Any]:
-    """Read a GeoJSON annotation file (QuPath export layout) into per-class geometries.
-
-    Accepts a FeatureCollection, a list of features or a single feature. A feature's class is
-    ``properties.classification.name`` (QuPath >= 0.2), ``properties.classification`` when a
-    string, else ``"Unclassified"``. Polygon and MultiPolygon geometries (level-0 px) are kept;
-    points and lines are ignored; invalid polygons are repaired (``make_valid``).
-
-    Returns:
-        ``{class_name: shapely geometry}`` (union of that class's polygons), sorted by name.
-
-    Raises:
-        ValueError: not JSON, or not GeoJSON features.
-    """
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
-    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
-        feats = data.get("features") or []
-    elif isinstance(data, dict) and data.get("type") == "Feature":
-        feats = [data]
-    elif isinstance(data, list):
-        feats = data
-    else:
-        raise ValueError(f"{path}: not a GeoJSON FeatureCollection or list of features")
-    by_class: dict[str, list[Any]] = {}
-    for f in feats:
-        if not isinstance(f, dict) or not f.get("geometry"):
-            continue
-        geom = shapely.geometry.shape(f["geometry"])
-        if geom.geom_type not in ("Polygon", "MultiPolygon"):
-            continue
-        props = f.get("properties") or {}
-        cls = props.get("classification")
-        name = cls.get("name") if isinstance(cls, dict) else cls
-        name = str(name) if name else "Unclassified"
-        by_class.setdefault(name, []).append(shapely.make_valid(geom))
-    return {k: shapely.union_all(v) for k, v in sorted(by_class.items())}
-
-
-class AnnotationIndex:
-    """Annotation polygons of one slide in an STRtree, for per-tile class fractions.
-
-    Args:
-        classes: ``{class_name: geometry}`` in level-0 px (:func:`load_annotations`).
-    """
-
-    def __init__(self, classes: dict[str, Any]) -> None:
-        self.names = list(classes)
-        parts, owner = [], []
-        for k, geom in enumerate(classes.values()):
-            for p in shapely.get_parts(geom):
-                if p.geom_type == "Polygon" and p.area > 0:
-                    parts.append(p)
-                    owner.append(k)
-        self.parts = np.array(parts, dtype=object)
-        self.owner = np.array(owner, dtype=np.int64)
-        self.tree = shapely.STRtree(self.parts)
-        union = shapely.union_all(list(classes.values())) if classes else shapely.Polygon()
-        self.union_parts = np.array([p for p in shapely.get_parts(union) if p.area > 0], dtype=object)
-        self.union_tree = shapely.STRtree(self.union_parts)
-
-    def fractions(self, geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For tile geometries (level-0 px): ``(class_fractions (n, classes), annotated (n,))``,
-        each the covered area divided by the tile geometry's area."""
-        n = len(geoms)
-        area = shapely.area(geoms)
-        safe = np.where(area > 0, area, 1.0)
-        per_class = np.zeros((n, len(self.names)))
-        annotated = np.zeros(n)
-        if len(self.parts):
-            ti, pi = self.tree.query(geoms, predicate="intersects")
-            a = shapely.area(shapely.intersection(geoms[ti], self.parts[pi]))
-            np.add.at(per_class, (ti, self.owner[pi]), a)
-        if len(self.union_parts):
-            ti, pi = self.union_tree.query(geoms, predicate="intersects")
-            np.add.at(annotated, ti, shapely.area(shapely.intersection(geoms[ti], self.union_parts[pi])))
-        return per_class / safe[:, None], np.minimum(annotated / safe, 1.0)
-
-
-def label_rule(names: list[str], fractions: np.ndarray, min_fraction: float) -> pa.StringArray:
-    """Per tile, the class with the largest fraction when it is >= ``min_fraction`` (ties: the
-    first name in sorted order), else null.
-
-    Args:
-        names: class names, in the order of ``fractions``' columns.
-        fractions: float ``(n, len(names))``.
-    """
-    n = len(fractions)
-    if not names or n == 0:
-        return pa.nulls(n, pa.string())
-    best = fractions.argmax(axis=1)
-    top = fractions[np.arange(n), best]
-    chosen = pa.array(names, pa.string()).take(pa.array(best))
-    return pc.if_else(pa.array((top >= min_fraction) & (top > 0)), chosen, pa.scalar(None, pa.string()))
-
-
-def annotation_path(path: str, attributes: dict[str, str] | None, column: str, suffix: str) -> str | None:
-    """A slide's annotation file: the manifest column ``column`` (relative to the slide's
-    folder when relative), else the sidecar ``<slide path without extension><suffix>`` when it
-    exists, else None."""
-    given = (attributes or {}).get(column)
-    if given:
-        return given if os.path.isabs(given) else os.path.join(os.path.dirname(path), given)
-    side = os.path.splitext(path)[0] + suffix
-    return side if os.path.isfile(side) else None
 
 
 # ------------------------------------------------------------------------- tile geometry
@@ -587,8 +477,7 @@ def overlap_tiles(tiles: DataFrame, slides: dict[str, SlideInputs], tile_roi_wkt
 
 
 __all__ = [
-    "OVERLAP_FIELDS", "ColumnCounts", "summed_area_rows", "cells", "integral", "OverlayIndex", "load_annotations",
-    "AnnotationIndex", "label_rule", "annotation_path", "SlideInputs", "OVERLAP_INPUTS", "tile_rects",
+    "OVERLAP_FIELDS", "ColumnCounts", "summed_area_rows", "cells", "integral", "OverlayIndex", "SlideInputs", "OVERLAP_INPUTS", "tile_rects",
     "tile_geometries", "roi_is_rect",
     "OVERLAP_SCHEMA", "fraction_map", "slide_overlap", "slide_runs", "make_overlap", "drop_task_caches", "overlap_tiles",
 ]

@@ -65,6 +65,22 @@ def _nearest(downsamples: Sequence[float], target: float) -> int:
     return min(range(len(downsamples)), key=lambda i: (abs(math.log(downsamples[i] / target)), i))
 
 
+def apply_assumed_mpp(mpp_x: float | None, mpp_y: float | None, mpp_source: str | None,
+                      assumed: float | None) -> tuple[float | None, float | None, str | None]:
+    """Level-0 ``(mpp_x, mpp_y, mpp_source)`` with ``resolution.assumed_mpp`` (µm/px) filling a
+    missing mpp (source ``assumed``); unchanged when the slide has mpp or nothing is assumed."""
+    if (mpp_x is None or mpp_y is None) and assumed is not None:
+        return float(assumed), float(assumed), "assumed"
+    return mpp_x, mpp_y, mpp_source
+
+
+def with_assumed_mpp(row: dict, assumed: float | None) -> dict:
+    """A copy of a ``slides`` row (``mpp_x``, ``mpp_y``, ``mpp_source``) with
+    :func:`apply_assumed_mpp` applied."""
+    mx, my, src = apply_assumed_mpp(row.get("mpp_x"), row.get("mpp_y"), row.get("mpp_source"), assumed)
+    return {**row, "mpp_x": mx, "mpp_y": my, "mpp_source": src}
+
+
 def target_downsample(
     req: ResolutionConfig,
     mpp_x: float | None,
@@ -132,9 +148,7 @@ def resolve(
     """
     if not level_dimensions or len(level_dimensions) != len(level_downsamples):
         raise ResolutionError("slide has no pyramid levels")
-    if (mpp_x is None or mpp_y is None) and req.assumed_mpp is not None:
-        mpp_x = mpp_y = req.assumed_mpp
-        mpp_source = "assumed"
+    mpp_x, mpp_y, mpp_source = apply_assumed_mpp(mpp_x, mpp_y, mpp_source, req.assumed_mpp)
     if mpp_x is None or mpp_y is None:
         mpp_x = mpp_y = None
         mpp_source = None

@@ -22,11 +22,16 @@ import glob
 import hashlib
 import os
 from datetime import datetime, timezone
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import pandas as pd
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import SparkSession
 from pyspark.sql import types as T
+
+if TYPE_CHECKING:
+    from slidelake.config import PipelineConfig
+    from slidelake.lake import Lake
+    from slidelake.lineage import RunRecord
 
 SLIDES_SCHEMA = T.StructType([
     T.StructField("slide_id", T.StringType(), True),
@@ -387,8 +392,65 @@ def select_rows_for_tiling(rows: list[dict]) -> list[dict]:
     return [best[k] for k in sorted(best)]
 
 
+def discover_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, force: bool = False) -> list[dict]:
+    """The discovery stage: list ``cfg.inputs``, probe the files, merge into ``slides``.
+
+    A path whose ``slides`` row is ``ok`` and whose size and modification time are unchanged
+    keeps its row (no re-hashing: a nightly scan of an archive reads only new or changed
+    files); ``force`` probes every file again. Rows of paths scanned again replace their
+    previous rows (no duplicates; concurrent runs scanning other paths keep theirs). A
+    ``resolution.assumed_mpp`` fills mpp (``mpp_source='assumed'``) for readable slides that
+    have none.
+
+    Returns:
+        The rows of this scan as dicts (:data:`SLIDES_SCHEMA`), one per path.
+    """
+    from slidelake.lineage import utcnow
+    from slidelake.resolution import with_assumed_mpp
+    from slidelake.tables import sql_in, to_stored
+
+    with rec.stage("discover"):
+        listed = list_inputs(cfg.inputs, cfg.discovery.extensions, cfg.discovery.recursive, cfg.discovery.exclude)
+        before = {r["path"]: r for r in lake.read_rows("slides", SLIDES_SCHEMA)}
+        now = utcnow()
+        reused, fresh = [], []
+        for i, (p, attrs) in enumerate(zip(listed["path"], listed["attributes"])):
+            old = before.get(p)
+            if not force and old is not None and unchanged_since(old, p):
+                r = {**old, "attributes": dict(attrs or {}), "run_id": rec.run_id, "discovered_at": now}
+                if r["mpp_source"] == "assumed":  # re-applied below from this run's config
+                    r.update(mpp_x=None, mpp_y=None, mpp_source=None)
+                reused.append(r)
+            else:
+                fresh.append(i)
+        rows = discover(lake.spark, listed.iloc[fresh].reset_index(drop=True), rec.run_id,
+                        cfg.discovery.on_driver_below, cfg.discovery.properties) + reused
+        rows = [with_assumed_mpp(r, cfg.resolution.assumed_mpp) if r["status"] == "ok" else r for r in rows]
+    with rec.stage("write"):
+        where = sql_in("path", [to_stored(r["path"], lake.path_root) for r in rows])
+        res = lake.write_rows("slides", rows, SLIDES_SCHEMA, mode="overwrite", replace_where=where)
+        rec.table_versions["slides"] = res.version if res.version is not None else -1
+    n_ok = sum(1 for r in rows if r["status"] == "ok")
+    rec.counts.update(slides_discovered=len(rows), slides_ok=n_ok, slides_error=len(rows) - n_ok,
+                      slides_unchanged=len(reused))
+    for r in rows:
+        if r["status"] != "ok":
+            rec.slide_error(r, "discover", r["error"])
+    return rows
+
+
+def listed_slides(lake: Lake, cfg: PipelineConfig) -> list[dict]:
+    """Rows of the ``slides`` table, only those of the listed inputs when ``cfg.inputs`` is set."""
+    slides = lake.read_rows("slides", SLIDES_SCHEMA)
+    if cfg.inputs:
+        listed = set(list_inputs(cfg.inputs, cfg.discovery.extensions, cfg.discovery.recursive,
+                                 cfg.discovery.exclude)["path"])
+        slides = [r for r in slides if r["path"] in listed]
+    return slides
+
+
 __all__ = [
     "SLIDES_SCHEMA", "PROPERTY_ALLOWLIST", "fingerprint_file", "slide_id_from_fingerprint",
     "mpp_from_properties", "objective_from_properties", "probe_slide", "list_inputs",
-    "unchanged_since", "discover", "select_rows_for_tiling",
+    "unchanged_since", "discover", "select_rows_for_tiling", "discover_slides", "listed_slides",
 ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 from pyspark.sql import SparkSession
@@ -42,7 +43,7 @@ RUNTIME_CONF: dict[str, str] = {
 # allocates briefly (Arrow buffers, task results) and never needs short pauses, while G1's
 # concurrent marking and refinement threads take CPU beside the workers; on a folder of four
 # slides the JVM used 1.30 instead of 1.47 s of CPU per warm run and the run took 4.20 instead
-# of 4.44 s (medians of 12 alternated runs, docs/benchmarks.md, thirteenth pass).
+# of 4.44 s (medians of 12 alternated runs).
 # HotSpot options: https://docs.oracle.com/en/java/javase/17/docs/specs/man/java.html and
 # https://docs.oracle.com/en/java/javase/17/gctuning/parallel-collector1.html
 LOCAL_JVM_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseParallelGC"
@@ -80,7 +81,8 @@ def get_spark(app_name: str = "slidelake", master: str | None = None) -> SparkSe
         master: master URL for a new local session; default ``$SLIDELAKE_SPARK_MASTER`` or
             ``local[*]``. Ignored when a session already exists or under spark-submit.
 
-    A new local session gets :func:`local_conf` (its JVM options included).
+    A new local session gets :func:`local_conf` (its JVM options included) and starts its
+    Python workers in the background (:func:`warm_up`; ``SLIDELAKE_WARM_UP=0`` turns it off).
 
     Returns:
         The session, with :data:`RUNTIME_CONF` applied.
@@ -104,12 +106,55 @@ def get_spark(app_name: str = "slidelake", master: str | None = None) -> SparkSe
         spark = builder.getOrCreate()
         if not _under_cluster_launcher():
             spark.sparkContext.setLogLevel(os.environ.get("SLIDELAKE_SPARK_LOG_LEVEL", "ERROR"))
+            if os.environ.get("SLIDELAKE_WARM_UP", "1").strip() != "0":
+                warm_up(spark)
     for k, v in RUNTIME_CONF.items():
         try:
             spark.conf.set(k, v)
         except Exception:  # noqa: BLE001 - some managed runtimes pin a setting; keep theirs
             pass
     return spark
+
+
+WARM_UP_GROUP = "slidelake-warm-up"
+# modules the pipeline's stages run in the Python workers (imported by name: the worker is
+# another process, so this module does not depend on them)
+WORKER_MODULES = ("slidelake.decode", "slidelake.overlap", "slidelake.write")
+
+
+def _warm_worker(batches):
+    """``mapInArrow`` function of :func:`warm_up`: import :data:`WORKER_MODULES` in the Python
+    worker and pass the rows through."""
+    from importlib import import_module
+
+    for name in WORKER_MODULES:
+        import_module(name)
+    yield from batches
+
+
+def warm_up(spark: SparkSession, group: str = WARM_UP_GROUP) -> threading.Thread:
+    """Start, in a daemon thread, one small job that pays a new local session's one-off Python
+    costs while the driver discovers slides and makes masks: a Python worker per core started
+    and the pipeline's modules imported in it (the workers are then reused,
+    ``spark.python.worker.reuse``). The job reads and writes nothing and runs in the Spark job
+    group ``group``; any failure is ignored (the first real job then pays the costs itself).
+    The first run of a session is ~15 % faster on the benchmark slide (docs/benchmarks.md).
+
+    Returns:
+        The started thread.
+    """
+    def run() -> None:
+        try:
+            spark.sparkContext.setJobGroup(group, "warm-up: start the Python workers")
+            n = spark.sparkContext.defaultParallelism
+            df = spark.range(0, n, numPartitions=n)
+            df.mapInArrow(_warm_worker, df.schema).collect()
+        except Exception:  # noqa: BLE001 - an optimisation only
+            pass
+
+    t = threading.Thread(target=run, name="slidelake-warm-up", daemon=True)
+    t.start()
+    return t
 
 
 def local_frame(spark: SparkSession, rows: list[tuple] | list[dict], schema: "StructType") -> "DataFrame":

@@ -33,7 +33,7 @@ from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -43,7 +43,9 @@ from slidelake.filtering import keep_mask
 from slidelake.grid import level0_rects
 from slidelake.lineage import TILE_ERRORS_SCHEMA, CountLog, FailureLog
 from slidelake.memory import freeze_long_lived, reset_peak_rss
-from slidelake.tables import WriteResult, commit_files, discard_staging, new_staging, to_stored, write_table
+from slidelake.direct_io import open_for_write
+from slidelake.lake import Lake
+from slidelake.tables import WriteResult, discard_staging, to_stored
 
 # column order of the tiles table
 TILES_COLUMNS = (
@@ -186,6 +188,7 @@ def make_file_sink(
     tile_compression: str = "none",
     on_decoded: Callable[[dict[str, int]], None] | None = None,
     on_profile: Callable[[dict[str, float]], None] | None = None,
+    direct_io: bool = True,
 ) -> Callable[[Iterator[Any]], Iterator[Any]]:
     """Build the ``mapInArrow`` function that decodes, filters and writes a task's tiles.
 
@@ -195,7 +198,9 @@ def make_file_sink(
     to ``<staging>/<partition_col>=<value>/part-<uuid>.parquet`` (one row group per decode
     batch of at most ``decode.batch_mb`` MiB of pixels; the ``tile`` bytes compressed with
     ``tile_compression`` and without dictionary or statistics, the other columns zstd level 1;
-    the partition column is not stored in the file, as Spark and Delta do).
+    the partition column is not stored in the file, as Spark and Delta do). With ``direct_io``
+    the files are written around the page cache (:func:`slidelake.direct_io.open_for_write`;
+    the same bytes).
     Yields :data:`TILE_FILES_SCHEMA` record batches, one row per slide the task saw (and per
     extra file of a slide). ``on_decoded`` and ``on_profile`` are as in
     :func:`slidelake.decode.make_decoder` (progress, ``--profile``; ``write.s`` adds the seconds
@@ -243,7 +248,7 @@ def make_file_sink(
                 rel = f"{partition_col}={quote(sid, safe='')}/part-{uuid.uuid4().hex}.parquet"
                 full = os.path.join(staging, rel)
                 os.makedirs(os.path.dirname(full), exist_ok=True)
-                f = open(full, "wb")
+                f = open_for_write(full, direct_io)
                 try:
                     w = pq.ParquetWriter(f, arrow_schema, compression=codecs,
                                          compression_level={c: 1 for c in small},
@@ -358,10 +363,8 @@ def make_row_sink(
 
 
 def write_tiles(
-    spark: SparkSession,
+    lake: Lake,
     tiles: DataFrame,
-    path: str,
-    writer: str,
     dcfg: DecodeConfig,
     fcfg: FilterConfig,
     lineage: Lineage,
@@ -369,22 +372,26 @@ def write_tiles(
     tile_compression: str = "none",
     on_decoded: Callable[[dict[str, int]], None] | None = None,
     on_profile: Callable[[dict[str, float]], None] | None = None,
+    direct_io: bool = True,
 ) -> TileWrite:
     """Decode, filter and write ``tiles`` (repartitioned tile rows with ``tile_id``) to the
-    tiles table at ``path``, partitioned by ``slide_id``, in one Delta commit.
+    lake's tiles table, partitioned by ``slide_id``, in one Delta commit.
+
+    With the ``delta-rs`` writer the workers write the files (:func:`make_file_sink`) and the
+    driver commits exactly those (:meth:`slidelake.lake.Lake.commit_files`); with ``spark`` the
+    kept rows go to Spark's Delta writer (:func:`make_row_sink`).
 
     Args:
-        spark: the session.
+        lake: the lake (its writer and tiles table).
         tiles: rows with the decode inputs (:data:`slidelake.decode.DECODE_COLUMNS`) and every
             non-pixel column of :data:`TILES_COLUMNS`.
-        path: table folder.
-        writer: ``delta-rs`` (the workers write the files) or ``spark``.
         dcfg, fcfg: decode and pixel filter settings.
         lineage: run id, config hash, version, time.
         tile_compression: Parquet codec of the ``tile`` column (``delta-rs`` writer only).
         replace_partitions: slide ids whose partitions this commit replaces (``None``: the
             whole table).
         on_decoded, on_profile: progress and ``--profile`` callbacks (accumulators).
+        direct_io: write the tile files around the page cache (``delta-rs`` writer only).
 
     Returns:
         :class:`TileWrite`. Nothing is committed when a task fails for good (Spark raises).
@@ -393,8 +400,9 @@ def write_tiles(
     # one action runs the grid + overlap stage, the broadcast of the slides' columns and the
     # decode + write stage: adaptive execution submits them as jobs of this action, all under
     # its description (the SQL tab shows each stage's plan: MapInArrow overlap, then sink)
+    spark = lake.spark
     spark.sparkContext.setJobDescription("overlap + decode + write tiles")
-    if writer != "delta-rs":
+    if lake.writer == "spark":
         failures = spark.sparkContext.accumulator({}, FailureLog())
         decoded = spark.sparkContext.accumulator({}, CountLog())
 
@@ -415,22 +423,21 @@ def write_tiles(
             .withColumn("created_at", F.lit(lineage.created_at).cast("timestamp"))
             .select(*TILES_COLUMNS)
         )
-        res = write_table(spark, out, path, writer, mode="overwrite", partition_by=["slide_id"],
-                          replace_partitions=replace_partitions, description="overlap + decode + write tiles")
+        res = lake.write_frame("tiles", out, mode="overwrite", partition_by=["slide_id"],
+                               replace_partitions=replace_partitions)
         fails = failures.value
         return TileWrite(res, dict(decoded.value), {k: v["count"] for k, v in fails.items()},
                          {k: v["samples"] for k, v in fails.items()})
 
-    staging = new_staging(path)
+    staging = lake.new_staging("tiles")
     try:
         sink = make_file_sink(dcfg, fcfg, lineage, schema, staging, "slide_id", tile_compression, on_decoded,
-                              on_profile)
+                              on_profile, direct_io)
         results = tiles.mapInArrow(sink, schema=TILE_FILES_SCHEMA).collect()
         files = [(r["file"], int(r["rows"])) for r in results if r["file"]]
         size = sum(os.path.getsize(os.path.join(staging, f)) for f, _ in files) if on_profile is not None else 0
         t0 = time.perf_counter()
-        res = commit_files(path, staging, files, schema, mode="overwrite", partition_by=["slide_id"],
-                           replace_partitions=replace_partitions)
+        res = lake.commit_files("tiles", staging, files, schema, replace_partitions)
         if on_profile is not None:  # the driver's side of the write: move the files, one Delta commit
             on_profile({"write.commit_s": time.perf_counter() - t0, "write.files": float(len(files)),
                         "write.bytes": float(size)})

@@ -1,0 +1,329 @@
+"""The lake: one object that owns the lake root, every table's location, the Delta writer and
+the operations on the tables.
+
+Tables (Delta, under the lake root): ``slides``, ``masks``, ``<tiles_table>`` (``tiles`` by
+default), ``tile_errors``, ``run_slides``, ``runs``. Mask overlays, thumbnails and QC pictures
+live under ``<overlay root>/overlays/<slide_id>/`` (the lake root unless
+``masks.overlay_root`` is set).
+
+The Delta writer is chosen once, when the lake is opened (:meth:`Lake.open`):
+
+* ``spark``: Spark's own Delta data source (Databricks, EMR with Delta, or the Delta Lake jars
+  on a local session's classpath, see :mod:`slidelake.spark`);
+* ``delta-rs``: Parquet files written by Spark (or, for the tiles, by the Python workers) into a
+  staging folder, then committed by delta-rs in one commit (:mod:`slidelake.tables`).
+
+Every write is one atomic Delta commit. Slide paths are stored relative to ``path_root`` when
+one is given (:func:`slidelake.tables.to_stored`) and made absolute again when read.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from slidelake.config import PipelineConfig
+from slidelake.spark import delta_jars_available
+from slidelake.tables import (
+    WriteResult, arrow_schema, commit_files, discard_staging, from_stored, local_path, maps_to_dicts,
+    new_staging, retry_on_conflict, staged_files, table_exists, to_stored,
+)
+
+Writer = Literal["spark", "delta-rs"]
+TableName = Literal["slides", "masks", "tiles", "tile_errors", "run_slides", "runs"]
+TABLES: tuple[TableName, ...] = ("slides", "masks", "tiles", "tile_errors", "run_slides", "runs")
+
+
+def choose_writer(spark: SparkSession, requested: str = "auto") -> Writer:
+    """``spark`` or ``delta-rs`` for ``tables.writer`` = ``auto`` | ``spark`` | ``delta-rs``:
+    ``auto`` takes Spark's Delta writer when its jars are on the classpath.
+
+    Raises:
+        RuntimeError: ``spark`` asked for but the Delta jars are not on the classpath.
+    """
+    has_jars = delta_jars_available(spark)
+    if requested == "auto":
+        return "spark" if has_jars else "delta-rs"
+    if requested == "spark" and not has_jars:
+        raise RuntimeError(
+            "tables.writer=spark but Spark's Delta Lake jars are not on the classpath; add them "
+            "(README: 'Delta Lake jars') or use tables.writer auto/delta-rs"
+        )
+    return requested  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Lake:
+    """A lake root and how its Delta tables are read and written.
+
+    Attributes:
+        spark: the session (None for a lake used without Spark: delta-rs rows only).
+        root: absolute path or URI of the lake root.
+        writer: ``spark`` or ``delta-rs`` (see the module docstring).
+        tiles_table: folder name of the tiles table under the root.
+        path_root: slide paths under it are stored relative to it (``tables.path_root``).
+        overlay_root: folder holding ``overlays/<slide_id>/`` (the root unless set).
+        catalog_database: database the tables are registered in by name (``spark`` writer).
+    """
+
+    spark: SparkSession | None
+    root: str
+    writer: Writer = "delta-rs"
+    tiles_table: str = "tiles"
+    path_root: str | None = None
+    overlay_root: str | None = None
+    catalog_database: str | None = None
+
+    @classmethod
+    def open(cls, spark: SparkSession, cfg: PipelineConfig) -> "Lake":
+        """The lake of ``cfg`` (``lake``, ``tables``, ``masks.overlay_root``), its writer chosen
+        now (:func:`choose_writer`)."""
+        root = cfg.lake if "://" in cfg.lake else os.path.abspath(cfg.lake)
+        overlays = os.path.abspath(cfg.masks.overlay_root) if cfg.masks.overlay_root else root
+        return cls(spark, root, choose_writer(spark, cfg.tables.writer), cfg.tables.tiles_table,
+                   cfg.tables.path_root, overlays, cfg.tables.catalog_database)
+
+    # ------------------------------------------------------------------ locations
+
+    def path(self, table: TableName) -> str:
+        """Location of ``table`` (``tiles`` is the folder ``tiles_table``)."""
+        return f"{self.root}/{self.tiles_table if table == 'tiles' else table}"
+
+    def paths(self) -> dict[str, str]:
+        """``{table name: location}`` of every table (the tiles table under its own name)."""
+        return {(self.tiles_table if t == "tiles" else t): self.path(t) for t in TABLES}
+
+    @property
+    def overlays(self) -> str:
+        """Folder holding ``overlays/<slide_id>/`` mask files."""
+        return self.overlay_root or self.root
+
+    def exists(self, table: TableName) -> bool:
+        """True when ``table`` has a Delta log (remote tables: assumed, their readers decide)."""
+        p = self.path(table)
+        return "://" in p or table_exists(p)
+
+    # ---------------------------------------------------------------------- reads
+
+    def read(self, table: TableName, schema: T.StructType | None = None) -> DataFrame:
+        """``table`` as a Spark DataFrame (the current version's active files only).
+
+        Raises:
+            FileNotFoundError: the table does not exist and no ``schema`` (of an empty result)
+                was given.
+        """
+        p = self.path(table)
+        if not self.exists(table):
+            if schema is None:
+                raise FileNotFoundError(f"no Delta table at {p}")
+            return self.spark.createDataFrame([], schema)
+        if self.writer == "spark":
+            return self.spark.read.format("delta").load(p)
+        from deltalake import DeltaTable
+
+        dt = DeltaTable(local_path(p))
+        tschema = T.StructType.fromJson(__import__("json").loads(dt.schema().to_json()))
+        files = list(dt.file_uris())
+        if not files:
+            return self.spark.createDataFrame([], tschema)
+        return self.spark.read.schema(tschema).option("basePath", local_path(p)).parquet(*files)
+
+    def read_rows(self, table: TableName, schema: T.StructType) -> list[dict]:
+        """All rows of a small table (``slides``, ``masks``, ``runs``, ...) as dicts, ``path``
+        absolute; ``[]`` when the table does not exist. With delta-rs the active Parquet files
+        are read with pyarrow, without a Spark job."""
+        if self.writer == "spark":
+            rows = [r.asDict(recursive=True) for r in self.read(table, schema).collect()]
+        elif not self.exists(table):
+            rows = []
+        else:
+            import pyarrow.parquet as pq
+            from deltalake import DeltaTable
+            from urllib.parse import unquote
+
+            files = [unquote(u.removeprefix("file://")) for u in DeltaTable(local_path(self.path(table))).file_uris()]
+            rows = maps_to_dicts(pq.read_table(files, schema=arrow_schema(schema)).to_pylist(), schema) if files else []
+        if self.path_root and "path" in schema.fieldNames():
+            for r in rows:
+                r["path"] = from_stored(r.get("path"), self.path_root)
+        return rows
+
+    def read_columns(self, table: TableName, columns: list[str], slide_ids: list[str] | None = None):
+        """A few ``columns`` of ``table`` (e.g. tile coordinates, never the pixels) as a
+        ``pyarrow.Table``, only the ``slide_id`` partitions in ``slide_ids`` when given; a table
+        with no columns when ``table`` does not exist."""
+        import pyarrow as pa
+
+        if not self.exists(table):
+            return pa.table({})
+        if slide_ids is not None and not slide_ids:
+            return pa.table({c: [] for c in columns})
+        if self.writer == "spark":
+            df = self.read(table)
+            if slide_ids is not None:
+                df = df.where(F.col("slide_id").isin(list(slide_ids)))
+            return df.select(*columns).toArrow()
+        from deltalake import DeltaTable
+
+        parts = [("slide_id", "in", list(slide_ids))] if slide_ids else None
+        return DeltaTable(local_path(self.path(table))).to_pyarrow_table(filters=parts, columns=columns)
+
+    def partition_values(self, table: TableName, column: str = "slide_id") -> set[str]:
+        """Values of the partition ``column`` present in ``table``'s current version (from the
+        log's add actions with delta-rs); empty when there is no table."""
+        if not self.exists(table):
+            return set()
+        if self.writer == "spark":
+            return {r[0] for r in self.read(table).select(column).distinct().collect()}
+        import pyarrow as pa
+        from deltalake import DeltaTable
+
+        actions = pa.table(DeltaTable(local_path(self.path(table))).get_add_actions(flatten=True))
+        key = f"partition.{column}"
+        return {v for v in actions.column(key).to_pylist() if v is not None} if key in actions.column_names else set()
+
+    # --------------------------------------------------------------------- writes
+
+    def write_rows(self, table: TableName, rows: list[dict], schema: T.StructType, mode: str = "append",
+                   replace_where: str | None = None) -> WriteResult:
+        """Write a few driver-held ``rows`` to ``table`` in one commit.
+
+        ``mode``: ``append`` or ``overwrite``; with ``replace_where`` (a SQL predicate, e.g.
+        :func:`slidelake.tables.sql_in` of the paths just scanned) ``overwrite`` replaces only
+        the matching rows (Delta ``replaceWhere``; delta-rs ``predicate``), so concurrent runs
+        writing other rows keep theirs. With delta-rs the rows go from Arrow to
+        ``deltalake.write_deltalake`` without a Spark job.
+        """
+        p = self.path(table)
+        if self.path_root and "path" in schema.fieldNames():
+            rows = [{**r, "path": to_stored(r.get("path"), self.path_root)} for r in rows]
+        self._describe(f"write {table}")
+        if self.writer == "spark":
+            df = self.spark.createDataFrame(rows, schema=schema).coalesce(1)
+            if mode == "overwrite" and replace_where is not None:
+                w = df.write.format("delta")
+                w = w.mode("overwrite").option("replaceWhere", replace_where) if self.exists(table) else w.mode("append")
+                w.save(p)
+                return self._spark_result(p)
+            return self.write_frame(table, df, mode)
+        import pyarrow as pa
+        from deltalake import DeltaTable, write_deltalake
+
+        local = local_path(p)
+        os.makedirs(local, exist_ok=True)
+        data = pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema.fields} for r in rows],
+                                    schema=arrow_schema(schema))
+
+        def commit() -> None:
+            if mode == "overwrite" and replace_where is not None:
+                if table_exists(local):
+                    write_deltalake(local, data, mode="overwrite", predicate=replace_where, schema_mode="merge")
+                else:  # a new table: append, so a concurrent creator's rows are never overwritten
+                    write_deltalake(local, data, mode="append", schema_mode="merge")
+            else:  # an older table gains new columns (append) or the new schema (overwrite)
+                write_deltalake(local, data, mode=mode, schema_mode="merge" if mode == "append" else "overwrite")
+
+        retry_on_conflict(commit)
+        return WriteResult(DeltaTable(local).version(), 1, len(rows))
+
+    def write_frame(self, table: TableName, df: DataFrame, mode: str = "append", partition_by: list[str] | None = None,
+                    replace_partitions: list[str] | None = None) -> WriteResult:
+        """Write the Spark DataFrame ``df`` to ``table`` in one commit.
+
+        Args:
+            mode: ``append`` or ``overwrite``.
+            partition_by: partition columns (the first one is used by ``replace_partitions``).
+            replace_partitions: with ``overwrite``, replace only these values of the first
+                partition column (every other partition is kept; an empty list only appends);
+                ``None`` with ``overwrite`` replaces the whole table.
+
+        Raises:
+            ValueError: bad ``mode``, or ``replace_partitions`` without ``partition_by``.
+        """
+        if mode not in ("append", "overwrite"):
+            raise ValueError(f"mode must be append or overwrite, not {mode!r}")
+        partition_by = partition_by or []
+        if replace_partitions is not None and not partition_by:
+            raise ValueError("replace_partitions needs partition_by")
+        p = self.path(table)
+        if self.writer == "spark":
+            return self._write_frame_spark(df, p, mode, partition_by, replace_partitions)
+        import pyarrow.parquet as pq
+
+        os.makedirs(local_path(p), exist_ok=True)
+        staging = new_staging(p)
+        try:
+            # zstd level 1: tile bytes (already-compressed JPEG or raw pixels) gain little from higher levels
+            w = df.write.mode("overwrite").option("compression", "zstd").option("parquet.compression.codec.zstd.level", "1")
+            if partition_by:
+                w = w.partitionBy(*partition_by)
+            w.parquet(staging)
+            files = [(os.path.relpath(f, staging).replace(os.sep, "/"), pq.read_metadata(f).num_rows)
+                     for f in staged_files(staging)]
+            return commit_files(p, staging, files, df.schema, mode, partition_by, replace_partitions)
+        finally:
+            discard_staging(staging)
+
+    def _write_frame_spark(self, df: DataFrame, p: str, mode: str, partition_by: list[str],
+                           replace_partitions: list[str] | None) -> WriteResult:
+        w = df.write.format("delta").mode(mode)
+        if partition_by:
+            w = w.partitionBy(*partition_by)
+        if mode == "overwrite" and replace_partitions is not None:
+            if not replace_partitions:
+                w = df.write.format("delta").mode("append").partitionBy(*partition_by)
+            else:
+                quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in replace_partitions)
+                w = w.option("replaceWhere", f"`{partition_by[0]}` IN ({quoted})")
+        elif mode == "overwrite":
+            w = w.option("overwriteSchema", "true")
+        w.save(p)
+        res = self._spark_result(p)
+        if partition_by and replace_partitions and res.version is not None:
+            # the replaced partitions hold exactly the rows just written: count them back (partition column only)
+            added = self.spark.read.format("delta").option("versionAsOf", res.version).load(p)
+            added = added.where(F.col(partition_by[0]).isin(replace_partitions))
+            res.rows_by_partition = {r[0]: int(r[1]) for r in added.groupBy(partition_by[0]).count().collect()}
+        return res
+
+    def _spark_result(self, p: str) -> WriteResult:
+        hist = self.spark.sql(f"DESCRIBE HISTORY delta.`{p}` LIMIT 1").collect()
+        if not hist:
+            return WriteResult(None, 0, 0)
+        metrics = hist[0]["operationMetrics"] or {}
+        return WriteResult(int(hist[0]["version"]), int(metrics.get("numFiles", 0)), int(metrics.get("numOutputRows", 0)))
+
+    def new_staging(self, table: TableName) -> str:
+        """A fresh staging folder for data files of ``table`` that :meth:`commit_files` will
+        commit (local lake roots only; :func:`slidelake.tables.new_staging`)."""
+        return new_staging(self.path(table))
+
+    def commit_files(self, table: TableName, staging: str, files: list[tuple[str, int]], schema: T.StructType,
+                     replace_partitions: list[str] | None) -> WriteResult:
+        """Commit exactly ``files`` (``(path relative to staging, rows)``) from ``staging`` to
+        ``table``, partitioned by ``slide_id``, replacing the ``replace_partitions`` values
+        (``None``: the whole table), in one delta-rs commit (:func:`slidelake.tables.commit_files`)."""
+        return commit_files(self.path(table), staging, files, schema, "overwrite", ["slide_id"], replace_partitions)
+
+    def register(self) -> None:
+        """Register the tables by name in ``catalog_database`` (``CREATE TABLE IF NOT EXISTS
+        db.name USING DELTA LOCATION``); only with the ``spark`` writer, a no-op otherwise."""
+        if not self.catalog_database or self.writer != "spark":
+            return
+        db = self.catalog_database
+        self.spark.sql(f"CREATE DATABASE IF NOT EXISTS `{db}`")
+        for name, loc in self.paths().items():
+            if name != "run_slides" and ("://" in loc or table_exists(loc)):
+                self.spark.sql(f"CREATE TABLE IF NOT EXISTS `{db}`.`{name}` USING DELTA LOCATION '{loc}'")
+
+    def _describe(self, text: str) -> None:
+        if self.spark is not None:
+            self.spark.sparkContext.setJobDescription(text)
+
+
+__all__ = ["Lake", "Writer", "TableName", "TABLES", "choose_writer"]

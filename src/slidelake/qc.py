@@ -1,0 +1,120 @@
+"""QC pictures: a slide's thumbnail with its mask outline and the tiles a run kept.
+
+Each mask has one picture, ``<overlay root>/overlays/<slide_id>/qc-<params_hash>.png``: the
+thumbnail at the mask resolution, the mask outline in green and each kept tile's rectangle in
+yellow, upscaled by an integer factor towards :data:`QC_MAX_SIDE` px.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from slidelake.lake import Lake
+
+QC_MAX_SIDE = 1024  # px of the longer side of a QC picture (small slides are upscaled to it)
+
+
+def mask_outline(mask: np.ndarray) -> np.ndarray:
+    """bool ``(h, w)``: tissue pixels with a background 4-neighbour (the mask's outline; outside
+    the image counts as tissue). The same pixels as scikit-image's
+    ``find_boundaries(mask > 0, mode="inner")``, by a binary erosion with the 4-connected cross
+    (SciPy; ~3x faster: 6 against 18 ms for a 1,280 x 960 mask)."""
+    from scipy import ndimage
+
+    fg = mask > 0
+    return fg & ~ndimage.binary_erosion(fg, structure=ndimage.generate_binary_structure(2, 1), border_value=1)
+
+
+def qc_picture(rgb: np.ndarray, mask: np.ndarray, tiles: np.ndarray | None = None,
+               max_side: int = QC_MAX_SIDE, inplace: bool = False) -> np.ndarray:
+    """Draw the mask outline (green) and tile rectangles (yellow) on a thumbnail.
+
+    Args:
+        rgb: uint8 ``(h, w, 3)`` thumbnail at the mask resolution.
+        mask: ``(h, w)`` labels (non-zero = tissue).
+        tiles: float ``(n, 4)`` rectangles ``x0, y0, x1, y1`` in mask px, or None.
+        max_side: the picture is upscaled by an integer factor so its longer side approaches
+            this (small slides stay legible); never downscaled.
+        inplace: draw the outline on ``rgb`` itself instead of a copy (saves 3 bytes per mask
+            pixel when the caller no longer needs the thumbnail).
+
+    Returns:
+        uint8 ``(h * k, w * k, 3)`` (``rgb`` itself when ``inplace``, ``k == 1`` and no tiles).
+    """
+    from PIL import Image, ImageDraw
+
+    h, w = mask.shape
+    k = max(1, max_side // max(h, w))
+    base = rgb if inplace else rgb.copy()
+    base[mask_outline(mask)] = (0, 200, 0)
+    if k == 1 and (tiles is None or not len(tiles)):
+        return base
+    img = Image.fromarray(base).resize((w * k, h * k), Image.Resampling.NEAREST)
+    if tiles is not None and len(tiles):
+        draw = ImageDraw.Draw(img)
+        for x0, y0, x1, y1 in np.asarray(tiles, dtype=np.float64) * k:
+            draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=(255, 200, 0))
+    return np.asarray(img)
+
+
+def draw_qc(lake: "Lake | None", masks: dict[str, dict], run_id: str | None,
+            rects: dict[str, np.ndarray] | None = None) -> None:
+    """Draw each slide's QC picture (``masks.qc_path``) with the tiles run ``run_id`` kept.
+
+    The tiles' in-slide rectangles are ``rects`` (``{slide_id: (n, 4) array}`` of ``(x0, y0,
+    x1, y1)`` in level-0 px, as the workers' task results report them), or else read back from
+    the committed tiles table of ``lake`` (five numeric columns, no pixels); ``lake`` None and
+    ``rects`` None draw the outline only. Drawn in mask px over the thumbnail, on the driver,
+    one thread per core (a picture takes tens of ms).
+    """
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from slidelake.grid import level0_rects
+    from slidelake.overlays import read_overlay
+
+    todo = {sid: m for sid, m in masks.items() if m.get("qc_path") and m.get("thumbnail_path")}
+    if not todo:
+        return
+    level0: dict[str, np.ndarray] = dict(rects or {})
+    if rects is None and lake is not None:
+        import pyarrow.compute as pc
+
+        t = lake.read_columns("tiles", ["slide_id", "run_id", "level0_x", "level0_y", "valid_width", "valid_height",
+                                        "downsample"], list(todo))
+        if t.num_columns:
+            t = t.filter(pc.equal(t.column("run_id"), run_id))
+            sids = t.column("slide_id").to_numpy(zero_copy_only=False)
+            order = np.argsort(sids, kind="stable")  # one pass over the rows, not one per slide
+            keys, starts = np.unique(sids[order], return_index=True)
+            level0 = dict(zip(keys.tolist(), np.split(level0_rects(t)[order], starts[1:])))
+
+    def draw(sid: str) -> None:
+        m = todo[sid]
+        boxes = np.asarray(level0.get(sid, np.zeros((0, 4))), dtype=float)
+        boxes = boxes / np.array([m["mask_downsample_x"], m["mask_downsample_y"]] * 2, dtype=float)
+        labels, _ = read_overlay(m["mask_path"])
+        rgb = np.asarray(Image.open(m["thumbnail_path"]).convert("RGB"))
+        Image.fromarray(qc_picture(rgb, labels, boxes)).save(m["qc_path"], compress_level=1)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(draw, list(todo)))
+
+
+def draw_qc_after_failure(masks: dict[str, dict]) -> None:
+    """The QC pictures of ``masks`` (made by a tiling run that then failed), outline only; an
+    error here is logged, not raised over the run's own error."""
+    try:
+        draw_qc(None, masks, None)
+    except Exception as exc:  # noqa: BLE001 - the run's own error is the one to raise
+        import logging
+
+        logging.getLogger(__name__).warning("QC pictures of the failed run not drawn: %s", exc)
+
+
+__all__ = ["QC_MAX_SIDE", "mask_outline", "qc_picture", "draw_qc", "draw_qc_after_failure"]
