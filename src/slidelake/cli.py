@@ -5,7 +5,6 @@ Settings come from a YAML file (``--config conf/<name>.yaml``) and are overridde
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any, Optional
 
@@ -68,10 +67,8 @@ def _report(rec, lake) -> None:
         console.print(table)
     shown = {"discover": ("slides", "runs"), "masks": ("masks", "runs")}.get(rec.job, ("slides", "masks", "tiles", "tile_errors", "runs"))
     for name in shown:
-        p = lake.path(name)
-        if rec.job == "run" and name == "masks" and not os.path.isdir(p):
-            continue  # a run without masks made no masks table
-        console.print(f"  {name:11s} {p}", markup=False, highlight=False)
+        if lake.exists(name):  # e.g. a run without masks made no masks table
+            console.print(f"  {name:11s} {lake.path(name)}", markup=False, highlight=False)
 
 
 def _xy(v: Optional[str]) -> Optional[list[int]]:

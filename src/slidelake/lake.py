@@ -19,6 +19,7 @@ one is given (:func:`slidelake.tables.to_stored`) and made absolute again when r
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -52,7 +53,7 @@ def choose_writer(spark: SparkSession, requested: str = "auto") -> Writer:
     if requested == "spark" and not has_jars:
         raise RuntimeError(
             "tables.writer=spark but Spark's Delta Lake jars are not on the classpath; add them "
-            "(README: 'Delta Lake jars') or use tables.writer auto/delta-rs"
+            "(jobs/fetch_jars.sh, then spark-submit --jars) or use tables.writer auto/delta-rs"
         )
     return requested  # type: ignore[return-value]
 
@@ -94,10 +95,6 @@ class Lake:
         """Location of ``table`` (``tiles`` is the folder ``tiles_table``)."""
         return f"{self.root}/{self.tiles_table if table == 'tiles' else table}"
 
-    def paths(self) -> dict[str, str]:
-        """``{table name: location}`` of every table (the tiles table under its own name)."""
-        return {(self.tiles_table if t == "tiles" else t): self.path(t) for t in TABLES}
-
     @property
     def overlays(self) -> str:
         """Folder holding ``overlays/<slide_id>/`` mask files."""
@@ -127,7 +124,7 @@ class Lake:
         from deltalake import DeltaTable
 
         dt = DeltaTable(local_path(p))
-        tschema = T.StructType.fromJson(__import__("json").loads(dt.schema().to_json()))
+        tschema = T.StructType.fromJson(json.loads(dt.schema().to_json()))
         files = list(dt.file_uris())
         if not files:
             return self.spark.createDataFrame([], tschema)
@@ -304,11 +301,11 @@ class Lake:
         return new_staging(self.path(table))
 
     def commit_files(self, table: TableName, staging: str, files: list[tuple[str, int]], schema: T.StructType,
-                     replace_partitions: list[str] | None) -> WriteResult:
+                     partition_by: list[str], replace_partitions: list[str] | None) -> WriteResult:
         """Commit exactly ``files`` (``(path relative to staging, rows)``) from ``staging`` to
-        ``table``, partitioned by ``slide_id``, replacing the ``replace_partitions`` values
-        (``None``: the whole table), in one delta-rs commit (:func:`slidelake.tables.commit_files`)."""
-        return commit_files(self.path(table), staging, files, schema, "overwrite", ["slide_id"], replace_partitions)
+        ``table`` in one delta-rs commit, replacing the ``replace_partitions`` values of the first
+        of ``partition_by`` (``None``: the whole table; :func:`slidelake.tables.commit_files`)."""
+        return commit_files(self.path(table), staging, files, schema, "overwrite", partition_by, replace_partitions)
 
     def register(self) -> None:
         """Register the tables by name in ``catalog_database`` (``CREATE TABLE IF NOT EXISTS
@@ -317,9 +314,10 @@ class Lake:
             return
         db = self.catalog_database
         self.spark.sql(f"CREATE DATABASE IF NOT EXISTS `{db}`")
-        for name, loc in self.paths().items():
-            if name != "run_slides" and ("://" in loc or table_exists(loc)):
-                self.spark.sql(f"CREATE TABLE IF NOT EXISTS `{db}`.`{name}` USING DELTA LOCATION '{loc}'")
+        for table in TABLES:
+            name = self.tiles_table if table == "tiles" else table
+            if table != "run_slides" and self.exists(table):
+                self.spark.sql(f"CREATE TABLE IF NOT EXISTS `{db}`.`{name}` USING DELTA LOCATION '{self.path(table)}'")
 
     def _describe(self, text: str) -> None:
         if self.spark is not None:

@@ -128,6 +128,7 @@ def _tile_batches(lake: Lake, cfg: PipelineConfig, rec: RunRecord, good: list[di
     batches = [good[i:i + step] for i in range(0, len(good), step)] or ([[]] if replace_table or stale else [])
     decoded_acc = lake.spark.sparkContext.accumulator({}, CountLog())  # live progress only
     rects: dict[str, np.ndarray] | None = {}
+    lineage = Lineage(rec.run_id, rec.config_hash, __version__, rec.started_at, lake.path_root)
     with TileProgress(lake.spark, sum(generated.values()), lambda: sum(decoded_acc.value.values()), enabled=progress):
         for i, batch in enumerate(batches):
             with rec.stage("overlap+decode+write"):
@@ -141,7 +142,6 @@ def _tile_batches(lake: Lake, cfg: PipelineConfig, rec: RunRecord, good: list[di
                 tiles = repartition_tiles(planned, cfg.partition, expected)
                 replace = None if replace_table and i == 0 else [r["slide_id"] for r in batch] + (stale if i == 0 else [])
                 # decode -> pixel filter -> write (in the Python workers) -> commit (one Delta commit)
-                lineage = Lineage(rec.run_id, rec.config_hash, __version__, rec.started_at, lake.path_root)
                 wrote = write_tiles(lake, tiles, cfg.decode, cfg.filter, lineage, replace, cfg.tables.tile_compression,
                                     decoded_acc.add, on_profile, cfg.tables.direct_io)
             rects = None if rects is None or wrote.rects is None else {**rects, **wrote.rects}

@@ -437,7 +437,7 @@ def write_tiles(
         files = [(r["file"], int(r["rows"])) for r in results if r["file"]]
         size = sum(os.path.getsize(os.path.join(staging, f)) for f, _ in files) if on_profile is not None else 0
         t0 = time.perf_counter()
-        res = lake.commit_files("tiles", staging, files, schema, replace_partitions)
+        res = lake.commit_files("tiles", staging, files, schema, ["slide_id"], replace_partitions)
         if on_profile is not None:  # the driver's side of the write: move the files, one Delta commit
             on_profile({"write.commit_s": time.perf_counter() - t0, "write.files": float(len(files)),
                         "write.bytes": float(size)})
