@@ -77,28 +77,20 @@ def test_pure_modules_do_not_import_spark():
         assert not re.search(r"^\s*(from|import) pyspark", text, re.M), name
 
 
-# functions over 80 lines not yet split (their stage's logic in one piece); a new one fails the test
-LONG_FUNCTIONS = {"masks.py:read_slide_at", "resolution.py:resolve", "write.py:make_file_sink",
-                  "write.py:sink", "write.py:write_tiles"}
-
-
 def test_module_and_function_sizes():
-    """Every module at most 500 lines; every function at most 80 but those of
-    :data:`LONG_FUNCTIONS`, which may not grow past 170; the package at most 6,500 lines."""
+    """Every module at most 500 lines, every function at most 80; the package at most 6,600
+    lines (the goal is 5,500)."""
     total = 0
-    long_functions = set()
+    long_functions = []
     for p in SRC.glob("*.py"):
         lines = p.read_text().splitlines()
         total += len(lines)
         assert len(lines) <= 500, f"{p.name}: {len(lines)} lines"
         for node in ast.walk(ast.parse(p.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                n = node.end_lineno - node.lineno + 1
-                assert n <= 170, f"{p.name}:{node.name} ({n} lines)"
-                if n > 80:
-                    long_functions.add(f"{p.name}:{node.name}")
-    assert total <= 6500, total
-    assert long_functions <= LONG_FUNCTIONS, sorted(long_functions - LONG_FUNCTIONS)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long_functions.append(f"{p.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert total <= 6600, total
+    assert not long_functions, long_functions
 
 
 def test_public_api_names_resolve():

@@ -89,3 +89,27 @@ def test_spark_writer_gives_the_delta_rs_rows_and_reruns_skip(spark, tmp_path):
     assert "skipped: 1" in again.stdout
     assert pl.read_delta(str(lake / "tiles")).height == by_spark.height
     assert pl.read_delta(str(lake / "runs")).height == 2
+
+
+@pytest.mark.slides
+def test_catalog_tables_have_history_and_time_travel(tmp_path):
+    """With ``tables.catalog_database`` the tables are registered by name: SQL reads
+    ``pathology.tiles``, ``DESCRIBE HISTORY`` lists each commit, and ``VERSION AS OF`` gives the
+    table as the first run left it (a training set pinned to a version)."""
+    need(CMU)
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
+    env.pop("SLIDELAKE_SPARK_MASTER", None)
+    cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2]", "--jars", _jars(), *DELTA_CONF,
+           str(ROOT / "tests" / "catalog_job.py"), str(tmp_path / "lake"), str(CMU), str(ROOT / "conf" / "default.yaml")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("CATALOG-JSON ")]
+    out = json.loads(line.removeprefix("CATALOG-JSON "))
+    assert out["status"] == ["succeeded", "succeeded"] and out["writer"] == "spark"
+    assert out["tables"] == ["masks", "runs", "slides", "tile_errors", "tiles"]
+    tiles = pl.read_delta(str(tmp_path / "lake" / "tiles"))
+    assert out["tiles"] == tiles.height > 0 and out["runs"] == 2
+    # the forced rerun replaced the slide's partition in a second commit; version 0 is the first run's
+    assert [v for v, _ in out["history"]] == [1, 0] and {op for _, op in out["history"]} == {"WRITE"}
+    assert out["first_version_tiles"] == tiles.height
+    assert out["first_run_ids"] == [out["run_ids"][0]] and set(tiles["run_id"]) == {out["run_ids"][1]}

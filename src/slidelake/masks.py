@@ -74,6 +74,29 @@ def params_hash(cfg: MaskConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _region_from_stored(stored: Any, lds: float, x0: int, y0: int, rw: int, rh: int, ow: int, oh: int
+                        ) -> tuple[np.ndarray, np.ndarray] | None:
+    """A region of ``rw`` x ``rh`` px of a stored JPEG level (:class:`slidelake.native.NativeLevel`,
+    downsample ``lds``) at level-0 ``(x0, y0)``, box-resized to ``ow`` x ``oh``: ``(rgb, valid)``,
+    or None when a stored tile is corrupt (OpenSlide then reads the region)."""
+    from PIL import Image
+
+    from slidelake.native import CorruptTileError
+
+    lx, ly = int(x0 // lds), int(y0 // lds)
+    try:
+        px = stored.read(lx, ly, rw, rh, cache=False)
+    except CorruptTileError:
+        return None
+    inside_w, inside_h = min(rw, stored.width - lx), min(rh, stored.height - ly)
+    out = np.asarray(Image.fromarray(px).resize((ow, oh), Image.Resampling.BOX))
+    if inside_w >= rw and inside_h >= rh:
+        return out, np.ones((oh, ow), bool)
+    inside = np.zeros((rh, rw), np.uint8)
+    inside[:max(0, inside_h), :max(0, inside_w)] = 255
+    return out, np.asarray(Image.fromarray(inside).resize((ow, oh), Image.Resampling.BOX)) >= 128
+
+
 def read_slide_at(slide: Any, out_size: tuple[int, int], chunk_px: int = 2048,
                   threads: int = 1, native: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Read a whole slide resized to ``out_size`` = ``(w, h)`` px, in bounded-memory regions.
@@ -105,8 +128,6 @@ def read_slide_at(slide: Any, out_size: tuple[int, int], chunk_px: int = 2048,
     """
     from PIL import Image
 
-    from slidelake.native import CorruptTileError
-
     w, h = out_size
     W0, H0 = slide.dimensions
     ds_x, ds_y = W0 / w, H0 / h
@@ -118,27 +139,13 @@ def read_slide_at(slide: Any, out_size: tuple[int, int], chunk_px: int = 2048,
     rgb = np.empty((h, w, 3), np.uint8)  # filled region by region: no (h, w, 4) copy of the slide
     valid = np.empty((h, w), bool)
 
-    def from_stored(x0: int, y0: int, rw: int, rh: int, ow: int, oh: int) -> tuple[np.ndarray, np.ndarray] | None:
-        lx, ly = int(x0 // lds), int(y0 // lds)
-        try:
-            px = stored.read(lx, ly, rw, rh, cache=False)
-        except CorruptTileError:
-            return None  # OpenSlide decides
-        inside_w, inside_h = min(rw, stored.width - lx), min(rh, stored.height - ly)
-        out = np.asarray(Image.fromarray(px).resize((ow, oh), Image.Resampling.BOX))
-        if inside_w >= rw and inside_h >= rh:
-            return out, np.ones((oh, ow), bool)
-        inside = np.zeros((rh, rw), np.uint8)
-        inside[:max(0, inside_h), :max(0, inside_w)] = 255
-        return out, np.asarray(Image.fromarray(inside).resize((ow, oh), Image.Resampling.BOX)) >= 128
-
     def read(ox: int, oy: int) -> None:
         ow, oh = min(step_x, w - ox), min(step_y, h - oy)
         x0, y0 = math.floor(ox * ds_x), math.floor(oy * ds_y)
         x1, y1 = math.ceil((ox + ow) * ds_x), math.ceil((oy + oh) * ds_y)
         rw = max(1, round((x1 - x0) / lds))
         rh = max(1, round((y1 - y0) / lds))
-        got = from_stored(x0, y0, rw, rh, ow, oh) if stored is not None else None
+        got = _region_from_stored(stored, lds, x0, y0, rw, rh, ow, oh) if stored is not None else None
         if got is not None:
             rgb[oy:oy + oh, ox:ox + ow], valid[oy:oy + oh, ox:ox + ow] = got
             return

@@ -154,25 +154,7 @@ def resolve(
         mpp_source = None
 
     def _at(level: int, downsample: float | None = None) -> Resolved:
-        ld = float(level_downsamples[level])
-        if downsample is None:
-            w, h = level_dimensions[level]
-            d = ld
-        else:
-            d = downsample
-            w0, h0 = level_dimensions[0]
-            w, h = int(math.floor(w0 / d)), int(math.floor(h0 / d))
-        return Resolved(
-            level=level,
-            level_downsample=ld,
-            downsample=d,
-            scale=ld / d if downsample is not None else 1.0,
-            mpp_x=None if mpp_x is None else mpp_x * d,
-            mpp_y=None if mpp_y is None else mpp_y * d,
-            mpp_source=mpp_source,
-            width=int(w),
-            height=int(h),
-        )
+        return _resolved_at(level_dimensions, level_downsamples, level, mpp_x, mpp_y, mpp_source, downsample)
 
     if req.unit == "level":
         lvl = int(req.value)
@@ -188,32 +170,56 @@ def resolve(
     if abs(ds[near] / target - 1.0) <= req.tolerance:
         return _at(near)
 
+    what = f"downsample {target:.4g}" + (f" (mpp {target * mpp_x:.4g})" if mpp_x is not None else "")
+    return _at(*_fallback(req, ds, target, near, what))
+
+
+def _resolved_at(level_dimensions: Sequence[tuple[int, int]], level_downsamples: Sequence[float], level: int,
+                 mpp_x: float | None, mpp_y: float | None, mpp_source: str | None,
+                 downsample: float | None = None) -> Resolved:
+    """The :class:`Resolved` reading ``level``: at its own downsample, or resized to
+    ``downsample`` (then the extent is level 0's divided by it, rounded down)."""
+    ld = float(level_downsamples[level])
+    if downsample is None:
+        w, h = level_dimensions[level]
+        d = ld
+    else:
+        d = downsample
+        w0, h0 = level_dimensions[0]
+        w, h = int(math.floor(w0 / d)), int(math.floor(h0 / d))
+    return Resolved(
+        level=level, level_downsample=ld, downsample=d, scale=ld / d if downsample is not None else 1.0,
+        mpp_x=None if mpp_x is None else mpp_x * d, mpp_y=None if mpp_y is None else mpp_y * d,
+        mpp_source=mpp_source, width=int(w), height=int(h),
+    )
+
+
+def _fallback(req: ResolutionConfig, ds: list[float], target: float, near: int, what: str) -> tuple[int, float | None]:
+    """``(level, resize downsample or None)`` under ``req.fallback`` when no level of
+    downsamples ``ds`` is within tolerance of ``target`` (``near``: the nearest level).
+
+    Raises:
+        ResolutionError: the policy finds no acceptable level.
+    """
     finer = [i for i in range(len(ds)) if ds[i] <= target]
     coarser = [i for i in range(len(ds)) if ds[i] >= target]
-    what = f"downsample {target:.4g}" + (
-        f" (mpp {target * mpp_x:.4g})" if mpp_x is not None else ""
-    )
     avail = ", ".join(f"{d:.4g}" for d in ds)
     if req.fallback == "error":
-        raise ResolutionError(
-            f"no level within {req.tolerance:.0%} of {what}; level downsamples: {avail}"
-        )
+        raise ResolutionError(f"no level within {req.tolerance:.0%} of {what}; level downsamples: {avail}")
     if req.fallback == "nearest":
-        return _at(near)
+        return near, None
     if req.fallback == "floor":
         if not finer:
             raise ResolutionError(f"no level at or finer than {what}; level downsamples: {avail}")
-        return _at(max(finer, key=lambda i: ds[i]))
+        return max(finer, key=lambda i: ds[i]), None
     if req.fallback == "ceil":
         if not coarser:
             raise ResolutionError(f"no level at or coarser than {what}; level downsamples: {avail}")
-        return _at(min(coarser, key=lambda i: ds[i]))
+        return min(coarser, key=lambda i: ds[i]), None
     # resample: nearest finer level, resized to the exact target
     if not finer:
-        raise ResolutionError(
-            f"{what} is finer than level 0; resample does not upsample. Level downsamples: {avail}"
-        )
-    return _at(max(finer, key=lambda i: ds[i]), downsample=target)
+        raise ResolutionError(f"{what} is finer than level 0; resample does not upsample. Level downsamples: {avail}")
+    return max(finer, key=lambda i: ds[i]), target
 
 
 RESOLVED_FIELDS = (

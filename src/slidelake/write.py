@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Iterator
-from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
@@ -38,14 +36,13 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from slidelake.config import DecodeConfig, FilterConfig
-from slidelake.decode import DECODE_COLUMNS, DECODE_FIELDS, TileDecoder, make_decoder, tile_column
+from slidelake.decode import DECODE_COLUMNS, DECODE_FIELDS, DecodedBatch, TileDecoder, make_decoder, tile_column
 from slidelake.filtering import keep_mask
-from slidelake.grid import level0_rects
 from slidelake.lineage import TILE_ERRORS_SCHEMA, CountLog, FailureLog
 from slidelake.memory import freeze_long_lived, reset_peak_rss
-from slidelake.direct_io import open_for_write
 from slidelake.lake import Lake
 from slidelake.tables import WriteResult, discard_staging, to_stored
+from slidelake.tile_files import SlideFiles
 
 # column order of the tiles table
 TILES_COLUMNS = (
@@ -178,6 +175,54 @@ def _arrow_failures(table: Any, rows: np.ndarray, column: str, stage: str, error
             for sid, x, y, e in zip(sids, xs, ys, msgs)]
 
 
+def pixel_filter(d: DecodedBatch, fcfg: FilterConfig) -> np.ndarray:
+    """The pixel filter of a decoded batch: int64 indices of the tiles of ``d`` that decoded and
+    pass ``filter.min_std`` / ``filter.max_background_fraction``
+    (:func:`slidelake.filtering.keep_mask`)."""
+    decoded = [None if t is None else True for t in d.tiles]  # raw tiles are arrays
+    keep = keep_mask(pd.DataFrame({"decode_error": d.errors, "tile": decoded, "tile_std": d.std,
+                                   "background_fraction": d.background_fraction}), fcfg)
+    return np.flatnonzero(keep)
+
+
+def _kept_table(chunk: Any, d: DecodedBatch, idx: np.ndarray, schema: Any, constants: dict[str, Any],
+                path_root: str | None) -> Any:
+    """The file rows (Arrow, ``schema``) of the kept tiles ``idx`` of a decoded ``chunk``: its
+    metadata columns, the pixels and statistics of ``d``, and the run's ``constants``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kept = chunk.take(idx)
+    new = {
+        "path": _stored_path_array(kept.column("path"), path_root),
+        "tile": tile_column([d.tiles[i] for i in idx]),
+        "tile_width": pc.cast(kept.column("tile_extent_x"), pa.int32()),
+        "tile_height": pc.cast(kept.column("tile_extent_y"), pa.int32()),
+        "tile_mean": pa.array(d.mean[idx]), "tile_std": pa.array(d.std[idx]),
+        "background_fraction": pa.array(d.background_fraction[idx]),
+        "reader": pa.array([d.readers[i] for i in idx], pa.string()),
+        **{k: pa.repeat(v, len(idx)) for k, v in constants.items()},
+    }
+    return pa.table([new[c] if c in new else kept.column(c) for c in schema.names], names=schema.names).cast(schema)
+
+
+def _overlap_ok(batches: Iterator[Any], files: SlideFiles) -> Iterator[Any]:
+    """Arrow tables of the rows whose overlap succeeded; tiles whose overlay or annotations
+    could not be read are recorded as failed (stage ``overlap``) and never decoded."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for rb in batches:
+        table = pa.Table.from_batches([rb])
+        if table.num_rows and "overlap_error" in table.column_names:
+            bad = pc.is_valid(table.column("overlap_error"))
+            files.fail(_arrow_failures(table, np.flatnonzero(bad.to_numpy(zero_copy_only=False)),
+                                       "overlap_error", "overlap"))
+            table = table.filter(pc.invert(bad))
+        if table.num_rows:
+            yield table
+
+
 def make_file_sink(
     dcfg: DecodeConfig,
     fcfg: FilterConfig,
@@ -190,150 +235,64 @@ def make_file_sink(
     on_profile: Callable[[dict[str, float]], None] | None = None,
     direct_io: bool = True,
 ) -> Callable[[Iterator[Any]], Iterator[Any]]:
-    """Build the ``mapInArrow`` function that decodes, filters and writes a task's tiles.
+    """Build the ``mapInArrow`` function that decodes, filters and writes a task's tiles:
+    per decode batch (at most ``decode.batch_mb`` MiB of pixels, one Parquet row group),
+    decode (:class:`~slidelake.decode.TileDecoder`) -> pixel filter (:func:`pixel_filter`) ->
+    write (:class:`slidelake.tile_files.SlideFiles`).
 
     Works on Arrow record batches end to end: the tile rows' metadata columns go from Spark's
     Arrow batches to the Parquet file without a pandas round trip; only the decoder's inputs
-    become NumPy arrays (:class:`~slidelake.decode.TileDecoder`). Kept tiles of each slide go
-    to ``<staging>/<partition_col>=<value>/part-<uuid>.parquet`` (one row group per decode
-    batch of at most ``decode.batch_mb`` MiB of pixels; the ``tile`` bytes compressed with
-    ``tile_compression`` and without dictionary or statistics, the other columns zstd level 1;
-    the partition column is not stored in the file, as Spark and Delta do). With ``direct_io``
-    the files are written around the page cache (:func:`slidelake.direct_io.open_for_write`;
-    the same bytes).
-    Yields :data:`TILE_FILES_SCHEMA` record batches, one row per slide the task saw (and per
-    extra file of a slide). ``on_decoded`` and ``on_profile`` are as in
-    :func:`slidelake.decode.make_decoder` (progress, ``--profile``; ``write.s`` adds the seconds
-    spent building and writing the Arrow tables).
+    become NumPy arrays. Yields :data:`TILE_FILES_SCHEMA` record batches. ``on_decoded`` and
+    ``on_profile`` are as in :func:`slidelake.decode.make_decoder` (progress, ``--profile``;
+    ``write.s`` adds the seconds spent building and writing the Arrow tables).
     """
     from pyspark.sql.pandas.types import to_arrow_schema
 
-    file_fields = [f for f in schema.fields if f.name != partition_col]
-    columns = [f.name for f in file_fields]
-    arrow_schema = to_arrow_schema(T.StructType(file_fields), timezone="UTC")
+    arrow_schema = to_arrow_schema(T.StructType([f for f in schema.fields if f.name != partition_col]), timezone="UTC")
     result_schema = to_arrow_schema(TILE_FILES_SCHEMA, timezone="UTC")
-    small = [c for c in columns if c != "tile"]
-    codecs = {**{c: "zstd" for c in small}, "tile": tile_compression}
 
     def sink(batches: Iterator[Any]) -> Iterator[Any]:
         import pyarrow as pa
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
 
         freeze_long_lived()
         if on_profile is not None:
             reset_peak_rss()
         decoder = TileDecoder(dcfg, raw_pixels=True)  # raw tiles copied once, into the Arrow column
-        writers: dict[str, tuple[pq.ParquetWriter, Any]] = {}  # slide_id -> (writer, its file)
-        stats: dict[str, dict[str, Any]] = {}  # slide_id -> decoded, failures, files [[rel, rows]]
+        files = SlideFiles(staging, partition_col, arrow_schema, tile_compression, direct_io)
         constants = {"tile_format": pa.scalar(dcfg.encoding, pa.string()),
                      "run_id": pa.scalar(lineage.run_id, pa.string()),
                      "config_hash": pa.scalar(lineage.config_hash, pa.string()),
                      "slidelake_version": pa.scalar(lineage.slidelake_version, pa.string()),
                      "created_at": pa.scalar(lineage.created_at, arrow_schema.field("created_at").type)}
-
-        def close(w: Any, f: Any) -> None:
-            try:
-                w.close()  # the footer: pyarrow does not close a file object it did not open
-            finally:
-                f.close()
-
-        def slide(sid: str) -> dict[str, Any]:
-            return stats.setdefault(sid, {"decoded": 0, "failures": [], "files": []})
-
-        def write(sid: str, table: Any) -> None:
-            for other in [k for k in writers if k != sid]:  # rows arrive sorted by slide
-                close(*writers.pop(other))
-            if sid not in writers:
-                rel = f"{partition_col}={quote(sid, safe='')}/part-{uuid.uuid4().hex}.parquet"
-                full = os.path.join(staging, rel)
-                os.makedirs(os.path.dirname(full), exist_ok=True)
-                f = open_for_write(full, direct_io)
-                try:
-                    w = pq.ParquetWriter(f, arrow_schema, compression=codecs,
-                                         compression_level={c: 1 for c in small},
-                                         use_dictionary=small, write_statistics=small)
-                except BaseException:
-                    f.close()
-                    raise
-                writers[sid] = (w, f)
-                slide(sid)["files"].append([rel, 0, []])
-            writers[sid][0].write_table(table)
-            stats[sid]["files"][-1][1] += table.num_rows
-            stats[sid]["files"][-1][2].append(level0_rects(table).astype("<i4", copy=False).tobytes())
-
         try:
-            for rb in batches:
-                table = pa.Table.from_batches([rb])
-                if table.num_rows == 0:
-                    continue
-                if "overlap_error" in table.column_names:
-                    # tiles whose overlay or annotations could not be read: recorded, never decoded
-                    bad = pc.is_valid(table.column("overlap_error"))
-                    for sid, info in _arrow_failures(table, np.flatnonzero(bad.to_numpy(zero_copy_only=False)),
-                                                     "overlap_error", "overlap"):
-                        slide(sid)["failures"].append(info)
-                    table = table.filter(pc.invert(bad))
-                if table.num_rows == 0:
-                    continue
+            for table in _overlap_ok(batches, files):
                 rows = decoder.rows_per_batch(table.column("tile_extent_x")[0].as_py(),
                                               table.column("tile_extent_y")[0].as_py())
                 for start in range(0, table.num_rows, rows):
                     chunk = table.slice(start, rows)
                     col = {c: chunk.column(c).to_numpy(zero_copy_only=False) for c in DECODE_COLUMNS}
-                    d = decoder.decode(col)
+                    d = decoder.decode(col)  # decode
                     t0 = time.perf_counter()
-                    sids = col["slide_id"]
                     vc = pc.value_counts(chunk.column("slide_id"))
                     counts = {str(k): int(v) for k, v in zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())}
                     for sid, n in counts.items():
-                        slide(sid)["decoded"] += n
+                        files.slide(sid)["decoded"] += n
                     failed = np.array([i for i, e in enumerate(d.errors) if e is not None], np.int64)
-                    for sid, info in _arrow_failures(chunk, failed, "", "decode", d.errors):
-                        slide(sid)["failures"].append(info)
-                    decoded = [None if t is None else True for t in d.tiles]  # raw tiles are arrays
-                    keep = keep_mask(pd.DataFrame({"decode_error": d.errors, "tile": decoded, "tile_std": d.std,
-                                                   "background_fraction": d.background_fraction}), fcfg)
-                    idx = np.flatnonzero(keep)
-                    if len(idx):
-                        kept = chunk.take(idx)
-                        n = len(idx)
-                        new = {
-                            "path": _stored_path_array(kept.column("path"), lineage.path_root),
-                            "tile": tile_column([d.tiles[i] for i in idx]),
-                            "tile_width": pc.cast(kept.column("tile_extent_x"), pa.int32()),
-                            "tile_height": pc.cast(kept.column("tile_extent_y"), pa.int32()),
-                            "tile_mean": pa.array(d.mean[idx]),
-                            "tile_std": pa.array(d.std[idx]),
-                            "background_fraction": pa.array(d.background_fraction[idx]),
-                            "reader": pa.array([d.readers[i] for i in idx], pa.string()),
-                            **{k: pa.repeat(v, n) for k, v in constants.items()},
-                        }
-                        out = pa.table([new[c] if c in new else kept.column(c) for c in columns],
-                                       names=columns).cast(arrow_schema)
-                        kept_sids = sids[idx]
-                        # rows are sorted by slide: one contiguous run per slide
-                        cuts = np.flatnonzero(kept_sids[1:] != kept_sids[:-1]) + 1
-                        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, n]):
-                            write(str(kept_sids[lo]), out.slice(lo, hi - lo))
-                        del kept, new, out
+                    files.fail(_arrow_failures(chunk, failed, "", "decode", d.errors))
+                    idx = pixel_filter(d, fcfg)  # pixel filter
+                    if len(idx):  # write
+                        files.write(_kept_table(chunk, d, idx, arrow_schema, constants, lineage.path_root),
+                                    col["slide_id"][idx])
                     if on_decoded is not None:
-                        on_decoded({str(k): v for k, v in counts.items()})
+                        on_decoded(counts)
                     if on_profile is not None:
                         on_profile({**decoder.profile(d), "write.s": time.perf_counter() - t0})
                     del chunk, col, d  # let the next batch reuse this one's memory
         finally:
-            for w, f in writers.values():
-                close(w, f)
+            files.close()
             decoder.end_task()
-        rows_out = []
-        for sid, st in stats.items():
-            for i, (rel, n, rects) in enumerate(st["files"] or [[None, 0, []]]):
-                rows_out.append({"slide_id": sid, "file": rel, "rows": n,
-                                 "decoded": st["decoded"] if i == 0 else 0,
-                                 "failed": len(st["failures"]) if i == 0 else 0,
-                                 "failures": st["failures"] if i == 0 else [],
-                                 "rects": b"".join(rects)})
+        rows_out = files.results()
         if rows_out:
             yield pa.RecordBatch.from_pylist(rows_out, schema=result_schema)
 
@@ -403,32 +362,7 @@ def write_tiles(
     spark = lake.spark
     spark.sparkContext.setJobDescription("overlap + decode + write tiles")
     if lake.writer == "spark":
-        failures = spark.sparkContext.accumulator({}, FailureLog())
-        decoded = spark.sparkContext.accumulator({}, CountLog())
-
-        def count(d: dict[str, int]) -> None:
-            decoded.add(d)
-            if on_decoded is not None:
-                on_decoded(d)
-
-        rows = tiles.mapInPandas(
-            make_row_sink(dcfg, fcfg, lineage.path_root, lambda sid, info: failures.add({sid: {"count": 1, "samples": [info]}}),
-                          count, on_profile),
-            schema=T.StructType([f for f in tiles.schema.fields if f.name != "overlap_error"] + DECODE_FIELDS),
-        )
-        out = (
-            rows.withColumn("run_id", F.lit(lineage.run_id))
-            .withColumn("config_hash", F.lit(lineage.config_hash))
-            .withColumn("slidelake_version", F.lit(lineage.slidelake_version))
-            .withColumn("created_at", F.lit(lineage.created_at).cast("timestamp"))
-            .select(*TILES_COLUMNS)
-        )
-        res = lake.write_frame("tiles", out, mode="overwrite", partition_by=["slide_id"],
-                               replace_partitions=replace_partitions)
-        fails = failures.value
-        return TileWrite(res, dict(decoded.value), {k: v["count"] for k, v in fails.items()},
-                         {k: v["samples"] for k, v in fails.items()})
-
+        return _write_tiles_spark(lake, tiles, dcfg, fcfg, lineage, replace_partitions, on_decoded, on_profile)
     staging = lake.new_staging("tiles")
     try:
         sink = make_file_sink(dcfg, fcfg, lineage, schema, staging, "slide_id", tile_compression, on_decoded,
@@ -443,6 +377,46 @@ def write_tiles(
                         "write.bytes": float(size)})
     finally:
         discard_staging(staging)  # empty, or holds the files of failed task attempts
+    return _task_outcomes(res, results)
+
+
+def _write_tiles_spark(lake: Lake, tiles: DataFrame, dcfg: DecodeConfig, fcfg: FilterConfig, lineage: Lineage,
+                       replace_partitions: list[str] | None, on_decoded: Callable[[dict[str, int]], None] | None,
+                       on_profile: Callable[[dict[str, float]], None] | None) -> TileWrite:
+    """:func:`write_tiles` with Spark's Delta writer: the kept rows (:func:`make_row_sink`) go
+    back to Spark with the lineage columns; decode outcomes come from accumulators."""
+    spark = lake.spark
+    failures = spark.sparkContext.accumulator({}, FailureLog())
+    decoded = spark.sparkContext.accumulator({}, CountLog())
+
+    def count(d: dict[str, int]) -> None:
+        decoded.add(d)
+        if on_decoded is not None:
+            on_decoded(d)
+
+    rows = tiles.mapInPandas(
+        make_row_sink(dcfg, fcfg, lineage.path_root, lambda sid, info: failures.add({sid: {"count": 1, "samples": [info]}}),
+                      count, on_profile),
+        schema=T.StructType([f for f in tiles.schema.fields if f.name != "overlap_error"] + DECODE_FIELDS),
+    )
+    out = (
+        rows.withColumn("run_id", F.lit(lineage.run_id))
+        .withColumn("config_hash", F.lit(lineage.config_hash))
+        .withColumn("slidelake_version", F.lit(lineage.slidelake_version))
+        .withColumn("created_at", F.lit(lineage.created_at).cast("timestamp"))
+        .select(*TILES_COLUMNS)
+    )
+    res = lake.write_frame("tiles", out, mode="overwrite", partition_by=["slide_id"],
+                           replace_partitions=replace_partitions)
+    fails = failures.value
+    return TileWrite(res, dict(decoded.value), {k: v["count"] for k, v in fails.items()},
+                     {k: v["samples"] for k, v in fails.items()})
+
+
+def _task_outcomes(res: WriteResult, results: list[Any]) -> TileWrite:
+    """The :class:`TileWrite` of a commit ``res`` from the file sink's task results
+    (:data:`TILE_FILES_SCHEMA` rows): decoded and failed tiles per slide, every failure, and
+    the written tiles' level-0 rectangles."""
     out = TileWrite(res, rects={})
     rects: dict[str, list[np.ndarray]] = {}
     for r in results:
