@@ -309,7 +309,7 @@ def slidelake_child(args) -> None:
             "resolution": {"level": 0}, "grid": {"tile_extent": 256},
             "decode": {"encoding": args.encoding, "reader": args.reader},
             "masks": {"enabled": masks == "on"},
-            "tables": {"direct_io": not args.page_cache},
+            "tables": {"direct_io": not args.page_cache, "writer": args.writer},
             # with masks: keep tiles >= 50 % tissue; without: the pixel filter alone decides
             "filter": {"min_tissue_fraction": 0.5, "max_background_fraction": None if masks == "on" else 0.5},
         })
@@ -408,12 +408,13 @@ def child_command(slide: str | list[str], lake: str, cores: int, masks: str, rea
 
 def run_slidelake(slide: str | list[str], cores: int, masks: str = "on", reader: str = "auto",
                   kept_out: str | None = None, warm_runs: int = 3, interleave_masks_off: bool = False,
-                  encoding: str = "raw", page_cache: bool = False) -> dict:
+                  encoding: str = "raw", page_cache: bool = False, writer: str = "delta-rs") -> dict:
     """One configuration in a fresh process (:func:`slidelake_child`): a cold run over ``slide``
     (a path, or several: files, folders, globs, manifests), then ``warm_runs`` warm runs in the
     same session (the median is reported as ``warm``), each followed by a run without masks when
     ``interleave_masks_off``; tiles stored as ``encoding``, written through the page cache when
-    ``page_cache`` (``tables.direct_io=false``). ``kept_out``: a Parquet file for the
+    ``page_cache`` (``tables.direct_io=false``), committed by ``writer`` (``spark`` needs
+    ``$SLIDELAKE_DELTA_JARS``, :func:`slidelake.spark.delta_jar_conf`). ``kept_out``: a Parquet file for the
     first run's kept tiles (:func:`load_kept`); the result then also lists the ``slides`` rows
     and ``slide_errors``."""
     lake = tempfile.mkdtemp(prefix="slidelake-bench-")
@@ -421,6 +422,7 @@ def run_slidelake(slide: str | list[str], cores: int, masks: str = "on", reader:
     cmd += ["--encoding", encoding, "--warm-runs", str(warm_runs)]
     cmd += ["--interleave-masks-off"] if interleave_masks_off else []
     cmd += ["--page-cache"] if page_cache else []
+    cmd += ["--writer", writer]
     try:
         return bench_json(subprocess.run(cmd, capture_output=True, text=True, check=False))
     finally:
@@ -891,6 +893,7 @@ def main() -> None:
     ap.add_argument("--encoding", default="raw", help=argparse.SUPPRESS)
     ap.add_argument("--kept-out", help=argparse.SUPPRESS)
     ap.add_argument("--page-cache", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--writer", default="delta-rs", help=argparse.SUPPRESS)
     ap.add_argument("--interleave-masks-off", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--warm-runs", type=int, default=3, help="warm runs per configuration (the median is reported)")

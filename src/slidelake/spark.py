@@ -73,6 +73,33 @@ def local_conf() -> dict[str, str]:
     return conf
 
 
+DELTA_CONF: dict[str, str] = {
+    "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
+    "spark.sql.catalog.spark_catalog": "org.apache.spark.sql.delta.catalog.DeltaCatalog",
+}
+
+
+def delta_jar_conf() -> dict[str, str]:
+    """Settings that put Spark's Delta Lake writer in a new embedded session, as Databricks and
+    EMR have it: ``spark.jars`` = the ``delta-spark_*.jar`` and ``delta-storage-*.jar`` in the
+    folder ``$SLIDELAKE_DELTA_JARS`` (``jobs/fetch_jars.sh`` fills it) and :data:`DELTA_CONF`;
+    empty when the variable is unset (the delta-rs writer is then used).
+
+    Raises:
+        FileNotFoundError: ``$SLIDELAKE_DELTA_JARS`` is set but holds no Delta jars.
+    """
+    folder = os.environ.get("SLIDELAKE_DELTA_JARS", "").strip()
+    if not folder:
+        return {}
+    import glob
+
+    jars = sorted(glob.glob(os.path.join(folder, "delta-spark_*.jar")) + glob.glob(os.path.join(folder, "delta-storage-*.jar")))
+    if len(jars) < 2:
+        raise FileNotFoundError(f"SLIDELAKE_DELTA_JARS={folder}: no delta-spark and delta-storage jars there "
+                                "(run jobs/fetch_jars.sh, or unset it to use the delta-rs writer)")
+    return {"spark.jars": ",".join(jars), **DELTA_CONF}
+
+
 def get_spark(app_name: str = "slidelake", master: str | None = None) -> SparkSession:
     """Return the active SparkSession, or start an embedded local one.
 
@@ -81,7 +108,8 @@ def get_spark(app_name: str = "slidelake", master: str | None = None) -> SparkSe
         master: master URL for a new local session; default ``$SLIDELAKE_SPARK_MASTER`` or
             ``local[*]``. Ignored when a session already exists or under spark-submit.
 
-    A new local session gets :func:`local_conf` (its JVM options included) and starts its
+    A new local session gets :func:`local_conf` (its JVM options included) and
+    :func:`delta_jar_conf` (Spark's Delta writer when ``$SLIDELAKE_DELTA_JARS`` is set), and starts its
     Python workers in the background (:func:`warm_up`; ``SLIDELAKE_WARM_UP=0`` turns it off).
 
     Returns:
@@ -96,13 +124,8 @@ def get_spark(app_name: str = "slidelake", master: str | None = None) -> SparkSe
             builder = builder.master(master or os.environ.get("SLIDELAKE_SPARK_MASTER", "local[*]"))
             for k, v in local_conf().items():
                 builder = builder.config(k, v)
-            # Delta jars supplied with --packages/--jars locally: enable its SQL extension too
-            if os.environ.get("SLIDELAKE_DELTA_EXTENSIONS") == "1":
-                builder = builder.config(
-                    "spark.sql.extensions", "io.delta.sql.DeltaSparkSessionExtension"
-                ).config(
-                    "spark.sql.catalog.spark_catalog", "org.apache.spark.sql.delta.catalog.DeltaCatalog"
-                )
+            for k, v in delta_jar_conf().items():
+                builder = builder.config(k, v)
         spark = builder.getOrCreate()
         if not _under_cluster_launcher():
             spark.sparkContext.setLogLevel(os.environ.get("SLIDELAKE_SPARK_LOG_LEVEL", "ERROR"))
