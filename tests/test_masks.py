@@ -448,11 +448,14 @@ def test_a_tiling_run_draws_each_new_masks_qc_picture_once_and_also_when_it_fail
     mask_a = pl.read_delta(str(lake / "masks")).row(0, named=True)
     yellow, green = yellow_green(mask_a["qc_path"])
     assert yellow > 100 and green > 100
-    # drawn from the rectangles the write tasks reported: the same picture as from the table
+    # drawn from the rectangles the write tasks reported: the same picture as from the table's rows
     from_tasks = np.asarray(Image.open(mask_a["qc_path"]))
-    from slidelake.lake import Lake
-
-    qc_module.draw_qc(Lake(spark, str(lake)), {mask_a["slide_id"]: mask_a}, rec.run_id)
+    t = pl.read_delta(str(lake / "tiles"))
+    ds = t["downsample"].to_numpy()
+    x0, y0 = t["level0_x"].to_numpy(), t["level0_y"].to_numpy()
+    from_table = np.stack([x0, y0, x0 + np.round(t["valid_width"].to_numpy() * ds),
+                           y0 + np.round(t["valid_height"].to_numpy() * ds)], axis=1)
+    qc_module.draw_qc({mask_a["slide_id"]: mask_a}, {mask_a["slide_id"]: from_table})
     np.testing.assert_array_equal(np.asarray(Image.open(mask_a["qc_path"])), from_tasks)
     # another slide with another tile size into the same table: refused after its mask is made
     drawn.clear()

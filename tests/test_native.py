@@ -147,37 +147,37 @@ def test_benchmark_slide_native_reads_equal_read_region(tmp_path):
 
 
 def test_decoder_uses_native_reader_with_byte_bounded_batches(tmp_path):
-    import pandas as pd
-
     from slidelake.config import DecodeConfig
-    from slidelake.decode import make_decoder, tile_stats
+    from slidelake.decode import TileDecoder, tile_stats
     from slidelake.encoding import decode_tile
 
     path = tmp_path / "jpeg.tiff"
     make_tiff(path, 1500, 1100, levels=2, tile=128, compression="jpeg")
-    xs, ys = np.meshgrid(np.arange(0, 1500, 256), np.arange(0, 1100, 256))
+    xs, ys = (a.ravel() for a in np.meshgrid(np.arange(0, 1500, 256), np.arange(0, 1100, 256)))
     n = xs.size
-    pdf = pd.DataFrame({
-        "slide_id": "s", "path": str(path), "fingerprint": "f", "level": np.int32(0), "level_downsample": 1.0,
-        "level0_x": xs.ravel(), "level0_y": ys.ravel(), "read_width": 256, "read_height": 256,
-        "tile_extent_x": 256, "tile_extent_y": 256,
-        "valid_width": np.minimum(256, 1500 - xs.ravel()), "valid_height": np.minimum(256, 1100 - ys.ravel()),
-        "tile_x": xs.ravel(), "tile_y": ys.ravel(),
-    })
-    out = list(make_decoder(DecodeConfig(encoding="raw", batch_mb=1.0))(iter([pdf])))
-    assert [len(o) for o in out] == [5] * (n // 5) + ([n % 5] if n % 5 else [])  # 1 MiB = 5 raw 256 px tiles
-    got = pd.concat(out, ignore_index=True)
-    assert set(got["reader"]) == {"native"} and got["decode_error"].isna().all()
+    col = {
+        "slide_id": np.array(["s"] * n, object), "path": np.array([str(path)] * n, object),
+        "fingerprint": np.array(["f"] * n, object), "level": np.zeros(n, np.int32),
+        "level_downsample": np.ones(n), "level0_x": xs, "level0_y": ys,
+        "read_width": np.full(n, 256), "read_height": np.full(n, 256),
+        "tile_extent_x": np.full(n, 256), "tile_extent_y": np.full(n, 256),
+        "valid_width": np.minimum(256, 1500 - xs), "valid_height": np.minimum(256, 1100 - ys),
+        "tile_x": xs, "tile_y": ys,
+    }
+    decoder = TileDecoder(DecodeConfig(encoding="raw", batch_mb=1.0))
+    assert decoder.rows_per_batch(256, 256) == 5  # 1 MiB = 5 raw 256 px tiles (196,608 bytes each)
+    assert decoder.rows_per_batch(100, 100) == 34  # 1 MiB / 30,000 bytes
+    got = decoder.decode(col)
+    assert set(got.readers) == {"native"} and got.errors == [None] * n
     osr = openslide.OpenSlide(str(path))
-    for r in got.itertuples():
-        rgb = decode_tile(r.tile, "raw", 256, 256)
-        ref = rgba_to_rgb(np.asarray(osr.read_region((int(r.level0_x), int(r.level0_y)), 0, (256, 256))))
-        ref = ref.copy()
-        ref[:, r.valid_width:] = 255
-        ref[r.valid_height:, :] = 255
+    for i in range(n):
+        rgb = decode_tile(got.tiles[i], "raw", 256, 256)
+        ref = rgba_to_rgb(np.asarray(osr.read_region((int(xs[i]), int(ys[i])), 0, (256, 256)))).copy()
+        ref[:, col["valid_width"][i]:] = 255
+        ref[col["valid_height"][i]:, :] = 255
         np.testing.assert_array_equal(rgb, ref)
         mean, std, bg = tile_stats(ref, 220)
-        assert (r.tile_mean, r.tile_std, r.background_fraction) == pytest.approx((mean, std, bg))
+        assert (got.mean[i], got.std[i], got.background_fraction[i]) == pytest.approx((mean, std, bg))
     # the statistics agree with the plain NumPy definitions
     grey = ref.mean(axis=2)
     assert (mean, std, bg) == pytest.approx((grey.mean(), grey.std(), (ref.min(axis=2) >= 220).mean()))

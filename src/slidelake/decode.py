@@ -4,8 +4,7 @@
   the tasks on a diagonal lattice (:func:`region_task`), so neighbouring tiles of one slide stay
   in one task and the tasks get even shares of the tissue, then sorts each partition region by
   region, in raster order within a region, so reads walk the file forwards.
-* :class:`TileDecoder` (used by :mod:`slidelake.write`'s ``mapInArrow`` file sink, and by
-  :func:`make_decoder`, the ``mapInPandas`` function of the spark-writer path) reads each
+* :class:`TileDecoder` (used by :mod:`slidelake.write`'s ``mapInArrow`` file sink) reads each
   tile's region at its level, from the file's own JPEG tiles
   (:mod:`slidelake.native`) where the level qualifies, else with ``OpenSlide.read_region`` at
   the row's level-0 coordinates (transparent pixels composited on white); resizes when
@@ -25,17 +24,16 @@ import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
-import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from slidelake.config import DecodeConfig, PartitionConfig
 from slidelake.encoding import encode_tile
-from slidelake.memory import freeze_long_lived, peak_rss_mib, reset_peak_rss, trim_heap
+from slidelake.memory import peak_rss_mib, trim_heap
 from slidelake.native import CorruptTileError, open_native
 
 DECODE_FIELDS = [
@@ -263,8 +261,8 @@ def tile_stats(rgb: np.ndarray, background_threshold: int) -> tuple[float, float
 MAX_BINARY_BYTES = 2**31 - 1  # the most bytes one Arrow ``binary`` array holds (int32 offsets)
 
 
-def tile_column(tiles: Sequence[bytes | np.ndarray]) -> "pa.Array":
-    """The ``tile`` column (Arrow ``binary``) of a batch's kept tiles.
+def tile_column(tiles: Sequence[bytes | np.ndarray]) -> Any:
+    """The ``tile`` column (a ``pyarrow`` ``binary`` array) of a batch's kept tiles.
 
     Encoded tiles (``bytes``) go into the column as they are. Pixel arrays (the ``raw``
     encoding with :class:`TileDecoder` ``raw_pixels``) are copied once, each C-contiguous
@@ -328,8 +326,8 @@ class TileDecoder:
     """Reads, encodes and measures tiles given as NumPy columns (:data:`DECODE_COLUMNS`), with the
     worker's cached slide handles: the file's own JPEG tiles (:mod:`slidelake.native`) where
     the level qualifies, else ``OpenSlide.read_region`` (a tile the native reader finds corrupt
-    is re-read by OpenSlide, which decides). Shared by the pandas decoder
-    (:func:`make_decoder`) and the workers' file sink (:func:`slidelake.write.make_file_sink`).
+    is re-read by OpenSlide, which decides). Used by the workers' file sink
+    (:func:`slidelake.write.make_file_sink`).
 
     ``raw_pixels``: with encoding ``raw``, keep each tile's pixels as an array
     (:attr:`DecodedBatch.tiles`) instead of copying them into a ``bytes`` of their own; the file
@@ -425,63 +423,11 @@ class TileDecoder:
         trim_heap()
 
     def profile(self, d: DecodedBatch) -> dict[str, float]:
-        """The ``--profile`` figures of one batch (see :func:`make_decoder`)."""
+        """The ``--profile`` figures of one batch: seconds reading pixels (``decode.read_s``),
+        encoding (``decode.encode_s``) and in the whole batch (``decode.batch_s``), tiles per
+        reader, and the worker's peak resident set in this stage so far
+        (``decode.worker_peak_mib``, :mod:`slidelake.memory`)."""
         return {"decode.batch_s": d.seconds, "decode.encode_s": d.encode_s, "decode.read_s": d.seconds - d.encode_s,
                 "decode.tiles": float(len(d.tiles)),
                 "decode.tiles_native": float(sum(r == "native" for r in d.readers)),
                 "decode.worker_peak_mib": peak_rss_mib()}
-
-
-def make_decoder(cfg: DecodeConfig, on_failure: Callable[[str, dict[str, Any]], None] | None = None,
-                 on_decoded: Callable[[dict[str, int]], None] | None = None,
-                 on_profile: Callable[[dict[str, float]], None] | None = None,
-                 ) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
-    """Build the ``mapInPandas`` function that decodes a partition's tiles (:class:`TileDecoder`)
-    and yields each batch's rows plus :data:`DECODE_FIELDS`.
-
-    ``on_failure(slide_id, info)`` is called for each tile that failed, ``on_decoded({slide_id:
-    tiles})`` once per batch with the tiles whose decode was attempted, ``on_profile({name:
-    value})`` once per batch with seconds spent reading pixels (``decode.read_s``), encoding
-    (``decode.encode_s``) and in the whole batch (``decode.batch_s``), tiles per reader, and the
-    worker's peak resident set in this stage so far (``decode.worker_peak_mib``,
-    :mod:`slidelake.memory`) (e.g. to feed accumulators). Output batches have at most
-    ``cfg.batch_size`` rows and at most ``cfg.batch_mb`` MiB of uncompressed RGB tiles.
-    """
-
-    def decode(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        freeze_long_lived()
-        if on_profile is not None:
-            reset_peak_rss()
-        decoder = TileDecoder(cfg)
-        for pdf in batches:
-            if pdf.empty:
-                continue
-            rows = decoder.rows_per_batch(int(pdf["tile_extent_x"].iloc[0]), int(pdf["tile_extent_y"].iloc[0]))
-            for start in range(0, len(pdf), rows):
-                chunk = pdf.iloc[start:start + rows].reset_index(drop=True)
-                d = decoder.decode({c: chunk[c].to_numpy() for c in DECODE_COLUMNS})
-                if on_decoded is not None:
-                    on_decoded({str(k): int(v) for k, v in chunk["slide_id"].value_counts().items()})
-                if on_profile is not None:
-                    on_profile(decoder.profile(d))
-                for i, e in enumerate(d.errors):
-                    if e is not None and on_failure is not None:
-                        on_failure(str(chunk["slide_id"].iloc[i]),
-                                   {"tile_x": int(chunk["tile_x"].iloc[i]), "tile_y": int(chunk["tile_y"].iloc[i]),
-                                    "error": e})
-                out = chunk.assign(
-                    tile=d.tiles,
-                    tile_format=cfg.encoding,
-                    tile_width=chunk["tile_extent_x"].astype("int32"),
-                    tile_height=chunk["tile_extent_y"].astype("int32"),
-                    tile_mean=d.mean,
-                    tile_std=d.std,
-                    background_fraction=d.background_fraction,
-                    reader=d.readers,
-                    decode_error=d.errors,
-                )
-                yield out
-                del out, chunk, d  # let the next batch reuse this one's memory
-        decoder.end_task()
-
-    return decode

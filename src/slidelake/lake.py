@@ -32,12 +32,19 @@ from slidelake.config import PipelineConfig
 from slidelake.spark import delta_jars_available
 from slidelake.tables import (
     WriteResult, arrow_schema, commit_files, discard_staging, from_stored, local_path, maps_to_dicts,
-    new_staging, retry_on_conflict, staged_files, table_exists, to_stored,
+    new_staging, retry_on_conflict, rows_by_partition, sql_in, staged_files, table_exists, to_stored,
 )
 
 Writer = Literal["spark", "delta-rs"]
 TableName = Literal["slides", "masks", "tiles", "tile_errors", "run_slides", "runs"]
 TABLES: tuple[TableName, ...] = ("slides", "masks", "tiles", "tile_errors", "run_slides", "runs")
+
+
+# Spark's vectorized Parquet reader: rows per batch, sized to about this many bytes of rows
+READER_BATCH_CONF = "spark.sql.parquet.columnarReaderBatchSize"
+READER_BATCH_BYTES = 32 * 2**20
+# tables.tile_compression -> Spark's Parquet codec name
+SPARK_CODECS = {"none": "uncompressed", "lz4": "lz4_raw"}
 
 
 def choose_writer(spark: SparkSession, requested: str = "auto") -> Writer:
@@ -267,21 +274,24 @@ class Lake:
             discard_staging(staging)
 
     def _write_frame_spark(self, df: DataFrame, p: str, mode: str, partition_by: list[str],
-                           replace_partitions: list[str] | None) -> WriteResult:
+                           replace_partitions: list[str] | None, by_partition: dict[str, int] | None = None,
+                           compression: str | None = None) -> WriteResult:
+        if mode == "overwrite" and replace_partitions == []:
+            mode = "append"  # nothing to replace
         w = df.write.format("delta").mode(mode)
+        if compression is not None:
+            w = w.option("compression", SPARK_CODECS.get(compression, compression))
         if partition_by:
             w = w.partitionBy(*partition_by)
-        if mode == "overwrite" and replace_partitions is not None:
-            if not replace_partitions:
-                w = df.write.format("delta").mode("append").partitionBy(*partition_by)
-            else:
-                quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in replace_partitions)
-                w = w.option("replaceWhere", f"`{partition_by[0]}` IN ({quoted})")
-        elif mode == "overwrite":
+        if mode == "overwrite" and replace_partitions:
+            w = w.option("replaceWhere", sql_in(f"`{partition_by[0]}`", replace_partitions))
+        elif mode == "overwrite" and replace_partitions is None:
             w = w.option("overwriteSchema", "true")
         w.save(p)
         res = self._spark_result(p)
-        if partition_by and replace_partitions and res.version is not None:
+        if by_partition is not None:
+            res.rows_by_partition = by_partition
+        elif partition_by and replace_partitions and res.version is not None:
             # the replaced partitions hold exactly the rows just written: count them back (partition column only)
             added = self.spark.read.format("delta").option("versionAsOf", res.version).load(p)
             added = added.where(F.col(partition_by[0]).isin(replace_partitions))
@@ -301,11 +311,42 @@ class Lake:
         return new_staging(self.path(table))
 
     def commit_files(self, table: TableName, staging: str, files: list[tuple[str, int]], schema: T.StructType,
-                     partition_by: list[str], replace_partitions: list[str] | None) -> WriteResult:
-        """Commit exactly ``files`` (``(path relative to staging, rows)``) from ``staging`` to
-        ``table`` in one delta-rs commit, replacing the ``replace_partitions`` values of the first
-        of ``partition_by`` (``None``: the whole table; :func:`slidelake.tables.commit_files`)."""
-        return commit_files(self.path(table), staging, files, schema, "overwrite", partition_by, replace_partitions)
+                     partition_by: list[str], replace_partitions: list[str] | None,
+                     compression: str = "none") -> WriteResult:
+        """Commit exactly ``files`` (``(path relative to staging, rows)``, Hive-style
+        ``key=value`` folders for the partition values) from ``staging`` to ``table`` in one
+        commit, replacing the ``replace_partitions`` values of the first of ``partition_by``
+        (``None``: the whole table; an empty list only appends).
+
+        ``compression``: the Parquet codec of the files Spark writes (``none``, ``zstd``,
+        ``lz4``, ``snappy``; the delta-rs writer commits the staged files as they are).
+
+        delta-rs moves the files into the table and adds them to the log
+        (:func:`slidelake.tables.commit_files`). Spark's Delta writer has no public call that
+        adds files written elsewhere, so Spark reads exactly these files and writes their rows
+        into the table (``replaceWhere`` on the replaced partitions); the staged files are
+        then the caller's to discard.
+        """
+        if self.writer != "spark":
+            return commit_files(self.path(table), staging, files, schema, "overwrite", partition_by, replace_partitions)
+        self._describe(f"commit {table}")
+        if not files:
+            return self._write_frame_spark(self.spark.createDataFrame([], schema), self.path(table), "overwrite",
+                                           partition_by, replace_partitions, {})
+        rows = sum(n for _, n in files)
+        size = sum(os.path.getsize(os.path.join(staging, rel)) for rel, _ in files)
+        conf = self.spark.conf
+        before = conf.get(READER_BATCH_CONF, None)
+        # Spark's vectorized Parquet reader holds 4,096 rows a batch by default: with tiles of
+        # 20-200 KB that is hundreds of MiB per batch, and reading staged tiles took 3x longer
+        conf.set(READER_BATCH_CONF, str(max(16, min(4096, READER_BATCH_BYTES * max(1, rows) // max(1, size)))))
+        try:
+            df = (self.spark.read.schema(schema).option("basePath", staging)
+                  .parquet(*(f"{staging}/{rel}" for rel, _ in files)).select(*schema.fieldNames()))
+            return self._write_frame_spark(df, self.path(table), "overwrite", partition_by, replace_partitions,
+                                           rows_by_partition(files, partition_by), compression)
+        finally:
+            conf.unset(READER_BATCH_CONF) if before is None else conf.set(READER_BATCH_CONF, before)
 
     def register(self) -> None:
         """Register the tables by name in ``catalog_database`` (``CREATE TABLE IF NOT EXISTS

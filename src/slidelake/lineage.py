@@ -145,29 +145,6 @@ def versions(spark_version: str | None = None) -> dict[str, str]:
     return out
 
 
-class FailureLog(AccumulatorParam):
-    """Spark accumulator of per-slide tile failures: ``{slide_id: {"count": n, "samples": [...]}}``.
-
-    Keeps at most 20 sample failures (coordinates and message) per slide. Like every Spark
-    accumulator updated inside a transformation, a task retried after an executor loss can add
-    its failures twice; ``tiles_written`` is always exact (read from the commit).
-    """
-
-    MAX_SAMPLES = 20
-
-    def zero(self, value: dict[str, Any]) -> dict[str, Any]:
-        return {}
-
-    def addInPlace(self, a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-        for sid, v in b.items():
-            cur = a.setdefault(sid, {"count": 0, "samples": []})
-            cur["count"] += v["count"]
-            room = self.MAX_SAMPLES - len(cur["samples"])
-            if room > 0:
-                cur["samples"].extend(v["samples"][:room])
-        return a
-
-
 class SumLog(AccumulatorParam):
     """Spark accumulator of named sums ``{name: float}`` (``--profile`` timings and counts);
     names ending in ``_peak_mib`` (a worker's peak memory) keep the largest value instead."""
@@ -182,8 +159,9 @@ class SumLog(AccumulatorParam):
 
 
 class CountLog(AccumulatorParam):
-    """Spark accumulator of per-slide counts ``{slide_id: n}`` (e.g. tiles decoded); a retried
-    task can add twice, like :class:`FailureLog`."""
+    """Spark accumulator of per-slide counts ``{slide_id: n}`` (tiles decoded, for the live
+    progress only: like every accumulator updated in a transformation, a retried task can add
+    twice; the run's counts come from the task results)."""
 
     def zero(self, value: dict[str, int]) -> dict[str, int]:
         return {}

@@ -98,7 +98,7 @@ def tile_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, slides: list[di
         draw_qc_after_failure({sid: m for sid, m in masks.items() if m.get("run_id") == rec.run_id})
         raise
     with rec.stage("qc"):
-        draw_qc(lake, {r["slide_id"]: masks[r["slide_id"]] for r in good if r["slide_id"] in masks}, rec.run_id, rects)
+        draw_qc({r["slide_id"]: masks[r["slide_id"]] for r in good if r["slide_id"] in masks}, rects)
     counts = rec.slide_counts
     total, written = sum(generated.values()), sum(c["tiles_written"] for c in counts)
     if prof_acc is not None:
@@ -113,21 +113,20 @@ def tile_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, slides: list[di
 
 def _tile_batches(lake: Lake, cfg: PipelineConfig, rec: RunRecord, good: list[dict], slides: list[dict],
                   masks: dict[str, dict], generated: dict[str, int], replace_table: bool, progress: bool,
-                  on_profile: Callable | None) -> dict[str, np.ndarray] | None:
+                  on_profile: Callable | None) -> dict[str, np.ndarray]:
     """Tile ``good`` (resolved rows) in batches of ``tables.slides_per_commit``, one commit
     each; tiles of content no longer in the ``slides`` table (a file rewritten since it was
     tiled) are removed with the first commit. Fills ``rec.slide_counts``.
 
     Returns:
-        This run's kept tiles' rectangles by slide (level-0 px), or None when they must be
-        read back from the table (the ``spark`` writer).
+        This run's kept tiles' rectangles by slide (level-0 px).
     """
     current = {r["slide_id"] for r in lake.read_rows("slides", SLIDES_SCHEMA)} | {r["slide_id"] for r in slides}
     stale = sorted(lake.partition_values("tiles") - current)
     step = cfg.tables.slides_per_commit
     batches = [good[i:i + step] for i in range(0, len(good), step)] or ([[]] if replace_table or stale else [])
     decoded_acc = lake.spark.sparkContext.accumulator({}, CountLog())  # live progress only
-    rects: dict[str, np.ndarray] | None = {}
+    rects: dict[str, np.ndarray] = {}
     lineage = Lineage(rec.run_id, rec.config_hash, __version__, rec.started_at, lake.path_root)
     with TileProgress(lake.spark, sum(generated.values()), lambda: sum(decoded_acc.value.values()), enabled=progress):
         for i, batch in enumerate(batches):
@@ -144,7 +143,7 @@ def _tile_batches(lake: Lake, cfg: PipelineConfig, rec: RunRecord, good: list[di
                 # decode -> pixel filter -> write (in the Python workers) -> commit (one Delta commit)
                 wrote = write_tiles(lake, tiles, cfg.decode, cfg.filter, lineage, replace, cfg.tables.tile_compression,
                                     decoded_acc.add, on_profile, cfg.tables.direct_io)
-            rects = None if rects is None or wrote.rects is None else {**rects, **wrote.rects}
+            rects.update(wrote.rects)
             _record_batch(lake, rec, batch, generated, wrote, replace_table and i == 0)
     return rects
 

@@ -7,12 +7,7 @@ yellow, upscaled by an integer factor towards :data:`QC_MAX_SIDE` px.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
-
-if TYPE_CHECKING:
-    from slidelake.lake import Lake
 
 QC_MAX_SIDE = 1024  # px of the longer side of a QC picture (small slides are upscaled to it)
 
@@ -60,43 +55,28 @@ def qc_picture(rgb: np.ndarray, mask: np.ndarray, tiles: np.ndarray | None = Non
     return np.asarray(img)
 
 
-def draw_qc(lake: "Lake | None", masks: dict[str, dict], run_id: str | None,
-            rects: dict[str, np.ndarray] | None = None) -> None:
-    """Draw each slide's QC picture (``masks.qc_path``) with the tiles run ``run_id`` kept.
+def draw_qc(masks: dict[str, dict], rects: dict[str, np.ndarray]) -> None:
+    """Draw each slide's QC picture (``masks.qc_path``) with the tiles a run kept.
 
-    The tiles' in-slide rectangles are ``rects`` (``{slide_id: (n, 4) array}`` of ``(x0, y0,
-    x1, y1)`` in level-0 px, as the workers' task results report them), or else read back from
-    the committed tiles table of ``lake`` (five numeric columns, no pixels); ``lake`` None and
-    ``rects`` None draw the outline only. Drawn in mask px over the thumbnail, on the driver,
-    one thread per core (a picture takes tens of ms).
+    ``rects``: ``{slide_id: (n, 4) array}`` of the kept tiles' ``(x0, y0, x1, y1)`` in
+    level-0 px, as the workers' task results report them (a slide absent: the outline only).
+    Drawn in mask px over the thumbnail, on the driver, one thread per core (a picture takes
+    tens of ms).
     """
     import os
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
 
-    from slidelake.grid import level0_rects
     from slidelake.overlays import read_overlay
 
     todo = {sid: m for sid, m in masks.items() if m.get("qc_path") and m.get("thumbnail_path")}
     if not todo:
         return
-    level0: dict[str, np.ndarray] = dict(rects or {})
-    if rects is None and lake is not None:
-        import pyarrow.compute as pc
-
-        t = lake.read_columns("tiles", ["slide_id", "run_id", "level0_x", "level0_y", "valid_width", "valid_height",
-                                        "downsample"], list(todo))
-        if t.num_columns:
-            t = t.filter(pc.equal(t.column("run_id"), run_id))
-            sids = t.column("slide_id").to_numpy(zero_copy_only=False)
-            order = np.argsort(sids, kind="stable")  # one pass over the rows, not one per slide
-            keys, starts = np.unique(sids[order], return_index=True)
-            level0 = dict(zip(keys.tolist(), np.split(level0_rects(t)[order], starts[1:])))
 
     def draw(sid: str) -> None:
         m = todo[sid]
-        boxes = np.asarray(level0.get(sid, np.zeros((0, 4))), dtype=float)
+        boxes = np.asarray(rects.get(sid, np.zeros((0, 4))), dtype=float)
         boxes = boxes / np.array([m["mask_downsample_x"], m["mask_downsample_y"]] * 2, dtype=float)
         labels, _ = read_overlay(m["mask_path"])
         rgb = np.asarray(Image.open(m["thumbnail_path"]).convert("RGB"))
@@ -110,7 +90,7 @@ def draw_qc_after_failure(masks: dict[str, dict]) -> None:
     """The QC pictures of ``masks`` (made by a tiling run that then failed), outline only; an
     error here is logged, not raised over the run's own error."""
     try:
-        draw_qc(None, masks, None)
+        draw_qc(masks, {})
     except Exception as exc:  # noqa: BLE001 - the run's own error is the one to raise
         import logging
 

@@ -80,6 +80,17 @@ def _partition_values(rel: str, partition_by: list[str]) -> dict[str, str | None
     return {k: vals.get(k) for k in partition_by}
 
 
+def rows_by_partition(files: list[tuple[str, int]], partition_by: list[str]) -> dict[str, int]:
+    """Rows per value of the first of ``partition_by`` (``""`` for null) of staged ``files``
+    (``(relative path with Hive-style key=value folders, rows)``); empty without partitions."""
+    out: dict[str, int] = {}
+    if partition_by:
+        for rel, n in files:
+            key = _partition_values(rel, partition_by)[partition_by[0]] or ""
+            out[key] = out.get(key, 0) + int(n)
+    return out
+
+
 def new_staging(path: str) -> str:
     """Create and return a fresh staging folder ``<table>/_staging/<uuid>/`` for data files
     that :func:`commit_files` will move into the table. Local paths only.
@@ -174,7 +185,6 @@ def commit_files(
     local = local_path(path)
     partition_by = partition_by or []
     adds: list[AddAction] = []
-    by_part: dict[str, int] = {}
     total = 0
     for rel, n in sorted(files):
         src = os.path.join(staging, rel)
@@ -191,9 +201,6 @@ def commit_files(
             stats=json.dumps({"numRecords": int(n)}),
         ))
         total += int(n)
-        if partition_by:
-            key = pvals[partition_by[0]] or ""
-            by_part[key] = by_part.get(key, 0) + int(n)
 
     dschema = Schema.from_json(nullable(schema).json())
 
@@ -214,7 +221,7 @@ def commit_files(
             dt.create_write_transaction(adds, mode=mode, schema=dschema, partition_by=partition_by or None)
 
     retry_on_conflict(commit)
-    return WriteResult(DeltaTable(local).version(), len(adds), total, by_part)
+    return WriteResult(DeltaTable(local).version(), len(adds), total, rows_by_partition(files, partition_by))
 
 
 def _is_conflict(exc: BaseException) -> bool:

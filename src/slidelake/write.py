@@ -1,22 +1,16 @@
 """Decode, pixel filter and write stage: tile rows in, committed Delta tiles table out.
 
-Two sinks share one decode (:class:`slidelake.decode.TileDecoder`) and one pixel filter
-(:func:`slidelake.filtering.keep_mask`), both inside the Python workers:
-
-* ``delta-rs`` writer (local lakes, the default here; a ``mapInArrow`` stage): **the Python
-  workers write the tiles' Parquet files themselves** with pyarrow, the rows staying Arrow
-  record batches from Spark to the file, one file per (task, slide) in the table's staging
-  folder, row groups of one decode batch. Only file names, row counts and per-slide decode
-  outcomes (tiles decoded, every failed tile with its coordinates and error) go back to the
-  driver, which commits exactly those files in one Delta commit
-  (:func:`slidelake.tables.commit_files`). Tile bytes never cross into the JVM: in
-  ``docs/benchmarks.md`` that JVM path cost as much as the decoding. The outcomes are Spark task
-  results, so a task retried after an executor loss is counted once, and the files of failed or
-  superseded attempts are never committed.
-* ``spark`` writer (Databricks, EMR with Delta; a ``mapInPandas`` stage through
-  :func:`slidelake.decode.make_decoder`): kept tiles go back to Spark as rows and
-  Spark's Delta writer writes them; per-slide outcomes then come from accumulators, which can
-  count a retried task twice.
+In the Python workers (a ``mapInArrow`` stage, :func:`make_file_sink`), per decode batch:
+decode (:class:`slidelake.decode.TileDecoder`) -> pixel filter (:func:`pixel_filter`) -> write:
+**the workers write the tiles' Parquet files themselves** with pyarrow, the rows staying Arrow
+record batches from Spark to the file, one file per (task, slide) in the table's staging folder,
+row groups of one decode batch. Only file names, row counts and per-slide decode outcomes (tiles
+decoded, every failed tile with its coordinates and error) go back to the driver as task
+results, so a task retried after an executor loss is counted once, and the files of failed or
+superseded attempts are never committed. The driver then commits exactly those files in one
+Delta commit (:meth:`slidelake.lake.Lake.commit_files`: delta-rs adds them to the log; Spark's
+Delta writer reads them and writes them into the table). Tile bytes never pass through JVM
+rows on their way from the decoder to a file.
 
 Units: tile coordinates (``tile_x``, ``tile_y``) are px at the tile resolution.
 """
@@ -32,13 +26,12 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import pandas as pd
 from pyspark.sql import DataFrame
-from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from slidelake.config import DecodeConfig, FilterConfig
-from slidelake.decode import DECODE_COLUMNS, DECODE_FIELDS, DecodedBatch, TileDecoder, make_decoder, tile_column
+from slidelake.decode import DECODE_COLUMNS, DECODE_FIELDS, DecodedBatch, TileDecoder, tile_column
 from slidelake.filtering import keep_mask
-from slidelake.lineage import TILE_ERRORS_SCHEMA, CountLog, FailureLog
+from slidelake.lineage import TILE_ERRORS_SCHEMA
 from slidelake.memory import freeze_long_lived, reset_peak_rss
 from slidelake.lake import Lake
 from slidelake.tables import WriteResult, discard_staging, to_stored
@@ -98,17 +91,16 @@ class TileWrite:
         result: the tiles table commit (:class:`~slidelake.tables.WriteResult`).
         decoded: ``{slide_id: tiles whose decode was attempted}``.
         failed: ``{slide_id: tiles that failed to decode}``.
-        failures: ``{slide_id: [{"tile_x", "tile_y", "stage", "error"}, ...]}``: every failed
-            tile with the ``delta-rs`` writer, up to 20 samples per slide with ``spark``.
+        failures: ``{slide_id: [{"tile_x", "tile_y", "stage", "error"}, ...]}``: every failed tile.
         rects: ``{slide_id: int32 (n, 4) array}`` of the written tiles' rectangles in level-0 px
-            (:func:`slidelake.grid.level0_rects`), from the task results (``delta-rs`` writer); None with ``spark`` (read them back).
+            (:func:`slidelake.grid.level0_rects`), from the task results.
     """
 
     result: WriteResult
     decoded: dict[str, int] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)
     failures: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    rects: dict[str, np.ndarray] | None = None
+    rects: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def tiles_schema(pre: T.StructType) -> T.StructType:
@@ -119,18 +111,10 @@ def tiles_schema(pre: T.StructType) -> T.StructType:
     return T.StructType([by_name[c] for c in TILES_COLUMNS])
 
 
-def _stored_paths(pdf: pd.DataFrame, root: str | None) -> pd.DataFrame:
-    """``pdf`` with its ``path`` column in stored form (relative to ``root``, see
-    :func:`slidelake.tables.to_stored`), computed once per distinct path, not per tile."""
-    if not root:
-        return pdf
-    stored = {p: to_stored(p, root) for p in pdf["path"].unique()}
-    return pdf.assign(path=pdf["path"].map(stored))
-
-
 def _stored_path_array(paths: Any, root: str | None) -> Any:
-    """An Arrow ``path`` column in stored form (as :func:`_stored_paths`), computed once per
-    distinct path, not per tile; unchanged without ``root``."""
+    """An Arrow ``path`` column in stored form (relative to ``root``, see
+    :func:`slidelake.tables.to_stored`), computed once per distinct path, not per tile;
+    unchanged without ``root``."""
     if not root:
         return paths
     import pyarrow as pa
@@ -139,26 +123,6 @@ def _stored_path_array(paths: Any, root: str | None) -> Any:
     distinct = pc.unique(paths)
     stored = pa.array([to_stored(p, root) for p in distinct.to_pylist()], pa.string())
     return stored.take(pc.index_in(paths, value_set=distinct))
-
-
-def _failed_tiles(pdf: pd.DataFrame, column: str, stage: str) -> list[tuple[str, dict[str, Any]]]:
-    """``(slide_id, {"tile_x", "tile_y", "stage", "error"})`` for each row whose ``column`` is set."""
-    bad = pdf.loc[pdf[column].notna(), ["slide_id", "tile_x", "tile_y", column]]
-    return [(str(sid), {"tile_x": int(x), "tile_y": int(y), "stage": stage, "error": str(e)})
-            for sid, x, y, e in bad.itertuples(index=False, name=None)]
-
-
-def _without_overlap_failures(batches: Iterator[pd.DataFrame],
-                              record: Callable[[str, dict[str, Any]], None]) -> Iterator[pd.DataFrame]:
-    """Pass on the rows whose overlap succeeded; ``record`` each tile whose overlap failed
-    (its overlay or annotations could not be read: it is neither decoded nor written)."""
-    for pdf in batches:
-        if "overlap_error" in pdf.columns:
-            for sid, info in _failed_tiles(pdf, "overlap_error", "overlap"):
-                record(sid, info)
-            pdf = pdf.loc[pdf["overlap_error"].isna()]
-        if len(pdf):
-            yield pdf
 
 
 def _arrow_failures(table: Any, rows: np.ndarray, column: str, stage: str, errors: list | None = None,
@@ -243,8 +207,9 @@ def make_file_sink(
     Works on Arrow record batches end to end: the tile rows' metadata columns go from Spark's
     Arrow batches to the Parquet file without a pandas round trip; only the decoder's inputs
     become NumPy arrays. Yields :data:`TILE_FILES_SCHEMA` record batches. ``on_decoded`` and
-    ``on_profile`` are as in :func:`slidelake.decode.make_decoder` (progress, ``--profile``;
-    ``write.s`` adds the seconds spent building and writing the Arrow tables).
+    ``on_profile`` (e.g. accumulators' ``add``) get ``{slide_id: tiles whose decode was
+    attempted}`` and the ``--profile`` figures (:meth:`slidelake.decode.TileDecoder.profile`,
+    plus ``write.s``, the seconds spent building and writing the Arrow tables) once per batch.
     """
     from pyspark.sql.pandas.types import to_arrow_schema
 
@@ -299,28 +264,6 @@ def make_file_sink(
     return sink
 
 
-def make_row_sink(
-    dcfg: DecodeConfig,
-    fcfg: FilterConfig,
-    path_root: str | None = None,
-    on_failure: Callable[[str, dict[str, Any]], None] | None = None,
-    on_decoded: Callable[[dict[str, int]], None] | None = None,
-    on_profile: Callable[[dict[str, float]], None] | None = None,
-) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
-    """Build the ``mapInPandas`` function that decodes and filters a task's tiles and yields the
-    kept rows (input columns plus :data:`~slidelake.decode.DECODE_FIELDS`, ``decode_error``
-    always null; ``path`` stored relative to ``path_root`` when given) for Spark's own writer."""
-    decoder = make_decoder(dcfg, on_failure, on_decoded, on_profile)
-
-    def sink(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        for out in decoder(_without_overlap_failures(batches, on_failure or (lambda sid, info: None))):
-            kept = out.loc[keep_mask(out, fcfg)]
-            if len(kept):
-                yield _stored_paths(kept.drop(columns=["overlap_error"], errors="ignore"), path_root)
-
-    return sink
-
-
 def write_tiles(
     lake: Lake,
     tiles: DataFrame,
@@ -336,9 +279,8 @@ def write_tiles(
     """Decode, filter and write ``tiles`` (repartitioned tile rows with ``tile_id``) to the
     lake's tiles table, partitioned by ``slide_id``, in one Delta commit.
 
-    With the ``delta-rs`` writer the workers write the files (:func:`make_file_sink`) and the
-    driver commits exactly those (:meth:`slidelake.lake.Lake.commit_files`); with ``spark`` the
-    kept rows go to Spark's Delta writer (:func:`make_row_sink`).
+    The workers write the files (:func:`make_file_sink`) and the driver commits exactly those
+    (:meth:`slidelake.lake.Lake.commit_files`, with the lake's Delta writer).
 
     Args:
         lake: the lake (its writer and tiles table).
@@ -346,11 +288,11 @@ def write_tiles(
             non-pixel column of :data:`TILES_COLUMNS`.
         dcfg, fcfg: decode and pixel filter settings.
         lineage: run id, config hash, version, time.
-        tile_compression: Parquet codec of the ``tile`` column (``delta-rs`` writer only).
+        tile_compression: Parquet codec of the ``tile`` column in the workers' files.
         replace_partitions: slide ids whose partitions this commit replaces (``None``: the
             whole table).
         on_decoded, on_profile: progress and ``--profile`` callbacks (accumulators).
-        direct_io: write the tile files around the page cache (``delta-rs`` writer only).
+        direct_io: write the tile files around the page cache.
 
     Returns:
         :class:`TileWrite`. Nothing is committed when a task fails for good (Spark raises).
@@ -361,8 +303,6 @@ def write_tiles(
     # its description (the SQL tab shows each stage's plan: MapInArrow overlap, then sink)
     spark = lake.spark
     spark.sparkContext.setJobDescription("overlap + decode + write tiles")
-    if lake.writer == "spark":
-        return _write_tiles_spark(lake, tiles, dcfg, fcfg, lineage, replace_partitions, on_decoded, on_profile)
     staging = lake.new_staging("tiles")
     try:
         sink = make_file_sink(dcfg, fcfg, lineage, schema, staging, "slide_id", tile_compression, on_decoded,
@@ -371,7 +311,7 @@ def write_tiles(
         files = [(r["file"], int(r["rows"])) for r in results if r["file"]]
         size = sum(os.path.getsize(os.path.join(staging, f)) for f, _ in files) if on_profile is not None else 0
         t0 = time.perf_counter()
-        res = lake.commit_files("tiles", staging, files, schema, ["slide_id"], replace_partitions)
+        res = lake.commit_files("tiles", staging, files, schema, ["slide_id"], replace_partitions, tile_compression)
         if on_profile is not None:  # the driver's side of the write: move the files, one Delta commit
             on_profile({"write.commit_s": time.perf_counter() - t0, "write.files": float(len(files)),
                         "write.bytes": float(size)})
@@ -380,44 +320,11 @@ def write_tiles(
     return _task_outcomes(res, results)
 
 
-def _write_tiles_spark(lake: Lake, tiles: DataFrame, dcfg: DecodeConfig, fcfg: FilterConfig, lineage: Lineage,
-                       replace_partitions: list[str] | None, on_decoded: Callable[[dict[str, int]], None] | None,
-                       on_profile: Callable[[dict[str, float]], None] | None) -> TileWrite:
-    """:func:`write_tiles` with Spark's Delta writer: the kept rows (:func:`make_row_sink`) go
-    back to Spark with the lineage columns; decode outcomes come from accumulators."""
-    spark = lake.spark
-    failures = spark.sparkContext.accumulator({}, FailureLog())
-    decoded = spark.sparkContext.accumulator({}, CountLog())
-
-    def count(d: dict[str, int]) -> None:
-        decoded.add(d)
-        if on_decoded is not None:
-            on_decoded(d)
-
-    rows = tiles.mapInPandas(
-        make_row_sink(dcfg, fcfg, lineage.path_root, lambda sid, info: failures.add({sid: {"count": 1, "samples": [info]}}),
-                      count, on_profile),
-        schema=T.StructType([f for f in tiles.schema.fields if f.name != "overlap_error"] + DECODE_FIELDS),
-    )
-    out = (
-        rows.withColumn("run_id", F.lit(lineage.run_id))
-        .withColumn("config_hash", F.lit(lineage.config_hash))
-        .withColumn("slidelake_version", F.lit(lineage.slidelake_version))
-        .withColumn("created_at", F.lit(lineage.created_at).cast("timestamp"))
-        .select(*TILES_COLUMNS)
-    )
-    res = lake.write_frame("tiles", out, mode="overwrite", partition_by=["slide_id"],
-                           replace_partitions=replace_partitions)
-    fails = failures.value
-    return TileWrite(res, dict(decoded.value), {k: v["count"] for k, v in fails.items()},
-                     {k: v["samples"] for k, v in fails.items()})
-
-
 def _task_outcomes(res: WriteResult, results: list[Any]) -> TileWrite:
     """The :class:`TileWrite` of a commit ``res`` from the file sink's task results
     (:data:`TILE_FILES_SCHEMA` rows): decoded and failed tiles per slide, every failure, and
     the written tiles' level-0 rectangles."""
-    out = TileWrite(res, rects={})
+    out = TileWrite(res)
     rects: dict[str, list[np.ndarray]] = {}
     for r in results:
         sid = r["slide_id"]
