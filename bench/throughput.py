@@ -606,9 +606,8 @@ from pyspark.sql import functions as F
 from slidelake.spark import get_spark
 from slidelake.grid import expand_grid
 spark = get_spark("grid-bench")
-slides = spark.createDataFrame([("s%d" % i, 40960, 30720, 1.0) for i in range({cores})],
-                               "slide_id string, extent_x long, extent_y long, downsample double")
-g = expand_grid(slides, (16, 16), (16, 16), "keep")
+slides = [dict(slide_id="s%d" % i, extent_x=40960, extent_y=30720, downsample=1.0) for i in range({cores})]
+g = expand_grid(spark, slides, (16, 16), (16, 16), "keep")
 g.agg(F.sum("level0_x")).collect()  # warm-up
 t = time.perf_counter()
 r = g.agg(F.count("*"), F.sum("level0_x"), F.sum("valid_width")).collect()[0]
@@ -670,11 +669,11 @@ import os, time, json
 os.environ["SLIDELAKE_SPARK_MASTER"] = "local[{cores}]"
 from pyspark.sql import functions as F
 from slidelake.spark import get_spark
-from slidelake.grid import banded_grid, grid_shape, row_bands
+from slidelake.grid import expand_grid, grid_shape, row_bands
 from slidelake.overlap import SlideInputs, overlap_tiles
 from slidelake.pipeline import GRID_TILES_PER_TASK
 spark = get_spark("overlap-bench")
-g = banded_grid(spark, [dict(slide_id="s", extent_x={W0}, extent_y={H0}, downsample=1.0)], (256, 256), (256, 256),
+g = expand_grid(spark, [dict(slide_id="s", extent_x={W0}, extent_y={H0}, downsample=1.0)], (256, 256), (256, 256),
                 "keep", None, GRID_TILES_PER_TASK)
 o = overlap_tiles(g, {{"s": SlideInputs({W0}, {H0}, 1.0, {path!r})}}, None, 0.5, 0.5)
 walls = []

@@ -17,6 +17,21 @@ DAPI = SLIDES / "hamamatsu" / "test3-DAPI-2-387.ndpi"
 TRITC = SLIDES / "hamamatsu" / "test3-TRITC-2-560.ndpi"
 
 
+JARS = Path(os.environ.get("SLIDELAKE_DELTA_JARS") or Path.home() / ".cache" / "slidelake" / "jars")
+
+
+def delta_jars() -> Path:
+    """The folder holding the Delta Lake jars (``jobs/fetch_jars.sh``): sessions started with
+    ``SLIDELAKE_DELTA_JARS`` set to it have Spark's Delta writer. Skips the test, with the
+    reason, where they are absent; fails in CI (``CI=true``), where ``.ci/run`` fetches them."""
+    found = list(JARS.glob("delta-spark_*.jar")) + list(JARS.glob("delta-storage-*.jar"))
+    if len(found) < 2:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"Delta Lake jars missing in {JARS}: .ci/run fetches them (jobs/fetch_jars.sh)")
+        pytest.skip(f"Delta Lake jars absent (run jobs/fetch_jars.sh or set SLIDELAKE_DELTA_JARS): {JARS}")
+    return JARS
+
+
 def need(*paths: Path) -> None:
     """Skip the test, with the reason, when a real slide is absent."""
     missing = [str(p) for p in paths if not p.is_file()]

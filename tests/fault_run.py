@@ -1,11 +1,12 @@
 """Subprocess entry of tests/test_faults.py: one ``run_all`` on a real multi-JVM Spark master,
 with a fault injected from outside the pipeline once the workers have started writing tiles.
 
-    python tests/fault_run.py LAKE SLIDE MASTER {executor|driver|none}
+    python tests/fault_run.py LAKE SLIDE MASTER {executor|driver|none} [delta-rs|spark]
 
 ``executor``: SIGKILL one executor JVM (``CoarseGrainedExecutorBackend``) mid-decode; Spark must
 retry its tasks. ``driver``: SIGKILL this process (the driver) before the tiles commit.
-Prints ``RESULT <json>`` with the run's counts when the run ends.
+The last argument is the Delta writer (``spark`` needs ``SLIDELAKE_DELTA_JARS``, which the
+session then loads). Prints ``RESULT <json>`` with the run's counts when the run ends.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def _inject(lake: str, fault: str, log: list[str]) -> None:
 
 def main() -> None:
     lake, slide, master, fault = sys.argv[1:5]
+    writer = sys.argv[5] if len(sys.argv) > 5 else "delta-rs"
     os.environ["SLIDELAKE_SPARK_MASTER"] = master
     from slidelake.config import PipelineConfig
     from slidelake.pipeline import run_all
@@ -59,13 +61,14 @@ def main() -> None:
         "inputs": [slide], "lake": lake, "resolution": {"level": 0},
         "grid": {"tile_extent": 128, "last": "keep"}, "masks": {"enabled": False},
         "filter": {"max_background_fraction": None}, "decode": {"encoding": "png"},
-        "partition": {"tiles_per_partition": 64},
+        "partition": {"tiles_per_partition": 64}, "tables": {"writer": writer},
     })
     log: list[str] = []
     if fault != "none":
         threading.Thread(target=_inject, args=(lake, fault, log), daemon=True).start()
     rec = run_all(spark, cfg)
-    print("RESULT " + json.dumps({"counts": rec.counts, "log": log, "status": rec.status}), flush=True)
+    print("RESULT " + json.dumps({"counts": rec.counts, "log": log, "status": rec.status,
+                                  "writer": rec.delta_writer}), flush=True)
     spark.stop()
 
 

@@ -1,6 +1,7 @@
 """Distributed faults on ``local-cluster[2,1,1024]`` (two real executor JVMs), injected from
 outside the pipeline by ``tests/fault_run.py``: an executor killed mid-decode, the driver killed
-before the tiles commit. Tables are read back with polars and delta-rs (not our reader)."""
+before the tiles commit; with each Delta writer (delta-rs, and Spark's with the Delta Lake jars).
+Tables are read back with polars and delta-rs (not our reader)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import CMU, make_tiff, need
+from conftest import CMU, delta_jars, make_tiff, need
 from deltalake import DeltaTable
 
 from slidelake.config import PipelineConfig
@@ -22,9 +23,15 @@ HERE = Path(__file__).resolve().parent
 MASTER = "local-cluster[2,1,1024]"
 
 
-def _run(lake: Path, slide: Path, fault: str) -> subprocess.CompletedProcess:
+WRITERS = ["delta-rs", "spark"]
+
+
+def _run(lake: Path, slide: Path, fault: str, writer: str = "delta-rs") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
-    return subprocess.run([sys.executable, str(HERE / "fault_run.py"), str(lake), str(slide), MASTER, fault],
+    env.pop("SLIDELAKE_DELTA_JARS", None)
+    if writer == "spark":
+        env["SLIDELAKE_DELTA_JARS"] = str(delta_jars())
+    return subprocess.run([sys.executable, str(HERE / "fault_run.py"), str(lake), str(slide), MASTER, fault, writer],
                           capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -50,11 +57,13 @@ def _tiles(lake: Path) -> pl.DataFrame:
 
 
 @pytest.mark.spark
-def test_executor_killed_mid_decode_every_tile_exactly_once(spark, tmp_path):
+@pytest.mark.parametrize("writer", WRITERS)
+def test_executor_killed_mid_decode_every_tile_exactly_once(spark, tmp_path, writer):
     need(CMU)
-    proc = _run(tmp_path / "lake", CMU, "executor")
+    proc = _run(tmp_path / "lake", CMU, "executor", writer)
     res = _result(proc)
     assert res["status"] == "succeeded" and res["log"] and res["log"][0].startswith("killed executor")
+    assert res["writer"] == writer
     got = _tiles(tmp_path / "lake")
     run_all(spark, _cfg(tmp_path / "clean", CMU))
     want = _tiles(tmp_path / "clean")
@@ -67,7 +76,8 @@ def test_executor_killed_mid_decode_every_tile_exactly_once(spark, tmp_path):
 
 
 @pytest.mark.spark
-def test_driver_killed_before_commit_leaves_table_then_rerun_completes(spark, tmp_path):
+@pytest.mark.parametrize("writer", WRITERS)
+def test_driver_killed_before_commit_leaves_table_then_rerun_completes(spark, tmp_path, writer):
     need(CMU)
     lake = tmp_path / "lake"
     other = tmp_path / "other.tiff"
@@ -76,7 +86,7 @@ def test_driver_killed_before_commit_leaves_table_then_rerun_completes(spark, tm
     before_version = DeltaTable(str(lake / "tiles")).version()
     before = _tiles(lake)
 
-    proc = _run(lake, CMU, "driver")
+    proc = _run(lake, CMU, "driver", writer)
     assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILL, mid-run
     assert DeltaTable(str(lake / "tiles")).version() == before_version
     assert _tiles(lake).equals(before)
@@ -87,8 +97,12 @@ def test_driver_killed_before_commit_leaves_table_then_rerun_completes(spark, tm
     for f in [left[0], *left[0].rglob("*")]:
         os.utime(f, (1e9, 1e9))
 
-    rec = run_all(spark, _cfg(lake, CMU))
-    assert rec.status == "succeeded" and rec.counts["tiles_written"] == 18 * 24
+    if writer == "spark":
+        res = _result(_run(lake, CMU, "none", writer))
+        assert res["status"] == "succeeded" and res["writer"] == "spark" and res["counts"]["tiles_written"] == 18 * 24
+    else:
+        rec = run_all(spark, _cfg(lake, CMU))
+        assert rec.status == "succeeded" and rec.counts["tiles_written"] == 18 * 24
     t = _tiles(lake)
     assert t.height == before.height + 18 * 24 and t["tile_id"].is_duplicated().sum() == 0
     assert not (lake / "tiles" / "_staging").exists()

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from slidelake.grid import GRID_COLUMNS, axis_positions, band_tiles, expand_grid, grid_shape, grid_size, row_bands
+from slidelake.grid import TILE_COLUMNS, axis_count, band_tiles, expand_grid, grid_shape, grid_size, row_bands
 
 
 def reference(length, extent, stride, last):
@@ -43,34 +43,46 @@ CASES = list(itertools.product(
 
 
 @pytest.mark.parametrize("length,extent,stride,last", CASES)
-def test_axis_positions_match_reference(length, extent, stride, last):
-    ref = reference(length, extent, stride, last)
-    assert list(axis_positions(length, extent, stride, last)) == ref
+def test_axis_count_matches_reference(length, extent, stride, last):
+    assert axis_count(length, extent, stride, last) == len(reference(length, extent, stride, last))
 
 
-def test_semantics_on_a_worked_example():
-    # 1000 px, 256 px tiles, no overlap: 3 full tiles cover 0..768, 232 px remain
-    assert list(axis_positions(1000, 256, 256, "drop")) == [0, 256, 512]
-    assert list(axis_positions(1000, 256, 256, "keep")) == [0, 256, 512, 768]
-    assert list(axis_positions(1000, 256, 256, "shift")) == [0, 256, 512, 744]
-    # 50 % overlap
-    assert list(axis_positions(512, 256, 128, "drop")) == [0, 128, 256]
-    # slide smaller than a tile
-    assert list(axis_positions(100, 256, 256, "keep")) == [0]
-    assert list(axis_positions(100, 256, 256, "drop")) == []
-    assert list(axis_positions(100, 256, 256, "shift")) == []
+def _axis_grid(spark, cases, downsample=1.0):
+    """The Spark grid of one slide per case ``(length, extent, stride, last)``: ``length`` x 1
+    tile px, tiles of ``extent`` x 1 every ``stride`` x 1, in one job. Returns
+    ``{case: [rows sorted by tile_x]}``."""
+    from functools import reduce
+
+    frames = [expand_grid(spark, [dict(slide_id=str(i), extent_x=c[0], extent_y=1, downsample=downsample)],
+                          (c[1], 1), (c[2], 1), c[3]) for i, c in enumerate(cases)]
+    out = {c: [] for c in cases}
+    for r in reduce(lambda a, b: a.unionByName(b), frames).collect():
+        out[cases[int(r.slide_id)]].append(r)
+    return {c: sorted(rows, key=lambda r: r.tile_x) for c, rows in out.items()}
+
+
+@pytest.mark.spark
+def test_spark_grid_matches_reference_on_the_full_table(spark):
+    """Every (length, extent, stride, last) of :data:`CASES`: lengths equal to the extent, strides
+    dividing ``length - extent``, strides above the extent (gaps); positions, grid indices and
+    the part inside the slide."""
+    got = _axis_grid(spark, CASES)
+    for (length, extent, stride, last), rows in got.items():
+        want = reference(length, extent, stride, last)
+        assert [r.tile_x for r in rows] == want, (length, extent, stride, last)
+        assert [r.tile_col for r in rows] == list(range(len(want)))
+        assert [r.valid_width for r in rows] == [min(extent, length - x) for x in want]
+        assert all(r.tile_row == r.tile_y == 0 and r.valid_height == 1 for r in rows)
 
 
 @pytest.mark.spark
 @pytest.mark.parametrize("last", ["keep", "drop", "shift"])
 @pytest.mark.parametrize("extent,stride", [((64, 48), (64, 48)), ((64, 64), (40, 24)), ((50, 30), (80, 70))])
 def test_spark_expand_grid_matches_reference(spark, last, extent, stride):
-    slides = spark.createDataFrame(
-        [("a", 1000, 777, 1.0), ("b", 130, 50, 2.0), ("c", 10, 10, 4.0)],
-        "slide_id string, extent_x long, extent_y long, downsample double",
-    )
-    rows = expand_grid(slides, extent, stride, last).collect()
-    for sid, W, H, d in [("a", 1000, 777, 1.0), ("b", 130, 50, 2.0), ("c", 10, 10, 4.0)]:
+    specs = [("a", 1000, 777, 1.0), ("b", 130, 50, 2.0), ("c", 10, 10, 4.0)]
+    slides = [dict(slide_id=sid, extent_x=W, extent_y=H, downsample=d) for sid, W, H, d in specs]
+    rows = expand_grid(spark, slides, extent, stride, last).collect()
+    for sid, W, H, d in specs:
         got = sorted((r.tile_x, r.tile_y) for r in rows if r.slide_id == sid)
         want = sorted(itertools.product(reference(W, extent[0], stride[0], last),
                                          reference(H, extent[1], stride[1], last)))
@@ -80,7 +92,34 @@ def test_spark_expand_grid_matches_reference(spark, last, extent, stride):
             assert r.level0_x == int(r.tile_x * d + 0.5) and r.level0_y == int(r.tile_y * d + 0.5)
             assert r.valid_width == min(extent[0], W - r.tile_x)
             assert r.valid_height == min(extent[1], H - r.tile_y)
-            assert r.stride_x == stride[0] and r.tile_extent_y == extent[1]
+
+
+def test_semantics_on_a_worked_example():
+    # 1000 px, 256 px tiles, no overlap: 3 full tiles cover 0..768, 232 px remain
+    assert reference(1000, 256, 256, "drop") == [0, 256, 512]
+    assert reference(1000, 256, 256, "keep") == [0, 256, 512, 768]
+    assert reference(1000, 256, 256, "shift") == [0, 256, 512, 744]
+    assert reference(512, 256, 128, "drop") == [0, 128, 256]  # 50 % overlap
+    # slide smaller than a tile
+    assert reference(100, 256, 256, "keep") == [0]
+    assert reference(100, 256, 256, "drop") == reference(100, 256, 256, "shift") == []
+    assert [axis_count(1000, 256, 256, last) for last in ("drop", "keep", "shift")] == [3, 4, 4]
+
+
+@pytest.mark.spark
+@pytest.mark.parametrize("downsample", [2.0005, 4.000135, 1.0 / 3.0])
+def test_level0_placement_with_non_integer_downsamples(spark, downsample):
+    """Real pyramids have downsamples like 2.0005 or 4.000135: level-0 positions are
+    ``floor(x * downsample + 0.5)`` (round half up), checked against Python's arithmetic with
+    ``Fraction`` (exact) on a grid whose products land near .5."""
+    from fractions import Fraction
+
+    cases = [(20011, 256, 256, "keep"), (20011, 224, 150, "shift")]
+    for (length, extent, stride, last), rows in _axis_grid(spark, cases, downsample).items():
+        assert [r.tile_x for r in rows] == reference(length, extent, stride, last)
+        for r in rows:
+            exact = Fraction(r.tile_x) * Fraction(downsample) + Fraction(1, 2)
+            assert r.level0_x == int(exact // 1), (r.tile_x, downsample)
 
 
 @pytest.mark.parametrize("rows,tiles,per_band", [(1, 10, 4), (7, 70, 10), (7, 70, 1000), (100, 10_000, 650), (3, 3, 1)])
@@ -119,20 +158,18 @@ def test_spark_grid_in_row_bands_is_the_whole_grid(spark, roi):
     cols, rows = grid_shape(1000, 777, 2.0, extent, stride, last, roi)
     bands = row_bands(rows, cols * rows, cols * rows // 5)
     assert len(bands) == 5
-    banded = spark.createDataFrame([("a", 1000, 777, 2.0, b0, b1) for b0, b1 in bands],
-                                   "slide_id string, extent_x long, extent_y long, downsample double, b0 long, b1 long")
-    whole = spark.createDataFrame([("a", 1000, 777, 2.0)], "slide_id string, extent_x long, extent_y long, downsample double")
-    got = expand_grid(banded, extent, stride, last, roi, row_band=("b0", "b1")).select(*GRID_COLUMNS).collect()
-    want = expand_grid(whole, extent, stride, last, roi).select(*GRID_COLUMNS).collect()
+    slide = [dict(slide_id="a", extent_x=1000, extent_y=777, downsample=2.0)]
+    got = expand_grid(spark, slide, extent, stride, last, roi, cols * rows // 5).collect()
+    want = expand_grid(spark, slide, extent, stride, last, roi).collect()
     assert len(want) == cols * rows and got == want  # same rows, same (raster) order
+    assert list(want[0].asDict()) == ["slide_id", *TILE_COLUMNS]
 
 
 @pytest.mark.spark
 def test_spark_expand_grid_roi(spark):
-    slides = spark.createDataFrame([("a", 1000, 800, 2.0)],
-                                   "slide_id string, extent_x long, extent_y long, downsample double")
+    slides = [dict(slide_id="a", extent_x=1000, extent_y=800, downsample=2.0)]
     # ROI in level-0 px: x 400..1000, y 200..600 -> tile px x 200..500, y 100..300
-    rows = expand_grid(slides, (100, 100), (100, 100), "drop", roi=(400, 200, 600, 400)).collect()
+    rows = expand_grid(spark, slides, (100, 100), (100, 100), "drop", roi=(400, 200, 600, 400)).collect()
     got = sorted((r.tile_x, r.tile_y) for r in rows)
     assert got == sorted(itertools.product([200, 300, 400], [100, 200]))
     assert len(rows) == grid_size(1000, 800, 2.0, (100, 100), (100, 100), "drop", (400, 200, 600, 400))
@@ -155,9 +192,9 @@ def test_repartition_keeps_regions_together_in_raster_order(spark):
     from slidelake.config import PartitionConfig
     from slidelake.decode import repartition_tiles
 
-    slides = spark.createDataFrame([("a", 2000, 1500, 1.0), ("b", 1024, 1024, 1.0)],
-                                   "slide_id string, extent_x long, extent_y long, downsample double")
-    grid = expand_grid(slides, (64, 64), (64, 64), "keep")
+    slides = [dict(slide_id="a", extent_x=2000, extent_y=1500, downsample=1.0),
+              dict(slide_id="b", extent_x=1024, extent_y=1024, downsample=1.0)]
+    grid = expand_grid(spark, slides, (64, 64), (64, 64), "keep")
     cfg = PartitionConfig(region_tiles=4, tiles_per_partition=300)
     parts = repartition_tiles(grid, cfg, grid.count()).select(
         "slide_id", "tile_x", "tile_y", "tile_col", "tile_row").rdd.glom().collect()
@@ -207,9 +244,9 @@ def test_repartition_puts_each_region_in_its_lattice_task(spark):
     from slidelake.config import PartitionConfig
     from slidelake.decode import partition_count, region_task, repartition_tiles
 
-    slides = spark.createDataFrame([("a", 4096, 3072, 1.0), ("b", 2048, 2048, 1.0)],
-                                   "slide_id string, extent_x long, extent_y long, downsample double")
-    grid = expand_grid(slides, (64, 64), (64, 64), "drop")
+    slides = [dict(slide_id="a", extent_x=4096, extent_y=3072, downsample=1.0),
+              dict(slide_id="b", extent_x=2048, extent_y=2048, downsample=1.0)]
+    grid = expand_grid(spark, slides, (64, 64), (64, 64), "drop")
     # keep a disc of each slide, as a mask would
     grid = grid.where((F.col("tile_col") - 30) ** 2 + (F.col("tile_row") - 24) ** 2 <= 20 ** 2)
     n_rows = grid.count()

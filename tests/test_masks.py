@@ -364,13 +364,13 @@ def test_one_slide_grid_is_spread_over_the_cores(spark, lake, tmp_path, monkeypa
     kw = dict(resolution={"level": 0}, grid={"tile_extent": 96, "stride": 80}, filter={"min_tissue_fraction": 0.3})
     run_all(spark, cfg_for(lake, [tmp_path / "gen.tiff"], **kw))  # 108 tiles < the minimum band: one band
     per_band = []
-    real = pipeline_module.banded_grid
+    real = pipeline_module.expand_grid
 
     def spy(*args):
         per_band.append(args[-1])
         return real(*args)
 
-    monkeypatch.setattr(pipeline_module, "banded_grid", spy)
+    monkeypatch.setattr(pipeline_module, "expand_grid", spy)
     monkeypatch.setattr(pipeline_module, "GRID_TILES_PER_TASK_MIN", 1)
     run_all(spark, cfg_for(lake, [tmp_path / "gen.tiff"], tables={"tiles_table": "spread"}, **kw))
     cores = spark.sparkContext.defaultParallelism

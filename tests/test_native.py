@@ -193,7 +193,7 @@ def test_each_stored_tile_is_decoded_once_per_region(spark, tmp_path, monkeypatc
 
     from slidelake.config import DecodeConfig, PartitionConfig
     from slidelake.decode import DECODE_COLUMNS, TileDecoder, repartition_tiles
-    from slidelake.grid import expand_grid
+    from slidelake.grid import expand_grid, grid_constants
 
     path = tmp_path / "unaligned.tiff"
     make_tiff(path, 2000, 1500, levels=1, tile=128, compression="jpeg")
@@ -201,7 +201,9 @@ def test_each_stored_tile_is_decoded_once_per_region(spark, tmp_path, monkeypatc
         [("s", str(path), "f", 2000, 1500, 1.0, 0, 1.0, 200, 200)],
         "slide_id string, path string, fingerprint string, extent_x long, extent_y long, downsample double, "
         "level int, level_downsample double, read_width int, read_height int")
-    grid = expand_grid(slides, (200, 200), (200, 200), "keep")
+    grid = expand_grid(spark, [dict(slide_id="s", extent_x=2000, extent_y=1500, downsample=1.0)], (200, 200),
+                       (200, 200), "keep").join(slides.drop("extent_x", "extent_y", "downsample"), "slide_id") \
+        .withColumns(grid_constants((200, 200), (200, 200)))
     parts = repartition_tiles(grid, PartitionConfig(region_tiles=4, tiles_per_partition=30), grid.count()) \
         .select(*DECODE_COLUMNS).rdd.glom().collect()
     reads = []
@@ -214,9 +216,9 @@ def test_each_stored_tile_is_decoded_once_per_region(spark, tmp_path, monkeypatc
         decoder = TileDecoder(DecodeConfig(encoding="raw"))
         reads.clear()
         d = decoder.decode({c: np.array([r[c] for r in rows], dtype=object) for c in DECODE_COLUMNS})
-        assert any(lvl._cache for h in decoder.natives.open_handles() for lvl in h.levels.values())
+        assert any(lvl._cache for h in decoder.natives.items.values() for lvl in h.levels.values())
         decoder.end_task()  # a finished task leaves no decoded stored tiles in the worker
-        assert not any(lvl._cache for h in decoder.natives.open_handles() for lvl in h.levels.values())
+        assert not any(lvl._cache for h in decoder.natives.items.values() for lvl in h.levels.values())
         assert all(e is None for e in d.errors) and set(d.readers) == {"native"}
         def stored(rs):
             return {(cx, cy) for r in rs

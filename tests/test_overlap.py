@@ -9,7 +9,6 @@ import pyarrow.compute as pc
 import pytest
 import shapely
 
-from slidelake.grid import axis_positions
 from slidelake.annotations import AnnotationIndex, label_rule, load_annotations
 from slidelake.overlap import (OVERLAP_INPUTS, ColumnCounts, OverlayIndex, SlideInputs,
                                fraction_map, make_overlap, slide_overlap, slide_runs,
@@ -51,9 +50,14 @@ def make_overlay(w, h):
     return lab
 
 
-def grid_rows(W0, H0, downsample, extent, stride, last="keep"):
+def grid_rows(W0, H0, downsample, extent, stride):
+    """Tiles of a ``keep`` grid: every ``k * stride`` until one reaches the edge."""
     W, H = int(W0 // downsample), int(H0 // downsample)
-    xs, ys = axis_positions(W, extent, stride, last), axis_positions(H, extent, stride, last)
+
+    def starts(length):
+        return [p for p in range(0, length, stride) if p == 0 or p - stride + extent < length]
+
+    xs, ys = starts(W), starts(H)
     rows = []
     for ty in ys:
         for tx in xs:
@@ -259,7 +263,7 @@ def test_an_overlap_task_drops_the_overlays_it_loaded(tmp_path):
         "valid_width": 256, "valid_height": 256, "downsample": 1.0, "slide_width": 1600, "slide_height": 1280,
         "overlay_path": str(path), "annotations_path": None,
     })
-    _OVERLAYS.items.clear()
+    _OVERLAYS.drop()
     shipped = cloudpickle.loads(cloudpickle.dumps(make_overlap({"s": inputs(pdf)}, None, 0.5)))
     task = shipped(iter([pa.RecordBatch.from_pandas(pdf.iloc[:15]), pa.RecordBatch.from_pandas(pdf.iloc[15:])]))
     first = next(task)

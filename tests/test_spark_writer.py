@@ -17,10 +17,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from conftest import CMU, need
+from conftest import CMU, delta_jars, need
 
 ROOT = Path(__file__).resolve().parents[1]
-JARS = Path(os.environ.get("SLIDELAKE_DELTA_JARS", Path.home() / ".cache" / "slidelake" / "jars"))
 DELTA_CONF = ["--conf", "spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension",
               "--conf", "spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog"]
 # what a tile row is, whichever writer committed it (run_id and created_at differ by run)
@@ -29,12 +28,8 @@ SAME = ["slide_id", "tile_id", "path", "level", "downsample", "mpp_x", "tile_x",
 
 
 def _jars() -> str:
-    found = sorted(JARS.glob("delta-spark_4.2_2.13-*.jar")) + sorted(JARS.glob("delta-storage-*.jar"))
-    if len(found) < 2:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Delta Lake jars missing in {JARS}: .ci/run fetches them (jobs/fetch_jars.sh)")
-        pytest.skip(f"Delta Lake jars absent (run jobs/fetch_jars.sh or set SLIDELAKE_DELTA_JARS): {JARS}")
-    return ",".join(str(j) for j in found)
+    folder = delta_jars()
+    return ",".join(str(j) for j in sorted(folder.glob("delta-spark_4.2_2.13-*.jar")) + sorted(folder.glob("delta-storage-*.jar")))
 
 
 def _spark_submit(lake: Path, *args: str) -> subprocess.CompletedProcess:
@@ -113,3 +108,115 @@ def test_catalog_tables_have_history_and_time_travel(tmp_path):
     assert [v for v, _ in out["history"]] == [1, 0] and {op for _, op in out["history"]} == {"WRITE"}
     assert out["first_version_tiles"] == tiles.height
     assert out["first_run_ids"] == [out["run_ids"][0]] and set(tiles["run_id"]) == {out["run_ids"][1]}
+
+
+# ----------------------------------------------------------------- the reliability scenarios
+
+def _delta_rs(cfg):
+    return cfg.model_copy(update={"tables": cfg.tables.model_copy(update={"writer": "delta-rs"})})
+
+
+@pytest.fixture(scope="module")
+def scenarios(spark, tmp_path_factory):
+    """Runs ``tests/spark_writer_job.py`` once (a session with the Delta jars, Spark's writer) on
+    generated folders ``a`` and ``b`` (two 400 x 300 px slides each), a third slide ``c``, a
+    corrupt copy of the CMU sample, and a lake the delta-rs writer made from ``a``."""
+    need(CMU)
+    from conftest import corrupt_copy, make_tiff
+    from slidelake.pipeline import run_all
+    from spark_writer_job import cfg
+
+    base = tmp_path_factory.mktemp("spark-writer")
+    slides = base / "slides"
+    for k, seeds in (("a", (1, 2)), ("b", (3, 4)), ("c", (5,))):
+        (slides / k).mkdir(parents=True)
+        for seed in seeds:
+            make_tiff(slides / k / f"s{seed}.tiff", 400, 300, mpp=0.5, seed=seed)
+    corrupt = corrupt_copy(CMU, base / "corrupt.svs")
+    shared = base / "shared"
+    by_rs = run_all(spark, _delta_rs(cfg(shared, [slides / "a"])))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "SLIDELAKE_DELTA_JARS": str(delta_jars()),
+           "SLIDELAKE_SPARK_MASTER": "local[2]", "PYSPARK_PYTHON": sys.executable}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "spark_writer_job.py"), str(base / "out"), str(slides),
+                           str(corrupt), str(shared)], capture_output=True, text=True, env=env, timeout=1200)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    return base, json.loads(lines[0].removeprefix("RESULT ")), by_rs
+
+
+@pytest.mark.spark
+def test_spark_writer_reruns_skip_replace_and_refuse_another_config(spark, scenarios):
+    from slidelake.pipeline import run_all
+    from spark_writer_job import cfg
+
+    base, res, _ = scenarios
+    lake = base / "out" / "rerun"
+    assert res["first"]["status"] == "succeeded" and res["first"]["writer"] == "spark"
+    assert res["first"]["counts"]["tiles_written"] == 2 * 3 * 2  # two 400 x 300 slides, 128 px tiles, drop
+    assert res["again"]["counts"]["slides_skipped"] == 2 and res["again"]["counts"]["tiles_written"] == 0
+    assert res["forced"]["counts"]["tiles_written"] == 12
+    assert res["other_config"].startswith("refused") and "tiles_table" in res["other_config"]
+    tiles = pl.read_delta(str(lake / "tiles"))
+    assert tiles.height == res["rerun_tiles"] == 12 and tiles["tile_id"].is_duplicated().sum() == 0
+    assert set(tiles["run_id"]) == {res["forced"]["run_id"]}  # the forced run replaced the partitions
+    runs = pl.read_delta(str(lake / "runs")).sort("started_at")
+    assert runs["status"].to_list() == ["succeeded"] * 3 + ["failed"]
+    assert all(e.startswith("Apache-Spark/") for e in _engines(lake / "tiles"))
+    # the same slides through the delta-rs writer: the same rows
+    rs = base / "rs"
+    assert run_all(spark, _delta_rs(cfg(rs, [base / "slides" / "a"]))).counts["tiles_written"] == 12
+    assert tiles.select(SAME).sort("tile_id").equals(pl.read_delta(str(rs / "tiles")).select(SAME).sort("tile_id"))
+
+
+@pytest.mark.spark
+def test_spark_writer_lists_every_failed_tile(scenarios):
+    base, res, _ = scenarios
+    lake = base / "out" / "corrupt"
+    counts = res["corrupt"]["counts"]
+    assert res["corrupt"]["status"] == "succeeded" and counts["tiles_failed"] > 20  # more than a sample
+    errs = pl.read_delta(str(lake / "tile_errors"))
+    assert errs.height == res["corrupt_errors"] == counts["tiles_failed"]
+    failed = set(zip(errs["tile_x"], errs["tile_y"]))
+    written = set(zip(*pl.read_delta(str(lake / "tiles")).select("tile_x", "tile_y")))
+    assert len(failed) == errs.height and not failed & written
+    assert len(failed | written) == counts["tiles_generated"] == counts["tiles_decoded"]
+
+
+@pytest.mark.spark
+def test_spark_writer_concurrent_runs_keep_a_consistent_log(scenarios):
+    base, res, _ = scenarios
+    lake = base / "out" / "concurrent"
+    assert res["concurrent_errors"] == []
+    assert {r["status"] for r in res["concurrent"].values()} == {"succeeded"}
+    slides = pl.read_delta(str(lake / "slides"))
+    assert slides.height == 4 and slides["path"].n_unique() == 4
+    tiles = pl.read_delta(str(lake / "tiles"))
+    assert tiles["slide_id"].n_unique() == 4 and tiles.height == 4 * 6
+    assert tiles.select("slide_id", "tile_x", "tile_y").is_duplicated().sum() == 0
+    assert pl.read_delta(str(lake / "runs")).height == 2 and pl.read_delta(str(lake / "run_slides")).height == 4
+    for name in ("slides", "tiles", "runs"):  # every version of each log reads back
+        from deltalake import DeltaTable
+
+        dt = DeltaTable(str(lake / name))
+        assert [h["version"] for h in dt.history()] == list(range(dt.version(), -1, -1))
+
+
+@pytest.mark.spark
+def test_tables_of_one_writer_are_appended_to_by_the_other(spark, scenarios):
+    from deltalake import DeltaTable
+
+    from slidelake.pipeline import run_all
+    from spark_writer_job import cfg
+
+    base, res, by_rs = scenarios
+    shared = base / "shared"  # delta-rs first (folder a), then Spark's writer (folder b)
+    assert by_rs.delta_writer == "delta-rs" and res["shared"]["writer"] == "spark"
+    tiles = pl.read_delta(str(shared / "tiles"))
+    assert tiles.height == res["shared_tiles"] == 24 and tiles["slide_id"].n_unique() == 4
+    engines = _engines(shared / "tiles")
+    assert any(e.startswith("Apache-Spark/") for e in engines) and any("delta-rs" in e for e in engines), engines
+    # and delta-rs appends to the lake Spark's writer made (folder b next to a)
+    lake = base / "out" / "rerun"
+    rec = run_all(spark, _delta_rs(cfg(lake, [base / "slides" / "b"])))
+    assert rec.status == "succeeded" and rec.counts["tiles_written"] == 12
+    assert pl.read_delta(str(lake / "tiles")).height == DeltaTable(str(lake / "tiles")).to_pyarrow_table().num_rows == 24

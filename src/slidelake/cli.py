@@ -5,8 +5,9 @@ Settings come from a YAML file (``--config conf/<name>.yaml``) and are overridde
 
 from __future__ import annotations
 
+import inspect
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import typer
 from pydantic import ValidationError
@@ -21,28 +22,80 @@ _ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (see conf/).
 _LakeOpt = typer.Option(None, "--lake", help="Lake root folder holding the Delta tables.")
 
 
-def _overrides(inputs: list[str] | None, lake: str | None, **flags: Any) -> dict[str, Any]:
+def _xy(v: str) -> list[int]:
+    parts = [int(p) for p in v.replace("x", ",").split(",") if p]
+    return parts * 2 if len(parts) == 1 else parts
+
+
+def _roi(v: str) -> list[int]:
+    return [int(p) for p in v.split(",")]
+
+
+class Flag(NamedTuple):
+    """A config flag of the tiling commands: its type, the config key it sets
+    (``section.key``), its ``typer.Option`` and how its text becomes the config value."""
+
+    type: type
+    key: str
+    option: Any
+    parse: Callable[[Any], Any] | None = None
+
+
+# every config flag, declared once: the commands take the ones they name (:func:`_command`)
+FLAGS: dict[str, Flag] = {
+    "level": Flag(int, "resolution.level", typer.Option(None, help="Pyramid level to tile (0 = full resolution).")),
+    "mpp": Flag(float, "resolution.mpp", typer.Option(None, help="Tile resolution in µm/px.")),
+    "downsample": Flag(float, "resolution.downsample",
+                       typer.Option(None, help="Tile resolution as downsample from level 0.")),
+    "magnification": Flag(float, "resolution.magnification",
+                          typer.Option(None, help="Tile resolution as magnification (10/mag µm/px).")),
+    "fallback": Flag(str, "resolution.fallback", typer.Option(None, help="error | nearest | floor | ceil | resample.")),
+    "tolerance": Flag(float, "resolution.tolerance",
+                      typer.Option(None, help="Relative downsample deviation accepted as a match.")),
+    "assumed_mpp": Flag(float, "resolution.assumed_mpp",
+                        typer.Option(None, "--assumed-mpp", help="Level-0 µm/px for slides without mpp.")),
+    "tile_extent": Flag(str, "grid.tile_extent",
+                        typer.Option(None, "--tile-extent", help="Tile size in px, '256' or '256,512'."), _xy),
+    "stride": Flag(str, "grid.stride",
+                   typer.Option(None, help="Stride in px, '224' or 'x,y' (overlap = extent - stride)."), _xy),
+    "last": Flag(str, "grid.last", typer.Option(None, help="Edge policy: keep | drop | shift.")),
+    "roi": Flag(str, "grid.roi", typer.Option(None, help="Rectangle 'x,y,w,h' in level-0 px."), _roi),
+    "tile_roi": Flag(str, "grid.tile_roi",
+                     typer.Option(None, "--tile-roi", help="WKT polygon in tile px: fractions are computed inside it.")),
+    "encoding": Flag(str, "decode.encoding", typer.Option(None, help="raw | png | jpeg | webp.")),
+    "quality": Flag(int, "decode.quality", typer.Option(None, help="JPEG/WebP quality 1-100.")),
+    "batch_size": Flag(int, "decode.batch_size",
+                       typer.Option(None, "--batch-size", help="Tiles per decode batch (worker memory).")),
+    "min_std": Flag(float, "filter.min_std", typer.Option(None, "--min-std", help="Keep tiles with grey std >= this.")),
+    "max_background_fraction": Flag(float, "filter.max_background_fraction", typer.Option(
+        None, "--max-background", help="Keep tiles with background fraction <= this.")),
+    "min_tissue_fraction": Flag(float, "filter.min_tissue_fraction", typer.Option(
+        None, "--min-tissue", help="Keep tiles whose tissue fraction >= this (before decode).")),
+    "min_annotated_fraction": Flag(float, "filter.min_annotated_fraction", typer.Option(
+        None, "--min-annotated", help="Keep tiles whose annotated fraction >= this (before decode).")),
+    "masks": Flag(bool, "masks.enabled", typer.Option(
+        None, "--masks/--no-masks", help="Compute tissue masks and filter on them (default: on).")),
+    "mask_mpp": Flag(float, "masks.mpp", typer.Option(None, "--mask-mpp", help="Mask resolution in µm/px (default 8).")),
+    "writer": Flag(str, "tables.writer", typer.Option(None, help="Delta writer: auto | spark | delta-rs.")),
+    "tiles_table": Flag(str, "tables.tiles_table",
+                        typer.Option(None, "--tiles-table", help="Tile table name under the lake.")),
+}
+TILING_FLAGS = tuple(FLAGS)
+
+
+def _overrides(inputs: list[str] | None, lake: str | None, flags: dict[str, Any]) -> dict[str, Any]:
+    """The config overrides of a command line: ``inputs``, ``lake`` and each flag given, at
+    its config key (:data:`FLAGS`)."""
     o: dict[str, Any] = {}
     if inputs:
         o["inputs"] = list(inputs)
     if lake:
         o["lake"] = lake
-    sections = {
-        "resolution": ("level", "mpp", "downsample", "magnification", "fallback", "tolerance", "assumed_mpp"),
-        "grid": ("tile_extent", "stride", "last", "roi", "tile_roi"),
-        "decode": ("encoding", "quality", "batch_size"),
-        "filter": ("min_std", "max_background_fraction", "min_tissue_fraction", "min_annotated_fraction"),
-        "tables": ("writer", "tiles_table"),
-    }
-    for section, keys in sections.items():
-        for k in keys:
-            v = flags.get(k)
-            if v is not None:
-                o.setdefault(section, {})[k] = v
-    if flags.get("mask_mpp") is not None:
-        o.setdefault("masks", {})["mpp"] = flags["mask_mpp"]
-    if flags.get("masks") is not None:
-        o.setdefault("masks", {})["enabled"] = flags["masks"]
+    for name, value in flags.items():
+        if value is not None:
+            flag = FLAGS[name]
+            section, key = flag.key.split(".")
+            o.setdefault(section, {})[key] = flag.parse(value) if flag.parse else value
     return o
 
 
@@ -71,26 +124,13 @@ def _report(rec, lake) -> None:
             console.print(f"  {name:11s} {lake.path(name)}", markup=False, highlight=False)
 
 
-def _xy(v: Optional[str]) -> Optional[list[int]]:
-    if v is None:
-        return None
-    parts = [int(p) for p in v.replace("x", ",").split(",") if p]
-    return parts * 2 if len(parts) == 1 else parts
-
-
-def _roi(v: Optional[str]) -> Optional[list[int]]:
-    return None if v is None else [int(p) for p in v.split(",")]
-
-
-def _run_job(job: str, inputs, config, lake, replace_table: bool, progress: Optional[bool] = None,
-             profile: bool = False, force: bool = False, **flags) -> None:
+def _run_job(job: str, inputs: list[str] | None, config: str | None, lake: str | None, flags: dict[str, Any],
+             replace_table: bool = False, progress: Optional[bool] = None, profile: bool = False,
+             force: bool = False) -> None:
     from slidelake.pipeline import ConfigMismatchError, run_all, run_discover, run_masks, run_tile
     from slidelake.spark import get_spark
 
-    for key in ("tile_extent", "stride"):
-        flags[key] = _xy(flags.get(key))
-    flags["roi"] = _roi(flags.get("roi"))
-    cfg = _load(config, _overrides(inputs, lake, **flags))
+    cfg = _load(config, _overrides(inputs, lake, flags))
     if job in ("discover", "run") and not cfg.inputs:
         console.print("[red]no inputs:[/red] give slide files/folders/manifests or 'inputs' in the config")
         raise typer.Exit(2)
@@ -112,103 +152,46 @@ def _run_job(job: str, inputs, config, lake, replace_table: bool, progress: Opti
     _report(rec, Lake.open(spark, cfg))
 
 
-TILE_FLAGS = dict(
-    level=typer.Option(None, help="Pyramid level to tile (0 = full resolution)."),
-    mpp=typer.Option(None, help="Tile resolution in µm/px."),
-    downsample=typer.Option(None, help="Tile resolution as downsample from level 0."),
-    magnification=typer.Option(None, help="Tile resolution as magnification (10/mag µm/px)."),
-    fallback=typer.Option(None, help="error | nearest | floor | ceil | resample."),
-    tolerance=typer.Option(None, help="Relative downsample deviation accepted as a match."),
-    assumed_mpp=typer.Option(None, "--assumed-mpp", help="Level-0 µm/px for slides without mpp."),
-    tile_extent=typer.Option(None, "--tile-extent", help="Tile size in px, '256' or '256,512'."),
-    stride=typer.Option(None, help="Stride in px, '224' or 'x,y' (overlap = extent - stride)."),
-    last=typer.Option(None, help="Edge policy: keep | drop | shift."),
-    roi=typer.Option(None, help="Rectangle 'x,y,w,h' in level-0 px."),
-    encoding=typer.Option(None, help="raw | png | jpeg | webp."),
-    quality=typer.Option(None, help="JPEG/WebP quality 1-100."),
-    batch_size=typer.Option(None, "--batch-size", help="Tiles per decode batch (worker memory)."),
-    min_std=typer.Option(None, "--min-std", help="Keep tiles with grey std >= this."),
-    max_background_fraction=typer.Option(None, "--max-background", help="Keep tiles with background fraction <= this."),
-    min_tissue_fraction=typer.Option(None, "--min-tissue", help="Keep tiles whose tissue fraction >= this (before decode)."),
-    min_annotated_fraction=typer.Option(None, "--min-annotated", help="Keep tiles whose annotated fraction >= this (before decode)."),
-    tile_roi=typer.Option(None, "--tile-roi", help="WKT polygon in tile px: fractions are computed inside it."),
-    masks=typer.Option(None, "--masks/--no-masks", help="Compute tissue masks and filter on them (default: on)."),
-    mask_mpp=typer.Option(None, "--mask-mpp", help="Mask resolution in µm/px (default 8)."),
-    writer=typer.Option(None, help="Delta writer: auto | spark | delta-rs."),
-    tiles_table=typer.Option(None, "--tiles-table", help="Tile table name under the lake."),
-)
+_INPUTS = typer.Argument(None, help="Slide files, folders, globs or manifests.")
+_RUN_OPTIONS = {
+    "replace_table": (bool, typer.Option(False, "--replace-table", help="Replace the whole tile table.")),
+    "progress": (Optional[bool], typer.Option(None, "--progress/--no-progress",
+                                              help="Live tile counts (default: when the terminal is interactive).")),
+    "profile": (bool, typer.Option(False, "--profile", help="Record seconds and tiles per stage in runs.profile.")),
+    "force": (bool, typer.Option(False, "--force", help="Redo the given slides: probe them again and re-tile them "
+                                                       "even when unchanged and already tiled with this config.")),
+}
 
 
-@app.command()
-def discover(
-    inputs: Optional[list[str]] = typer.Argument(None, help="Slide files, folders, globs or manifests."),
-    config: Optional[str] = _ConfigOpt,
-    lake: Optional[str] = _LakeOpt,
-    assumed_mpp: Optional[float] = TILE_FLAGS["assumed_mpp"],
-    writer: Optional[str] = TILE_FLAGS["writer"],
-) -> None:
-    """Find slides and write one row per file to <lake>/slides."""
-    _run_job("discover", inputs, config, lake, False, assumed_mpp=assumed_mpp, writer=writer)
+def _command(job: str, flags: tuple[str, ...], run_options: bool, inputs: Any = _INPUTS) -> Callable[..., None]:
+    """The typer command of ``job``: ``INPUTS``, ``--config``, ``--lake``, the :data:`FLAGS`
+    named in ``flags`` and, when ``run_options``, :data:`_RUN_OPTIONS` (its signature is built
+    from the tables, so each flag is declared once)."""
+    def command(**kw: Any) -> None:
+        extra = {k: kw.pop(k) for k in _RUN_OPTIONS if k in kw}
+        _run_job(job, kw.pop("inputs"), kw.pop("config"), kw.pop("lake"), kw, **extra)
 
-
-def _tiling_command(job: str):
-    def command(
-        inputs: Optional[list[str]] = typer.Argument(None, help="Slide files, folders, globs or manifests."),
-        config: Optional[str] = _ConfigOpt,
-        lake: Optional[str] = _LakeOpt,
-        level: Optional[int] = TILE_FLAGS["level"],
-        mpp: Optional[float] = TILE_FLAGS["mpp"],
-        downsample: Optional[float] = TILE_FLAGS["downsample"],
-        magnification: Optional[float] = TILE_FLAGS["magnification"],
-        fallback: Optional[str] = TILE_FLAGS["fallback"],
-        tolerance: Optional[float] = TILE_FLAGS["tolerance"],
-        assumed_mpp: Optional[float] = TILE_FLAGS["assumed_mpp"],
-        tile_extent: Optional[str] = TILE_FLAGS["tile_extent"],
-        stride: Optional[str] = TILE_FLAGS["stride"],
-        last: Optional[str] = TILE_FLAGS["last"],
-        roi: Optional[str] = TILE_FLAGS["roi"],
-        encoding: Optional[str] = TILE_FLAGS["encoding"],
-        quality: Optional[int] = TILE_FLAGS["quality"],
-        batch_size: Optional[int] = TILE_FLAGS["batch_size"],
-        min_std: Optional[float] = TILE_FLAGS["min_std"],
-        max_background_fraction: Optional[float] = TILE_FLAGS["max_background_fraction"],
-        min_tissue_fraction: Optional[float] = TILE_FLAGS["min_tissue_fraction"],
-        min_annotated_fraction: Optional[float] = TILE_FLAGS["min_annotated_fraction"],
-        tile_roi: Optional[str] = TILE_FLAGS["tile_roi"],
-        masks: Optional[bool] = TILE_FLAGS["masks"],
-        mask_mpp: Optional[float] = TILE_FLAGS["mask_mpp"],
-        writer: Optional[str] = TILE_FLAGS["writer"],
-        tiles_table: Optional[str] = TILE_FLAGS["tiles_table"],
-        replace_table: bool = typer.Option(False, "--replace-table", help="Replace the whole tile table."),
-        progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
-                                                help="Live tile counts (default: when the terminal is interactive)."),
-        profile: bool = typer.Option(False, "--profile", help="Record seconds and tiles per stage in runs.profile."),
-        force: bool = typer.Option(False, "--force", help="Redo the given slides: probe them again and re-tile "
-                                                         "them even when unchanged and already tiled with this config."),
-    ) -> None:
-        flags = {k: v for k, v in locals().items()
-                 if k not in ("inputs", "config", "lake", "replace_table", "job", "progress", "profile", "force")}
-        _run_job(job, inputs, config, lake, replace_table, progress, profile, force, **flags)
-
+    P = inspect.Parameter
+    params = [P("inputs", P.KEYWORD_ONLY, default=inputs, annotation=Optional[list[str]]),
+              P("config", P.KEYWORD_ONLY, default=_ConfigOpt, annotation=Optional[str]),
+              P("lake", P.KEYWORD_ONLY, default=_LakeOpt, annotation=Optional[str])]
+    params += [P(n, P.KEYWORD_ONLY, default=FLAGS[n].option, annotation=Optional[FLAGS[n].type]) for n in flags]
+    if run_options:
+        params += [P(n, P.KEYWORD_ONLY, default=opt, annotation=t) for n, (t, opt) in _RUN_OPTIONS.items()]
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     return command
 
 
-@app.command("masks")
-def masks_command(
-    inputs: Optional[list[str]] = typer.Argument(None, help="Only these slides (default: every ok slide)."),
-    config: Optional[str] = _ConfigOpt,
-    lake: Optional[str] = _LakeOpt,
-    mask_mpp: Optional[float] = TILE_FLAGS["mask_mpp"],
-    assumed_mpp: Optional[float] = TILE_FLAGS["assumed_mpp"],
-    writer: Optional[str] = TILE_FLAGS["writer"],
-) -> None:
-    """Compute tissue masks (overlay TIFFs + QC pictures) of slides in <lake>/slides into <lake>/masks."""
-    _run_job("masks", inputs, config, lake, False, mask_mpp=mask_mpp, assumed_mpp=assumed_mpp, writer=writer)
-
-
+app.command("discover", help="Find slides and write one row per file to <lake>/slides.")(
+    _command("discover", ("assumed_mpp", "writer"), False))
+app.command("masks", help="Compute tissue masks (overlay TIFFs + QC pictures) of slides in <lake>/slides into "
+                          "<lake>/masks.")(
+    _command("masks", ("mask_mpp", "assumed_mpp", "writer"), False,
+             typer.Argument(None, help="Only these slides (default: every ok slide).")))
 app.command("tile", help="Tile slides already in <lake>/slides (all ok slides, or the given inputs).")(
-    _tiling_command("tile"))
-app.command("run", help="Discover the inputs, make their masks, then tile them (one run).")(_tiling_command("run"))
+    _command("tile", TILING_FLAGS, True))
+app.command("run", help="Discover the inputs, make their masks, then tile them (one run).")(
+    _command("run", TILING_FLAGS, True))
 
 
 @app.command()

@@ -388,6 +388,9 @@ def config_hash(cfg: PipelineConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+RESOLUTION_UNITS = {"level", "mpp", "downsample", "magnification"}
+
+
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
@@ -399,13 +402,15 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Load a YAML config and apply nested ``overrides`` (e.g. from CLI flags).
-
-    A resolution override replaces the whole request unit: overriding ``{"resolution": {"mpp":
-    0.25}}`` on a file that asked for ``level`` drops the file's ``level``.
+    """Load a YAML config and apply nested ``overrides`` (e.g. from CLI flags), each layer
+    merged key by key into the one below: the model's defaults, the file, the overrides. A
+    layer that names a resolution unit (``level``, ``mpp``, ``downsample``, ``magnification``)
+    replaces the unit below it: ``{"resolution": {"level": 0}}`` over the default ``mpp: 0.5``
+    asks for level 0 only; ``{"resolution": {"assumed_mpp": 0.5}}`` keeps the unit below.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
+        ValueError: the file does not hold a mapping.
         pydantic.ValidationError: unknown keys, wrong types or inconsistent values.
     """
     data: dict[str, Any] = {}
@@ -414,9 +419,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         data = yaml.safe_load(text) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a config file must hold a mapping at top level")
-    overrides = overrides or {}
-    res_over = overrides.get("resolution") or {}
-    units = {"level", "mpp", "downsample", "magnification"}
-    if units & set(res_over) and isinstance(data.get("resolution"), dict):
-        data["resolution"] = {k: v for k, v in data["resolution"].items() if k not in units}
-    return PipelineConfig.model_validate(_deep_merge(data, overrides))
+    merged = PipelineConfig().model_dump(mode="json")
+    for layer in (data, overrides or {}):
+        res = layer.get("resolution")
+        if isinstance(res, dict) and RESOLUTION_UNITS & set(res):
+            merged["resolution"] = {k: v for k, v in merged["resolution"].items() if k not in RESOLUTION_UNITS}
+        merged = _deep_merge(merged, layer)
+    return PipelineConfig.model_validate(merged)

@@ -12,7 +12,7 @@
   native reader finds corrupt is re-read by OpenSlide, which decides.
 
 One OpenSlide handle and one native reader per slide per Python worker process are kept in LRU
-caches (:class:`SlideHandles`) and reused across batches and tasks (``spark.python.worker.reuse``).
+caches (:class:`slidelake.memory.LRU`) and reused across batches and tasks (``spark.python.worker.reuse``).
 Memory of a worker is bounded by ``decode.batch_size`` tiles and ``decode.batch_mb`` MiB of
 uncompressed pixels per output batch, whatever the slide's size.
 A tile that fails to decode gets ``decode_error`` set and no pixels; the slide goes on.
@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from pyspark.sql import DataFrame
@@ -33,7 +32,7 @@ from pyspark.sql import types as T
 
 from slidelake.config import DecodeConfig, PartitionConfig
 from slidelake.encoding import encode_tile
-from slidelake.memory import peak_rss_mib, trim_heap
+from slidelake.memory import LRU, peak_rss_mib, trim_heap
 from slidelake.native import CorruptTileError, open_native
 
 DECODE_FIELDS = [
@@ -125,55 +124,10 @@ def _open_openslide(path: str) -> Any:
     return openslide.OpenSlide(path)
 
 
-class SlideHandles:
-    """LRU cache of open slide handles keyed by ``(path, fingerprint)``.
-
-    ``opener(path)`` makes a handle (default ``openslide.OpenSlide``); handles need a
-    ``close()``. A handle that raised during a read is evicted (OpenSlide handles enter an
-    error state).
-    """
-
-    def __init__(self, max_open: int = 8, opener: Callable[[str], Any] = _open_openslide) -> None:
-        self.max_open = max_open
-        self.opener = opener
-        self._handles: OrderedDict[tuple[str, str], Any] = OrderedDict()
-
-    def get(self, path: str, fingerprint: str) -> Any:
-        """Return an open handle for ``path`` (opening it, and closing the least recently used
-        one beyond ``max_open``). Raises what ``opener`` raises."""
-        key = (path, fingerprint)
-        h = self._handles.get(key)
-        if h is not None:
-            self._handles.move_to_end(key)
-            return h
-        h = self.opener(path)
-        self._handles[key] = h
-        while len(self._handles) > self.max_open:
-            _, old = self._handles.popitem(last=False)
-            old.close()
-        return h
-
-    def open_handles(self) -> list[Any]:
-        """The handles currently open, least recently used first."""
-        return list(self._handles.values())
-
-    def evict(self, path: str, fingerprint: str) -> None:
-        """Close and forget the handle of ``path``, if open."""
-        h = self._handles.pop((path, fingerprint), None)
-        if h is not None:
-            h.close()
-
-
-# per Python worker process (reused across tasks): one cache of OpenSlide handles, one of native readers
-_CACHES: dict[str, SlideHandles] = {}
-
-
-def _worker_cache(kind: str, max_open: int, opener: Callable[[str], Any]) -> SlideHandles:
-    cache = _CACHES.get(kind)
-    if cache is None:
-        cache = _CACHES[kind] = SlideHandles(max_open, opener)
-    cache.max_open = max_open
-    return cache
+# per Python worker process (reused across tasks), keyed by (path, fingerprint): open OpenSlide
+# handles and native readers, at most ``decode.max_open_slides`` of each
+_OPENSLIDE = LRU(8, close=lambda h: h.close())
+_NATIVE = LRU(8, close=lambda h: h.close())
 
 
 def rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:
@@ -339,10 +293,9 @@ class TileDecoder:
         self.encoding, self.quality, self.threshold = cfg.encoding, cfg.quality, cfg.background_threshold
         self.raw_pixels = raw_pixels and cfg.encoding == "raw"
         self.batch_size, self.batch_mb = cfg.batch_size, cfg.batch_mb
-        self.handles = _worker_cache("openslide", cfg.max_open_slides, _open_openslide)
-        cache_tiles = cfg.native_cache_tiles
-        self.natives = (_worker_cache("native", cfg.max_open_slides, lambda p: open_native(p, cache_tiles))
-                        if cfg.reader == "auto" else None)
+        self.handles, self.natives = _OPENSLIDE, (_NATIVE if cfg.reader == "auto" else None)
+        _OPENSLIDE.size = _NATIVE.size = cfg.max_open_slides
+        self.cache_tiles = cfg.native_cache_tiles
 
     def rows_per_batch(self, extent_x: int, extent_y: int) -> int:
         """Rows per output batch: at most ``decode.batch_size`` and ``decode.batch_mb`` MiB of
@@ -366,7 +319,7 @@ class TileDecoder:
             open_error = None  # a file OpenSlide cannot open is tried once per batch, not per tile
             if natives is not None:
                 try:
-                    native = natives.get(path, fp)
+                    native = natives.get((path, fp), lambda: open_native(path, self.cache_tiles))
                 except Exception:  # noqa: BLE001 - OpenSlide below reports the problem
                     native = None
             for i in idx:
@@ -386,7 +339,7 @@ class TileDecoder:
                 if rgb is None:
                     if slide is None and open_error is None:
                         try:
-                            slide = handles.get(path, fp)
+                            slide = handles.get((path, fp), lambda: _open_openslide(path))
                         except Exception as exc:  # noqa: BLE001 - file gone or unreadable
                             open_error = f"open failed: {type(exc).__name__}: {exc}"
                     if open_error is not None:
@@ -398,7 +351,7 @@ class TileDecoder:
                         reader = "openslide"
                     except Exception as exc:  # noqa: BLE001 - recorded per tile
                         out.errors[i] = f"{type(exc).__name__}: {exc}"
-                        handles.evict(path, fp)  # handles are unusable after an error
+                        handles.drop((path, fp))  # handles are unusable after an error
                         slide = None
                         continue
                 # 2. encoding and statistics, whichever reader gave the pixels
@@ -418,7 +371,7 @@ class TileDecoder:
         reference counts, and a full collection of a worker's heap took 35-80 ms per task,
         ``docs/benchmarks.md``)."""
         if self.natives is not None:
-            for native in self.natives.open_handles():
+            for native in self.natives.items.values():
                 native.drop_cached_tiles()
         trim_heap()
 

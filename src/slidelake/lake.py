@@ -32,7 +32,7 @@ from slidelake.config import PipelineConfig
 from slidelake.spark import delta_jars_available
 from slidelake.tables import (
     WriteResult, arrow_schema, commit_files, discard_staging, from_stored, local_path, maps_to_dicts,
-    new_staging, retry_on_conflict, rows_by_partition, sql_in, staged_files, table_exists, to_stored,
+    STAGING_DIR, new_staging, retry_on_conflict, rows_by_partition, sql_in, staged_files, table_exists, to_stored,
 )
 
 Writer = Literal["spark", "delta-rs"]
@@ -210,9 +210,12 @@ class Lake:
         if self.writer == "spark":
             df = self.spark.createDataFrame(rows, schema=schema).coalesce(1)
             if mode == "overwrite" and replace_where is not None:
-                w = df.write.format("delta")
-                w = w.mode("overwrite").option("replaceWhere", replace_where) if self.exists(table) else w.mode("append")
-                w.save(p)
+                def save() -> None:  # a new table: append, so a concurrent creator's rows are never overwritten
+                    w = df.write.format("delta")
+                    w = w.mode("overwrite").option("replaceWhere", replace_where) if self.exists(table) else w.mode("append")
+                    w.save(p)
+
+                retry_on_conflict(save)
                 return self._spark_result(p)
             return self.write_frame(table, df, mode)
         import pyarrow as pa
@@ -287,7 +290,7 @@ class Lake:
             w = w.option("replaceWhere", sql_in(f"`{partition_by[0]}`", replace_partitions))
         elif mode == "overwrite" and replace_partitions is None:
             w = w.option("overwriteSchema", "true")
-        w.save(p)
+        retry_on_conflict(lambda: w.save(p))
         res = self._spark_result(p)
         if by_partition is not None:
             res.rows_by_partition = by_partition
@@ -306,9 +309,20 @@ class Lake:
         return WriteResult(int(hist[0]["version"]), int(metrics.get("numFiles", 0)), int(metrics.get("numOutputRows", 0)))
 
     def new_staging(self, table: TableName) -> str:
-        """A fresh staging folder for data files of ``table`` that :meth:`commit_files` will
-        commit (local lake roots only; :func:`slidelake.tables.new_staging`)."""
-        return new_staging(self.path(table))
+        """A fresh local staging folder for data files of ``table`` that :meth:`commit_files`
+        will commit (:func:`slidelake.tables.new_staging`): in the table's folder, or for a lake
+        on object storage (Spark's writer) under the overlay root, a folder every executor
+        mounts (``masks.overlay_root``).
+
+        Raises:
+            ValueError: the lake is on object storage and no local overlay root is set.
+        """
+        if "://" not in self.root or self.root.startswith("file://"):
+            return new_staging(self.path(table))
+        if "://" in self.overlays:
+            raise ValueError(f"lake {self.root} is on object storage: set masks.overlay_root to a folder every "
+                             "executor mounts (the workers stage the tile files there before the commit)")
+        return new_staging(os.path.join(self.overlays, STAGING_DIR, table))
 
     def commit_files(self, table: TableName, staging: str, files: list[tuple[str, int]], schema: T.StructType,
                      partition_by: list[str], replace_partitions: list[str] | None,
@@ -341,8 +355,9 @@ class Lake:
         # 20-200 KB that is hundreds of MiB per batch, and reading staged tiles took 3x longer
         conf.set(READER_BATCH_CONF, str(max(16, min(4096, READER_BATCH_BYTES * max(1, rows) // max(1, size)))))
         try:
-            df = (self.spark.read.schema(schema).option("basePath", staging)
-                  .parquet(*(f"{staging}/{rel}" for rel, _ in files)).select(*schema.fieldNames()))
+            local = "file://" + os.path.abspath(staging)  # not the cluster's default file system
+            df = (self.spark.read.schema(schema).option("basePath", local)
+                  .parquet(*(f"{local}/{rel}" for rel, _ in files)).select(*schema.fieldNames()))
             return self._write_frame_spark(df, self.path(table), "overwrite", partition_by, replace_partitions,
                                            rows_by_partition(files, partition_by), compression)
         finally:

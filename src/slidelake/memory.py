@@ -12,9 +12,50 @@
   (the largest over the stage's workers).
 
 Elsewhere (macOS, or a kernel without these files) the functions do nothing and the peak is 0.
+
+:class:`LRU` is the one cache of what a worker keeps between batches and tasks: open slide
+handles, native readers, overlay indexes, decoded stored tiles.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable, Hashable
+
+
+class LRU:
+    """A least-recently-used cache of at most ``size`` values, made on a miss by the caller's
+    ``make()``; ``close(value)`` (e.g. a file handle's close) is called on each value evicted or
+    dropped. Not thread-safe (one per worker process or per reader)."""
+
+    def __init__(self, size: int, close: Callable[[Any], None] | None = None) -> None:
+        self.size, self.close = size, close
+        self.items: OrderedDict[Hashable, Any] = OrderedDict()
+
+    def get(self, key: Hashable, make: Callable[[], Any]) -> Any:
+        """The value of ``key``, made by ``make()`` when absent (then the least recently used
+        values beyond ``size`` are evicted). Raises what ``make`` raises (nothing is cached)."""
+        items = self.items
+        if key in items:
+            items.move_to_end(key)
+            return items[key]
+        value = items[key] = make()
+        while len(items) > self.size:
+            self._closed(items.popitem(last=False)[1])
+        return value
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def drop(self, key: Hashable | None = None) -> None:
+        """Forget ``key`` (every value when None), closing what is dropped."""
+        for k in list(self.items) if key is None else [key]:
+            if k in self.items:
+                self._closed(self.items.pop(k))
+
+    def _closed(self, value: Any) -> None:
+        if self.close is not None and value is not None:
+            self.close(value)
 
 
 def release_memory() -> None:
@@ -95,4 +136,4 @@ def peak_rss_mib() -> float:
     return 0.0
 
 
-__all__ = ["release_memory", "trim_heap", "freeze_long_lived", "reset_peak_rss", "peak_rss_mib"]
+__all__ = ["LRU", "release_memory", "trim_heap", "freeze_long_lived", "reset_peak_rss", "peak_rss_mib"]

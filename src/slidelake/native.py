@@ -24,10 +24,11 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections import OrderedDict
 from typing import Any
 
 import numpy as np
+
+from slidelake.memory import LRU
 
 NATIVE_VENDORS = ("aperio", "generic-tiff")
 JPEG = 7  # TIFF Compression tag value
@@ -97,8 +98,7 @@ class NativeLevel:
         self.counts = page.databytecounts
         self.tables = page.jpegtables
         self._decode = page.decode
-        self.cache_tiles = cache_tiles
-        self._cache: OrderedDict[int, np.ndarray | None] = OrderedDict()
+        self._cache = LRU(cache_tiles)
 
     def stored_tile(self, col: int, row: int, cache: bool = True) -> np.ndarray | None:
         """Decoded stored tile ``(tile_h, tile_w, 3)`` uint8, or None for a tile absent from the
@@ -109,27 +109,19 @@ class NativeLevel:
             CorruptTileError: bad JPEG structure or a decoder error.
         """
         idx = row * self.across + col
-        if cache:
-            hit = self._cache.get(idx, False)
-            if hit is not False:
-                self._cache.move_to_end(idx)
-                return hit
+        return self._cache.get(idx, lambda: self._decode_tile(idx)) if cache else self._decode_tile(idx)
+
+    def _decode_tile(self, idx: int) -> np.ndarray | None:
         count = int(self.counts[idx])
-        tile = None
-        if count:
-            data = os.pread(self.fd, count, int(self.offsets[idx]))
-            check_jpeg(data)
-            try:
-                seg, _, _ = self._decode(data, idx, jpegtables=self.tables)
-            except Exception as exc:  # noqa: BLE001 - imagecodecs raises its own error types
-                raise CorruptTileError(f"stored tile {idx}: {type(exc).__name__}: {exc}") from None
-            tile = seg.reshape(seg.shape[-3:])[..., :3]
-        if not cache:
-            return tile
-        self._cache[idx] = tile
-        while len(self._cache) > self.cache_tiles:
-            self._cache.popitem(last=False)
-        return tile
+        if not count:
+            return None
+        data = os.pread(self.fd, count, int(self.offsets[idx]))
+        check_jpeg(data)
+        try:
+            seg, _, _ = self._decode(data, idx, jpegtables=self.tables)
+        except Exception as exc:  # noqa: BLE001 - imagecodecs raises its own error types
+            raise CorruptTileError(f"stored tile {idx}: {type(exc).__name__}: {exc}") from None
+        return seg.reshape(seg.shape[-3:])[..., :3]
 
     def read(self, x: int, y: int, w: int, h: int, cache: bool = True) -> np.ndarray:
         """Region ``[x, x + w) x [y, y + h)`` in px of this level, uint8 ``(h, w, 3)``; pixels
@@ -216,7 +208,7 @@ class NativeSlide:
         """Forget the decoded stored tiles of every level (the handle stays open); a task does
         this when it ends, so an idle worker does not hold them."""
         for lvl in self.levels.values():
-            lvl._cache.clear()
+            lvl._cache.drop()
 
     def close(self) -> None:
         """Release the file handles."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections import OrderedDict
 from typing import Any, Callable, Iterator, NamedTuple
 
 import numpy as np
@@ -38,7 +37,7 @@ from pyspark.sql import types as T
 
 from slidelake.annotations import AnnotationIndex, label_rule, load_annotations
 from slidelake.filtering import overlap_keep
-from slidelake.memory import freeze_long_lived, peak_rss_mib, reset_peak_rss, trim_heap
+from slidelake.memory import LRU, freeze_long_lived, peak_rss_mib, reset_peak_rss, trim_heap
 
 OVERLAP_FIELDS = [
     T.StructField("overlay_fractions", T.MapType(T.StringType(), T.DoubleType()), True),
@@ -272,23 +271,8 @@ class SlideInputs(NamedTuple):
     annotations_path: str | None = None
 
 
-class _Cache:
-    def __init__(self, size: int = 2) -> None:
-        self.size, self.items = size, OrderedDict()
-
-    def get(self, key, make):
-        if key in self.items:
-            self.items.move_to_end(key)
-            return self.items[key]
-        val = make()
-        self.items[key] = val
-        while len(self.items) > self.size:
-            self.items.popitem(last=False)
-        return val
-
-
-_OVERLAYS = _Cache(2)
-_ANNOTATIONS = _Cache(4)
+_OVERLAYS = LRU(2)
+_ANNOTATIONS = LRU(4)
 
 
 def drop_task_caches() -> None:
@@ -302,8 +286,8 @@ def drop_task_caches() -> None:
     of the module globals the closure names, so clearing ``_OVERLAYS`` from inside the closure
     would clear a copy and leave the worker's cache full.
     """
-    _OVERLAYS.items.clear()
-    _ANNOTATIONS.items.clear()
+    _OVERLAYS.drop()
+    _ANNOTATIONS.drop()
     trim_heap()
 
 

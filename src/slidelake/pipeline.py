@@ -23,7 +23,7 @@ from pyspark.sql import types as T
 from slidelake import __version__
 from slidelake.config import PipelineConfig, config_hash
 from slidelake.decode import repartition_tiles
-from slidelake.grid import band_tiles, banded_grid, grid_constants, grid_size
+from slidelake.grid import band_tiles, expand_grid, grid_constants, grid_size
 from slidelake.incremental import (
     ConfigMismatchError, check_config_mix, slide_counts, tiled_before, write_run_slides, write_tile_errors,
 )
@@ -201,7 +201,7 @@ def plan_tiles(spark: SparkSession, cfg: PipelineConfig, batch: list[dict], over
     # grid (metadata only): per-tile columns, the batch's grid rows split in bands over the cores
     per_band = band_tiles(sum(_grid_tiles(r, cfg) for r in batch), spark.sparkContext.defaultParallelism,
                           GRID_TILES_PER_TASK, GRID_TILES_PER_TASK_MIN)
-    tiles = banded_grid(spark, batch, grid_cfg.tile_extent, grid_cfg.stride_xy, grid_cfg.last, grid_cfg.roi, per_band)
+    tiles = expand_grid(spark, batch, grid_cfg.tile_extent, grid_cfg.stride_xy, grid_cfg.last, grid_cfg.roi, per_band)
     # overlap with the mask and annotations, and the filter before decode, in the same task:
     # only tiles that pass are ever decoded (tiles whose overlap failed go on, undecoded, so
     # the write stage records them exactly)

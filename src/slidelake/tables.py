@@ -224,19 +224,29 @@ def commit_files(
     return WriteResult(DeltaTable(local).version(), len(adds), total, rows_by_partition(files, partition_by))
 
 
+# Spark's Delta writer's commit conflicts (io.delta.exceptions), by name in the error text
+SPARK_CONFLICTS = ("ConcurrentAppendException", "ConcurrentDeleteReadException", "ConcurrentDeleteDeleteException",
+                   "ConcurrentTransactionException", "ConcurrentWriteException", "MetadataChangedException",
+                   "ProtocolChangedException", "DELTA_CONCURRENT_", "DELTA_METADATA_CHANGED", "DELTA_PROTOCOL_CHANGED")
+
+
 def _is_conflict(exc: BaseException) -> bool:
     from deltalake.exceptions import CommitFailedError, DeltaError
 
     if isinstance(exc, CommitFailedError):
         return True
-    msg = str(exc).lower()
+    msg = str(exc)
+    if any(name in msg for name in SPARK_CONFLICTS):
+        return True
+    low = msg.lower()
     return isinstance(exc, (DeltaError, OSError)) and any(
-        w in msg for w in ("already exists", "version", "conflict", "concurrent"))
+        w in low for w in ("already exists", "version", "conflict", "concurrent"))
 
 
 def retry_on_conflict(commit, attempts: int = 8) -> None:
-    """Run a Delta ``commit()``; when another writer committed first (a Delta commit conflict,
-    or two runs creating the same table at once), try again with a fresh snapshot after a short
+    """Run a Delta ``commit()`` (delta-rs, or a write of Spark's Delta writer); when another
+    writer committed first (a Delta commit conflict, or two runs creating the same table at
+    once), try again with a fresh snapshot after a short
     random back-off. Delta's optimistic concurrency makes this safe: a transaction that really
     conflicts (e.g. both replace the same partition) fails again and the error is raised after
     ``attempts`` tries."""
