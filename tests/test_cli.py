@@ -99,3 +99,15 @@ def test_spark_submit_entry_point(tmp_path):
     assert sorted(runs["job"]) == ["discover", "run"]
     assert set(runs["spark_master"]) == {"local[1]"}
     assert pl.read_delta(str(lake / "tiles")).height > 0
+
+
+def test_a_single_flag_keeps_the_default_config(spark, tmp_path):
+    """``--assumed-mpp`` without ``-c`` merges into the default config (its mpp request stays)."""
+    from conftest import make_tiff
+
+    make_tiff(tmp_path / "no-mpp.tiff", 300, 200, mpp=None)
+    lake = tmp_path / "lake"
+    res = CliRunner().invoke(app, ["discover", str(tmp_path / "no-mpp.tiff"), "--lake", str(lake), "--assumed-mpp", "0.5"])
+    assert res.exit_code == 0, res.output
+    row = pl.read_delta(str(lake / "slides")).row(0, named=True)
+    assert (row["status"], row["mpp_x"], row["mpp_source"]) == ("ok", 0.5, "assumed")

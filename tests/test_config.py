@@ -57,3 +57,16 @@ def test_mask_and_annotation_settings_are_validated_and_hashed():
     assert config_hash(PipelineConfig(masks={"mpp": 4.0})) != config_hash(base)
     assert config_hash(PipelineConfig(masks={"chunk_px": 1024})) == config_hash(base)  # memory only
     assert config_hash(PipelineConfig(filter={"min_tissue_fraction": 0.2})) != config_hash(base)
+
+
+def test_flag_overrides_merge_into_the_defaults(tmp_path):
+    """A flag that sets one key of a section keeps the section's other keys: ``--assumed-mpp``
+    alone (no config file) keeps the default mpp request, ``--fallback`` keeps the file's unit."""
+    cfg = load_config(None, {"resolution": {"assumed_mpp": 0.5}})
+    assert (cfg.resolution.unit, cfg.resolution.value, cfg.resolution.assumed_mpp) == ("mpp", 0.5, 0.5)
+    f = tmp_path / "c.yaml"
+    f.write_text("resolution: {downsample: 4}\ngrid: {tile_extent: 128}\n")
+    cfg = load_config(f, {"resolution": {"fallback": "floor"}, "grid": {"last": "keep"}})
+    assert (cfg.resolution.unit, cfg.resolution.value, cfg.resolution.fallback) == ("downsample", 4.0, "floor")
+    assert cfg.grid.tile_extent == (128, 128) and cfg.grid.last == "keep"
+    assert load_config(f, {"resolution": {"level": 1}}).resolution.unit == "level"  # a unit replaces the unit
