@@ -55,6 +55,8 @@ sys.path.insert(0, str(HERE))
 SHARED = Path(os.environ.get("SLIDELAKE_TEST_SLIDES", ROOT.parent / "shared" / "slides"))
 CMU = SHARED / "aperio" / "CMU-1-Small-Region.svs"
 TILING = "overlap+decode+write"  # the tiling stage's name in a run's stage_seconds
+# the Delta Lake jars (jobs/fetch_jars.sh): with them, the run committed by Spark's Delta writer is measured too
+DELTA_JARS = Path(os.environ.get("SLIDELAKE_DELTA_JARS") or Path.home() / ".cache" / "slidelake" / "jars")
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -423,8 +425,11 @@ def run_slidelake(slide: str | list[str], cores: int, masks: str = "on", reader:
     cmd += ["--interleave-masks-off"] if interleave_masks_off else []
     cmd += ["--page-cache"] if page_cache else []
     cmd += ["--writer", writer]
+    env = dict(os.environ)
+    if writer == "spark":
+        env.setdefault("SLIDELAKE_DELTA_JARS", str(DELTA_JARS))
     try:
-        return bench_json(subprocess.run(cmd, capture_output=True, text=True, check=False))
+        return bench_json(subprocess.run(cmd, capture_output=True, text=True, check=False, env=env))
     finally:
         shutil.rmtree(lake, ignore_errors=True)
 
@@ -794,7 +799,10 @@ def report(res: dict) -> str:
                if "masks, native reader, jpeg" in runs else "")
             + (f"; tile files written through the page cache: "
                f"{g('masks, native reader, page cache')['tiles_per_s_per_core'] / lim_rate:.2f}x"
-               if "masks, native reader, page cache" in runs else "") + ")",
+               if "masks, native reader, page cache" in runs else "")
+            + (f"; committed by Spark's Delta writer: "
+               f"{g('masks, native reader, Spark Delta writer')['tiles_per_s_per_core'] / lim_rate:.2f}x"
+               if "masks, native reader, Spark Delta writer" in runs else "") + ")",
             f"- slidelake / naive baseline: **{b['tiles_per_s_per_core'] / naive['tiles_per_s_per_core']:.1f}x**",
             f"- mask-first wall time / the same run without masks: **{mask_first:.2f}**{mask_note}",
             f"- {c} cores / 1 core (tiles per second): **{speedup:.2f}x** "
@@ -941,6 +949,9 @@ def main() -> None:
     # the same run writing its tile files through the page cache (tables.direct_io=false)
     runs["masks, native reader, page cache"] = run_slidelake(str(slide), cores, "on", "auto", warm_runs=args.warm_runs,
                                                              page_cache=True)
+    if any(DELTA_JARS.glob("delta-spark_*.jar")):  # the same run committed by Spark's Delta writer
+        runs["masks, native reader, Spark Delta writer"] = run_slidelake(str(slide), cores, "on", "auto",
+                                                                      warm_runs=args.warm_runs, writer="spark")
     limits.append(read_limit(tiles, (256, 256), cores))
     # the machine's own N-core scaling of a CPU-bound loop, next to the N-core measurement
     res["read_limit_one_process"] = read_limit(tiles, (256, 256), 1)

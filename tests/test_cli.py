@@ -111,3 +111,37 @@ def test_a_single_flag_keeps_the_default_config(spark, tmp_path):
     assert res.exit_code == 0, res.output
     row = pl.read_delta(str(lake / "slides")).row(0, named=True)
     assert (row["status"], row["mpp_x"], row["mpp_source"]) == ("ok", 0.5, "assumed")
+
+
+def test_version():
+    from slidelake import __version__
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"slidelake {__version__}"
+
+
+def test_help_shows_flags_without_a_metavar():
+    out = CliRunner().invoke(app, ["run", "--help"]).output
+    assert "--no-masks" in out and "--profile" in out and "--assumed-mpp" in out
+    assert "<bool>" not in out and "--mpp <float>" in " ".join(out.split())
+
+
+def test_a_missing_input_is_one_line_and_exit_2(tmp_path):
+    missing = tmp_path / "nowhere" / "slide.svs"
+    res = CliRunner().invoke(app, ["run", str(missing), "--lake", str(tmp_path / "lake")])
+    assert res.exit_code == 2 and res.output.strip() == f"input not found: {missing}"
+    assert not (tmp_path / "lake").exists()  # no runs row: nothing started
+
+
+def test_sql_names_the_lake_and_its_tables(spark, tmp_path):
+    from conftest import make_tiff
+
+    res = CliRunner().invoke(app, ["sql", "SELECT 1", "--lake", str(tmp_path / "empty")])
+    assert res.exit_code == 2 and res.output.strip() == f"no tables: {tmp_path / 'empty'} holds no slidelake tables (make them with slidelake run)"
+    make_tiff(tmp_path / "s.tiff", 200, 200, mpp=0.5)
+    lake = tmp_path / "lake"
+    assert CliRunner().invoke(app, ["discover", str(tmp_path / "s.tiff"), "--lake", str(lake)]).exit_code == 0
+    res = CliRunner().invoke(app, ["sql", "SELECT * FROM tiles", "--lake", str(lake)])
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1 and "TABLE_OR_VIEW_NOT_FOUND" in lines[0]
+    assert lines[0].endswith(f"(tables in {lake}: slides, runs)")

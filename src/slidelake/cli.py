@@ -6,6 +6,7 @@ Settings come from a YAML file (``--config conf/<name>.yaml``) and are overridde
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -14,9 +15,30 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Whole-slide images to Delta tables of tiles (slides, tiles, runs).")
-console = Console()
+console = Console(soft_wrap=True)  # messages stay one line (no wrapping at the terminal width)
+
+
+
+def _version(show: bool) -> None:
+    if show:
+        from slidelake import __version__
+
+        console.print(f"slidelake {__version__}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Whole-slide images to Delta tables of tiles (slides, tiles, runs)."""
+    import logging
+
+    # PySpark logs every failed query as a JSON record with its stack; the CLI prints one line itself
+    for name in ("SQLQueryContextLogger", "DataFrameQueryContextLogger"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
 
 _ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (see conf/).")
 _LakeOpt = typer.Option(None, "--lake", help="Lake root folder holding the Delta tables.")
@@ -134,6 +156,10 @@ def _run_job(job: str, inputs: list[str] | None, config: str | None, lake: str |
     if job in ("discover", "run") and not cfg.inputs:
         console.print("[red]no inputs:[/red] give slide files/folders/manifests or 'inputs' in the config")
         raise typer.Exit(2)
+    missing = [p for p in cfg.inputs if "://" not in p and not any(c in p for c in "*?[") and not os.path.exists(p)]
+    if missing:  # before Spark starts
+        console.print(f"[red]input not found:[/red] {', '.join(missing)}", highlight=False)
+        raise typer.Exit(2)
     spark = get_spark()
     try:
         if job == "discover":
@@ -208,14 +234,20 @@ def sql(
 
     spark = get_spark()
     lake_ = Lake.open(spark, PipelineConfig(lake=lake, tables=TablesConfig(tiles_table=tiles_table)))
-    for name in TABLES:
-        if lake_.exists(name):
-            lake_.read(name).createOrReplaceTempView(name)
+    present = [name for name in TABLES if lake_.exists(name)]
+    if not present:
+        console.print(f"[red]no tables:[/red] {lake_.root} holds no slidelake tables (make them with slidelake run)",
+                      highlight=False)
+        raise typer.Exit(2)
+    for name in TABLES:  # a view of another lake read earlier in this session must not answer
+        lake_.read(name).createOrReplaceTempView(name) if name in present else spark.catalog.dropTempView(name)
     try:
         df = spark.sql(query)
     except Exception as exc:  # noqa: BLE001 - AnalysisException, ParseException
-        console.print(f"[red]query failed:[/red] {exc}", markup=True)
-        raise typer.Exit(1) from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        console.print(f"[red]query failed:[/red] {first} (tables in {lake_.root}: {', '.join(present)})",
+                      markup=True, highlight=False)
+        raise typer.Exit(2) from exc
     cols = [f.name for f in df.schema.fields if f.dataType.typeName() != "binary"]
     rows = df.select(*cols).limit(limit).collect()
     table = Table(*cols)
