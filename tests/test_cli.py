@@ -145,3 +145,20 @@ def test_sql_names_the_lake_and_its_tables(spark, tmp_path):
     lines = res.output.strip().splitlines()
     assert res.exit_code == 2 and len(lines) == 1 and "TABLE_OR_VIEW_NOT_FOUND" in lines[0]
     assert lines[0].endswith(f"(tables in {lake}: slides, runs)")
+
+
+def test_runs_that_do_nothing_say_so(spark, tmp_path):
+    """An empty folder warns (exit 0); ``tile`` before ``discover`` names the command (exit 2);
+    every slide failing resolution exits 4."""
+    from conftest import make_tiff
+
+    lake, empty = tmp_path / "lake", tmp_path / "empty"
+    empty.mkdir()
+    res = CliRunner().invoke(app, ["run", str(empty), "--lake", str(lake)])
+    assert res.exit_code == 0 and "no slide files found" in res.output
+    res = CliRunner().invoke(app, ["tile", "--lake", str(tmp_path / "new-lake")])
+    assert res.exit_code == 2 and "run `slidelake discover INPUTS" in res.output
+    assert not (tmp_path / "new-lake").exists()
+    make_tiff(tmp_path / "no-mpp.tiff", 300, 200, mpp=None)  # an mpp request cannot be met without --assumed-mpp
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "no-mpp.tiff"), "--lake", str(lake)])
+    assert res.exit_code == 4 and "no slide was tiled" in res.output, res.output

@@ -245,3 +245,17 @@ def test_pathological_inputs_give_error_rows_and_the_good_slide_is_tiled(spark, 
     assert err["path"] == str(d / "absurd.tiff") and "max_megapixels" in err["error"]
     t = tiles_of(lake)
     assert set(t["path"]) == {str(d / "good.tiff")} and t.height == 6
+
+
+def test_summary_says_when_a_slide_is_tiled_at_another_mpp(spark, lake, tmp_path):
+    """Asked 0.7 µm/px of a 0.5 / 1.0 µm/px pyramid, ``nearest`` reads level 0: the summary names
+    the slide, the level and the tiles' effective mpp; a slide tiled as asked gets no line."""
+    from slidelake.pipeline import summary
+
+    make_tiff(tmp_path / "s.tiff", 600, 400, levels=2, mpp=0.5)
+    rec = run_all(spark, cfg_for(lake, [tmp_path / "s.tiff"], resolution={"mpp": 0.7, "fallback": "nearest"}))
+    assert rec.status == "succeeded"
+    lines = [ln for ln in summary(rec).splitlines() if ln.startswith("  ~ ")]
+    assert lines == [f"  ~ {tmp_path / 's.tiff'}: tiles at 0.500 µm/px from level 0 (asked 0.7)"]
+    same = run_all(spark, cfg_for(tmp_path / "lake2", [tmp_path / "s.tiff"], resolution={"mpp": 1.0}))
+    assert not [ln for ln in summary(same).splitlines() if ln.startswith("  ~ ")]

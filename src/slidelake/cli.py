@@ -160,6 +160,11 @@ def _run_job(job: str, inputs: list[str] | None, config: str | None, lake: str |
     if missing:  # before Spark starts
         console.print(f"[red]input not found:[/red] {', '.join(missing)}", highlight=False)
         raise typer.Exit(2)
+    slides_table = os.path.join(cfg.lake, "slides", "_delta_log")
+    if job in ("tile", "masks") and "://" not in cfg.lake and not os.path.isdir(slides_table):
+        console.print(f"[red]no slides table:[/red] {cfg.lake} has none yet; run `slidelake discover INPUTS --lake "
+                      f"{cfg.lake}` (or `slidelake run`) first", highlight=False)
+        raise typer.Exit(2)
     spark = get_spark()
     try:
         if job == "discover":
@@ -176,6 +181,24 @@ def _run_job(job: str, inputs: list[str] | None, config: str | None, lake: str |
     from slidelake.lake import Lake
 
     _report(rec, Lake.open(spark, cfg))
+    _nothing_done(rec)
+
+
+def _nothing_done(rec) -> None:
+    """Say so when a run did nothing: no slide files in the inputs (a warning), or every slide
+    failed (exit code 4)."""
+    c = rec.counts
+    if c.get("slides_discovered") == 0:
+        console.print("[yellow]no slide files found[/yellow] in the inputs (see discovery.extensions and "
+                      "discovery.exclude in docs/config.md)", highlight=False)
+    elif rec.job in ("tile", "run") and not c.get("slides_tiled") and not c.get("slides_skipped") and rec.slide_errors:
+        console.print("[red]no slide was tiled:[/red] every slide failed (errors above; runs.slide_errors)",
+                      highlight=False)
+        raise typer.Exit(4)
+    elif rec.job == "masks" and c.get("masks_failed") and not c.get("masks_computed") and not c.get("masks_reused"):
+        console.print("[red]no mask was made:[/red] every slide failed (errors above; runs.slide_errors)",
+                      highlight=False)
+        raise typer.Exit(4)
 
 
 _INPUTS = typer.Argument(None, help="Slide files, folders, globs or manifests.")

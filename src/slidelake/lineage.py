@@ -146,8 +146,10 @@ def versions(spark_version: str | None = None) -> dict[str, str]:
 
 
 class SumLog(AccumulatorParam):
-    """Spark accumulator of named sums ``{name: float}`` (``--profile`` timings and counts);
-    names ending in ``_peak_mib`` (a worker's peak memory) keep the largest value instead."""
+    """Spark accumulator of named sums ``{name: float}`` (``--profile`` timings and counts, tiles
+    decoded per slide for the live progress); names ending in ``_peak_mib`` (a worker's peak
+    memory) keep the largest value instead. Like every accumulator updated in a transformation,
+    a retried task can add twice: the run's counts come from the task results."""
 
     def zero(self, value: dict[str, float]) -> dict[str, float]:
         return {}
@@ -155,20 +157,6 @@ class SumLog(AccumulatorParam):
     def addInPlace(self, a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
         for k, v in b.items():
             a[k] = max(a.get(k, 0.0), v) if k.endswith("_peak_mib") else a.get(k, 0.0) + v
-        return a
-
-
-class CountLog(AccumulatorParam):
-    """Spark accumulator of per-slide counts ``{slide_id: n}`` (tiles decoded, for the live
-    progress only: like every accumulator updated in a transformation, a retried task can add
-    twice; the run's counts come from the task results)."""
-
-    def zero(self, value: dict[str, int]) -> dict[str, int]:
-        return {}
-
-    def addInPlace(self, a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
-        for sid, n in b.items():
-            a[sid] = a.get(sid, 0) + n
         return a
 
 

@@ -28,7 +28,7 @@ from slidelake.incremental import (
     ConfigMismatchError, check_config_mix, slide_counts, tiled_before, write_run_slides, write_tile_errors,
 )
 from slidelake.lake import Lake
-from slidelake.lineage import RUNS_SCHEMA, CountLog, RunRecord, SumLog, versions
+from slidelake.lineage import RUNS_SCHEMA, RunRecord, SumLog, versions
 from slidelake.masks import mask_slides
 from slidelake.annotations import annotation_path
 from slidelake.overlap import SlideInputs, overlap_tiles
@@ -125,10 +125,11 @@ def _tile_batches(lake: Lake, cfg: PipelineConfig, rec: RunRecord, good: list[di
     stale = sorted(lake.partition_values("tiles") - current)
     step = cfg.tables.slides_per_commit
     batches = [good[i:i + step] for i in range(0, len(good), step)] or ([[]] if replace_table or stale else [])
-    decoded_acc = lake.spark.sparkContext.accumulator({}, CountLog())  # live progress only
+    decoded_acc = lake.spark.sparkContext.accumulator({}, SumLog())  # tiles decoded by slide: live progress only
     rects: dict[str, np.ndarray] = {}
     lineage = Lineage(rec.run_id, rec.config_hash, __version__, rec.started_at, lake.path_root)
-    with TileProgress(lake.spark, sum(generated.values()), lambda: sum(decoded_acc.value.values()), enabled=progress):
+    decoded = lambda: int(sum(decoded_acc.value.values()))  # noqa: E731
+    with TileProgress(lake.spark, sum(generated.values()), decoded, enabled=progress):
         for i, batch in enumerate(batches):
             with rec.stage("overlap+decode+write"):
                 overlay = {r["slide_id"]: masks[r["slide_id"]]["mask_path"] if r["slide_id"] in masks else None
@@ -304,11 +305,28 @@ def summary(rec: RunRecord) -> str:
             f"{c['tiles_decoded']} decoded, {c['tiles_filtered']} filtered, {c['tiles_failed']} failed, "
             f"{c['tiles_written']} written from {c['slides_tiled']} slide(s)"
         )
+    parts += _resolution_notes(rec)
     for e in rec.slide_errors[:10]:
         parts.append(f"  ! {e['stage']}: {e['path']}: {e['error']}")
     if len(rec.slide_errors) > 10:
         parts.append(f"  ... {len(rec.slide_errors) - 10} more errors in the runs table")
     return "\n".join(parts)
+
+
+def _resolution_notes(rec: RunRecord, most: int = 10) -> list[str]:
+    """Summary lines of the slides tiled at an mpp more than 1 % from the one requested (an
+    ``mpp`` or ``magnification`` request, ``10 / magnification`` µm/px): the level read and the
+    tiles' effective mpp, e.g. an NDPI asked 0.5 µm/px and read at 0.456."""
+    import json
+
+    res = json.loads(rec.config).get("resolution", {}) if rec.config else {}
+    want = res.get("mpp") or (10.0 / res["magnification"] if res.get("magnification") else None)
+    if not want:
+        return []
+    off = [c for c in rec.slide_counts if c.get("mpp_x") and abs(c["mpp_x"] - want) / want > 0.01]
+    lines = [f"  ~ {c['path']}: tiles at {c['mpp_x']:.3f} µm/px from level {c['level']} (asked {want:g})"
+             for c in off[:most]]
+    return lines + ([f"  ... {len(off) - most} more slides in runs.slide_counts"] if len(off) > most else [])
 
 
 __all__ = ["run_discover", "run_masks", "run_tile", "run_all", "tile_slides", "plan_tiles", "summary",
