@@ -70,3 +70,55 @@ def test_flag_overrides_merge_into_the_defaults(tmp_path):
     assert (cfg.resolution.unit, cfg.resolution.value, cfg.resolution.fallback) == ("downsample", 4.0, "floor")
     assert cfg.grid.tile_extent == (128, 128) and cfg.grid.last == "keep"
     assert load_config(f, {"resolution": {"level": 1}}).resolution.unit == "level"  # a unit replaces the unit
+
+
+# Every config field with another valid value: the fields that decide tile content must change
+# the config hash (a rerun with any of them changed must not skip and keep the old tiles); the
+# others (memory, speed, where things are written) must not. A new field fails the test below
+# until it is listed here, so none can be left out of the hash by mistake.
+CHANGES_TILES = {
+    "resolution": {"level": 1, "mpp": 0.25, "downsample": 2.0, "magnification": 20.0, "fallback": "floor",
+                   "tolerance": 0.1, "assumed_mpp": 0.25},
+    "grid": {"tile_extent": [128, 128], "stride": [200, 200], "last": "keep", "roi": [0, 0, 100, 100],
+             "tile_roi": "POLYGON ((0 0, 10 0, 10 10, 0 10, 0 0))"},
+    "decode": {"encoding": "png", "quality": 80, "background_threshold": 200, "reader": "openslide"},
+    "filter": {"min_std": 5.0, "max_background_fraction": 0.5, "min_tissue_fraction": 0.3,
+               "min_annotated_fraction": 0.5},
+    "masks": {"enabled": False, "mpp": 4.0, "method": "grayscale", "polarity": "brightfield", "threshold": 0.2,
+              "smooth_um": 8.0, "close_um": 8.0, "open_um": 4.0, "min_object_um2": 1000.0, "min_hole_um2": 1000.0,
+              "reader": "openslide", "overlay_column": "mask", "overlay_suffix": ".labels.tiff"},
+    "annotations": {"enabled": False, "column": "geojson", "sidecar_suffix": ".json", "label_min_fraction": 0.7},
+}
+KEEPS_TILES = {
+    "discovery": {"extensions": ["svs"], "recursive": False, "exclude": [], "on_driver_below": 0, "properties": []},
+    "decode": {"batch_size": 16, "batch_mb": 1.0, "max_open_slides": 2, "native_cache_tiles": 4},
+    "masks": {"chunk_px": 1024, "max_megapixels": 8.0, "on_driver_below": 0, "overlay_root": "/shared"},
+    "partition": {"region_tiles": 4, "tiles_per_partition": 64},
+    "tables": {"writer": "delta-rs", "catalog_database": "pathology", "tiles_table": "other",
+               "tile_compression": "zstd", "direct_io": False, "slides_per_commit": 2, "path_root": "/data"},
+}
+
+
+def _every_field():
+    for name, field in PipelineConfig.model_fields.items():
+        sub = getattr(field.annotation, "model_fields", None)
+        for key in sub or [None]:
+            yield (name, key)
+
+
+@pytest.mark.parametrize("section,key", list(_every_field()))
+def test_every_config_field_is_in_the_hash_or_named_as_not_changing_tiles(section, key):
+    base = load_config(None, {})
+    if key is None:  # inputs, lake
+        assert section in ("inputs", "lake")
+        assert config_hash(load_config(None, {section: ["x.svs"] if section == "inputs" else "/elsewhere"})) \
+            == config_hash(base)
+        return
+    in_hash, keeps = CHANGES_TILES.get(section, {}), KEEPS_TILES.get(section, {})
+    assert (key in in_hash) != (key in keeps), f"{section}.{key}: list it in CHANGES_TILES or KEEPS_TILES"
+    changed = load_config(None, {section: {key: in_hash.get(key, keeps.get(key))}})
+    assert changed.model_dump()[section][key] != base.model_dump()[section][key], "the new value must differ"
+    if key in in_hash:
+        assert config_hash(changed) != config_hash(base), f"{section}.{key} changes tiles but not the hash"
+    else:
+        assert config_hash(changed) == config_hash(base), f"{section}.{key} does not change tiles"

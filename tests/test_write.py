@@ -139,6 +139,18 @@ def test_keep_mask_applies_each_bound_and_rejects_failures():
     assert keep_mask(pdf, FilterConfig(min_std=None, max_background_fraction=None)).tolist() == [True, True, True, False, False]
 
 
+def test_keep_mask_bounds_are_inclusive():
+    """``min_std`` and ``max_background_fraction`` are inclusive bounds: a tile exactly on one
+    passes, the next float beyond it does not."""
+    import numpy as np
+
+    std, bg = 5.0, 0.5
+    pdf = pd.DataFrame({"tile": [b"x"] * 4, "decode_error": [None] * 4,
+                        "tile_std": [std, np.nextafter(std, 0), std, std],
+                        "background_fraction": [bg, bg, bg, np.nextafter(bg, 1)]})
+    assert keep_mask(pdf, FilterConfig(min_std=std, max_background_fraction=bg)).tolist() == [True, False, True, False]
+
+
 def test_commit_files_commits_only_the_listed_files(tmp_path):
     """A retried task leaves the files of its first attempt in staging: they must not be committed."""
     import pyarrow as pa

@@ -18,8 +18,8 @@ from slidelake.config import FilterConfig
 
 
 def keep_mask(decoded: pd.DataFrame, cfg: FilterConfig) -> np.ndarray:
-    """Boolean array, one per row of ``decoded`` (a batch from
-    :func:`slidelake.decode.make_decoder`): the tile decoded and meets every bound of ``cfg``.
+    """Boolean array, one per row of ``decoded`` (a decoded batch's ``decode_error``, ``tile``,
+    ``tile_std`` and ``background_fraction``): the tile decoded and meets every bound of ``cfg``.
 
     ``tile_std >= min_std`` and ``background_fraction <= max_background_fraction``; a bound
     set to None is not applied. Tiles with a ``decode_error`` (or no ``tile`` bytes) never
