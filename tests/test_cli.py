@@ -162,3 +162,20 @@ def test_runs_that_do_nothing_say_so(spark, tmp_path):
     make_tiff(tmp_path / "no-mpp.tiff", 300, 200, mpp=None)  # an mpp request cannot be met without --assumed-mpp
     res = CliRunner().invoke(app, ["run", str(tmp_path / "no-mpp.tiff"), "--lake", str(lake)])
     assert res.exit_code == 4 and "no slide was tiled" in res.output, res.output
+
+
+def test_a_cli_run_prints_no_spark_log_lines_unless_verbose(tmp_path):
+    """The CLI's own Spark session logs errors only (src/slidelake/log4j2.properties); the JVM's
+    note on its incubator module is the one line left. ``--verbose`` gives Spark's own logs."""
+    need(CMU)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env.pop("SLIDELAKE_SPARK_MASTER", None)
+    cli = str(Path(sys.executable).parent / "slidelake")
+    quiet = subprocess.run([cli, "discover", str(CMU), "--lake", str(tmp_path / "a")], capture_output=True, text=True,
+                           env=env, timeout=300)
+    assert quiet.returncode == 0 and "succeeded" in quiet.stdout
+    noise = [ln for ln in quiet.stderr.splitlines() if not ln.startswith("WARNING: Using incubator modules")]
+    assert noise == [], noise
+    loud = subprocess.run([cli, "--verbose", "discover", str(CMU), "--lake", str(tmp_path / "b")], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert loud.returncode == 0 and "log4j" in loud.stderr

@@ -31,10 +31,14 @@ def _version(show: bool) -> None:
 
 @app.callback()
 def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
+                                       help="Print the version and exit."),
+          verbose: bool = typer.Option(False, "--verbose", help="Show Spark's own log lines.")) -> None:
     """Whole-slide images to Delta tables of tiles (slides, tiles, runs)."""
     import logging
 
+    if verbose:
+        os.environ["SLIDELAKE_VERBOSE"] = "1"  # read when the session starts (slidelake.spark.local_conf)
+        return
     # PySpark logs every failed query as a JSON record with its stack; the CLI prints one line itself
     for name in ("SQLQueryContextLogger", "DataFrameQueryContextLogger"):
         logging.getLogger(name).setLevel(logging.CRITICAL)

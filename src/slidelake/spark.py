@@ -32,20 +32,14 @@ RUNTIME_CONF: dict[str, str] = {
     "spark.sql.sources.partitionColumnTypeInference.enabled": "false",
 }
 
-# The embedded session's JVM does little compute (the tiles' pixels stay in the Python workers),
-# and its first jobs are dominated by class loading and JIT compilation, which compete with the
-# Python workers for the same few cores. The client (C1) compiler alone compiles faster and
-# uses less CPU: a first run of the benchmark slide took 18-25 s instead of 27-29 s, and whole
-# runs were no slower after it, on that slide or on a 100,000 x 80,000 px one
-# (docs/benchmarks.md). JVM-heavy work loses: grid expansion alone runs at 1.7-3.3 instead of
-# 5.5-9.9 million rows/s, and handing rows to the Python workers costs 10-15 % more in the
-# overlap stage. The parallel (throughput) collector instead of G1: the driver JVM of a local run
-# allocates briefly (Arrow buffers, task results) and never needs short pauses, while G1's
-# concurrent marking and refinement threads take CPU beside the workers; on a folder of four
-# slides the JVM used 1.30 instead of 1.47 s of CPU per warm run and the run took 4.20 instead
-# of 4.44 s (medians of 12 alternated runs).
-# HotSpot options: https://docs.oracle.com/en/java/javase/17/docs/specs/man/java.html and
-# https://docs.oracle.com/en/java/javase/17/gctuning/parallel-collector1.html
+# The embedded session's JVM does little compute (the pixels stay in the Python workers), and its
+# first jobs are dominated by class loading and JIT compilation, which compete with the workers
+# for the same few cores. The client (C1) compiler alone: a first run of the benchmark slide took
+# 18-25 s instead of 27-29 s and later runs were no slower (JVM-heavy grid expansion alone runs
+# at 1.7-3.3 instead of 5.5-9.9 million rows/s). The parallel collector instead of G1, whose
+# concurrent threads take CPU beside the workers: on a folder of four slides the JVM used 1.30
+# instead of 1.47 s of CPU per warm run (4.20 instead of 4.44 s wall; medians of 12 alternated
+# runs). HotSpot options: https://docs.oracle.com/en/java/javase/17/docs/specs/man/java.html
 LOCAL_JVM_OPTIONS = "-XX:TieredStopAtLevel=1 -XX:+UseParallelGC"
 
 LOCAL_CONF: dict[str, str] = {
@@ -65,12 +59,19 @@ def _under_cluster_launcher() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ or "DATABRICKS_RUNTIME_VERSION" in os.environ
 
 
+# errors only, to stderr (src/slidelake/log4j2.properties): no Spark start-up lines on a CLI run
+LOG4J_CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "log4j2.properties")
+
+
 def local_conf() -> dict[str, str]:
     """Settings of a new embedded local session: :data:`LOCAL_CONF`, and
     ``spark.driver.extraJavaOptions`` = ``$SLIDELAKE_JVM_OPTIONS`` (default
-    :data:`LOCAL_JVM_OPTIONS`; an empty value sets none, keeping the JVM's defaults)."""
+    :data:`LOCAL_JVM_OPTIONS`; an empty value sets none, keeping the JVM's defaults) plus the
+    log settings :data:`LOG4J_CONF` unless ``SLIDELAKE_VERBOSE=1`` (Spark's own then)."""
     conf = dict(LOCAL_CONF)
     jvm_options = os.environ.get("SLIDELAKE_JVM_OPTIONS", LOCAL_JVM_OPTIONS).strip()
+    if os.environ.get("SLIDELAKE_VERBOSE", "0").strip() in ("", "0"):
+        jvm_options = f"{jvm_options} -Dlog4j2.configurationFile=file:{LOG4J_CONF}".strip()
     if jvm_options:
         conf["spark.driver.extraJavaOptions"] = jvm_options
     return conf
