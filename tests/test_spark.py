@@ -1,31 +1,43 @@
 """The embedded local session's settings."""
 
+import os
+
 import pytest
 
-from slidelake.spark import LOCAL_CONF, LOCAL_JVM_OPTIONS, local_conf
+from slidelake.spark import LOCAL_CONF, LOCAL_JVM_OPTIONS, LOG4J_CONF, local_conf
 
 
 def test_local_conf_jvm_options_default_override_and_off(monkeypatch):
+    """``SLIDELAKE_JVM_OPTIONS`` replaces the JVM options (empty: none); the log settings
+    (errors only) are added unless ``SLIDELAKE_VERBOSE=1``."""
+    log = f"-Dlog4j2.configurationFile=file:{LOG4J_CONF}"
     monkeypatch.delenv("SLIDELAKE_JVM_OPTIONS", raising=False)
+    monkeypatch.delenv("SLIDELAKE_VERBOSE", raising=False)
     conf = local_conf()
-    assert conf["spark.driver.extraJavaOptions"] == LOCAL_JVM_OPTIONS == "-XX:TieredStopAtLevel=1 -XX:+UseParallelGC"
+    assert LOCAL_JVM_OPTIONS == "-XX:TieredStopAtLevel=1 -XX:+UseParallelGC"
+    assert conf["spark.driver.extraJavaOptions"] == f"{LOCAL_JVM_OPTIONS} {log}"
     assert {k: conf[k] for k in LOCAL_CONF} == LOCAL_CONF
+    assert os.path.isfile(LOG4J_CONF)
 
     monkeypatch.setenv("SLIDELAKE_JVM_OPTIONS", "-XX:+UseSerialGC -Xss4m")
-    assert local_conf()["spark.driver.extraJavaOptions"] == "-XX:+UseSerialGC -Xss4m"
+    assert local_conf()["spark.driver.extraJavaOptions"] == f"-XX:+UseSerialGC -Xss4m {log}"
 
     monkeypatch.setenv("SLIDELAKE_JVM_OPTIONS", " ")
+    assert local_conf()["spark.driver.extraJavaOptions"] == log
+    monkeypatch.setenv("SLIDELAKE_VERBOSE", "1")
     assert "spark.driver.extraJavaOptions" not in local_conf()
+    monkeypatch.delenv("SLIDELAKE_JVM_OPTIONS")
+    assert local_conf()["spark.driver.extraJavaOptions"] == LOCAL_JVM_OPTIONS
 
 
 @pytest.mark.spark
 def test_embedded_session_jvm_runs_with_the_options(spark):
-    import os
-
     expected = os.environ.get("SLIDELAKE_JVM_OPTIONS", LOCAL_JVM_OPTIONS).split()
     args = list(spark._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments())
     assert expected and all(opt in args for opt in expected), args
-    assert spark.conf.get("spark.driver.extraJavaOptions") == " ".join(expected)
+    assert f"-Dlog4j2.configurationFile=file:{LOG4J_CONF}" in args  # the test session is not verbose
+    assert spark.conf.get("spark.driver.extraJavaOptions") == " ".join(
+        [*expected, f"-Dlog4j2.configurationFile=file:{LOG4J_CONF}"])
     if "-XX:+UseParallelGC" in expected:  # the default: the parallel collector's two generations
         beans = spark._jvm.java.lang.management.ManagementFactory.getGarbageCollectorMXBeans()
         assert sorted(b.getName() for b in beans) == ["PS MarkSweep", "PS Scavenge"]
