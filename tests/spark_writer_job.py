@@ -7,6 +7,7 @@ writer, run with Spark's Delta writer in one session that loads the Delta Lake j
 * ``OUT/rerun``: a folder of two slides tiled, rerun (skipped), forced (replaced); then a third
   slide with another tile size (refused);
 * ``OUT/corrupt``: a slide with corrupt tiles (every failed tile in ``tile_errors``);
+* ``OUT/blank``: a white slide whose tiles the pixel filter drops (a commit of no file);
 * ``OUT/concurrent``: two runs on disjoint folders at the same time into one lake;
 * ``SHARED_LAKE``: a lake the delta-rs writer made, appended to by Spark's writer.
 
@@ -58,6 +59,11 @@ def main() -> None:
 
     res["corrupt"] = record(run_all(spark, cfg(out / "corrupt", [corrupt], grid={"tile_extent": 64})))
     res["corrupt_errors"] = spark.read.format("delta").load(str(out / "corrupt" / "tile_errors")).count()
+
+    # a slide with no tile past the pixel filter: the commit has no file and leaves no rows
+    res["blank"] = record(run_all(spark, cfg(out / "blank", [slides / "blank.tiff"],
+                                             filter={"max_background_fraction": 0.5})))
+    res["blank_tiles"] = spark.read.format("delta").load(str(out / "blank" / "tiles")).count()
 
     recs, errors = {}, []
 

@@ -132,6 +132,11 @@ def scenarios(spark, tmp_path_factory):
         (slides / k).mkdir(parents=True)
         for seed in seeds:
             make_tiff(slides / k / f"s{seed}.tiff", 400, 300, mpp=0.5, seed=seed)
+    import numpy as np
+    import tifffile
+
+    tifffile.imwrite(slides / "blank.tiff", np.full((300, 400, 3), 255, np.uint8), tile=(64, 64), photometric="rgb",
+                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
     corrupt = corrupt_copy(CMU, base / "corrupt.svs")
     shared = base / "shared"
     by_rs = run_all(spark, _delta_rs(cfg(shared, [slides / "a"])))
@@ -180,6 +185,15 @@ def test_spark_writer_lists_every_failed_tile(scenarios):
     written = set(zip(*pl.read_delta(str(lake / "tiles")).select("tile_x", "tile_y")))
     assert len(failed) == errs.height and not failed & written
     assert len(failed | written) == counts["tiles_generated"] == counts["tiles_decoded"]
+
+
+@pytest.mark.spark
+def test_spark_writer_commits_a_batch_with_no_kept_tile(scenarios):
+    base, res, _ = scenarios
+    blank = res["blank"]
+    assert blank["status"] == "succeeded" and blank["counts"]["tiles_decoded"] == 6
+    assert blank["counts"]["tiles_filtered"] == 6 and blank["counts"]["tiles_written"] == 0
+    assert res["blank_tiles"] == pl.read_delta(str(base / "out" / "blank" / "tiles")).height == 0
 
 
 @pytest.mark.spark

@@ -3,13 +3,14 @@ files the task results list (delta-rs), every failed tile is reported with its c
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
-from pathlib import Path
 
 import numpy as np
 import openslide
 import pandas as pd
 import polars as pl
+import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import make_tiff
@@ -20,7 +21,6 @@ from slidelake.config import DecodeConfig, FilterConfig
 from slidelake.decode import rgba_to_rgb
 from slidelake.encoding import decode_tile
 from slidelake.filtering import keep_mask
-from slidelake.tables import commit_files, discard_staging, new_staging
 from slidelake.write import TILES_COLUMNS, Lineage, make_file_sink, tiles_schema
 
 LINEAGE = Lineage("run-1", "cfg-1", "0.test", datetime(2026, 11, 21, 12, 30, 0))
@@ -129,73 +129,31 @@ def test_file_sink_writes_kept_tiles_and_reports_every_failure(tmp_path):
 
 
 def test_keep_mask_applies_each_bound_and_rejects_failures():
-    pdf = pd.DataFrame({
-        "tile": [b"x", b"x", b"x", None, b"x"],
-        "decode_error": [None, None, None, None, "bad"],
-        "tile_std": [10.0, 2.0, 10.0, 10.0, 10.0],
-        "background_fraction": [0.1, 0.1, 0.95, 0.1, 0.1],
-    })
-    assert keep_mask(pdf, FilterConfig(min_std=5, max_background_fraction=0.9)).tolist() == [True, False, False, False, False]
-    assert keep_mask(pdf, FilterConfig(min_std=None, max_background_fraction=None)).tolist() == [True, True, True, False, False]
+    decoded = np.array([True, True, True, False, False])  # the last two: no tile, a decode error
+    std = np.array([10.0, 2.0, 10.0, 10.0, 10.0])
+    bg = np.array([0.1, 0.1, 0.95, 0.1, 0.1])
+    assert keep_mask(decoded, std, bg, FilterConfig(min_std=5, max_background_fraction=0.9)).tolist() == [True, False, False, False, False]
+    assert keep_mask(decoded, std, bg, FilterConfig(min_std=None, max_background_fraction=None)).tolist() == [True, True, True, False, False]
+    nan = np.array([np.nan] * 5)
+    assert not keep_mask(decoded, nan, nan, FilterConfig(min_std=0, max_background_fraction=1)).any()
 
 
 def test_keep_mask_bounds_are_inclusive():
     """``min_std`` and ``max_background_fraction`` are inclusive bounds: a tile exactly on one
     passes, the next float beyond it does not."""
-    import numpy as np
-
     std, bg = 5.0, 0.5
-    pdf = pd.DataFrame({"tile": [b"x"] * 4, "decode_error": [None] * 4,
-                        "tile_std": [std, np.nextafter(std, 0), std, std],
-                        "background_fraction": [bg, bg, bg, np.nextafter(bg, 1)]})
-    assert keep_mask(pdf, FilterConfig(min_std=std, max_background_fraction=bg)).tolist() == [True, False, True, False]
+    keep = keep_mask(np.ones(4, bool), np.array([std, np.nextafter(std, 0), std, std]),
+                     np.array([bg, bg, bg, np.nextafter(bg, 1)]), FilterConfig(min_std=std, max_background_fraction=bg))
+    assert keep.tolist() == [True, False, True, False]
 
 
-def test_commit_files_commits_only_the_listed_files(tmp_path):
-    """A retried task leaves the files of its first attempt in staging: they must not be committed."""
-    import pyarrow as pa
+def test_pixel_filter_keeps_decoded_tiles_within_the_bounds():
+    from slidelake.decode import DecodedBatch
+    from slidelake.write import pixel_filter
 
-    table = tmp_path / "t"
-    staging = new_staging(str(table))
-    schema = T.StructType([T.StructField("slide_id", T.StringType()), T.StructField("v", T.LongType())])
-    (Path(staging) / "slide_id=s").mkdir()
-    for name in ("kept", "orphan"):
-        pq.write_table(pa.table({"v": pa.array([1, 2, 3], pa.int64())}), f"{staging}/slide_id=s/{name}.parquet")
-    res = commit_files(str(table), staging, [("slide_id=s/kept.parquet", 3)], schema, mode="overwrite",
-                       partition_by=["slide_id"], replace_partitions=["s"])
-    discard_staging(staging)
-    assert res.rows == 3 and res.files == 1 and res.rows_by_partition == {"s": 3}
-    got = pl.read_delta(str(table))
-    assert sorted(got["v"].to_list()) == [1, 2, 3] and set(got["slide_id"]) == {"s"}
-    assert not (table / "_staging").exists()
-    assert sorted(p.name for p in (table / "slide_id=s").iterdir()) == ["kept.parquet"]
-
-
-def test_pipeline_decodes_each_kept_tile_once_in_the_workers(spark, lake):
-    """End to end on a generated slide: counts come from task results and the table holds each
-    kept tile exactly once."""
-    from slidelake.config import PipelineConfig
-    from slidelake.pipeline import run_all
-
-    path = lake.parent / "gen.tiff"
-    make_tiff(path, 1300, 900, levels=2, tile=128, compression="jpeg")
-    cfg = PipelineConfig.model_validate({
-        "inputs": [str(path)], "lake": str(lake), "resolution": {"level": 0, "assumed_mpp": 0.5},
-        "grid": {"tile_extent": 256, "last": "keep"}, "decode": {"encoding": "png"}, "masks": {"enabled": False},
-        "filter": {"max_background_fraction": None},
-    })
-    rec = run_all(spark, cfg)
-    assert rec.status == "succeeded", rec.error
-    tiles = pl.read_delta(str(lake / "tiles"))
-    assert rec.counts["tiles_generated"] == 6 * 4 == rec.counts["tiles_decoded"] == rec.counts["tiles_written"]
-    assert tiles.height == 24 and tiles.select("tile_x", "tile_y").n_unique() == 24
-    assert tiles["tile_format"].unique().to_list() == ["png"]
-    assert not (lake / "tiles" / "_staging").exists()
-    # every data file on disk is one the log references: no orphans from the workers
-    from deltalake import DeltaTable
-
-    on_disk = {str(p.resolve()) for p in (lake / "tiles").rglob("*.parquet")}
-    assert on_disk == set(DeltaTable(str(lake / "tiles")).file_uris()) and len(on_disk) >= 1
+    d = DecodedBatch([b"a", None, np.zeros((2, 2, 3), np.uint8), b"d"], np.zeros(4), np.array([9.0, 9.0, 9.0, 1.0]),
+                     np.array([0.1, 0.1, 0.1, 0.1]), ["native", None, "native", "native"], [None, "bad", None, None])
+    assert pixel_filter(d, FilterConfig(min_std=5, max_background_fraction=0.9)).tolist() == [0, 2]
 
 
 def test_write_frame_commits_a_spark_dataframe_with_delta_rs(spark, tmp_path):
@@ -261,3 +219,16 @@ def test_raw_tiles_go_into_the_arrow_column_as_the_bytes_of_their_pixels(tmp_pat
     # only raw tiles are kept as arrays
     jpeg = D.TileDecoder(DecodeConfig(encoding="jpeg"), raw_pixels=True).decode(col)
     assert all(isinstance(t, bytes) for t in jpeg.tiles)
+
+
+def test_staging_of_a_lake_on_object_storage_goes_under_the_overlay_root(tmp_path):
+    """The workers stage tile files on a folder every executor mounts: for a lake in a bucket,
+    ``masks.overlay_root``; without one, a one-line error."""
+    from slidelake.lake import Lake
+
+    with pytest.raises(ValueError, match="set masks.overlay_root"):
+        Lake(None, "s3://bucket/lake").new_staging("tiles")
+    staging = Lake(None, "s3://bucket/lake", overlay_root=str(tmp_path)).new_staging("tiles")
+    assert os.path.isdir(staging) and os.path.dirname(staging) == str(tmp_path / "tiles" / "_staging")
+    local = Lake(None, str(tmp_path / "lake")).new_staging("tiles")
+    assert os.path.dirname(local) == str(tmp_path / "lake" / "tiles" / "_staging")

@@ -10,26 +10,24 @@ Python workers:
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from slidelake.config import FilterConfig
 
 
-def keep_mask(decoded: pd.DataFrame, cfg: FilterConfig) -> np.ndarray:
-    """Boolean array, one per row of ``decoded`` (a decoded batch's ``decode_error``, ``tile``,
-    ``tile_std`` and ``background_fraction``): the tile decoded and meets every bound of ``cfg``.
-
-    ``tile_std >= min_std`` and ``background_fraction <= max_background_fraction``; a bound
-    set to None is not applied. Tiles with a ``decode_error`` (or no ``tile`` bytes) never
-    pass; NaN statistics never pass a bound.
+def keep_mask(decoded: np.ndarray, tile_std: np.ndarray, background_fraction: np.ndarray,
+              cfg: FilterConfig) -> np.ndarray:
+    """The pixel filter: bool ``(n,)``, true where the tile decoded (``decoded``, bool ``(n,)``)
+    and meets every bound of ``cfg``: ``tile_std >= min_std`` and ``background_fraction <=
+    max_background_fraction`` (float64 ``(n,)``; grey-level std 0-255 and a fraction 0-1). A
+    bound set to None is not applied; NaN statistics never pass a bound.
     """
-    keep = decoded["decode_error"].isna().to_numpy() & decoded["tile"].notna().to_numpy()
+    keep = np.asarray(decoded, bool).copy()
     if cfg.min_std is not None:
-        keep &= decoded["tile_std"].to_numpy(dtype=float) >= cfg.min_std
+        keep &= np.asarray(tile_std, float) >= cfg.min_std
     if cfg.max_background_fraction is not None:
-        keep &= decoded["background_fraction"].to_numpy(dtype=float) <= cfg.max_background_fraction
+        keep &= np.asarray(background_fraction, float) <= cfg.max_background_fraction
     return keep
 
 

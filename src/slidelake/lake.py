@@ -32,7 +32,7 @@ from slidelake.config import PipelineConfig
 from slidelake.spark import delta_jars_available
 from slidelake.tables import (
     WriteResult, arrow_schema, commit_files, discard_staging, from_stored, local_path, maps_to_dicts,
-    STAGING_DIR, new_staging, retry_on_conflict, rows_by_partition, sql_in, staged_files, table_exists, to_stored,
+    new_staging, retry_on_conflict, rows_by_partition, sql_in, staged_files, table_exists, to_stored,
 )
 
 Writer = Literal["spark", "delta-rs"]
@@ -310,9 +310,9 @@ class Lake:
 
     def new_staging(self, table: TableName) -> str:
         """A fresh local staging folder for data files of ``table`` that :meth:`commit_files`
-        will commit (:func:`slidelake.tables.new_staging`): in the table's folder, or for a lake
-        on object storage (Spark's writer) under the overlay root, a folder every executor
-        mounts (``masks.overlay_root``).
+        will commit (:func:`slidelake.tables.new_staging`): ``<table>/_staging/<uuid>``, or for a
+        lake on object storage (Spark's writer) ``<overlay root>/<table>/_staging/<uuid>``, on a
+        folder every executor mounts (``masks.overlay_root``).
 
         Raises:
             ValueError: the lake is on object storage and no local overlay root is set.
@@ -322,7 +322,7 @@ class Lake:
         if "://" in self.overlays:
             raise ValueError(f"lake {self.root} is on object storage: set masks.overlay_root to a folder every "
                              "executor mounts (the workers stage the tile files there before the commit)")
-        return new_staging(os.path.join(self.overlays, STAGING_DIR, table))
+        return new_staging(os.path.join(self.overlays, table))  # <overlay root>/<table>/_staging/<uuid>
 
     def commit_files(self, table: TableName, staging: str, files: list[tuple[str, int]], schema: T.StructType,
                      partition_by: list[str], replace_partitions: list[str] | None,
@@ -344,9 +344,6 @@ class Lake:
         if self.writer != "spark":
             return commit_files(self.path(table), staging, files, schema, "overwrite", partition_by, replace_partitions)
         self._describe(f"commit {table}")
-        if not files:
-            return self._write_frame_spark(self.spark.createDataFrame([], schema), self.path(table), "overwrite",
-                                           partition_by, replace_partitions, {})
         rows = sum(n for _, n in files)
         size = sum(os.path.getsize(os.path.join(staging, rel)) for rel, _ in files)
         conf = self.spark.conf
@@ -357,7 +354,8 @@ class Lake:
         try:
             local = "file://" + os.path.abspath(staging)  # not the cluster's default file system
             df = (self.spark.read.schema(schema).option("basePath", local)
-                  .parquet(*(f"{local}/{rel}" for rel, _ in files)).select(*schema.fieldNames()))
+                  .parquet(*(f"{local}/{rel}" for rel, _ in files)).select(*schema.fieldNames())
+                  if files else self.spark.createDataFrame([], schema))  # no kept tile: the partitions empty
             return self._write_frame_spark(df, self.path(table), "overwrite", partition_by, replace_partitions,
                                            rows_by_partition(files, partition_by), compression)
         finally:

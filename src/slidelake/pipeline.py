@@ -128,8 +128,8 @@ def _tile_batches(lake: Lake, cfg: PipelineConfig, rec: RunRecord, good: list[di
     decoded_acc = lake.spark.sparkContext.accumulator({}, SumLog())  # tiles decoded by slide: live progress only
     rects: dict[str, np.ndarray] = {}
     lineage = Lineage(rec.run_id, rec.config_hash, __version__, rec.started_at, lake.path_root)
-    decoded = lambda: int(sum(decoded_acc.value.values()))  # noqa: E731
-    with TileProgress(lake.spark, sum(generated.values()), decoded, enabled=progress):
+    with TileProgress(lake.spark, sum(generated.values()), lambda: int(sum(decoded_acc.value.values())),
+                      enabled=progress):
         for i, batch in enumerate(batches):
             with rec.stage("overlap+decode+write"):
                 overlay = {r["slide_id"]: masks[r["slide_id"]]["mask_path"] if r["slide_id"] in masks else None

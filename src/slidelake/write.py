@@ -24,7 +24,6 @@ from datetime import datetime
 from typing import Any, Callable, Iterator
 
 import numpy as np
-import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 
@@ -143,10 +142,8 @@ def pixel_filter(d: DecodedBatch, fcfg: FilterConfig) -> np.ndarray:
     """The pixel filter of a decoded batch: int64 indices of the tiles of ``d`` that decoded and
     pass ``filter.min_std`` / ``filter.max_background_fraction``
     (:func:`slidelake.filtering.keep_mask`)."""
-    decoded = [None if t is None else True for t in d.tiles]  # raw tiles are arrays
-    keep = keep_mask(pd.DataFrame({"decode_error": d.errors, "tile": decoded, "tile_std": d.std,
-                                   "background_fraction": d.background_fraction}), fcfg)
-    return np.flatnonzero(keep)
+    decoded = np.fromiter((t is not None and e is None for t, e in zip(d.tiles, d.errors)), bool, len(d.tiles))
+    return np.flatnonzero(keep_mask(decoded, d.std, d.background_fraction, fcfg))
 
 
 def _kept_table(chunk: Any, d: DecodedBatch, idx: np.ndarray, schema: Any, constants: dict[str, Any],
