@@ -25,6 +25,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from slidelake.rows import ResolvedSlide
 from slidelake.spark import local_frame
 
 
@@ -70,7 +71,7 @@ def grid_constants(tile_extent: tuple[int, int], stride: tuple[int, int]) -> dic
             "stride_x": F.lit(int(stride[0])), "stride_y": F.lit(int(stride[1]))}
 
 
-def expand_grid(spark: SparkSession, slides: list[dict], tile_extent: tuple[int, int], stride: tuple[int, int],
+def expand_grid(spark: SparkSession, slides: list[ResolvedSlide], tile_extent: tuple[int, int], stride: tuple[int, int],
                 last: str, roi: tuple[int, int, int, int] | None = None, tiles_per_band: int | None = None,
                 ) -> DataFrame:
     """Explode slides into tile rows (metadata only, no pixels), in raster order per slide.

@@ -9,10 +9,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from slidelake.lake import Lake
 from slidelake.lineage import RUN_SLIDES_SCHEMA, TILE_ERRORS_SCHEMA, RunRecord, utcnow
+from slidelake.rows import ResolvedSlide, SlideCount, TileFailure
 
 # failed tiles listed per slide in runs.slide_errors (tile_errors lists them all)
 MAX_ERROR_SAMPLES = 20
@@ -58,7 +57,7 @@ def check_config_mix(lake: Lake, config_hash: str, slide_ids: list[str]) -> None
         )
 
 
-def write_tile_errors(lake: Lake, rec: RunRecord, slides: list[dict], failures: dict[str, list[dict]]) -> None:
+def write_tile_errors(lake: Lake, rec: RunRecord, slides: list[ResolvedSlide], failures: dict[str, list[TileFailure]]) -> None:
     """Append every failed tile of ``slides`` (resolved rows) to ``tile_errors`` in one commit
     (the table is created empty on the first run so that it can always be queried)."""
     by_id = {r["slide_id"]: r for r in slides}
@@ -74,7 +73,7 @@ def write_tile_errors(lake: Lake, rec: RunRecord, slides: list[dict], failures: 
         rec.table_versions["tile_errors"] = res.version if res.version is not None else -1
 
 
-def write_run_slides(lake: Lake, rec: RunRecord, batch: list[dict], counts: list[dict], version: int,
+def write_run_slides(lake: Lake, rec: RunRecord, batch: list[ResolvedSlide], counts: list[SlideCount], version: int,
                      replaced_table: bool) -> None:
     """Append one ``run_slides`` row per slide of a committed batch (after its tiles commit,
     tiles table version ``version``)."""
@@ -89,11 +88,11 @@ def write_run_slides(lake: Lake, rec: RunRecord, batch: list[dict], counts: list
         lake.write_rows("run_slides", rows, RUN_SLIDES_SCHEMA, mode="append")
 
 
-def slide_counts(rec: RunRecord, batch: list[dict], generated: dict[str, int], written: dict[str, int],
-                 decoded: dict[str, int], failed: dict[str, int], failures: dict[str, list[dict[str, Any]]]) -> list[dict]:
+def slide_counts(rec: RunRecord, batch: list[ResolvedSlide], generated: dict[str, int], written: dict[str, int],
+                 decoded: dict[str, int], failed: dict[str, int], failures: dict[str, list[TileFailure]]) -> list[SlideCount]:
     """Per-slide counts of a committed batch (``runs.slide_counts``); up to
     :data:`MAX_ERROR_SAMPLES` failed tiles per slide go to ``rec.slide_errors``."""
-    counts = []
+    counts: list[SlideCount] = []
     for r in batch:
         sid = r["slide_id"]
         gen, wrote = generated[sid], written.get(sid, 0)

@@ -9,100 +9,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
-from typing import Any, Iterator
+from typing import Iterator
 
 from pyspark.accumulators import AccumulatorParam
-from pyspark.sql import types as T
 
 from slidelake import __version__
+from slidelake.rows import RunRow, RunSlideRow, SlideCount, SlideError, SlideRow, TileErrorRow, spark_schema
 
-SLIDE_COUNT = T.StructType([
-    T.StructField("slide_id", T.StringType()),
-    T.StructField("path", T.StringType()),
-    T.StructField("level", T.IntegerType()),
-    T.StructField("mpp_x", T.DoubleType()),
-    T.StructField("tiles_generated", T.LongType()),
-    T.StructField("tiles_skipped", T.LongType()),
-    T.StructField("tiles_decoded", T.LongType()),
-    T.StructField("tiles_failed", T.LongType()),
-    T.StructField("tiles_filtered", T.LongType()),
-    T.StructField("tiles_written", T.LongType()),
-])
-
-SLIDE_ERROR = T.StructType([
-    T.StructField("slide_id", T.StringType()),
-    T.StructField("path", T.StringType()),
-    T.StructField("stage", T.StringType()),
-    T.StructField("error", T.StringType()),
-])
-
-# <lake>/tile_errors: one row per tile that failed in a run (appended; filter by run_id)
-TILE_ERRORS_SCHEMA = T.StructType([
-    T.StructField("run_id", T.StringType()),
-    T.StructField("slide_id", T.StringType()),
-    T.StructField("path", T.StringType()),
-    T.StructField("config_hash", T.StringType()),
-    T.StructField("level", T.IntegerType()),
-    T.StructField("tile_x", T.LongType()),
-    T.StructField("tile_y", T.LongType()),
-    T.StructField("stage", T.StringType()),
-    T.StructField("error", T.StringType()),
-    T.StructField("created_at", T.TimestampType()),
-])
-
-# <lake>/run_slides: one row per slide a run committed tiles for (appended after each commit);
-# the record incremental runs skip by
-RUN_SLIDES_SCHEMA = T.StructType([
-    T.StructField("run_id", T.StringType()),
-    T.StructField("slide_id", T.StringType()),
-    T.StructField("path", T.StringType()),
-    T.StructField("fingerprint", T.StringType()),
-    T.StructField("config_hash", T.StringType()),
-    T.StructField("tiles_table", T.StringType()),
-    T.StructField("tiles_version", T.LongType()),
-    T.StructField("replaced_table", T.BooleanType()),
-    T.StructField("tiles_generated", T.LongType()),
-    T.StructField("tiles_written", T.LongType()),
-    T.StructField("tiles_failed", T.LongType()),
-    T.StructField("created_at", T.TimestampType()),
-])
-
-RUNS_SCHEMA = T.StructType([
-    T.StructField("run_id", T.StringType()),
-    T.StructField("job", T.StringType()),
-    T.StructField("status", T.StringType()),
-    T.StructField("error", T.StringType()),
-    T.StructField("started_at", T.TimestampType()),
-    T.StructField("ended_at", T.TimestampType()),
-    T.StructField("duration_s", T.DoubleType()),
-    T.StructField("inputs", T.ArrayType(T.StringType())),
-    T.StructField("lake", T.StringType()),
-    T.StructField("config", T.StringType()),
-    T.StructField("config_hash", T.StringType()),
-    T.StructField("versions", T.MapType(T.StringType(), T.StringType())),
-    T.StructField("delta_writer", T.StringType()),
-    T.StructField("spark_master", T.StringType()),
-    T.StructField("slides_discovered", T.LongType()),
-    T.StructField("slides_ok", T.LongType()),
-    T.StructField("slides_error", T.LongType()),
-    T.StructField("slides_unchanged", T.LongType()),
-    T.StructField("slides_tiled", T.LongType()),
-    T.StructField("slides_skipped", T.LongType()),
-    T.StructField("masks_computed", T.LongType()),
-    T.StructField("masks_reused", T.LongType()),
-    T.StructField("masks_failed", T.LongType()),
-    T.StructField("tiles_generated", T.LongType()),
-    T.StructField("tiles_skipped", T.LongType()),
-    T.StructField("tiles_decoded", T.LongType()),
-    T.StructField("tiles_failed", T.LongType()),
-    T.StructField("tiles_filtered", T.LongType()),
-    T.StructField("tiles_written", T.LongType()),
-    T.StructField("table_versions", T.MapType(T.StringType(), T.LongType())),
-    T.StructField("slide_counts", T.ArrayType(SLIDE_COUNT)),
-    T.StructField("slide_errors", T.ArrayType(SLIDE_ERROR)),
-    T.StructField("stage_seconds", T.MapType(T.StringType(), T.DoubleType())),
-    T.StructField("profile", T.MapType(T.StringType(), T.DoubleType())),
-])
+SLIDE_COUNT = spark_schema(SlideCount, all_nullable=True)
+SLIDE_ERROR = spark_schema(SlideError, all_nullable=True)
+TILE_ERRORS_SCHEMA = spark_schema(TileErrorRow, all_nullable=True)  # appended; filter by run_id
+RUN_SLIDES_SCHEMA = spark_schema(RunSlideRow, all_nullable=True)  # appended after each commit
+RUNS_SCHEMA = spark_schema(RunRow, all_nullable=True)
 
 
 def new_run_id() -> str:
@@ -178,8 +96,8 @@ class RunRecord:
     spark_master: str | None = None
     counts: dict[str, int] = field(default_factory=dict)
     table_versions: dict[str, int] = field(default_factory=dict)
-    slide_counts: list[dict[str, Any]] = field(default_factory=list)
-    slide_errors: list[dict[str, Any]] = field(default_factory=list)
+    slide_counts: list[SlideCount] = field(default_factory=list)
+    slide_errors: list[SlideError] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     profile: dict[str, float] | None = None
 
@@ -198,12 +116,12 @@ class RunRecord:
         finally:
             self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.perf_counter() - t
 
-    def slide_error(self, slide: dict[str, Any], stage: str, message: str) -> None:
+    def slide_error(self, slide: SlideRow, stage: str, message: str) -> None:
         """Record one slide's failure at ``stage`` (a ``runs.slide_errors`` entry)."""
         self.slide_errors.append({"slide_id": slide.get("slide_id"), "path": slide.get("path"), "stage": stage,
                                   "error": message})
 
-    def row(self) -> dict[str, Any]:
+    def row(self) -> RunRow:
         """The record as a dict matching :data:`RUNS_SCHEMA`."""
         ended = utcnow()
         keys = ("slides_discovered", "slides_ok", "slides_error", "slides_unchanged", "slides_tiled",

@@ -27,6 +27,7 @@ from slidelake.config import MaskConfig
 from slidelake.memory import freeze_long_lived, peak_rss_mib, release_memory, reset_peak_rss
 from slidelake.overlays import MaskError, computed_overlay_path, overlay_dir, read_overlay, user_overlay_path, write_overlay
 from slidelake.qc import qc_picture
+from slidelake.rows import MaskRow, SlideRow, spark_schema
 from slidelake.slides import SLIDES_SCHEMA
 from slidelake.spark import local_frame
 from slidelake.tissue import BACKGROUND, mask_size, tissue_mask
@@ -38,34 +39,7 @@ if TYPE_CHECKING:
 
 NOMINAL_MPP = 0.25  # µm/px assumed for the mask of a slide without mpp (40x; recorded in `algorithm`)
 
-MASKS_SCHEMA = T.StructType([
-    T.StructField("slide_id", T.StringType(), False),
-    T.StructField("path", T.StringType(), True),
-    T.StructField("fingerprint", T.StringType(), True),
-    T.StructField("source", T.StringType(), True),  # computed | user
-    T.StructField("mask_path", T.StringType(), True),
-    T.StructField("mask_mpp_x", T.DoubleType(), True),
-    T.StructField("mask_mpp_y", T.DoubleType(), True),
-    T.StructField("mask_downsample_x", T.DoubleType(), True),  # level-0 px per mask px
-    T.StructField("mask_downsample_y", T.DoubleType(), True),
-    T.StructField("mask_width", T.LongType(), True),
-    T.StructField("mask_height", T.LongType(), True),
-    T.StructField("slide_width", T.LongType(), True),
-    T.StructField("slide_height", T.LongType(), True),
-    T.StructField("read_level", T.IntegerType(), True),
-    T.StructField("algorithm", T.StringType(), True),
-    T.StructField("params", T.StringType(), True),  # JSON of the algorithm settings
-    T.StructField("params_hash", T.StringType(), False),
-    T.StructField("polarity", T.StringType(), True),
-    T.StructField("thresholds", T.ArrayType(T.DoubleType()), True),
-    T.StructField("tissue_fraction", T.DoubleType(), True),
-    T.StructField("qc_path", T.StringType(), True),
-    T.StructField("thumbnail_path", T.StringType(), True),
-    T.StructField("status", T.StringType(), False),
-    T.StructField("error", T.StringType(), True),
-    T.StructField("run_id", T.StringType(), True),
-    T.StructField("created_at", T.TimestampType(), True),
-])
+MASKS_SCHEMA = spark_schema(MaskRow)
 
 
 def params_hash(cfg: MaskConfig) -> str:
@@ -165,8 +139,8 @@ def read_slide_at(slide: Any, out_size: tuple[int, int], chunk_px: int = 2048,
     return rgb, valid
 
 
-def compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str,
-                 phash: str, threads: int = 1, qc: bool = True) -> dict[str, Any]:
+def compute_mask(row: SlideRow, cfg: MaskConfig, lake_root: str, run_id: str,
+                 phash: str, threads: int = 1, qc: bool = True) -> MaskRow:
     """Make (or take the user's) overlay of one slide and return its ``masks`` row.
 
     A slide without mpp gets a mask made as if level 0 were :data:`NOMINAL_MPP` µm/px (said in
@@ -335,9 +309,9 @@ def _mask_row(rec: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str,
     return row
 
 
-def compute_masks_on_driver(slides: list[dict[str, Any]], cfg: MaskConfig, lake_root: str, run_id: str,
+def compute_masks_on_driver(slides: list[SlideRow], cfg: MaskConfig, lake_root: str, run_id: str,
                             on_profile: Callable[[dict[str, float]], None] | None = None,
-                            qc: bool = True) -> list[dict[str, Any]]:
+                            qc: bool = True) -> list[MaskRow]:
     """The masks of a few ``slides`` made in this process, one thread per core (up to one per
     slide; the cores left over read the slides' regions in parallel), without a Spark job: for
     fewer than ``masks.on_driver_below`` slides a job's start-up costs more than the masks (see
@@ -369,7 +343,7 @@ def compute_masks_on_driver(slides: list[dict[str, Any]], cfg: MaskConfig, lake_
         return list(pool.map(one, slides))
 
 
-def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfig, lake_root: str,
+def make_masks(spark: SparkSession, slides: list[SlideRow], cfg: MaskConfig, lake_root: str,
                run_id: str, on_profile: Callable[[dict[str, float]], None] | None = None,
                qc: bool = True) -> DataFrame:
     """Compute the masks of ``slides`` (``slides`` rows as dicts), one Spark task per slide
@@ -406,8 +380,8 @@ def make_masks(spark: SparkSession, slides: list[dict[str, Any]], cfg: MaskConfi
     return df.mapInPandas(run, schema=MASKS_SCHEMA)
 
 
-def mask_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, slides: list[dict],
-                on_profile: Callable[[dict[str, float]], None] | None = None, qc: bool = True) -> dict[str, dict]:
+def mask_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, slides: list[SlideRow],
+                on_profile: Callable[[dict[str, float]], None] | None = None, qc: bool = True) -> dict[str, MaskRow]:
     """The masks stage: make sure each of ``slides`` (``slides`` rows) has a tissue mask.
 
     A mask whose slide content (``slide_id`` is the content hash) and algorithm settings

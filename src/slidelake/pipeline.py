@@ -34,7 +34,8 @@ from slidelake.annotations import annotation_path
 from slidelake.overlap import SlideInputs, overlap_tiles
 from slidelake.progress import TileProgress
 from slidelake.qc import draw_qc, draw_qc_after_failure
-from slidelake.resolution import resolve_row, resolved_schema
+from slidelake.resolution import resolve_row
+from slidelake.rows import MaskRow, ResolvedSlide, SlideRow, spark_schema
 from slidelake.slides import SLIDES_SCHEMA, discover_slides, listed_slides, select_rows_for_tiling
 from slidelake.spark import local_frame
 from slidelake.tables import to_stored
@@ -49,7 +50,7 @@ GRID_TILES_PER_TASK_MIN = 4_096
 
 # -------------------------------------------------------------------------------- tiling
 
-def tile_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, slides: list[dict], replace_table: bool = False,
+def tile_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, slides: list[SlideRow], replace_table: bool = False,
                 progress: bool = False, profile: bool = False, force: bool = False) -> None:
     """The tiling stages on ``slides`` rows (``ok`` rows are tiled, once per ``slide_id``):
     resolve, skip slides already tiled, masks, then per batch of ``tables.slides_per_commit``
@@ -84,7 +85,7 @@ def tile_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, slides: list[di
     good = [r for r in good if r["slide_id"] not in done]
     prof_acc = spark.sparkContext.accumulator({}, SumLog()) if profile else None
     on_profile = prof_acc.add if prof_acc is not None else None
-    masks: dict[str, dict] = {}
+    masks: dict[str, MaskRow] = {}
     if cfg.masks.enabled and good:
         masks = mask_slides(lake, cfg, rec, good, on_profile, qc=False)  # QC drawn with the tiles at the end
         good = [r for r in good if r["slide_id"] in masks]
@@ -111,8 +112,8 @@ def tile_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, slides: list[di
     )
 
 
-def _tile_batches(lake: Lake, cfg: PipelineConfig, rec: RunRecord, good: list[dict], slides: list[dict],
-                  masks: dict[str, dict], generated: dict[str, int], replace_table: bool, progress: bool,
+def _tile_batches(lake: Lake, cfg: PipelineConfig, rec: RunRecord, good: list[ResolvedSlide], slides: list[SlideRow],
+                  masks: dict[str, MaskRow], generated: dict[str, int], replace_table: bool, progress: bool,
                   on_profile: Callable | None) -> dict[str, np.ndarray]:
     """Tile ``good`` (resolved rows) in batches of ``tables.slides_per_commit``, one commit
     each; tiles of content no longer in the ``slides`` table (a file rewritten since it was
@@ -149,7 +150,7 @@ def _tile_batches(lake: Lake, cfg: PipelineConfig, rec: RunRecord, good: list[di
     return rects
 
 
-def _record_batch(lake: Lake, rec: RunRecord, batch: list[dict], generated: dict[str, int], wrote: TileWrite,
+def _record_batch(lake: Lake, rec: RunRecord, batch: list[ResolvedSlide], generated: dict[str, int], wrote: TileWrite,
                   replaced_table: bool) -> None:
     """After a batch's tiles commit: its counts, ``tile_errors`` and ``run_slides`` rows."""
     version = wrote.result.version if wrote.result.version is not None else -1
@@ -162,7 +163,7 @@ def _record_batch(lake: Lake, rec: RunRecord, batch: list[dict], generated: dict
     rec.slide_counts += counts
 
 
-def plan_tiles(spark: SparkSession, cfg: PipelineConfig, batch: list[dict], overlay: dict[str, str | None],
+def plan_tiles(spark: SparkSession, cfg: PipelineConfig, batch: list[ResolvedSlide], overlay: dict[str, str | None],
                on_profile: Callable | None = None) -> DataFrame:
     """Grid, overlap and filter before decode of a batch (resolved slide rows), with the
     slides' own columns joined back (lazy: no Spark job runs; the slide rows are in the plan).
@@ -176,7 +177,7 @@ def plan_tiles(spark: SparkSession, cfg: PipelineConfig, batch: list[dict], over
         where the row is computed).
     """
     grid_cfg, fcfg, ann = cfg.grid, cfg.filter, cfg.annotations
-    schema = resolved_schema(SLIDES_SCHEMA)
+    schema = spark_schema(ResolvedSlide)
     notes = {r["slide_id"]: annotation_path(r["path"], r["attributes"], ann.column, ann.sidecar_suffix)
              if ann.enabled else None for r in batch}
     sides = T.StructType([T.StructField("overlay_path", T.StringType()),
@@ -215,13 +216,13 @@ def plan_tiles(spark: SparkSession, cfg: PipelineConfig, batch: list[dict], over
         "tile_id", F.xxhash64("slide_id", F.lit(config_hash(cfg)), "tile_x", "tile_y"))
 
 
-def _grid_tiles(row: dict, cfg: PipelineConfig) -> int:
+def _grid_tiles(row: ResolvedSlide, cfg: PipelineConfig) -> int:
     """Grid tiles of one resolved slide row (:func:`slidelake.grid.grid_size`)."""
     g = cfg.grid
     return grid_size(row["extent_x"], row["extent_y"], row["downsample"], g.tile_extent, g.stride_xy, g.last, g.roi)
 
 
-def _tissue_share(mask: dict | None) -> float:
+def _tissue_share(mask: MaskRow | None) -> float:
     """Share of a slide's tiles expected to pass the mask: its tissue fraction (1.0 without a
     computed mask; at least 1 %, so a mask that found almost nothing still gets a task)."""
     if mask is None or mask.get("tissue_fraction") is None:

@@ -8,6 +8,7 @@ yellow, upscaled by an integer factor towards :data:`QC_MAX_SIDE` px.
 from __future__ import annotations
 
 import numpy as np
+from slidelake.rows import MaskRow
 
 QC_MAX_SIDE = 1024  # px of the longer side of a QC picture (small slides are upscaled to it)
 
@@ -55,7 +56,7 @@ def qc_picture(rgb: np.ndarray, mask: np.ndarray, tiles: np.ndarray | None = Non
     return np.asarray(img)
 
 
-def draw_qc(masks: dict[str, dict], rects: dict[str, np.ndarray]) -> None:
+def draw_qc(masks: dict[str, MaskRow], rects: dict[str, np.ndarray]) -> None:
     """Draw each slide's QC picture (``masks.qc_path``) with the tiles a run kept.
 
     ``rects``: ``{slide_id: (n, 4) array}`` of the kept tiles' ``(x0, y0, x1, y1)`` in
@@ -86,7 +87,7 @@ def draw_qc(masks: dict[str, dict], rects: dict[str, np.ndarray]) -> None:
         list(pool.map(draw, list(todo)))
 
 
-def draw_qc_after_failure(masks: dict[str, dict]) -> None:
+def draw_qc_after_failure(masks: dict[str, MaskRow]) -> None:
     """The QC pictures of ``masks`` (made by a tiling run that then failed), outline only; an
     error here is logged, not raised over the run's own error."""
     try:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from slidelake.config import ResolutionConfig
+from slidelake.rows import Resolution, SlideRow
 
 
 class ResolutionError(ValueError):
@@ -74,7 +75,7 @@ def apply_assumed_mpp(mpp_x: float | None, mpp_y: float | None, mpp_source: str 
     return mpp_x, mpp_y, mpp_source
 
 
-def with_assumed_mpp(row: dict, assumed: float | None) -> dict:
+def with_assumed_mpp(row: SlideRow, assumed: float | None) -> SlideRow:
     """A copy of a ``slides`` row (``mpp_x``, ``mpp_y``, ``mpp_source``) with
     :func:`apply_assumed_mpp` applied."""
     mx, my, src = apply_assumed_mpp(row.get("mpp_x"), row.get("mpp_y"), row.get("mpp_source"), assumed)
@@ -222,22 +223,18 @@ def _fallback(req: ResolutionConfig, ds: list[float], target: float, near: int, 
     return max(finer, key=lambda i: ds[i]), target
 
 
-RESOLVED_FIELDS = (
-    ("level", "int"), ("level_downsample", "double"), ("downsample", "double"),
-    ("tile_mpp_x", "double"), ("tile_mpp_y", "double"), ("tile_mpp_source", "string"),
-    ("extent_x", "long"), ("extent_y", "long"), ("resolution_error", "string"),
-)
+RESOLVED_FIELDS = tuple(Resolution.__annotations__)  # the columns resolve_row adds
 
 
 def _missing(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-def resolve_row(row: dict, req: ResolutionConfig) -> dict:
+def resolve_row(row: SlideRow, req: ResolutionConfig) -> Resolution:
     """The :data:`RESOLVED_FIELDS` of one ``slides`` row (a dict with ``levels``, ``mpp_x``,
     ``mpp_y``, ``mpp_source``, ``objective_power``), by :func:`resolve`; never raises: a
     :class:`ResolutionError` becomes ``resolution_error`` with the other fields None."""
-    out = dict.fromkeys(n for n, _ in RESOLVED_FIELDS)
+    out = dict.fromkeys(RESOLVED_FIELDS)
     try:
         levels = list(row["levels"]) if row["levels"] is not None else []
         mx, my, src, obj = row["mpp_x"], row["mpp_y"], row["mpp_source"], row["objective_power"]
@@ -256,11 +253,3 @@ def resolve_row(row: dict, req: ResolutionConfig) -> dict:
     except ResolutionError as exc:
         out["resolution_error"] = str(exc)
     return out
-
-
-def resolved_schema(slides_schema):
-    """Spark schema of ``slides`` rows plus :data:`RESOLVED_FIELDS`."""
-    from pyspark.sql import types as T
-
-    types = {"int": T.IntegerType(), "double": T.DoubleType(), "string": T.StringType(), "long": T.LongType()}
-    return T.StructType(list(slides_schema.fields) + [T.StructField(n, types[t], True) for n, t in RESOLVED_FIELDS])

@@ -28,38 +28,14 @@ import pandas as pd
 from pyspark.sql import SparkSession
 from pyspark.sql import types as T
 
+from slidelake.rows import SlideRow, spark_schema
+
 if TYPE_CHECKING:
     from slidelake.config import PipelineConfig
     from slidelake.lake import Lake
     from slidelake.lineage import RunRecord
 
-SLIDES_SCHEMA = T.StructType([
-    T.StructField("slide_id", T.StringType(), True),
-    T.StructField("path", T.StringType(), False),
-    T.StructField("fingerprint", T.StringType(), True),
-    T.StructField("file_size", T.LongType(), True),
-    T.StructField("modified_at", T.TimestampType(), True),
-    T.StructField("vendor", T.StringType(), True),
-    T.StructField("width", T.LongType(), True),
-    T.StructField("height", T.LongType(), True),
-    T.StructField("level_count", T.IntegerType(), True),
-    T.StructField("levels", T.ArrayType(T.StructType([
-        T.StructField("level", T.IntegerType(), False),
-        T.StructField("width", T.LongType(), False),
-        T.StructField("height", T.LongType(), False),
-        T.StructField("downsample", T.DoubleType(), False),
-    ])), True),
-    T.StructField("mpp_x", T.DoubleType(), True),
-    T.StructField("mpp_y", T.DoubleType(), True),
-    T.StructField("mpp_source", T.StringType(), True),
-    T.StructField("objective_power", T.DoubleType(), True),
-    T.StructField("properties", T.MapType(T.StringType(), T.StringType()), True),
-    T.StructField("attributes", T.MapType(T.StringType(), T.StringType()), True),
-    T.StructField("status", T.StringType(), False),
-    T.StructField("error", T.StringType(), True),
-    T.StructField("run_id", T.StringType(), True),
-    T.StructField("discovered_at", T.TimestampType(), True),
-])
+SLIDES_SCHEMA = spark_schema(SlideRow)
 
 from slidelake.config import PROPERTY_ALLOWLIST  # noqa: E402 - re-exported
 from slidelake.spark import local_frame  # noqa: E402
@@ -303,7 +279,7 @@ def list_inputs(inputs: Sequence[str], extensions: Sequence[str], recursive: boo
     return out.drop_duplicates(subset="path", keep="first").reset_index(drop=True)
 
 
-def unchanged_since(row: dict[str, Any], path: str) -> bool:
+def unchanged_since(row: SlideRow, path: str) -> bool:
     """True when ``row`` (the path's previous ``slides`` row) was ``ok`` and the file at
     ``path`` still has its size and modification time (``os.stat``), so its fingerprint and
     header facts still hold without reading the file again."""
@@ -378,11 +354,11 @@ def discover(spark: SparkSession, paths: pd.DataFrame, run_id: str, on_driver_be
     return [r.asDict(recursive=True) for r in src.mapInPandas(_prober(properties), schema=SLIDES_SCHEMA).collect()]
 
 
-def select_rows_for_tiling(rows: list[dict]) -> list[dict]:
+def select_rows_for_tiling(rows: list[SlideRow]) -> list[SlideRow]:
     """The slides to tile from ``slides`` rows (dicts): ``ok`` rows, one per ``slide_id``
     (content seen under several paths is tiled once, from the lexicographically first path), in
     ``slide_id`` order. Runs on the driver: a run tiles at most a few thousand slides."""
-    best: dict[str, dict] = {}
+    best: dict[str, SlideRow] = {}
     for r in rows:
         if r["status"] != "ok":
             continue
@@ -392,7 +368,7 @@ def select_rows_for_tiling(rows: list[dict]) -> list[dict]:
     return [best[k] for k in sorted(best)]
 
 
-def discover_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, force: bool = False) -> list[dict]:
+def discover_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, force: bool = False) -> list[SlideRow]:
     """The discovery stage: list ``cfg.inputs``, probe the files, merge into ``slides``.
 
     A path whose ``slides`` row is ``ok`` and whose size and modification time are unchanged
@@ -439,7 +415,7 @@ def discover_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, force: bool
     return rows
 
 
-def listed_slides(lake: Lake, cfg: PipelineConfig) -> list[dict]:
+def listed_slides(lake: Lake, cfg: PipelineConfig) -> list[SlideRow]:
     """Rows of the ``slides`` table, only those of the listed inputs when ``cfg.inputs`` is set."""
     slides = lake.read_rows("slides", SLIDES_SCHEMA)
     if cfg.inputs:

@@ -34,6 +34,7 @@ from slidelake.lineage import TILE_ERRORS_SCHEMA
 from slidelake.memory import freeze_long_lived, reset_peak_rss
 from slidelake.lake import Lake
 from slidelake.tables import WriteResult, discard_staging, to_stored
+from slidelake.rows import TileFailure
 from slidelake.tile_files import SlideFiles
 
 # column order of the tiles table
@@ -98,7 +99,7 @@ class TileWrite:
     result: WriteResult
     decoded: dict[str, int] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)
-    failures: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    failures: dict[str, list[TileFailure]] = field(default_factory=dict)
     rects: dict[str, np.ndarray] = field(default_factory=dict)
 
 
@@ -125,7 +126,7 @@ def _stored_path_array(paths: Any, root: str | None) -> Any:
 
 
 def _arrow_failures(table: Any, rows: np.ndarray, column: str, stage: str, errors: list | None = None,
-                    ) -> list[tuple[str, dict[str, Any]]]:
+                    ) -> list[tuple[str, TileFailure]]:
     """``(slide_id, {"tile_x", "tile_y", "stage", "error"})`` for ``rows`` of an Arrow ``table``
     (the error text from ``errors[i]``, else from ``column``)."""
     if not len(rows):
