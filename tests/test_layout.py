@@ -153,3 +153,25 @@ def test_spark_schema_of_a_row_type():
     with pytest.raises(TypeError, match="_Odd: no Spark type"):
         spark_schema(_Odd)
     assert list(get_type_hints(TileFailure)) == TILE_FAILURE.fieldNames()
+
+
+@pytest.mark.parametrize("require_all", ["1", "0"])
+def test_a_skip_fails_where_every_test_must_run(tmp_path, require_all):
+    """``.ci/run`` sets ``SLIDELAKE_REQUIRE_ALL=1``: a test that skips (here: real slides
+    absent) fails there, and skips with its reason in a local run."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copy(ROOT / "tests" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_needs_slides.py").write_text(
+        "from pathlib import Path\nfrom conftest import need\n\n"
+        "def test_x():\n    need(Path('/nonexistent/CMU-1.svs'))\n")
+    env = {**__import__("os").environ, "SLIDELAKE_REQUIRE_ALL": require_all}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rA", str(tmp_path)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    if require_all == "1":
+        assert out.returncode == 1 and "1 failed" in out.stdout, out.stdout
+        assert "SLIDELAKE_REQUIRE_ALL=1): real slides absent" in out.stdout, out.stdout
+    else:
+        assert out.returncode == 0 and "1 skipped" in out.stdout, out.stdout

@@ -3,7 +3,7 @@
 every Delta reader reads, Spark's engine in the log, reruns that skip and never duplicate.
 
 The jars come from ``jobs/fetch_jars.sh`` (``$SLIDELAKE_DELTA_JARS``); without them these tests
-skip with the reason, except in CI (``CI=true``), where they must run.
+skip with the reason, except under `.ci/run` (``SLIDELAKE_REQUIRE_ALL=1``), where a skip fails.
 """
 
 from __future__ import annotations
