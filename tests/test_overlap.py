@@ -179,6 +179,63 @@ def test_slide_overlap_uses_overlay_file_and_tile_roi(tmp_path):
     assert (full.overlap_error.isna()).all()
 
 
+def border_overlay(w, h):
+    """Labels that touch the slide's border: 255 along the right and bottom edges, 7 in the
+    top-left corner, 3 on the left edge, background 0 in the middle and at the top-right."""
+    lab = np.zeros((h, w), np.uint8)
+    lab[:, w - w // 5:] = 255
+    lab[h - h // 4:, :] = 255
+    lab[: h // 3, : w // 4] = 7
+    lab[h // 3: h - h // 4, :2] = 3
+    return lab
+
+
+@pytest.mark.parametrize("downsample,extent,stride,last", [
+    (1.0, 64, 64, "keep"), (2.0, 50, 30, "keep"), (3.3, 40, 40, "shift"),
+])
+def test_edge_tiles_on_border_touching_labels_equal_brute_force(tmp_path, downsample, extent, stride, last):
+    """Every label, background 0 included, on edge tiles when the labels touch the slide's
+    border: partial ``keep`` tiles count only their in-slide area, ``shift`` tiles end at the
+    edge; fractions of each label and the tissue fraction equal a brute-force sum."""
+    from slidelake.overlays import write_overlay
+
+    def starts(length):  # keep: until a tile reaches the edge; shift: the last one moved back inside
+        if last == "keep":
+            return [p for p in range(0, length, stride) if p == 0 or p - stride + extent < length]
+        full = list(range(0, length - extent + 1, stride))
+        return full + ([length - extent] if full[-1] + extent < length else [])
+
+    W0, H0, mw, mh = 1000, 770, 57, 43
+    lab = border_overlay(mw, mh)
+    path = str(tmp_path / "border.tiff")
+    write_overlay(path, lab, (8.0, 8.0))
+    W, H = int(W0 // downsample), int(H0 // downsample)
+    rows = [dict(slide_id="s", tile_x=tx, tile_y=ty, level0_x=int(np.floor(tx * downsample + 0.5)),
+                 level0_y=int(np.floor(ty * downsample + 0.5)), valid_width=min(extent, W - tx),
+                 valid_height=min(extent, H - ty), downsample=downsample, slide_width=W0, slide_height=H0,
+                 overlay_path=path, annotations_path=None)
+            for ty in starts(H) for tx in starts(W)]
+    pdf = pd.DataFrame(rows)
+    out = overlap(pdf, None, 0.5)
+    ds = (W0 / mw, H0 / mh)
+    last_x, last_y = pdf.tile_x.max(), pdf.tile_y.max()
+    edge = np.flatnonzero(((pdf.tile_x == last_x) | (pdf.tile_y == last_y) | (pdf.tile_x == 0)).to_numpy())
+    assert len(edge) > 4
+    for k in edge:
+        r = pdf.iloc[k]
+        rect = (r.level0_x, r.level0_y, min(r.level0_x + r.valid_width * downsample, W0),
+                min(r.level0_y + r.valid_height * downsample, H0))
+        want = {v: brute_fraction(lab, ds, rect, v) for v in (0, 3, 7, 255)}
+        got = out.overlay_fractions.iloc[k]
+        assert set(got) == {"0", "3", "7", "255"}
+        for v in want:
+            assert got[str(v)] == pytest.approx(want[v], abs=1e-9), (k, v)
+        assert out.tissue_fraction.iloc[k] == pytest.approx(1 - want[0], abs=1e-9)
+    # the bottom-right tile lies on the 255 border: all tissue
+    corner = np.flatnonzero(((pdf.tile_x == last_x) & (pdf.tile_y == last_y)).to_numpy())[0]
+    assert out.overlay_fractions.iloc[corner]["255"] == pytest.approx(1.0)
+
+
 def test_missing_overlay_is_a_tile_error(tmp_path):
     pdf = grid_rows(400, 300, 1.0, 100, 100)
     pdf["overlay_path"], pdf["annotations_path"] = str(tmp_path / "gone.tiff"), None

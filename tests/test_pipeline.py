@@ -295,3 +295,23 @@ def test_fluorescence_mask_keeps_the_bright_tissue_at_pipeline_level(spark, lake
         k = (row["tile_x"], row["tile_y"])
         assert lo[k] - 0.01 <= row["tissue_fraction"] <= hi[k] + 0.01, (k, row["tissue_fraction"], lo[k], hi[k])
     assert rec.counts["tiles_written"] == t.height > 0
+
+
+@pytest.mark.parametrize("order", ["b-first", "a-first"])
+def test_same_content_under_two_paths_is_tiled_once_on_a_first_run(spark, lake, tmp_path, order):
+    """Two files with the same bytes, given in either order to a fresh lake: both are
+    ``slides`` rows with one ``slide_id``; the tiles are written once (the 4 x 3 grid of a
+    512 x 384 px slide with 128 px tiles), from the lexicographically first path."""
+    a, b = tmp_path / "a" / "slide.tiff", tmp_path / "b" / "slide.tiff"
+    a.parent.mkdir(), b.parent.mkdir()
+    make_tiff(a, 512, 384, tile=64)
+    shutil.copy(a, b)
+    inputs = [b, a] if order == "b-first" else [a, b]
+    rec = run_all(spark, cfg_for(lake, inputs, resolution={"level": 0}, grid={"tile_extent": 128}))
+    slides = pl.read_delta(str(lake / "slides"))
+    assert slides.height == 2 and slides["slide_id"].n_unique() == 1
+    t = tiles_of(lake)
+    assert t.height == 4 * 3 == rec.counts["tiles_written"] == rec.counts["tiles_generated"]
+    assert t.select("tile_x", "tile_y").is_duplicated().sum() == 0
+    assert set(t["path"]) == {str(a)} and rec.counts["slides_tiled"] == 1
+    assert pl.read_delta(str(lake / "run_slides")).height == 1
