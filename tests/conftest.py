@@ -34,6 +34,14 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped where every test must run (SLIDELAKE_REQUIRE_ALL=1): {reason}"
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that take the Spark session are marked ``spark`` (``-m "not spark"`` runs the rest,
+    as the mutation run does)."""
+    for item in items:
+        if "spark" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.spark)
+
+
 JARS = Path(os.environ.get("SLIDELAKE_DELTA_JARS") or Path.home() / ".cache" / "slidelake" / "jars")
 
 

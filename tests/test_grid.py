@@ -49,15 +49,17 @@ def test_axis_count_matches_reference(length, extent, stride, last):
 
 def _axis_grid(spark, cases, downsample=1.0):
     """The Spark grid of one slide per case ``(length, extent, stride, last)``: ``length`` x 1
-    tile px, tiles of ``extent`` x 1 every ``stride`` x 1, in one job. Returns
+    tile px, tiles of ``extent`` x 1 every ``stride`` x 1; the cases sharing a tile geometry are
+    the slides of one :func:`expand_grid` (one small job each, no wide union to plan). Returns
     ``{case: [rows sorted by tile_x]}``."""
-    from functools import reduce
-
-    frames = [expand_grid(spark, [dict(slide_id=str(i), extent_x=c[0], extent_y=1, downsample=downsample)],
-                          (c[1], 1), (c[2], 1), c[3]) for i, c in enumerate(cases)]
+    groups: dict[tuple, list] = {}
+    for c in cases:
+        groups.setdefault(c[1:], []).append(c)
     out = {c: [] for c in cases}
-    for r in reduce(lambda a, b: a.unionByName(b), frames).collect():
-        out[cases[int(r.slide_id)]].append(r)
+    for (extent, stride, last), members in groups.items():
+        slides = [dict(slide_id=str(i), extent_x=c[0], extent_y=1, downsample=downsample) for i, c in enumerate(members)]
+        for r in expand_grid(spark, slides, (extent, 1), (stride, 1), last).collect():
+            out[members[int(r.slide_id)]].append(r)
     return {c: sorted(rows, key=lambda r: r.tile_x) for c, rows in out.items()}
 
 
