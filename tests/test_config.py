@@ -122,3 +122,35 @@ def test_every_config_field_is_in_the_hash_or_named_as_not_changing_tiles(sectio
         assert config_hash(changed) != config_hash(base), f"{section}.{key} changes tiles but not the hash"
     else:
         assert config_hash(changed) == config_hash(base), f"{section}.{key} does not change tiles"
+
+
+def test_config_hash_is_stable_across_versions():
+    """The hash of the default tiling config equals SHA-256 of its canonical JSON written out
+    here by hand (sorted keys, no spaces): a change to the hashed settings' names, values or
+    serialisation changes every lake's ``config_hash`` and makes every slide be tiled again,
+    so it must be deliberate."""
+    import hashlib
+    import json
+
+    tiling = {
+        "annotations": {"column": "annotations_path", "enabled": True, "label_min_fraction": 0.5,
+                        "sidecar_suffix": ".geojson"},
+        "decode": {"background_threshold": 220, "encoding": "jpeg", "quality": 90, "reader": "auto"},
+        "filter": {"max_background_fraction": 0.9, "min_annotated_fraction": None, "min_std": None,
+                   "min_tissue_fraction": 0.5},
+        "grid": {"last": "drop", "roi": None, "stride": None, "tile_extent": [256, 256], "tile_roi": None},
+        "masks": {"close_um": 16.0, "enabled": True, "method": "saturation", "min_hole_um2": 20000.0,
+                  "min_object_um2": 20000.0, "mpp": 8.0, "open_um": 8.0, "overlay_column": "overlay_path",
+                  "overlay_suffix": ".mask.tiff", "polarity": "auto", "reader": "auto", "smooth_um": 16.0,
+                  "threshold": "otsu"},
+        "resolution": {"assumed_mpp": None, "downsample": None, "fallback": "nearest", "level": None,
+                       "magnification": None, "mpp": 0.5, "tolerance": 0.05},
+    }
+    canonical = '{"annotations":{"column":"annotations_path","enabled":true,'
+    assert json.dumps(tiling, sort_keys=True, separators=(",", ":")).startswith(canonical)
+    want = hashlib.sha256(json.dumps(tiling, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    assert config_hash(load_config(None, {"lake": "x"})) == want
+    # masks off: only that fact is hashed, whatever the mask settings
+    off = {**tiling, "masks": {"enabled": False}}
+    want_off = hashlib.sha256(json.dumps(off, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    assert config_hash(load_config(None, {"lake": "x", "masks": {"enabled": False, "mpp": 2.0}})) == want_off

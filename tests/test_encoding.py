@@ -59,3 +59,21 @@ def test_tile_stats_equal_the_textbook_definitions():
         assert std == pytest.approx(grey.std(), abs=1e-6)
         assert bg == (rgb.min(axis=2) >= 220).mean()
     assert tile_stats(cases[2], 220) == (255.0, 0.0, 1.0) and tile_stats(cases[3], 220) == (0.0, 0.0, 0.0)
+
+
+def test_quality_reaches_the_codec_and_errors_name_the_sizes():
+    """JPEG and WebP follow ``quality`` (a higher quality is closer to the source and larger);
+    a raw tile of the wrong size and a decoded tile of another shape are refused with both
+    sizes named."""
+    rng = np.random.default_rng(0)
+    rgb = (np.add.outer(np.arange(64), np.arange(64))[..., None] * [1, 2, 3] % 256).astype(np.uint8)
+    rgb = np.clip(rgb.astype(int) + rng.integers(-20, 21, rgb.shape), 0, 255).astype(np.uint8)
+    for fmt in ("jpeg", "webp"):
+        lo, hi = encode_tile(rgb, fmt, 30), encode_tile(rgb, fmt, 95)
+        err = [np.abs(decode_tile(b, fmt, 64, 64).astype(int) - rgb).mean() for b in (lo, hi)]
+        assert len(hi) > len(lo) and err[1] < err[0], fmt
+    assert np.array_equal(decode_tile(encode_tile(rgb, "webp", 100), "webp", 64, 64), rgb)  # lossless at 100
+    with pytest.raises(ValueError, match=r"raw tile has 12288 bytes, expected 12300"):
+        decode_tile(rgb.tobytes(), "raw", 41, 100)
+    with pytest.raises(ValueError, match=r"decoded tile has shape \(64, 64, 3\), expected \(32, 64, 3\)"):
+        decode_tile(encode_tile(rgb, "png"), "png", 64, 32)

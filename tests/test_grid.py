@@ -275,3 +275,17 @@ def test_level0_rects_scale_the_valid_part_by_the_downsample():
     got = level0_rects(t)
     assert got.dtype == np.int32
     np.testing.assert_array_equal(got, [[0, 512, 1024, 1536], [1024, 512, 2048, 1536], [2048, 512, 2298, 604]])
+
+
+def test_axis_count_edges_and_bad_input():
+    """A slide exactly one tile long, an empty axis, and the errors' words."""
+    for last in ("keep", "drop", "shift"):
+        assert axis_count(256, 256, 256, last) == 1 == len(reference(256, 256, 256, last))
+        assert axis_count(256, 256, 100, last) == 1
+        assert axis_count(0, 256, 256, last) == 0 == axis_count(-5, 256, 256, last)
+    assert axis_count(255, 256, 256, "keep") == 1 and axis_count(255, 256, 256, "drop") == 0
+    for extent, stride in ((0, 256), (256, 0)):
+        with pytest.raises(ValueError, match="extent and stride must be >= 1"):
+            axis_count(1000, extent, stride, "drop")
+    with pytest.raises(ValueError, match="unknown edge policy last='pad'"):
+        axis_count(1000, 256, 256, "pad")

@@ -181,12 +181,16 @@ def test_slide_overlap_uses_overlay_file_and_tile_roi(tmp_path):
 
 def border_overlay(w, h):
     """Labels that touch the slide's border: 255 along the right and bottom edges, 7 in the
-    top-left corner, 3 on the left edge, background 0 in the middle and at the top-right."""
+    top-left corner, 3 on the left edge, background 0 in the middle and at the top-right; the
+    last column and the last row differ from their neighbours in places (a lookup one cell
+    short of the edge gives another answer)."""
     lab = np.zeros((h, w), np.uint8)
     lab[:, w - w // 5:] = 255
     lab[h - h // 4:, :] = 255
     lab[: h // 3, : w // 4] = 7
     lab[h // 3: h - h // 4, :2] = 3
+    lab[: h // 2, w - 1] = 3
+    lab[h - 1, : w // 2] = 7
     return lab
 
 
@@ -234,6 +238,12 @@ def test_edge_tiles_on_border_touching_labels_equal_brute_force(tmp_path, downsa
     # the bottom-right tile lies on the 255 border: all tissue
     corner = np.flatnonzero(((pdf.tile_x == last_x) & (pdf.tile_y == last_y)).to_numpy())[0]
     assert out.overlay_fractions.iloc[corner]["255"] == pytest.approx(1.0)
+
+
+def test_a_one_pixel_overlay_covers_the_whole_slide():
+    idx = OverlayIndex(np.full((1, 1), 255, np.uint8), (1000, 770))
+    got = idx.fractions(np.array([0.0, 990.0]), np.array([0.0, 700.0]), np.array([64.0, 1000.0]), np.array([64.0, 770.0]))
+    assert set(got) == {255} and np.allclose(got[255], 1.0)
 
 
 def test_missing_overlay_is_a_tile_error(tmp_path):

@@ -86,3 +86,18 @@ def test_non_integer_downsamples_within_tolerance():
     downs = [1.0, 2.0005055500659967]
     r = resolve(R(downsample=2.0, fallback="error", tolerance=0.01), dims, downs, None, None)
     assert r.level == 1 and r.downsample == pytest.approx(2.0005055500659967) and not r.resampled
+
+
+def test_magnification_and_missing_metadata():
+    """``magnification`` is ``10 / magnification`` µm/px (20x on a 0.25 µm/px scan: downsample
+    2), or the objective power's ratio without mpp; with neither, an error naming the fix."""
+    from slidelake.resolution import target_downsample
+
+    assert target_downsample(ResolutionConfig(magnification=20), 0.25, None) == pytest.approx(2.0)
+    assert target_downsample(ResolutionConfig(magnification=10), None, 40.0) == pytest.approx(4.0)
+    assert target_downsample(ResolutionConfig(downsample=3.5), None, None) == 3.5
+    with pytest.raises(ResolutionError, match=r"neither mpp nor objective power; cannot tile at 20.0x\. "
+                                              r"Set resolution.assumed_mpp, or request a level or downsample"):
+        target_downsample(ResolutionConfig(magnification=20), None, None)
+    with pytest.raises(ResolutionError, match=r"no mpp .* cannot tile at mpp=0.5\. Set resolution.assumed_mpp"):
+        target_downsample(ResolutionConfig(mpp=0.5), None, 40.0)
