@@ -289,3 +289,9 @@ def test_axis_count_edges_and_bad_input():
             axis_count(1000, extent, stride, "drop")
     with pytest.raises(ValueError, match="unknown edge policy last='pad'"):
         axis_count(1000, 256, 256, "pad")
+
+
+def test_band_sizes_at_their_bounds():
+    assert row_bands(0, 0, 10) == [(0, 0)]  # an empty grid is one empty band
+    assert band_tiles(1, 2, 8, 1) == 1 and band_tiles(0, 0, 8, 1) == 1  # never fewer than one tile
+    assert band_tiles(100, 2, 8, 1) == 8 and band_tiles(10, 2, 64, 16) == 16

@@ -234,3 +234,26 @@ def test_each_stored_tile_is_decoded_once_per_region(spark, tmp_path, monkeypatc
         assert len(reads) <= sum(len(stored(rs)) for rs in regions.values())
         decoded += len(rows)
     assert decoded == 10 * 8
+
+
+def test_check_jpeg_bounds_on_hand_made_streams():
+    """Marker segments exactly at the edges of the data, a segment of 300 bytes (a length whose
+    high byte counts), the shortest legal segment and an empty scan, with the first problem
+    named (hand-made byte streams: SOI, segments, SOS, entropy data, EOI)."""
+    soi, eoi = b"\xff\xd8", b"\xff\xd9"
+    check_jpeg(soi + b"\xff\xda\x00\x02" + eoi)  # SOS of the shortest length, empty scan
+    check_jpeg(soi + b"\xff\xe0\x01\x2c" + bytes(298) + b"\xff\xda\x00\x02" + b"ab" + eoi)  # a 300-byte APP0
+    check_jpeg(soi + b"\xff\xda\x00\x03\xff" + eoi)  # a segment ending in 0xFF before an empty scan
+    cases = {
+        soi + eoi: r"^malformed JPEG marker segment at byte 2$",
+        soi + b"\xff\xda\xff\xd9": r"^JPEG segment 0xda at byte 2 runs past the data$",
+        soi + b"\xff\xe0\x00\x04" + eoi: r"^malformed JPEG marker segment at byte 8$",
+        soi + b"\xff\xe0\x00\x01\xff\xda\x00\x02" + eoi: r"^JPEG segment 0xe0 at byte 2 runs past the data$",
+        b"\xff\xd9": r"^stored tile does not start with a JPEG SOI marker$",
+        soi + b"\xff\xda\x00\x02ab": r"^stored tile does not end with a JPEG EOI marker \(truncated or overwritten\)$",
+        soi + b"\xff\xda\x00\x02a\xff" + eoi: r"^JPEG entropy data ends with a lone 0xFF$",
+        soi + b"\xff\xda\x00\x02a\xff\x01b" + eoi: r"^invalid marker 0xff01 inside JPEG entropy data at byte 7$",
+    }
+    for data, message in cases.items():
+        with pytest.raises(CorruptTileError, match=message):
+            check_jpeg(data)

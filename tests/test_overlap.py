@@ -246,6 +246,47 @@ def test_a_one_pixel_overlay_covers_the_whole_slide():
     assert set(got) == {255} and np.allclose(got[255], 1.0)
 
 
+def test_polygon_fractions_equal_supersampling():
+    """Label fractions of non-rectangular regions (triangles, a polygon across several labels,
+    one outside the overlay, an empty one) against a dense point sample of each region, for
+    every label: the exact cell-intersection areas, each label's area over the region's."""
+    rng = np.random.default_rng(5)
+    lab = rng.choice(np.array([0, 3, 255], np.uint8), size=(9, 13))
+    W0, H0 = 1300, 900  # 100 level-0 px per overlay px
+    idx = OverlayIndex(lab, (W0, H0))
+    polys = np.array([shapely.Polygon([(0, 0), (430, 0), (0, 370)]),
+                      shapely.Polygon([(120, 150), (980, 260), (700, 880), (260, 640)]),
+                      shapely.Polygon([(1250, 820), (1300, 900), (1210, 900)]),
+                      shapely.Polygon([(1400, 0), (1500, 0), (1500, 100)]),  # outside the slide
+                      shapely.Polygon()], dtype=object)
+    got = idx.polygon_fractions(polys)
+    assert set(got) == {0, 3, 255}
+    step = 2.5
+    for k, poly in enumerate(polys[:3]):
+        x0, y0, x1, y1 = poly.bounds
+        xx, yy = np.meshgrid(np.arange(x0 + step / 2, x1, step), np.arange(y0 + step / 2, y1, step))
+        inside = shapely.contains_xy(poly, xx, yy)
+        values = lab[(yy[inside] // 100).astype(int), (xx[inside] // 100).astype(int)]
+        for v in (0, 3, 255):
+            assert got[v][k] == pytest.approx((values == v).mean(), abs=0.01), (k, v)
+        assert sum(got[v][k] for v in got) == pytest.approx(1.0)
+    for k in (3, 4):
+        assert all(got[v][k] == 0 for v in got)
+
+
+def test_class_fractions_list_only_the_classes_present(tmp_path):
+    """A tile's ``class_fractions`` map has the classes it overlaps, no zero entries."""
+    gj = tmp_path / "s.geojson"
+    write_geojson(gj, [poly([[0, 0], [100, 0], [100, 100], [0, 100], [0, 0]], "Tumor"),
+                       poly([[150, 0], [200, 0], [200, 100], [150, 100], [150, 0]], "Stroma")])
+    pdf = grid_rows(400, 100, 1.0, 100, 100)
+    pdf["overlay_path"], pdf["annotations_path"] = None, str(gj)
+    out = overlap(pdf, None, 0.5)
+    assert out.class_fractions.tolist() == [{"Tumor": 1.0}, {"Stroma": 0.5}, {}, {}]
+    assert out.annotated_fraction.tolist() == [1.0, 0.5, 0.0, 0.0]
+    assert out.label.tolist() == ["Tumor", "Stroma", None, None]
+
+
 def test_missing_overlay_is_a_tile_error(tmp_path):
     pdf = grid_rows(400, 300, 1.0, 100, 100)
     pdf["overlay_path"], pdf["annotations_path"] = str(tmp_path / "gone.tiff"), None
@@ -300,6 +341,48 @@ def test_slide_overlap_annotations_column(tmp_path):
     assert out.label[inside].eq("Tumor").all() and out.label[~inside].isna().all()
     assert out.annotated_fraction[inside].eq(1.0).all()
     assert out.tissue_fraction.isna().all()
+
+
+def test_slide_overlap_with_a_triangle_roi_on_overlay_and_annotations(tmp_path):
+    """A non-rectangular tile ROI restricts both the overlay and the annotation fractions, on
+    every tile, against a dense point sample of each tile's triangle; a second slide's
+    annotations are its own (the per-task cache is keyed by file)."""
+    from slidelake.overlays import write_overlay
+
+    rng = np.random.default_rng(7)
+    lab = rng.choice(np.array([0, 255], np.uint8), size=(15, 20))  # 20 level-0 px per overlay px
+    ov = str(tmp_path / "ov.tiff")
+    write_overlay(ov, lab, (8.0, 8.0))
+    gj, other = tmp_path / "a.geojson", tmp_path / "b.geojson"
+    write_geojson(gj, [poly([[0, 0], [250, 0], [250, 300], [0, 300], [0, 0]], "Tumor")])
+    write_geojson(other, [poly([[0, 0], [400, 0], [400, 300], [0, 300], [0, 0]], "Stroma")])
+    pdf = grid_rows(400, 300, 1.0, 100, 100)
+    pdf["overlay_path"], pdf["annotations_path"] = ov, str(gj)
+    out = overlap(pdf, "POLYGON ((0 0, 100 0, 0 100, 0 0))", 0.5)
+    yy, xx = np.mgrid[0:100, 0:100] + 0.5
+    inside = xx + yy < 100
+    for k in range(len(pdf)):
+        r = pdf.iloc[k]
+        px, py = r.level0_x + xx[inside], r.level0_y + yy[inside]
+        tissue = (lab[(py // 20).astype(int), (px // 20).astype(int)] == 255).mean()
+        assert out.tissue_fraction.iloc[k] == pytest.approx(tissue, abs=0.01), k
+        assert out.annotated_fraction.iloc[k] == pytest.approx((px < 250).mean(), abs=0.01), k
+    pdf["annotations_path"] = str(other)
+    assert set(overlap(pdf, None, 0.5).label) == {"Stroma"}
+
+
+def test_zero_area_and_empty_batches():
+    """A rectangle of zero area gets 0 for every label; an empty batch gets empty arrays; a
+    batch of one row is one run."""
+    idx = OverlayIndex(np.array([[0, 255], [255, 0]], np.uint8), (100, 100))
+    got = idx.fractions(np.array([10.0, 0.0]), np.array([10.0, 0.0]), np.array([10.0, 50.0]), np.array([60.0, 50.0]))
+    assert got[0].tolist() == [0.0, 1.0] and got[255].tolist() == [0.0, 0.0]
+    empty = idx.fractions(*(np.zeros(0) for _ in range(4)))
+    assert all(len(v) == 0 for v in empty.values())
+    one = idx.fractions(np.array([60.0]), np.array([0.0]), np.array([100.0]), np.array([40.0]))
+    assert one[255].tolist() == [1.0]
+    assert slide_runs(pa.array(["a"])) == [(0, 1)] and slide_runs(pa.array([], pa.string())) == []
+    assert slide_runs(pa.array(["a", "b"])) == [(0, 1), (1, 2)] and slide_runs(pa.array(["a", "a"])) == [(0, 2)]
 
 
 def test_bad_geojson_is_a_tile_error(tmp_path):
@@ -366,6 +449,27 @@ def test_the_stage_takes_a_batch_slide_by_slide(tmp_path):
     np.testing.assert_allclose(got.tissue_fraction[in_a].to_numpy(), alone.tissue_fraction.to_numpy())
     assert got.overlay_fractions[in_a].tolist() == alone.overlay_fractions.tolist()
     assert got.tissue_fraction[~in_a].isna().all() and got.overlay_fractions[~in_a].isna().all()
+
+
+def test_the_stage_passes_its_roi_label_rule_and_bounds_on(tmp_path):
+    """``make_overlap`` gives each slide's rows the tile ROI, the label rule's minimum and the
+    filter bounds it was built with: its output equals :func:`slide_overlap` with the same
+    arguments, filtered by :func:`overlap_keep`."""
+    from slidelake.filtering import overlap_keep
+
+    gj = tmp_path / "a.geojson"
+    write_geojson(gj, [poly([[0, 0], [160, 0], [160, 300], [0, 300], [0, 0]], "Tumor")])
+    pdf = grid_rows(400, 300, 1.0, 100, 100).assign(overlay_path=None, annotations_path=str(gj))
+    roi = "POLYGON ((0 0, 100 0, 0 100, 0 0))"
+    batch = pa.RecordBatch.from_pandas(pdf[list(OVERLAP_INPUTS)], preserve_index=False)
+    out = pa.Table.from_batches(list(make_overlap({"s": inputs(pdf)}, roi, 0.9, None, 0.3)(iter([batch]))))
+    want = slide_overlap(batch, inputs(pdf), roi, 0.9)
+    want = want.filter(overlap_keep(want, None, 0.3))
+    assert out.num_rows == want.num_rows == 6  # tile columns 0 and 1 of each row
+    for name in ("annotated_fraction", "label"):
+        assert out.column(name).combine_chunks().equals(want.column(name)), name
+    # with the ROI, the second column has 4,200 of its triangle's 5,000 px² annotated: 0.84 < 0.9, no label
+    assert out.column("label").to_pylist() == ["Tumor", None] * 3
 
 
 def test_filter_before_decode_keeps_passing_and_failed_tiles():

@@ -101,3 +101,45 @@ def test_magnification_and_missing_metadata():
         target_downsample(ResolutionConfig(magnification=20), None, None)
     with pytest.raises(ResolutionError, match=r"no mpp .* cannot tile at mpp=0.5\. Set resolution.assumed_mpp"):
         target_downsample(ResolutionConfig(mpp=0.5), None, 40.0)
+
+
+def test_anisotropic_pixels_resampling_and_assumed_mpp_by_hand():
+    """Values worked out by hand: each axis keeps its own mpp; a resampled extent is level 0's
+    divided by the downsample, rounded down; an assumed mpp fills a slide missing either axis."""
+    from slidelake.resolution import apply_assumed_mpp
+
+    dims, ds = [(1001, 801), (500, 400)], [1.0, 2.002]
+    r = resolve(ResolutionConfig(mpp=0.5), dims, ds, 0.25, 0.3, "openslide.mpp-x")
+    assert (r.level, r.level_downsample, r.downsample, r.scale, r.width, r.height) == (1, 2.002, 2.002, 1.0, 500, 400)
+    assert r.mpp_x == pytest.approx(0.5005) and r.mpp_y == pytest.approx(0.6006) and r.mpp_source == "openslide.mpp-x"
+    r = resolve(ResolutionConfig(mpp=0.75, fallback="resample"), dims, ds, 0.25, 0.3)
+    assert (r.level, r.level_downsample, r.downsample, r.width, r.height) == (1, 2.002, 3.0, 333, 267)
+    assert r.scale == pytest.approx(2.002 / 3) and r.mpp_y == pytest.approx(0.9) and r.resampled
+    assert apply_assumed_mpp(0.25, None, "tiff.XResolution", 0.5) == (0.5, 0.5, "assumed")
+    assert apply_assumed_mpp(None, 0.25, None, 0.5) == (0.5, 0.5, "assumed")
+    assert apply_assumed_mpp(0.25, 0.3, "aperio.MPP", 0.5) == (0.25, 0.3, "aperio.MPP")
+    assert apply_assumed_mpp(None, None, None, None) == (None, None, None)
+    r = resolve(ResolutionConfig(level=0), dims, ds, 0.25, None, "openslide.mpp-x")  # half an mpp is none
+    assert (r.mpp_x, r.mpp_y, r.mpp_source) == (None, None, None)
+    r = resolve(ResolutionConfig(level=0, assumed_mpp=0.5), dims, ds, 0.25, None)
+    assert (r.mpp_x, r.mpp_y, r.mpp_source) == (0.5, 0.5, "assumed")
+
+
+def test_tolerance_is_inclusive_and_errors_name_the_levels():
+    dims, ds = [(4000, 3000), (1600, 1200)], [1.0, 2.5]
+    # asked downsample 2 (0.5 / 0.25), the level is 25 % off: inside a tolerance of exactly 0.25
+    assert resolve(ResolutionConfig(mpp=0.5, tolerance=0.25, fallback="error"), dims, ds, 0.25, 0.25).level == 1
+    with pytest.raises(ResolutionError, match=r"^no level within 24% of downsample 2 \(mpp 0\.5\); "
+                                              r"level downsamples: 1, 2\.5$"):
+        resolve(ResolutionConfig(mpp=0.5, tolerance=0.24, fallback="error"), dims, ds, 0.25, 0.25)
+    with pytest.raises(ResolutionError, match=r"^no level within 5% of downsample 2; level downsamples: 1, 2\.5$"):
+        resolve(ResolutionConfig(downsample=2, fallback="error"), dims, ds, None, None)
+    with pytest.raises(ResolutionError, match=r"^slide has no pyramid levels$"):
+        resolve(ResolutionConfig(level=0), [], [], 0.25, 0.25)
+    with pytest.raises(ResolutionError, match=r"^slide has no pyramid levels$"):
+        resolve(ResolutionConfig(level=0), dims, [1.0], 0.25, 0.25)
+    with pytest.raises(ResolutionError, match=r"^level 2 requested but slide has 2 level\(s\)$"):
+        resolve(ResolutionConfig(level=2), dims, ds, 0.25, 0.25)
+    with pytest.raises(ResolutionError, match=r"^downsample 0\.5 \(mpp 0\.125\) is finer than level 0; resample "
+                                              r"does not upsample\. Level downsamples: 1, 2\.5$"):
+        resolve(ResolutionConfig(mpp=0.125, fallback="resample"), dims, ds, 0.25, 0.25)
