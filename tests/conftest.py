@@ -133,3 +133,19 @@ def make_fluorescence_tiff(path: Path, width: int = 4096, height: int = 3072, ra
             tw.write(np.ascontiguousarray(img[:: 2 ** k, :: 2 ** k]), tile=(256, 256), photometric="rgb",
                      compression="jpeg", subfiletype=0 if k == 0 else 1, **(res if k == 0 else {}))
     return cx, cy, radius
+
+
+MANIFEST_COLUMNS = ("slide_label", "patient_id", "split")
+
+
+def as_older_lake(lake: Path) -> None:
+    """Rewrite a lake's ``slides`` and ``tiles`` tables without the typed manifest columns
+    (:data:`MANIFEST_COLUMNS`), as a lake made before they existed (delta-rs, a schema
+    overwrite: one more version of each table)."""
+    from deltalake import DeltaTable, write_deltalake
+
+    for table, partition in (("slides", None), ("tiles", ["slide_id"])):
+        old = DeltaTable(str(lake / table)).to_pyarrow_table()
+        old = old.drop_columns([c for c in MANIFEST_COLUMNS if c in old.column_names])
+        write_deltalake(str(lake / table), old, mode="overwrite", schema_mode="overwrite", partition_by=partition)
+        assert "slide_label" not in DeltaTable(str(lake / table)).schema().to_arrow().names

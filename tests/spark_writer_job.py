@@ -9,7 +9,8 @@ writer, run with Spark's Delta writer in one session that loads the Delta Lake j
 * ``OUT/corrupt``: a slide with corrupt tiles (every failed tile in ``tile_errors``);
 * ``OUT/blank``: a white slide whose tiles the pixel filter drops (a commit of no file);
 * ``OUT/concurrent``: two runs on disjoint folders at the same time into one lake;
-* ``SHARED_LAKE``: a lake the delta-rs writer made, appended to by Spark's writer.
+* ``SHARED_LAKE``: a lake the delta-rs writer made (rewritten without the typed manifest
+  columns, as an older lake), appended to by Spark's writer.
 
 Prints ``RESULT <json>``: each scenario's run records (status, counts, writer) and the row
 counts Spark reads back; the test reads every table with polars and delta-rs itself.

@@ -179,3 +179,17 @@ def test_a_cli_run_prints_no_spark_log_lines_unless_verbose(tmp_path):
     loud = subprocess.run([cli, "--verbose", "discover", str(CMU), "--lake", str(tmp_path / "b")], capture_output=True,
                           text=True, env=env, timeout=300)
     assert loud.returncode == 0 and "log4j" in loud.stderr
+
+
+def test_a_contradictory_manifest_is_one_line_and_exit_2(spark, tmp_path):
+    from conftest import make_tiff
+
+    for k in (0, 1):
+        make_tiff(tmp_path / f"s{k}.tiff", 128, 128, seed=k)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path,patient_id,split\n{tmp_path / 's0.tiff'},P7,train\n{tmp_path / 's1.tiff'},P7,test\n")
+    res = CliRunner().invoke(app, ["discover", str(manifest), "--lake", str(tmp_path / "lake")])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().splitlines() == [
+        "manifest error: patient P7 is in splits 'train' and 'test' in the manifest (column 'split'): a patient's "
+        "slides must share one split"]

@@ -88,15 +88,22 @@ CHANGES_TILES = {
               "smooth_um": 8.0, "close_um": 8.0, "open_um": 4.0, "min_object_um2": 1000.0, "min_hole_um2": 1000.0,
               "reader": "openslide", "overlay_column": "mask", "overlay_suffix": ".labels.tiff"},
     "annotations": {"enabled": False, "column": "geojson", "sidecar_suffix": ".json", "label_min_fraction": 0.7},
+    "splits": {"fractions": {"train": 0.8, "test": 0.2}, "seed": 7},  # from a base with splits set, below
 }
 KEEPS_TILES = {
-    "discovery": {"extensions": ["svs"], "recursive": False, "exclude": [], "on_driver_below": 0, "properties": []},
+    # the manifest columns' values are recorded as of tiling, as ``attributes`` are
+    "discovery": {"extensions": ["svs"], "recursive": False, "exclude": [], "on_driver_below": 0, "properties": [],
+                  "label_column": "diagnosis", "patient_column": "case", "split_column": "fold"},
     "decode": {"batch_size": 16, "batch_mb": 1.0, "max_open_slides": 2, "native_cache_tiles": 4},
     "masks": {"chunk_px": 1024, "max_megapixels": 8.0, "on_driver_below": 0, "overlay_root": "/shared"},
     "partition": {"region_tiles": 4, "tiles_per_partition": 64},
     "tables": {"writer": "delta-rs", "catalog_database": "pathology", "tiles_table": "other",
                "tile_compression": "zstd", "direct_io": False, "slides_per_commit": 2, "path_root": "/data"},
 }
+
+
+# sections whose fields matter only once another is set: their changes are tried from this base
+BASES = {"splits": {"splits": {"fractions": {"train": 0.5, "test": 0.5}}}}
 
 
 def _every_field():
@@ -108,7 +115,7 @@ def _every_field():
 
 @pytest.mark.parametrize("section,key", list(_every_field()))
 def test_every_config_field_is_in_the_hash_or_named_as_not_changing_tiles(section, key):
-    base = load_config(None, {})
+    base = load_config(None, BASES.get(section, {}))
     if key is None:  # inputs, lake
         assert section in ("inputs", "lake")
         assert config_hash(load_config(None, {section: ["x.svs"] if section == "inputs" else "/elsewhere"})) \
@@ -116,7 +123,8 @@ def test_every_config_field_is_in_the_hash_or_named_as_not_changing_tiles(sectio
         return
     in_hash, keeps = CHANGES_TILES.get(section, {}), KEEPS_TILES.get(section, {})
     assert (key in in_hash) != (key in keeps), f"{section}.{key}: list it in CHANGES_TILES or KEEPS_TILES"
-    changed = load_config(None, {section: {key: in_hash.get(key, keeps.get(key))}})
+    changed = load_config(None, {**BASES.get(section, {}), section: {**BASES.get(section, {}).get(section, {}),
+                                                                       key: in_hash.get(key, keeps.get(key))}})
     assert changed.model_dump()[section][key] != base.model_dump()[section][key], "the new value must differ"
     if key in in_hash:
         assert config_hash(changed) != config_hash(base), f"{section}.{key} changes tiles but not the hash"

@@ -122,7 +122,7 @@ def scenarios(spark, tmp_path_factory):
     generated folders ``a`` and ``b`` (two 400 x 300 px slides each), a third slide ``c``, a
     corrupt copy of the CMU sample, and a lake the delta-rs writer made from ``a``."""
     need(CMU)
-    from conftest import corrupt_copy, make_tiff
+    from conftest import as_older_lake, corrupt_copy, make_tiff
     from slidelake.pipeline import run_all
     from spark_writer_job import cfg
 
@@ -140,6 +140,7 @@ def scenarios(spark, tmp_path_factory):
     corrupt = corrupt_copy(CMU, base / "corrupt.svs")
     shared = base / "shared"
     by_rs = run_all(spark, _delta_rs(cfg(shared, [slides / "a"])))
+    as_older_lake(shared)  # Spark's writer must add the newer columns (mergeSchema)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "SLIDELAKE_DELTA_JARS": str(delta_jars()),
            "SLIDELAKE_SPARK_MASTER": "local[2]", "PYSPARK_PYTHON": sys.executable}
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "spark_writer_job.py"), str(base / "out"), str(slides),
@@ -227,6 +228,9 @@ def test_tables_of_one_writer_are_appended_to_by_the_other(spark, scenarios):
     assert by_rs.delta_writer == "delta-rs" and res["shared"]["writer"] == "spark"
     tiles = pl.read_delta(str(shared / "tiles"))
     assert tiles.height == res["shared_tiles"] == 24 and tiles["slide_id"].n_unique() == 4
+    # the lake predated the typed manifest columns; Spark's writer added them
+    assert {"slide_label", "patient_id", "split"} <= set(tiles.columns)
+    assert "split" in pl.read_delta(str(shared / "slides")).columns
     engines = _engines(shared / "tiles")
     assert any(e.startswith("Apache-Spark/") for e in engines) and any("delta-rs" in e for e in engines), engines
     # and delta-rs appends to the lake Spark's writer made (folder b next to a)

@@ -40,8 +40,8 @@ def _rows(path: str, slide_id: str, width: int, height: int, tile: int = 256) ->
         "valid_height": np.minimum(tile, height - y).astype(np.int32),
         "read_width": np.int32(tile), "read_height": np.int32(tile), "tissue_fraction": 1.0,
         "overlay_fractions": [{"255": 1.0}] * n, "overlay_path": None, "class_fractions": [{}] * n,
-        "annotated_fraction": None, "label": None, "annotations_path": None, "attributes": [{"split": "train"}] * n,
-        "overlap_error": None,
+        "annotated_fraction": None, "label": None, "annotations_path": None, "attributes": [{"stain": "HE"}] * n,
+        "slide_label": "tumor", "patient_id": "P1", "split": "train", "overlap_error": None,
     })
 
 
@@ -61,7 +61,8 @@ def _pre_schema() -> T.StructType:
         f("overlay_fractions", T.MapType(T.StringType(), T.DoubleType())), f("overlay_path", T.StringType()),
         f("class_fractions", T.MapType(T.StringType(), T.DoubleType())), f("annotated_fraction", T.DoubleType()),
         f("label", T.StringType()), f("annotations_path", T.StringType()),
-        f("attributes", T.MapType(T.StringType(), T.StringType())),
+        f("attributes", T.MapType(T.StringType(), T.StringType())), f("slide_label", T.StringType()),
+        f("patient_id", T.StringType()), f("split", T.StringType()),
     ])
     return pre
 
@@ -112,7 +113,8 @@ def test_file_sink_writes_kept_tiles_and_reports_every_failure(tmp_path):
     df = t.to_pandas()
     assert set(df["run_id"]) == {"run-1"} and set(df["config_hash"]) == {"cfg-1"}
     assert set(df["created_at"].dt.tz_convert(None)) == {pd.Timestamp(LINEAGE.created_at)}
-    assert df["attributes"].map(dict).tolist() == [{"split": "train"}] * 11
+    assert df["attributes"].map(dict).tolist() == [{"stain": "HE"}] * 11
+    assert set(df["split"]) == {"train"} and set(df["patient_id"]) == {"P1"} and set(df["slide_label"]) == {"tumor"}
     # the results carry each file's tiles' level-0 rectangles, in the file's row order (for the QC picture)
     rects = np.concatenate([np.frombuffer(r, "<i4").reshape(-1, 4) for r in ra["rects"] if r])
     want = np.stack([df["level0_x"], df["level0_y"], df["level0_x"] + df["valid_width"],

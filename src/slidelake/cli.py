@@ -154,6 +154,7 @@ def _run_job(job: str, inputs: list[str] | None, config: str | None, lake: str |
              replace_table: bool = False, progress: Optional[bool] = None, profile: bool = False,
              force: bool = False) -> None:
     from slidelake.pipeline import ConfigMismatchError, run_all, run_discover, run_masks, run_tile
+    from slidelake.slides import ManifestError
     from slidelake.spark import get_spark
 
     cfg = _load(config, _overrides(inputs, lake, flags))
@@ -182,6 +183,9 @@ def _run_job(job: str, inputs: list[str] | None, config: str | None, lake: str |
     except ConfigMismatchError as exc:
         console.print(f"[red]refused:[/red] {exc}")
         raise typer.Exit(3) from exc
+    except ManifestError as exc:
+        console.print(f"[red]manifest error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from exc
     from slidelake.lake import Lake
 
     _report(rec, Lake.open(spark, cfg))

@@ -57,6 +57,9 @@ class DiscoveryConfig(_Strict):
     ``on_driver_below``: fewer files than this are probed (SHA-256 and header) on the driver,
     one thread per core, instead of in a Spark job whose start-up costs more (the rule Spark
     itself uses to list a few paths on the driver); 0 always probes on the executors.
+    ``label_column`` / ``patient_column`` / ``split_column``: the manifest columns that become
+    the typed ``slide_label``, ``patient_id`` and ``split`` columns of ``slides`` and ``tiles``
+    (every other manifest column goes to ``attributes``).
     """
 
     extensions: list[str] = Field(default_factory=lambda: list(SLIDE_EXTENSIONS))
@@ -64,6 +67,9 @@ class DiscoveryConfig(_Strict):
     exclude: list[str] = Field(default_factory=lambda: ["*.mask.tif", "*.mask.tiff"])
     on_driver_below: int = Field(default=8, ge=0)
     properties: list[str] = Field(default_factory=lambda: list(PROPERTY_ALLOWLIST))
+    label_column: str = "label"
+    patient_column: str = "patient_id"
+    split_column: str = "split"
 
 
 class ResolutionConfig(_Strict):
@@ -296,6 +302,30 @@ class AnnotationConfig(_Strict):
     label_min_fraction: float = Field(default=0.5, ge=0, le=1)
 
 
+class SplitConfig(_Strict):
+    """Patient-level splits for slides whose manifest gives no ``split``.
+
+    ``fractions``: split name -> share of patients, e.g. ``{train: 0.7, val: 0.15, test: 0.15}``
+    (summing to 1); ``null`` assigns none. A patient (``patient_id``, else the slide's
+    ``slide_id``) goes to the split whose cumulative share first exceeds
+    ``u = SHA-256("<seed>:<patient>")`` read as a fraction of 2**64: deterministic, every slide
+    of a patient in one split, and stable as slides are added (a patient never moves). Each
+    slide label's patients are split in these shares in expectation (the hash ignores the
+    label), not exactly; the exact counts are one query away (``docs/tables.md``).
+    """
+
+    fractions: dict[str, float] | None = None
+    seed: int = 0
+
+    @field_validator("fractions")
+    @classmethod
+    def _shares(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None:
+            if not v or any(f <= 0 for f in v.values()) or abs(sum(v.values()) - 1.0) > 1e-6:
+                raise ValueError(f"splits.fractions: positive shares summing to 1, got {v}")
+        return v
+
+
 class PartitionConfig(_Strict):
     """How tile rows are spread over Spark tasks.
 
@@ -362,6 +392,7 @@ class PipelineConfig(_Strict):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     masks: MaskConfig = Field(default_factory=MaskConfig)
     annotations: AnnotationConfig = Field(default_factory=AnnotationConfig)
+    splits: SplitConfig = Field(default_factory=SplitConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     tables: TablesConfig = Field(default_factory=TablesConfig)
 
@@ -379,6 +410,7 @@ class PipelineConfig(_Strict):
             if self.masks.enabled
             else {"enabled": False},
             "annotations": self.annotations.model_dump(mode="json"),
+            **({"splits": self.splits.model_dump(mode="json")} if self.splits.fractions else {}),
         }
 
 

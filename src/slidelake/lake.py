@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Iterator, Literal
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -31,7 +32,7 @@ from pyspark.sql import types as T
 from slidelake.config import PipelineConfig
 from slidelake.spark import delta_jars_available
 from slidelake.tables import (
-    WriteResult, arrow_schema, commit_files, discard_staging, from_stored, local_path, maps_to_dicts,
+    WriteResult, arrow_schema, commit_files, discard_staging, from_stored, local_path, maps_to_dicts, nullable,
     new_staging, retry_on_conflict, rows_by_partition, sql_in, staged_files, table_exists, to_stored,
 )
 
@@ -43,6 +44,9 @@ TABLES: tuple[TableName, ...] = ("slides", "masks", "tiles", "tile_errors", "run
 # Spark's vectorized Parquet reader: rows per batch, sized to about this many bytes of rows
 READER_BATCH_CONF = "spark.sql.parquet.columnarReaderBatchSize"
 READER_BATCH_BYTES = 32 * 2**20
+# Spark's Delta writer refuses to merge a schema into a table with NOT NULL inside arrays or maps
+# (delta-rs writes ``slides.levels`` so), which it could not enforce anyway: allowed while it merges
+UNENFORCED_NOT_NULL_CONF = "spark.databricks.delta.constraints.allowUnenforcedNotNull.enabled"
 # tables.tile_compression -> Spark's Parquet codec name
 SPARK_CODECS = {"none": "uncompressed", "lz4": "lz4_raw"}
 
@@ -63,6 +67,17 @@ def choose_writer(spark: SparkSession, requested: str = "auto") -> Writer:
             "(jobs/fetch_jars.sh, then spark-submit --jars) or use tables.writer auto/delta-rs"
         )
     return requested  # type: ignore[return-value]
+
+
+@contextmanager
+def session_conf(spark: SparkSession, key: str, value: str) -> Iterator[None]:
+    """Set one runtime setting of ``spark`` for the block, then restore it (or unset it)."""
+    before = spark.conf.get(key, None)
+    spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        spark.conf.unset(key) if before is None else spark.conf.set(key, before)
 
 
 @dataclass(frozen=True)
@@ -208,12 +223,13 @@ class Lake:
             rows = [{**r, "path": to_stored(r.get("path"), self.path_root)} for r in rows]
         self._describe(f"write {table}")
         if self.writer == "spark":
-            df = self.spark.createDataFrame(rows, schema=schema).coalesce(1)
+            df = self.spark.createDataFrame(rows, schema=nullable(schema, deep=True)).coalesce(1)
             if mode == "overwrite" and replace_where is not None:
                 def save() -> None:  # a new table: append, so a concurrent creator's rows are never overwritten
-                    w = df.write.format("delta")
+                    w = df.write.format("delta").option("mergeSchema", "true")  # an older table gains new columns
                     w = w.mode("overwrite").option("replaceWhere", replace_where) if self.exists(table) else w.mode("append")
-                    w.save(p)
+                    with session_conf(self.spark, UNENFORCED_NOT_NULL_CONF, "true"):
+                        w.save(p)
 
                 retry_on_conflict(save)
                 return self._spark_result(p)
@@ -290,7 +306,14 @@ class Lake:
             w = w.option("replaceWhere", sql_in(f"`{partition_by[0]}`", replace_partitions))
         elif mode == "overwrite" and replace_partitions is None:
             w = w.option("overwriteSchema", "true")
-        retry_on_conflict(lambda: w.save(p))
+        if not (mode == "overwrite" and replace_partitions is None):
+            w = w.option("mergeSchema", "true")  # an older table gains new columns
+
+        def save() -> None:
+            with session_conf(self.spark, UNENFORCED_NOT_NULL_CONF, "true"):
+                w.save(p)
+
+        retry_on_conflict(save)
         res = self._spark_result(p)
         if by_partition is not None:
             res.rows_by_partition = by_partition
@@ -346,20 +369,16 @@ class Lake:
         self._describe(f"commit {table}")
         rows = sum(n for _, n in files)
         size = sum(os.path.getsize(os.path.join(staging, rel)) for rel, _ in files)
-        conf = self.spark.conf
-        before = conf.get(READER_BATCH_CONF, None)
         # Spark's vectorized Parquet reader holds 4,096 rows a batch by default: with tiles of
         # 20-200 KB that is hundreds of MiB per batch, and reading staged tiles took 3x longer
-        conf.set(READER_BATCH_CONF, str(max(16, min(4096, READER_BATCH_BYTES * max(1, rows) // max(1, size)))))
-        try:
+        batch = str(max(16, min(4096, READER_BATCH_BYTES * max(1, rows) // max(1, size))))
+        with session_conf(self.spark, READER_BATCH_CONF, batch):
             local = "file://" + os.path.abspath(staging)  # not the cluster's default file system
             df = (self.spark.read.schema(schema).option("basePath", local)
                   .parquet(*(f"{local}/{rel}" for rel, _ in files)).select(*schema.fieldNames())
                   if files else self.spark.createDataFrame([], schema))  # no kept tile: the partitions empty
             return self._write_frame_spark(df, self.path(table), "overwrite", partition_by, replace_partitions,
                                            rows_by_partition(files, partition_by), compression)
-        finally:
-            conf.unset(READER_BATCH_CONF) if before is None else conf.set(READER_BATCH_CONF, before)
 
     def register(self) -> None:
         """Register the tables by name in ``catalog_database`` (``CREATE TABLE IF NOT EXISTS

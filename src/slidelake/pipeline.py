@@ -187,7 +187,8 @@ def plan_tiles(spark: SparkSession, cfg: PipelineConfig, batch: list[ResolvedSli
         (*(r[f] for f in schema.fieldNames()), overlay[r["slide_id"]], notes[r["slide_id"]]) for r in batch
     ], T.StructType(schema.fields + sides.fields))
     base = resolved.select(
-        "slide_id", "path", "fingerprint", "attributes", "level", "level_downsample", "downsample",
+        "slide_id", "path", "fingerprint", "attributes", "slide_label", "patient_id", "split",
+        "level", "level_downsample", "downsample",
         F.col("tile_mpp_x").alias("mpp_x"), F.col("tile_mpp_y").alias("mpp_y"),
         F.col("tile_mpp_source").alias("mpp_source"), "extent_x", "extent_y",
         F.col("width").alias("slide_width"), F.col("height").alias("slide_height"),

@@ -66,7 +66,9 @@ class LevelRow(TypedDict):
 
 class SlideRow(TypedDict):
     """A ``slides`` row (:data:`slidelake.slides.SLIDES_SCHEMA`): one file probed by discovery.
-    ``status`` is ``ok`` or ``error`` (then ``error`` says why and the sizes may be None)."""
+    ``status`` is ``ok`` or ``error`` (then ``error`` says why and the sizes may be None).
+    ``slide_label``, ``patient_id`` and ``split`` come from the manifest (``split`` also from
+    ``splits``, :func:`slidelake.slides.assign_split`); ``attributes`` holds its other columns."""
 
     slide_id: str | None
     path: str
@@ -84,6 +86,9 @@ class SlideRow(TypedDict):
     objective_power: float | None
     properties: dict[str, str] | None
     attributes: dict[str, str] | None
+    slide_label: str | None
+    patient_id: str | None
+    split: str | None
     status: str
     error: str | None
     run_id: str | None

@@ -279,6 +279,54 @@ def list_inputs(inputs: Sequence[str], extensions: Sequence[str], recursive: boo
     return out.drop_duplicates(subset="path", keep="first").reset_index(drop=True)
 
 
+class ManifestError(ValueError):
+    """A manifest contradicts itself (e.g. one patient's slides in two splits)."""
+
+
+def assign_split(patient: str, fractions: dict[str, float], seed: int) -> str:
+    """The split of ``patient`` under ``splits`` (:class:`slidelake.config.SplitConfig`): ``u`` =
+    the first 8 bytes of SHA-256 of ``"<seed>:<patient>"`` over 2**64, in ``[0, 1)``; the first
+    split, in ``fractions``' order, whose cumulative share exceeds ``u`` (the last one if
+    rounding leaves ``u`` above every sum)."""
+    u = int.from_bytes(hashlib.sha256(f"{seed}:{patient}".encode()).digest()[:8], "big") / 2**64
+    total = 0.0
+    for name, share in fractions.items():
+        total += share
+        if u < total:
+            return name
+    return name
+
+
+def with_manifest_fields(rows: list[SlideRow], cfg: PipelineConfig) -> list[SlideRow]:
+    """``rows`` with the manifest's ``discovery.label_column``, ``patient_column`` and
+    ``split_column`` moved from ``attributes`` to ``slide_label``, ``patient_id`` and ``split``.
+    A slide without a split takes its patient's split from another of their manifest rows, else
+    :func:`assign_split` of its patient (``patient_id``, else ``slide_id``) when
+    ``splits.fractions`` is set, else none.
+
+    Raises:
+        ManifestError: one patient's manifest rows give two different splits.
+    """
+    disc, splits = cfg.discovery, cfg.splits
+    out, given = [], {}
+    for r in rows:
+        attrs = dict(r.get("attributes") or {})
+        # an empty manifest cell is no value
+        label, patient = attrs.pop(disc.label_column, None) or None, attrs.pop(disc.patient_column, None) or None
+        split = attrs.pop(disc.split_column, None) or None
+        if split is not None and patient is not None:
+            if given.setdefault(patient, split) != split:
+                raise ManifestError(f"patient {patient} is in splits {given[patient]!r} and {split!r} in the manifest "
+                                    f"(column {disc.split_column!r}): a patient's slides must share one split")
+        out.append({**r, "attributes": attrs, "slide_label": label, "patient_id": patient, "split": split})
+    for r in out:
+        owner = r["patient_id"] or r["slide_id"]
+        if r["split"] is None and owner is not None:
+            r["split"] = given.get(r["patient_id"]) or (
+                assign_split(owner, splits.fractions, splits.seed) if splits.fractions else None)
+    return out
+
+
 def unchanged_since(row: SlideRow, path: str) -> bool:
     """True when ``row`` (the path's previous ``slides`` row) was ``ok`` and the file at
     ``path`` still has its size and modification time (``os.stat``), so its fingerprint and
@@ -387,6 +435,7 @@ def discover_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, force: bool
 
     with rec.stage("discover"):
         listed = list_inputs(cfg.inputs, cfg.discovery.extensions, cfg.discovery.recursive, cfg.discovery.exclude)
+        with_manifest_fields([{"attributes": a, "slide_id": None} for a in listed["attributes"]], cfg)  # before any read
         before = {r["path"]: r for r in lake.read_rows("slides", SLIDES_SCHEMA)}
         now = utcnow()
         reused, fresh = [], []
@@ -401,7 +450,8 @@ def discover_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, force: bool
                 fresh.append(i)
         rows = discover(lake.spark, listed.iloc[fresh].reset_index(drop=True), rec.run_id,
                         cfg.discovery.on_driver_below, cfg.discovery.properties) + reused
-        rows = [with_assumed_mpp(r, cfg.resolution.assumed_mpp) if r["status"] == "ok" else r for r in rows]
+        rows = [with_assumed_mpp(r, cfg.resolution.assumed_mpp) if r["status"] == "ok" else r
+                for r in with_manifest_fields(rows, cfg)]
     with rec.stage("write"):
         where = sql_in("path", [to_stored(r["path"], lake.path_root) for r in rows])
         res = lake.write_rows("slides", rows, SLIDES_SCHEMA, mode="overwrite", replace_where=where)
@@ -429,4 +479,5 @@ __all__ = [
     "SLIDES_SCHEMA", "PROPERTY_ALLOWLIST", "fingerprint_file", "slide_id_from_fingerprint",
     "mpp_from_properties", "objective_from_properties", "probe_slide", "list_inputs",
     "unchanged_since", "discover", "select_rows_for_tiling", "discover_slides", "listed_slides",
+    "ManifestError", "assign_split", "with_manifest_fields",
 ]

@@ -58,8 +58,21 @@ def local_path(path: str) -> str:
     return os.path.abspath(path.removeprefix("file://"))
 
 
-def nullable(schema: T.StructType) -> T.StructType:
-    return T.StructType([T.StructField(f.name, f.dataType, True, f.metadata) for f in schema.fields])
+def nullable(schema: T.StructType, deep: bool = False) -> T.StructType:
+    """``schema`` with every top-level field nullable; with ``deep``, the fields of nested
+    structs, array elements and map values too (Spark's Delta writer refuses NOT NULL inside
+    arrays and maps when it merges a schema)."""
+    def relax(dt: T.DataType) -> T.DataType:
+        if isinstance(dt, T.StructType):
+            return nullable(dt, True)
+        if isinstance(dt, T.ArrayType):
+            return T.ArrayType(relax(dt.elementType), True)
+        if isinstance(dt, T.MapType):
+            return T.MapType(dt.keyType, relax(dt.valueType), True)
+        return dt
+
+    return T.StructType([T.StructField(f.name, relax(f.dataType) if deep else f.dataType, True, f.metadata)
+                         for f in schema.fields])
 
 
 def staged_files(staging: str) -> list[str]:

@@ -44,7 +44,8 @@ TILES_COLUMNS = (
     "level0_y", "tile_extent_x", "tile_extent_y", "stride_x", "stride_y", "valid_width",
     "valid_height", "tile", "tile_format", "tile_width", "tile_height", "tile_mean", "tile_std",
     "background_fraction", "reader", "tissue_fraction", "overlay_fractions", "overlay_path", "class_fractions",
-    "annotated_fraction", "label", "annotations_path", "attributes", "run_id", "config_hash",
+    "annotated_fraction", "label", "annotations_path", "attributes", "slide_label", "patient_id", "split",
+    "run_id", "config_hash",
     "slidelake_version", "created_at",
 )
 
