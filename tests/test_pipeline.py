@@ -295,6 +295,11 @@ def test_fluorescence_mask_keeps_the_bright_tissue_at_pipeline_level(spark, lake
         k = (row["tile_x"], row["tile_y"])
         assert lo[k] - 0.01 <= row["tissue_fraction"] <= hi[k] + 0.01, (k, row["tissue_fraction"], lo[k], hi[k])
     assert rec.counts["tiles_written"] == t.height > 0
+    # a rerun skips the tiled slide and says its mask was not needed
+    from slidelake.pipeline import summary
+
+    again = summary(run_all(spark, cfg))
+    assert "masks: 0 computed, 0 reused, 0 failed, 1 not needed (slides already tiled)" in again.splitlines()
 
 
 @pytest.mark.parametrize("order", ["b-first", "a-first"])

@@ -13,6 +13,7 @@ live in the modules named after them (:mod:`slidelake.slides`, :mod:`slidelake.m
 
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 import numpy as np
@@ -299,8 +300,12 @@ def summary(rec: RunRecord) -> str:
                      + (f", {c['slides_unchanged']} unchanged since the last scan" if c.get("slides_unchanged") else ""))
     if c.get("slides_skipped"):
         parts.append(f"slides already tiled with this config, skipped: {c['slides_skipped']} (--force redoes them)")
-    if c.get("masks_computed") is not None:
-        parts.append(f"masks: {c['masks_computed']} computed, {c['masks_reused']} reused, {c['masks_failed']} failed")
+    masks_on = json.loads(rec.config).get("masks", {}).get("enabled", False) if rec.config else False
+    skipped = c.get("slides_skipped") or 0 if masks_on else 0
+    if c.get("masks_computed") is not None or skipped:
+        parts.append(f"masks: {c.get('masks_computed') or 0} computed, {c.get('masks_reused') or 0} reused, "
+                     f"{c.get('masks_failed') or 0} failed" + (f", {skipped} not needed (slides already tiled)"
+                                                             if skipped else ""))
     if "tiles_generated" in c:
         parts.append(
             f"tiles: {c['tiles_generated']} generated, {c['tiles_skipped']} skipped before decode, "
@@ -319,8 +324,6 @@ def _resolution_notes(rec: RunRecord, most: int = 10) -> list[str]:
     """Summary lines of the slides tiled at an mpp more than 1 % from the one requested (an
     ``mpp`` or ``magnification`` request, ``10 / magnification`` µm/px): the level read and the
     tiles' effective mpp, e.g. an NDPI asked 0.5 µm/px and read at 0.456."""
-    import json
-
     res = json.loads(rec.config).get("resolution", {}) if rec.config else {}
     want = res.get("mpp") or (10.0 / res["magnification"] if res.get("magnification") else None)
     if not want:
