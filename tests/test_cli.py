@@ -193,3 +193,16 @@ def test_a_contradictory_manifest_is_one_line_and_exit_2(spark, tmp_path):
     assert res.output.strip().splitlines() == [
         "manifest error: patient P7 is in splits 'train' and 'test' in the manifest (column 'split'): a patient's "
         "slides must share one split"]
+
+
+def test_config_errors_name_the_flag_without_a_url(tmp_path):
+    res = CliRunner().invoke(app, ["run", "x.svs", "--tolerance=-1", "--lake", str(tmp_path / "l")])
+    assert res.exit_code == 2 and "http" not in res.output
+    assert res.output.strip().splitlines() == [
+        "config error: resolution.tolerance (--tolerance): Input should be greater than or equal to 0 (got -1.0)"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid:\n  last: sideways\nresolution:\n  mpp: 0.5\n  level: 1\n")
+    lines = CliRunner().invoke(app, ["run", "x.svs", "-c", str(bad)]).output.strip().splitlines()
+    assert lines == ["config error: resolution: resolution: give exactly one of level, mpp, downsample, "
+                     "magnification (got ['level', 'mpp'])",
+                     "config error: grid.last (--last): Input should be 'keep', 'drop' or 'shift' (got 'sideways')"]

@@ -130,9 +130,36 @@ def _load(config: Optional[str], overrides: dict[str, Any]):
 
     try:
         return load_config(config, overrides)
-    except (ValidationError, ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]config error:[/red] {exc}")
+    except ValidationError as exc:
+        for line in config_errors(exc):
+            console.print(f"[red]config error:[/red] {line}", highlight=False)
         raise typer.Exit(2) from exc
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]config error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+
+
+def flag_of(key: str) -> str | None:
+    """The command-line flag that sets config ``key`` (``section.key``), e.g. ``--assumed-mpp``
+    for ``resolution.assumed_mpp``; None when no flag does."""
+    for name, flag in FLAGS.items():
+        if flag.key == key:
+            decls = getattr(flag.option, "param_decls", None) or ()
+            return decls[0] if decls else "--" + name.replace("_", "-")
+    return None
+
+
+def config_errors(exc: ValidationError) -> list[str]:
+    """One line per problem of a config: where (``section.key``, and its flag), what pydantic
+    says without its documentation URL, and the value given."""
+    out = []
+    for e in exc.errors(include_url=False):
+        key = ".".join(str(part) for part in e["loc"])
+        flag = flag_of(key)
+        msg = e["msg"].removeprefix("Value error, ")
+        given = f" (got {e['input']!r})" if len(e["loc"]) > 1 and not isinstance(e["input"], dict) else ""
+        out.append(f"{key}{f' ({flag})' if flag else ''}: {msg}{given}")
+    return out
 
 
 def _report(rec, lake) -> None:

@@ -233,7 +233,7 @@ def mask_pixels(path: str, width0: int, height0: int, mpp_x: float | None, mpp_y
     if w * h > cfg.max_megapixels * 1e6:
         # absurd dimensions (a corrupt header, or masks.mpp far too fine) must not exhaust memory
         raise MaskError(f"the mask would be {w} x {h} px ({w * h / 1e6:,.0f} Mpx) at {cfg.mpp} µm/px, over "
-                        f"masks.max_megapixels={cfg.max_megapixels:g}; raise masks.mpp or the limit")
+                        f"masks.max_megapixels={cfg.max_megapixels:g}; raise --mask-mpp (masks.mpp) or the limit")
     rgb, valid, level = _read_at_mask_size(path, (w, h), cfg, threads)
     mpp = (mx * width0 / w, my * height0 / h)
     labels, info = tissue_mask(rgb, valid, mpp, cfg)

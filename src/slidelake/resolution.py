@@ -104,7 +104,7 @@ def target_downsample(
         if mpp_x is None:
             raise ResolutionError(
                 f"slide has no mpp (µm/px) metadata; cannot tile at mpp={req.value}. "
-                "Set resolution.assumed_mpp, or request a level or downsample"
+                "Set --assumed-mpp (resolution.assumed_mpp), or request a --level or --downsample"
             )
         return req.value / mpp_x
     if req.unit == "magnification":
@@ -114,7 +114,7 @@ def target_downsample(
             return objective_power / req.value
         raise ResolutionError(
             f"slide has neither mpp nor objective power; cannot tile at {req.value}x. "
-            "Set resolution.assumed_mpp, or request a level or downsample"
+            "Set --assumed-mpp (resolution.assumed_mpp), or request a --level or --downsample"
         )
     raise ResolutionError(f"unsupported resolution unit {req.unit!r}")
 
@@ -206,7 +206,8 @@ def _fallback(req: ResolutionConfig, ds: list[float], target: float, near: int, 
     coarser = [i for i in range(len(ds)) if ds[i] >= target]
     avail = ", ".join(f"{d:.4g}" for d in ds)
     if req.fallback == "error":
-        raise ResolutionError(f"no level within {req.tolerance:.0%} of {what}; level downsamples: {avail}")
+        raise ResolutionError(f"no level within {req.tolerance:.0%} of {what}; level downsamples: {avail} (widen "
+                              "--tolerance / resolution.tolerance, or choose --fallback / resolution.fallback)")
     if req.fallback == "nearest":
         return near, None
     if req.fallback == "floor":
