@@ -280,38 +280,44 @@ app.command("run", help="Discover the inputs, make their masks, then tile them (
 
 @app.command()
 def sql(
-    query: str = typer.Argument(..., help="SQL over the views slides, masks, tiles, tile_errors, runs."),
+    query: str = typer.Argument(..., help="SQL over the views slides, masks, tiles, tile_errors, run_slides, runs."),
     lake: str = typer.Option("lake", "--lake", help="Lake root folder."),
     tiles_table: str = typer.Option("tiles", "--tiles-table", help="Tile table name under the lake."),
     limit: int = typer.Option(50, help="Rows to print at most."),
+    output: str = typer.Option("table", "--format", help="table | csv | json (full values; binary columns left out)."),
+    engine: str = typer.Option("auto", help="auto (DataFusion for a local lake, Spark otherwise) | datafusion | spark."),
 ) -> None:
-    """Run a SQL query on the lake's tables (registered as temporary views)."""
-    from slidelake.config import PipelineConfig, TablesConfig
+    """Run a SQL query on the lake's tables."""
     from slidelake.lake import TABLES, Lake
-    from slidelake.spark import get_spark
+    from slidelake.query import QueryError, cell_text, choose_engine, plain_rows, run_query, to_csv, to_json
 
-    spark = get_spark()
-    lake_ = Lake.open(spark, PipelineConfig(lake=lake, tables=TablesConfig(tiles_table=tiles_table)))
+    if output not in ("table", "csv", "json") or engine not in ("auto", "datafusion", "spark"):
+        console.print(f"[red]bad option:[/red] --format table|csv|json, --engine auto|datafusion|spark "
+                      f"(got {output}, {engine})", highlight=False)
+        raise typer.Exit(2)
+    lake_ = Lake(None, lake if "://" in lake else os.path.abspath(lake), "delta-rs", tiles_table)
     present = [name for name in TABLES if lake_.exists(name)]
     if not present:
         console.print(f"[red]no tables:[/red] {lake_.root} holds no slidelake tables (make them with slidelake run)",
                       highlight=False)
         raise typer.Exit(2)
-    for name in TABLES:  # a view of another lake read earlier in this session must not answer
-        lake_.read(name).createOrReplaceTempView(name) if name in present else spark.catalog.dropTempView(name)
     try:
-        df = spark.sql(query)
-    except Exception as exc:  # noqa: BLE001 - AnalysisException, ParseException
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        console.print(f"[red]query failed:[/red] {first} (tables in {lake_.root}: {', '.join(present)})",
+        result = run_query(query, lake_, present, choose_engine(lake_.root, engine), limit)  # type: ignore[arg-type]
+    except QueryError as exc:
+        console.print(f"[red]query failed:[/red] {exc} (tables in {lake_.root}: {', '.join(present)})",
                       markup=True, highlight=False)
         raise typer.Exit(2) from exc
-    cols = [f.name for f in df.schema.fields if f.dataType.typeName() != "binary"]
-    rows = df.select(*cols).limit(limit).collect()
+    cols, rows = plain_rows(result)
+    if output == "csv":
+        sys.stdout.write(to_csv(cols, rows))
+        return
+    if output == "json":
+        sys.stdout.write(to_json(cols, rows) + "\n")
+        return
     table = Table(*cols)
     for r in rows:
-        table.add_row(*["" if v is None else str(v) for v in r])
-    console.print(table)
+        table.add_row(*[cell_text(v) for v in r])
+    Console(width=None if sys.stdout.isatty() else 100_000).print(table)  # piped: no wrapping
     console.print(f"{len(rows)} row(s)" + (f" (first {limit})" if len(rows) == limit else ""))
 
 
