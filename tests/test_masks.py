@@ -639,3 +639,24 @@ def test_label_and_macro_images_never_reach_the_lake(spark, lake):
     for p in written:
         with Image.open(p) as im:
             assert im.size not in forbidden, p
+
+
+def test_qc_of_a_dim_fluorescence_slide_is_contrast_stretched():
+    """A dark fluorescence thumbnail (tissue at grey 20-40 on black) becomes legible in its QC
+    picture: the tissue is spread over the upper half of 0-255, the glass stays dark; tiles are outlines, so
+    the tissue inside them keeps its pixels. A brightfield thumbnail is drawn as it is."""
+    from slidelake.qc import qc_picture
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 6, (200, 300, 3), dtype=np.uint8)
+    rgb[50:150, 100:250, 1] = rng.integers(20, 41, (100, 150), dtype=np.uint8)
+    mask = np.zeros((200, 300), np.uint8)
+    mask[50:150, 100:250] = 255
+    tiles = np.array([[120.0, 70.0, 180.0, 130.0]])
+    pic = qc_picture(rgb, mask, tiles, max_side=300, polarity="fluorescence")
+    inner = pic[80:120, 130:170, 1]  # tissue inside the tile's outline, away from every line
+    assert inner.min() >= 100 and inner.max() == 255 and np.median(inner) > 5 * np.median(rgb[80:120, 130:170, 1])
+    assert np.median(pic[:40, :80].max(axis=2)) < 40  # the glass stays dark
+    assert (pic[70, 120:180] == (255, 200, 0)).all()  # the tile's top edge, outlined
+    plain = qc_picture(rgb, mask, tiles, max_side=300, polarity="brightfield")
+    assert np.array_equal(plain[80:120, 130:170], rgb[80:120, 130:170])

@@ -270,7 +270,8 @@ def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: s
     qc_file = os.path.join(folder, f"qc-{phash}.png")
     if qc:
         # the outline is drawn on the thumbnail's pixels, no longer needed; zlib level 1 (~5x faster than 6, lossless)
-        Image.fromarray(qc_picture(rgb, labels, inplace=True)).save(qc_file, compress_level=1)
+        picture = qc_picture(rgb, labels, inplace=True, polarity=res.get("polarity"))
+        Image.fromarray(picture).save(qc_file, compress_level=1)
     del rgb
     ds_x, ds_y = W0 / w, H0 / h
     mpp_x = row["mpp_x"] * ds_x if row["mpp_x"] is not None else None

@@ -1,8 +1,9 @@
 """QC pictures: a slide's thumbnail with its mask outline and the tiles a run kept.
 
 Each mask has one picture, ``<overlay root>/overlays/<slide_id>/qc-<params_hash>.png``: the
-thumbnail at the mask resolution, the mask outline in green and each kept tile's rectangle in
-yellow, upscaled by an integer factor towards :data:`QC_MAX_SIDE` px.
+thumbnail at the mask resolution (a fluorescence slide's contrast-stretched, :func:`stretch`),
+the mask outline in green and each kept tile's rectangle outlined in yellow, upscaled by an
+integer factor towards :data:`QC_MAX_SIDE` px.
 """
 
 from __future__ import annotations
@@ -24,9 +25,22 @@ def mask_outline(mask: np.ndarray) -> np.ndarray:
     return fg & ~ndimage.binary_erosion(fg, structure=ndimage.generate_binary_structure(2, 1), border_value=1)
 
 
+def stretch(rgb: np.ndarray, low: float = 1.0, high: float = 99.5) -> np.ndarray:
+    """A dark (fluorescence) thumbnail made legible: the ``low``-``high`` percentile range of
+    its brightness (the brightest channel) mapped to 0-255, the same range for every channel so
+    that a channel holding only noise stays dark (scikit-image ``exposure.rescale_intensity``);
+    a flat image is left as it is. uint8 ``(h, w, 3)`` in and out."""
+    from skimage import exposure
+
+    lo, hi = np.percentile(rgb.max(axis=2), (low, high))
+    if hi <= lo:
+        return rgb.copy()
+    return exposure.rescale_intensity(rgb, in_range=(lo, hi), out_range=(0, 255)).astype(np.uint8)
+
+
 def qc_picture(rgb: np.ndarray, mask: np.ndarray, tiles: np.ndarray | None = None,
-               max_side: int = QC_MAX_SIDE, inplace: bool = False) -> np.ndarray:
-    """Draw the mask outline (green) and tile rectangles (yellow) on a thumbnail.
+               max_side: int = QC_MAX_SIDE, inplace: bool = False, polarity: str | None = None) -> np.ndarray:
+    """Draw the mask outline (green) and tile rectangles (yellow outlines) on a thumbnail.
 
     Args:
         rgb: uint8 ``(h, w, 3)`` thumbnail at the mask resolution.
@@ -36,6 +50,7 @@ def qc_picture(rgb: np.ndarray, mask: np.ndarray, tiles: np.ndarray | None = Non
             this (small slides stay legible); never downscaled.
         inplace: draw the outline on ``rgb`` itself instead of a copy (saves 3 bytes per mask
             pixel when the caller no longer needs the thumbnail).
+        polarity: the mask's; ``fluorescence`` stretches the thumbnail's contrast first.
 
     Returns:
         uint8 ``(h * k, w * k, 3)`` (``rgb`` itself when ``inplace``, ``k == 1`` and no tiles).
@@ -44,7 +59,7 @@ def qc_picture(rgb: np.ndarray, mask: np.ndarray, tiles: np.ndarray | None = Non
 
     h, w = mask.shape
     k = max(1, max_side // max(h, w))
-    base = rgb if inplace else rgb.copy()
+    base = stretch(rgb) if polarity == "fluorescence" else rgb if inplace else rgb.copy()
     base[mask_outline(mask)] = (0, 200, 0)
     if k == 1 and (tiles is None or not len(tiles)):
         return base
@@ -81,7 +96,7 @@ def draw_qc(masks: dict[str, MaskRow], rects: dict[str, np.ndarray]) -> None:
         boxes = boxes / np.array([m["mask_downsample_x"], m["mask_downsample_y"]] * 2, dtype=float)
         labels, _ = read_overlay(m["mask_path"])
         rgb = np.asarray(Image.open(m["thumbnail_path"]).convert("RGB"))
-        Image.fromarray(qc_picture(rgb, labels, boxes)).save(m["qc_path"], compress_level=1)
+        Image.fromarray(qc_picture(rgb, labels, boxes, polarity=m.get("polarity"))).save(m["qc_path"], compress_level=1)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(pool.map(draw, list(todo)))
@@ -98,4 +113,4 @@ def draw_qc_after_failure(masks: dict[str, MaskRow]) -> None:
         logging.getLogger(__name__).warning("QC pictures of the failed run not drawn: %s", exc)
 
 
-__all__ = ["QC_MAX_SIDE", "mask_outline", "qc_picture", "draw_qc", "draw_qc_after_failure"]
+__all__ = ["QC_MAX_SIDE", "mask_outline", "stretch", "qc_picture", "draw_qc", "draw_qc_after_failure"]
