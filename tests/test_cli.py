@@ -252,3 +252,19 @@ def test_config_errors_name_the_flag_without_a_url(tmp_path):
     assert lines == ["config error: resolution: resolution: give exactly one of level, mpp, downsample, "
                      "magnification (got ['level', 'mpp'])",
                      "config error: grid.last (--last): Input should be 'keep', 'drop' or 'shift' (got 'sideways')"]
+
+
+def test_every_stage_shows_its_progress_and_ends_at_its_total(spark, tmp_path):
+    """Discovery (files probed), masks (slides masked) and tiling (grid tiles: dropped before
+    decode or decoded) each draw a bar whose last line is its fixed total, reached."""
+    import re
+
+    from conftest import make_fluorescence_tiff
+
+    make_fluorescence_tiff(tmp_path / "f.tiff", 1536, 1024, radius=400)
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "f.tiff"), "--lake", str(tmp_path / "lake"), "--level", "0",
+                                   "--progress", "--masks", "--min-tissue", "0.5"])
+    assert res.exit_code == 0, res.output
+    ends = {what: (int(a), int(b)) for what, a, b in re.findall(r"(files probed|slides masked|grid tiles)\D+(\d+)/(\d+)",
+                                                                res.output)}
+    assert ends == {"files probed": (1, 1), "slides masked": (1, 1), "grid tiles": (24, 24)}, res.output

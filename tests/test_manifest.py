@@ -10,7 +10,7 @@ from deltalake import DeltaTable
 from conftest import as_older_lake, make_tiff
 from slidelake.config import PipelineConfig
 from slidelake.pipeline import run_all
-from slidelake.slides import ManifestError, assign_split
+from slidelake.manifest import ManifestError, assign_split
 
 RAW_ALL = {"decode": {"encoding": "raw"}, "filter": {"max_background_fraction": None}, "masks": {"enabled": False},
            "resolution": {"level": 0}, "grid": {"tile_extent": 128}}

@@ -314,7 +314,7 @@ def test_user_overlay_sidecar_and_geojson_annotations_from_manifest(spark, lake,
             assert cls == {"Stroma": 1.0} and r["label"] == "Stroma"
         else:
             assert cls == {} and r["label"] is None
-        assert r["attributes"]["split"] == "train" and r["attributes"]["patient"] == "P7"
+        assert r["split"] == "train" and r["attributes"]["patient"] == "P7" and "split" not in r["attributes"]
     # restricted to annotated regions, with the tissue filter on top
     cfg2 = cfg_for(lake, [manifest], resolution={"level": 0}, grid={"tile_extent": 128},
                    filter={"min_tissue_fraction": 0.5, "min_annotated_fraction": 0.5},

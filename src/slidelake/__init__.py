@@ -6,14 +6,15 @@ What a user calls::
     rec = run_all(get_spark(), load_config("conf/default.yaml", {"inputs": ["/data/slides"], "lake": "lake"}))
     print(summary(rec))
 
-The pipeline's stages, in order, each in its own module: :mod:`slidelake.slides` (discover),
-:mod:`slidelake.masks` (with :mod:`slidelake.tissue` and :mod:`slidelake.overlays`),
-:mod:`slidelake.resolution`, :mod:`slidelake.grid`, :mod:`slidelake.overlap`,
-:mod:`slidelake.decode` (repartition and decode), :mod:`slidelake.filtering`,
-:mod:`slidelake.write` (write and commit), :mod:`slidelake.qc`, :mod:`slidelake.lineage`
-(runs). :mod:`slidelake.pipeline` chains them; :class:`Lake` owns the tables;
-:mod:`slidelake.cli` is the command line. The names below are imported on first use, so
-``import slidelake`` does not start Spark or load the pipeline.
+The pipeline's stages, in order, each in its own module: :mod:`slidelake.slides` (discover,
+with :mod:`slidelake.manifest`), :mod:`slidelake.masks` (with :mod:`slidelake.tissue` and
+:mod:`slidelake.overlays`), :mod:`slidelake.resolution`, :mod:`slidelake.grid`,
+:mod:`slidelake.overlap`, :mod:`slidelake.decode` (repartition and decode),
+:mod:`slidelake.filtering`, :mod:`slidelake.write` (write and commit), :mod:`slidelake.qc`,
+:mod:`slidelake.lineage` (runs). :mod:`slidelake.pipeline` chains them; :class:`Lake` owns the
+tables; :mod:`slidelake.cli` is the command line (``sql``: :mod:`slidelake.query`). The names
+below are imported on first use, so ``import slidelake`` does not start Spark or load the
+pipeline.
 """
 
 from importlib import import_module

@@ -181,7 +181,7 @@ def _run_job(job: str, inputs: list[str] | None, config: str | None, lake: str |
              replace_table: bool = False, progress: Optional[bool] = None, profile: bool = False,
              force: bool = False) -> None:
     from slidelake.pipeline import ConfigMismatchError, run_all, run_discover, run_masks, run_tile
-    from slidelake.slides import ManifestError
+    from slidelake.manifest import ManifestError
     from slidelake.spark import get_spark
 
     cfg = _load(config, _overrides(inputs, lake, flags))
@@ -198,13 +198,13 @@ def _run_job(job: str, inputs: list[str] | None, config: str | None, lake: str |
                       f"{cfg.lake}` (or `slidelake run`) first", highlight=False)
         raise typer.Exit(2)
     spark = get_spark()
+    show = sys.stderr.isatty() if progress is None else progress
     try:
         if job == "discover":
-            rec = run_discover(spark, cfg)
+            rec = run_discover(spark, cfg, show)
         elif job == "masks":
-            rec = run_masks(spark, cfg)
+            rec = run_masks(spark, cfg, show)
         else:
-            show = sys.stderr.isatty() if progress is None else progress
             job_fn = run_tile if job == "tile" else run_all
             rec = job_fn(spark, cfg, replace_table=replace_table, progress=show, profile=profile, force=force)
     except ConfigMismatchError as exc:
@@ -240,7 +240,7 @@ _INPUTS = typer.Argument(None, help="Slide files, folders, globs or manifests.")
 _RUN_OPTIONS = {
     "replace_table": (bool, typer.Option(False, "--replace-table", help="Replace the whole tile table.")),
     "progress": (Optional[bool], typer.Option(None, "--progress/--no-progress",
-                                              help="Live tile counts (default: when the terminal is interactive).")),
+                                              help="Live progress of each stage (default: when the terminal is interactive).")),
     "profile": (bool, typer.Option(False, "--profile", help="Record seconds and tiles per stage in runs.profile.")),
     "force": (bool, typer.Option(False, "--force", help="Redo the given slides: probe them again and re-tile them "
                                                        "even when unchanged and already tiled with this config.")),

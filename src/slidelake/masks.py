@@ -382,7 +382,8 @@ def make_masks(spark: SparkSession, slides: list[SlideRow], cfg: MaskConfig, lak
 
 
 def mask_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, slides: list[SlideRow],
-                on_profile: Callable[[dict[str, float]], None] | None = None, qc: bool = True) -> dict[str, MaskRow]:
+                on_profile: Callable[[dict[str, float]], None] | None = None, qc: bool = True,
+                progress: bool = False) -> dict[str, MaskRow]:
     """The masks stage: make sure each of ``slides`` (``slides`` rows) has a tissue mask.
 
     A mask whose slide content (``slide_id`` is the content hash) and algorithm settings
@@ -393,13 +394,24 @@ def mask_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, slides: list[Sl
     Slides whose mask fails are recorded in ``rec.slide_errors`` (stage ``masks``).
     ``on_profile`` receives the per-slide figures of :func:`make_masks` (``--profile``);
     ``qc`` false leaves the new masks' QC pictures to the caller (a tiling run draws them with
-    its tiles, :func:`slidelake.qc.draw_qc`).
+    its tiles, :func:`slidelake.qc.draw_qc`). ``progress`` shows the slides masked on stderr.
 
     Returns:
         ``{slide_id: masks row}`` for every slide with an ``ok`` mask.
     """
+    from slidelake.lineage import SumLog
+    from slidelake.progress import StageProgress
     from slidelake.resolution import with_assumed_mpp
     from slidelake.tables import sql_in
+
+    done = lake.spark.sparkContext.accumulator({}, SumLog()) if progress else None
+    if done is not None:  # the per-slide figures feed the progress too
+        def report(fig: dict[str, float], profile=on_profile, done=done) -> None:
+            if profile is not None:
+                profile(fig)
+            done.add({"masks.slides": fig.get("masks.slides", 0.0)})
+
+        on_profile = report
 
     phash = params_hash(cfg.masks)
     slides = [with_assumed_mpp(r, cfg.resolution.assumed_mpp) for r in slides]
@@ -409,11 +421,13 @@ def mask_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, slides: list[Sl
                  if m["params_hash"] == phash and m["status"] == "ok" and m["source"] == "computed"
                  and m["slide_id"] in ids and m["mask_path"] and os.path.isfile(m["mask_path"])}
         todo = [r for r in slides if r["slide_id"] not in reuse]
-        if len(todo) < cfg.masks.on_driver_below:  # a Spark job's start-up costs more than a mask
-            made = compute_masks_on_driver(todo, cfg.masks, lake.overlays, rec.run_id, on_profile, qc)
-        else:
-            made = [m.asDict(recursive=True) for m in
-                    make_masks(lake.spark, todo, cfg.masks, lake.overlays, rec.run_id, on_profile, qc).collect()]
+        with StageProgress(lake.spark, "slides masked", len(todo),
+                           lambda: int(done.value.get("masks.slides", 0)) if done is not None else 0, progress):
+            if len(todo) < cfg.masks.on_driver_below:  # a Spark job's start-up costs more than a mask
+                made = compute_masks_on_driver(todo, cfg.masks, lake.overlays, rec.run_id, on_profile, qc)
+            else:
+                made = [m.asDict(recursive=True) for m in
+                        make_masks(lake.spark, todo, cfg.masks, lake.overlays, rec.run_id, on_profile, qc).collect()]
         if made:
             # replace the rows of these slides and settings only (concurrent runs keep theirs)
             where = f"params_hash = '{phash}' AND " + sql_in("slide_id", [m["slide_id"] for m in made])

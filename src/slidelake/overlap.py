@@ -393,6 +393,7 @@ def slide_runs(slide_ids: pa.Array) -> list[tuple[int, int]]:
 def make_overlap(slides: dict[str, SlideInputs], tile_roi_wkt: str | None, label_min_fraction: float,
                  min_tissue_fraction: float | None = None, min_annotated_fraction: float | None = None,
                  on_profile: Callable[[dict[str, float]], None] | None = None,
+                 on_skipped: Callable[[dict[str, int]], None] | None = None,
                  ) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
     """Build the ``mapInArrow`` function of the overlap stage: each batch's rows, slide by
     slide (:func:`slide_runs`; ``slides`` gives each ``slide_id``'s inputs), get the
@@ -400,8 +401,9 @@ def make_overlap(slides: dict[str, SlideInputs], tile_roi_wkt: str | None, label
     (:func:`slidelake.filtering.overlap_keep` with the two bounds) go out, their input columns
     untouched. ``on_profile({"overlap.batch_s": s, "overlap.tiles": n,
     "overlap.worker_peak_mib": MiB})`` is called once per batch (tiles in, before the filter;
-    the worker's peak resident set in this stage so far, :mod:`slidelake.memory`). Overlays and
-    annotations are loaded once per task and dropped when it ends."""
+    the worker's peak resident set in this stage so far, :mod:`slidelake.memory`);
+    ``on_skipped({slide_id: tiles})`` with the tiles the filter dropped (the live progress).
+    Overlays and annotations are loaded once per task and dropped when it ends."""
 
     def overlap(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         freeze_long_lived()
@@ -417,6 +419,8 @@ def make_overlap(slides: dict[str, SlideInputs], tile_roi_wkt: str | None, label
                 out = pa.RecordBatch.from_arrays(rows.columns + extra.columns,
                                                  schema=pa.schema(list(rows.schema) + list(OVERLAP_SCHEMA)))
                 out = out.filter(keep)
+                if on_skipped is not None and out.num_rows < rows.num_rows:
+                    on_skipped({ids[start].as_py(): rows.num_rows - out.num_rows})
                 if out.num_rows:
                     yield out
             if on_profile is not None:
@@ -431,7 +435,8 @@ def make_overlap(slides: dict[str, SlideInputs], tile_roi_wkt: str | None, label
 def overlap_tiles(tiles: DataFrame, slides: dict[str, SlideInputs], tile_roi_wkt: str | None,
                   label_min_fraction: float, min_tissue_fraction: float | None = None,
                   min_annotated_fraction: float | None = None,
-                  on_profile: Callable[[dict[str, float]], None] | None = None) -> DataFrame:
+                  on_profile: Callable[[dict[str, float]], None] | None = None,
+                  on_skipped: Callable[[dict[str, int]], None] | None = None) -> DataFrame:
     """Add :data:`OVERLAP_FIELDS` to grid rows and keep those that pass the filter before
     decode (a ``mapInArrow`` stage, metadata only).
 
@@ -448,7 +453,7 @@ def overlap_tiles(tiles: DataFrame, slides: dict[str, SlideInputs], tile_roi_wkt
         label_min_fraction: see :func:`label_rule`.
         min_tissue_fraction, min_annotated_fraction: ``filter`` bounds (None: not applied),
             see :func:`slidelake.filtering.overlap_keep`; both None keeps every row.
-        on_profile: see :func:`make_overlap`.
+        on_profile, on_skipped: see :func:`make_overlap`.
 
     Returns:
         The kept rows plus ``overlay_fractions`` (label value as string -> fraction 0-1),
@@ -456,7 +461,8 @@ def overlap_tiles(tiles: DataFrame, slides: dict[str, SlideInputs], tile_roi_wkt
         fraction, classes present only), ``annotated_fraction``, ``label``, ``overlap_error``.
     """
     schema = T.StructType(list(tiles.schema.fields) + OVERLAP_FIELDS)
-    fn = make_overlap(slides, tile_roi_wkt, label_min_fraction, min_tissue_fraction, min_annotated_fraction, on_profile)
+    fn = make_overlap(slides, tile_roi_wkt, label_min_fraction, min_tissue_fraction, min_annotated_fraction, on_profile,
+                      on_skipped)
     return tiles.mapInArrow(fn, schema=schema)
 
 

@@ -33,7 +33,7 @@ from slidelake.lineage import RUNS_SCHEMA, RunRecord, SumLog, versions
 from slidelake.masks import mask_slides
 from slidelake.annotations import annotation_path
 from slidelake.overlap import SlideInputs, overlap_tiles
-from slidelake.progress import TileProgress
+from slidelake.progress import StageProgress
 from slidelake.qc import draw_qc, draw_qc_after_failure
 from slidelake.resolution import resolve_row
 from slidelake.rows import MaskRow, ResolvedSlide, SlideRow, spark_schema
@@ -88,7 +88,7 @@ def tile_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, slides: list[Sl
     on_profile = prof_acc.add if prof_acc is not None else None
     masks: dict[str, MaskRow] = {}
     if cfg.masks.enabled and good:
-        masks = mask_slides(lake, cfg, rec, good, on_profile, qc=False)  # QC drawn with the tiles at the end
+        masks = mask_slides(lake, cfg, rec, good, on_profile, qc=False, progress=progress)  # QC drawn with the tiles
         good = [r for r in good if r["slide_id"] in masks]
     generated = {r["slide_id"]: _grid_tiles(r, cfg) for r in good}
     try:
@@ -127,16 +127,17 @@ def _tile_batches(lake: Lake, cfg: PipelineConfig, rec: RunRecord, good: list[Re
     stale = sorted(lake.partition_values("tiles") - current)
     step = cfg.tables.slides_per_commit
     batches = [good[i:i + step] for i in range(0, len(good), step)] or ([[]] if replace_table or stale else [])
-    decoded_acc = lake.spark.sparkContext.accumulator({}, SumLog())  # tiles decoded by slide: live progress only
+    # grid tiles done by slide (dropped before decode, or decoded): the live progress only
+    done_acc = lake.spark.sparkContext.accumulator({}, SumLog())
     rects: dict[str, np.ndarray] = {}
     lineage = Lineage(rec.run_id, rec.config_hash, __version__, rec.started_at, lake.path_root)
-    with TileProgress(lake.spark, sum(generated.values()), lambda: int(sum(decoded_acc.value.values())),
-                      enabled=progress):
+    with StageProgress(lake.spark, "grid tiles", sum(generated.values()), lambda: int(sum(done_acc.value.values())),
+                       enabled=progress):
         for i, batch in enumerate(batches):
             with rec.stage("overlap+decode+write"):
                 overlay = {r["slide_id"]: masks[r["slide_id"]]["mask_path"] if r["slide_id"] in masks else None
                            for r in batch}
-                planned = plan_tiles(lake.spark, cfg, batch, overlay, on_profile)
+                planned = plan_tiles(lake.spark, cfg, batch, overlay, on_profile, done_acc.add)
                 # tasks sized by the tiles expected to be decoded, not by the grid (masks drop most)
                 expected = sum(generated[r["slide_id"]] * (_tissue_share(masks.get(r["slide_id"]))
                                                            if cfg.filter.min_tissue_fraction is not None else 1.0)
@@ -145,7 +146,7 @@ def _tile_batches(lake: Lake, cfg: PipelineConfig, rec: RunRecord, good: list[Re
                 replace = None if replace_table and i == 0 else [r["slide_id"] for r in batch] + (stale if i == 0 else [])
                 # decode -> pixel filter -> write (in the Python workers) -> commit (one Delta commit)
                 wrote = write_tiles(lake, tiles, cfg.decode, cfg.filter, lineage, replace, cfg.tables.tile_compression,
-                                    decoded_acc.add, on_profile, cfg.tables.direct_io)
+                                    done_acc.add, on_profile, cfg.tables.direct_io)
             rects.update(wrote.rects)
             _record_batch(lake, rec, batch, generated, wrote, replace_table and i == 0)
     return rects
@@ -165,12 +166,13 @@ def _record_batch(lake: Lake, rec: RunRecord, batch: list[ResolvedSlide], genera
 
 
 def plan_tiles(spark: SparkSession, cfg: PipelineConfig, batch: list[ResolvedSlide], overlay: dict[str, str | None],
-               on_profile: Callable | None = None) -> DataFrame:
+               on_profile: Callable | None = None, on_skipped: Callable | None = None) -> DataFrame:
     """Grid, overlap and filter before decode of a batch (resolved slide rows), with the
     slides' own columns joined back (lazy: no Spark job runs; the slide rows are in the plan).
 
     Args:
         overlay: ``slide_id`` -> overlay path (the slide's mask) or None.
+        on_profile, on_skipped: see :func:`slidelake.overlap.make_overlap`.
 
     Returns:
         A DataFrame of kept tile rows with the decode inputs and every non-pixel tiles column,
@@ -213,7 +215,7 @@ def plan_tiles(spark: SparkSession, cfg: PipelineConfig, batch: list[ResolvedSli
                                          notes[r["slide_id"]]) for r in batch}
     min_tissue = fcfg.min_tissue_fraction if cfg.masks.enabled else None
     tiles = overlap_tiles(tiles, inputs, grid_cfg.tile_roi, ann.label_min_fraction, min_tissue,
-                          fcfg.min_annotated_fraction, on_profile)
+                          fcfg.min_annotated_fraction, on_profile, on_skipped)
     return tiles.join(F.broadcast(base), "slide_id").withColumn(
         "tile_id", F.xxhash64("slide_id", F.lit(config_hash(cfg)), "tile_x", "tile_y"))
 
@@ -258,16 +260,16 @@ def _run(spark: SparkSession, cfg: PipelineConfig, job: str, body: Callable[[Lak
     return rec
 
 
-def run_discover(spark: SparkSession, cfg: PipelineConfig) -> RunRecord:
+def run_discover(spark: SparkSession, cfg: PipelineConfig, progress: bool = False) -> RunRecord:
     """The discovery job: probe ``cfg.inputs`` into the ``slides`` table."""
-    return _run(spark, cfg, "discover", lambda lake, rec: discover_slides(lake, cfg, rec))
+    return _run(spark, cfg, "discover", lambda lake, rec: discover_slides(lake, cfg, rec, progress=progress))
 
 
-def run_masks(spark: SparkSession, cfg: PipelineConfig) -> RunRecord:
+def run_masks(spark: SparkSession, cfg: PipelineConfig, progress: bool = False) -> RunRecord:
     """The masks job on slides already in the ``slides`` table (only the listed inputs when
     ``cfg.inputs`` is set): compute missing or outdated tissue masks."""
-    return _run(spark, cfg, "masks",
-                lambda lake, rec: mask_slides(lake, cfg, rec, select_rows_for_tiling(listed_slides(lake, cfg))))
+    return _run(spark, cfg, "masks", lambda lake, rec: mask_slides(
+        lake, cfg, rec, select_rows_for_tiling(listed_slides(lake, cfg)), progress=progress))
 
 
 def run_tile(spark: SparkSession, cfg: PipelineConfig, replace_table: bool = False, progress: bool = False,
@@ -285,7 +287,7 @@ def run_all(spark: SparkSession, cfg: PipelineConfig, replace_table: bool = Fals
     Incremental: unchanged files are not re-hashed and slides already tiled with this config
     are skipped (:func:`tile_slides`); ``force`` re-probes and re-tiles every listed slide."""
     def body(lake: Lake, rec: RunRecord) -> None:
-        found = discover_slides(lake, cfg, rec, force)
+        found = discover_slides(lake, cfg, rec, force, progress)
         tile_slides(lake, cfg, rec, found, replace_table, progress, profile, force)
 
     return _run(spark, cfg, "run", body)

@@ -68,7 +68,7 @@ class SlideRow(TypedDict):
     """A ``slides`` row (:data:`slidelake.slides.SLIDES_SCHEMA`): one file probed by discovery.
     ``status`` is ``ok`` or ``error`` (then ``error`` says why and the sizes may be None).
     ``slide_label``, ``patient_id`` and ``split`` come from the manifest (``split`` also from
-    ``splits``, :func:`slidelake.slides.assign_split`); ``attributes`` holds its other columns."""
+    ``splits``, :func:`slidelake.manifest.assign_split`); ``attributes`` holds its other columns."""
 
     slide_id: str | None
     path: str

@@ -22,12 +22,13 @@ import glob
 import hashlib
 import os
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import pandas as pd
 from pyspark.sql import SparkSession
 from pyspark.sql import types as T
 
+from slidelake.manifest import read_manifest, with_manifest_fields
 from slidelake.rows import SlideRow, spark_schema
 
 if TYPE_CHECKING:
@@ -215,19 +216,6 @@ def _walk(folder: str, extensions: Sequence[str], recursive: bool) -> Iterator[s
                 yield os.path.join(root, f)
 
 
-def _read_manifest(path: str) -> pd.DataFrame:
-    if path.lower().endswith(".parquet"):
-        df = pd.read_parquet(path)
-    else:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if "path" not in df.columns:
-        raise ValueError(f"manifest {path} has no 'path' column (columns: {list(df.columns)})")
-    base = os.path.dirname(os.path.abspath(path))
-    df = df.copy()
-    df["path"] = [p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p)) for p in df["path"].astype(str)]
-    return df
-
-
 def list_inputs(inputs: Sequence[str], extensions: Sequence[str], recursive: bool = True,
                 exclude: Sequence[str] = ()) -> pd.DataFrame:
     """Expand inputs into one row per slide path.
@@ -256,7 +244,7 @@ def list_inputs(inputs: Sequence[str], extensions: Sequence[str], recursive: boo
     for item in inputs:
         low = item.lower()
         if (low.endswith(".csv") or low.endswith(".parquet")) and os.path.isfile(item):
-            m = _read_manifest(item)
+            m = read_manifest(item)
             extra = [c for c in m.columns if c != "path"]
             for rec in m.to_dict("records"):
                 rows.append({
@@ -277,54 +265,6 @@ def list_inputs(inputs: Sequence[str], extensions: Sequence[str], recursive: boo
     out = pd.DataFrame(rows, columns=["path", "attributes"])
     out["path"] = [os.path.normpath(p) for p in out["path"]]
     return out.drop_duplicates(subset="path", keep="first").reset_index(drop=True)
-
-
-class ManifestError(ValueError):
-    """A manifest contradicts itself (e.g. one patient's slides in two splits)."""
-
-
-def assign_split(patient: str, fractions: dict[str, float], seed: int) -> str:
-    """The split of ``patient`` under ``splits`` (:class:`slidelake.config.SplitConfig`): ``u`` =
-    the first 8 bytes of SHA-256 of ``"<seed>:<patient>"`` over 2**64, in ``[0, 1)``; the first
-    split, in ``fractions``' order, whose cumulative share exceeds ``u`` (the last one if
-    rounding leaves ``u`` above every sum)."""
-    u = int.from_bytes(hashlib.sha256(f"{seed}:{patient}".encode()).digest()[:8], "big") / 2**64
-    total = 0.0
-    for name, share in fractions.items():
-        total += share
-        if u < total:
-            return name
-    return name
-
-
-def with_manifest_fields(rows: list[SlideRow], cfg: PipelineConfig) -> list[SlideRow]:
-    """``rows`` with the manifest's ``discovery.label_column``, ``patient_column`` and
-    ``split_column`` moved from ``attributes`` to ``slide_label``, ``patient_id`` and ``split``.
-    A slide without a split takes its patient's split from another of their manifest rows, else
-    :func:`assign_split` of its patient (``patient_id``, else ``slide_id``) when
-    ``splits.fractions`` is set, else none.
-
-    Raises:
-        ManifestError: one patient's manifest rows give two different splits.
-    """
-    disc, splits = cfg.discovery, cfg.splits
-    out, given = [], {}
-    for r in rows:
-        attrs = dict(r.get("attributes") or {})
-        # an empty manifest cell is no value
-        label, patient = attrs.pop(disc.label_column, None) or None, attrs.pop(disc.patient_column, None) or None
-        split = attrs.pop(disc.split_column, None) or None
-        if split is not None and patient is not None:
-            if given.setdefault(patient, split) != split:
-                raise ManifestError(f"patient {patient} is in splits {given[patient]!r} and {split!r} in the manifest "
-                                    f"(column {disc.split_column!r}): a patient's slides must share one split")
-        out.append({**r, "attributes": attrs, "slide_label": label, "patient_id": patient, "split": split})
-    for r in out:
-        owner = r["patient_id"] or r["slide_id"]
-        if r["split"] is None and owner is not None:
-            r["split"] = given.get(r["patient_id"]) or (
-                assign_split(owner, splits.fractions, splits.seed) if splits.fractions else None)
-    return out
 
 
 def unchanged_since(row: SlideRow, path: str) -> bool:
@@ -352,20 +292,25 @@ def _probe_row(path: str, attrs: dict | None, run_id: str, at: datetime,
     return row
 
 
-def _prober(properties: Sequence[str]):
+def _prober(properties: Sequence[str], on_probed: Callable[[int], None] | None = None):
     names = SLIDES_SCHEMA.fieldNames()
     props = list(properties)
 
     def probe_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         for pdf in batches:
-            out = [_probe_row(*r, props) for r in zip(pdf["path"], pdf["attributes"], pdf["run_id"], pdf["discovered_at"])]
+            out = []
+            for r in zip(pdf["path"], pdf["attributes"], pdf["run_id"], pdf["discovered_at"]):
+                out.append(_probe_row(*r, props))
+                if on_probed is not None:
+                    on_probed(1)
             yield pd.DataFrame(out, columns=names)
 
     return probe_batches
 
 
 def discover(spark: SparkSession, paths: pd.DataFrame, run_id: str, on_driver_below: int = 0,
-             properties: Sequence[str] = PROPERTY_ALLOWLIST) -> list[dict[str, Any]]:
+             properties: Sequence[str] = PROPERTY_ALLOWLIST,
+             on_probed: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
     """Probe every listed path; one ``slides`` row (a dict of :data:`SLIDES_SCHEMA`) per path.
 
     Fewer than ``on_driver_below`` paths are probed on the driver, one thread per core (as
@@ -379,6 +324,7 @@ def discover(spark: SparkSession, paths: pd.DataFrame, run_id: str, on_driver_be
         run_id: written to each row's ``run_id``.
         on_driver_below: see above; 0 always uses Spark.
         properties: slide properties copied (allowlist, see :func:`probe_slide`).
+        on_probed: called with 1 after each file (the live progress), or None.
     """
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     data = [(p, a, run_id, now) for p, a in zip(paths["path"], paths["attributes"])]
@@ -388,8 +334,15 @@ def discover(spark: SparkSession, paths: pd.DataFrame, run_id: str, on_driver_be
         from concurrent.futures import ThreadPoolExecutor
 
         props = list(properties)
+
+        def one(r: tuple) -> dict[str, Any]:
+            row = _probe_row(*r, props)
+            if on_probed is not None:
+                on_probed(1)
+            return row
+
         with ThreadPoolExecutor(max_workers=min(len(data), os.cpu_count() or 1)) as pool:
-            return list(pool.map(lambda r: _probe_row(*r, props), data))
+            return list(pool.map(one, data))
     src_schema = T.StructType([
         T.StructField("path", T.StringType(), False),
         T.StructField("attributes", T.MapType(T.StringType(), T.StringType()), True),
@@ -399,7 +352,8 @@ def discover(spark: SparkSession, paths: pd.DataFrame, run_id: str, on_driver_be
     n = max(1, min(len(data), spark.sparkContext.defaultParallelism * 4))
     src = local_frame(spark, data, src_schema).repartition(n, "path")
     spark.sparkContext.setJobDescription("discover")
-    return [r.asDict(recursive=True) for r in src.mapInPandas(_prober(properties), schema=SLIDES_SCHEMA).collect()]
+    return [r.asDict(recursive=True)
+            for r in src.mapInPandas(_prober(properties, on_probed), schema=SLIDES_SCHEMA).collect()]
 
 
 def select_rows_for_tiling(rows: list[SlideRow]) -> list[SlideRow]:
@@ -416,7 +370,8 @@ def select_rows_for_tiling(rows: list[SlideRow]) -> list[SlideRow]:
     return [best[k] for k in sorted(best)]
 
 
-def discover_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, force: bool = False) -> list[SlideRow]:
+def discover_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, force: bool = False,
+                    progress: bool = False) -> list[SlideRow]:
     """The discovery stage: list ``cfg.inputs``, probe the files, merge into ``slides``.
 
     A path whose ``slides`` row is ``ok`` and whose size and modification time are unchanged
@@ -424,12 +379,13 @@ def discover_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, force: bool
     files); ``force`` probes every file again. Rows of paths scanned again replace their
     previous rows (no duplicates; concurrent runs scanning other paths keep theirs). A
     ``resolution.assumed_mpp`` fills mpp (``mpp_source='assumed'``) for readable slides that
-    have none.
+    have none. ``progress`` shows the files probed on stderr.
 
     Returns:
         The rows of this scan as dicts (:data:`SLIDES_SCHEMA`), one per path.
     """
     from slidelake.lineage import utcnow
+    from slidelake.progress import StageProgress
     from slidelake.resolution import with_assumed_mpp
     from slidelake.tables import sql_in, to_stored
 
@@ -448,8 +404,11 @@ def discover_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, force: bool
                 reused.append(r)
             else:
                 fresh.append(i)
-        rows = discover(lake.spark, listed.iloc[fresh].reset_index(drop=True), rec.run_id,
-                        cfg.discovery.on_driver_below, cfg.discovery.properties) + reused
+        probed = lake.spark.sparkContext.accumulator(0)
+        with StageProgress(lake.spark, "files probed", len(fresh), lambda: probed.value, progress):
+            rows = discover(lake.spark, listed.iloc[fresh].reset_index(drop=True), rec.run_id,
+                            cfg.discovery.on_driver_below, cfg.discovery.properties,
+                            probed.add if progress else None) + reused
         rows = [with_assumed_mpp(r, cfg.resolution.assumed_mpp) if r["status"] == "ok" else r
                 for r in with_manifest_fields(rows, cfg)]
     with rec.stage("write"):
@@ -479,5 +438,4 @@ __all__ = [
     "SLIDES_SCHEMA", "PROPERTY_ALLOWLIST", "fingerprint_file", "slide_id_from_fingerprint",
     "mpp_from_properties", "objective_from_properties", "probe_slide", "list_inputs",
     "unchanged_since", "discover", "select_rows_for_tiling", "discover_slides", "listed_slides",
-    "ManifestError", "assign_split", "with_manifest_fields",
 ]
