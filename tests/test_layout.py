@@ -175,3 +175,13 @@ def test_a_skip_fails_where_every_test_must_run(tmp_path, require_all):
         assert "SLIDELAKE_REQUIRE_ALL=1): real slides absent" in out.stdout, out.stdout
     else:
         assert out.returncode == 0 and "1 skipped" in out.stdout, out.stdout
+
+
+def test_the_mutation_run_names_existing_modules_and_tests():
+    """``mutmut run`` (docs/testing.md) mutates and tests files that exist."""
+    import tomllib
+
+    conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
+    assert conf["only_mutate"] and all((ROOT / f).is_file() for f in conf["only_mutate"])
+    assert all((ROOT / f).is_file() for f in conf["pytest_add_cli_args_test_selection"])
+    assert all((ROOT / d).is_dir() for d in conf["also_copy"])
