@@ -67,12 +67,15 @@ class LevelRow(TypedDict):
 class SlideRow(TypedDict):
     """A ``slides`` row (:data:`slidelake.slides.SLIDES_SCHEMA`): one file probed by discovery.
     ``status`` is ``ok`` or ``error`` (then ``error`` says why and the sizes may be None).
+    ``files``: the files whose bytes make the slide and its ``fingerprint`` (a DICOM series'
+    level files, a MIRAX slide's data files), relative to ``path``'s folder.
     ``slide_label``, ``patient_id`` and ``split`` come from the manifest (``split`` also from
     ``splits``, :func:`slidelake.manifest.assign_split`); ``attributes`` holds its other columns."""
 
     slide_id: str | None
     path: str
     fingerprint: str | None
+    files: list[str] | None
     file_size: int | None
     modified_at: datetime | None
     vendor: str | None

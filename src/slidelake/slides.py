@@ -28,6 +28,7 @@ import pandas as pd
 from pyspark.sql import SparkSession
 from pyspark.sql import types as T
 
+from slidelake.dicom import collapse_series, is_dicom, series_files
 from slidelake.manifest import read_manifest, with_manifest_fields
 from slidelake.rows import SlideRow, spark_schema
 
@@ -52,7 +53,10 @@ _READ_CHUNK = 1 << 20
 
 
 def _file_parts(path: str) -> list[str]:
-    """Files whose bytes make up the slide: MIRAX adds its data folder (same stem)."""
+    """Files whose bytes make up the slide: MIRAX adds its data folder (same stem); a DICOM
+    file stands for the ``VOLUME`` files of its series (:func:`slidelake.dicom.series_files`)."""
+    if is_dicom(path):
+        return series_files(path)
     parts = [path]
     if path.lower().endswith(".mrxs"):
         data_dir = os.path.splitext(path)[0]
@@ -156,6 +160,7 @@ def probe_slide(path: str, properties: Sequence[str] = PROPERTY_ALLOWLIST) -> di
             raise ValueError("empty file (0 bytes)")
         fp = fingerprint_file(path)
         row["fingerprint"] = fp
+        row["files"] = [os.path.relpath(p, os.path.dirname(path)) for p in _file_parts(path)]
         row["slide_id"] = slide_id_from_fingerprint(fp)
         fmt = openslide.OpenSlide.detect_format(path)
         if fmt is None:
@@ -264,6 +269,10 @@ def list_inputs(inputs: Sequence[str], extensions: Sequence[str], recursive: boo
             raise FileNotFoundError(f"input not found: {item}")
     out = pd.DataFrame(rows, columns=["path", "attributes"])
     out["path"] = [os.path.normpath(p) for p in out["path"]]
+    # a DICOM series is one slide, listed by its level-0 file; its label and overview never are
+    slide_of = collapse_series([p for p in out["path"] if is_dicom(p)])
+    out["path"] = [slide_of.get(p, p) for p in out["path"]]
+    out = out[out["path"].notna()]
     return out.drop_duplicates(subset="path", keep="first").reset_index(drop=True)
 
 
