@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from typing import TYPE_CHECKING
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator
 
 from pyspark.sql import SparkSession
 
@@ -130,7 +131,11 @@ def get_spark(app_name: str = "slidelake", master: str | None = None) -> SparkSe
                 builder = builder.config(k, v)
             for k, v in delta_jar_conf().items():
                 builder = builder.config(k, v)
-        spark = builder.getOrCreate()
+        if _under_cluster_launcher() or os.environ.get("SLIDELAKE_VERBOSE", "0").strip() not in ("", "0"):
+            spark = builder.getOrCreate()
+        else:
+            with _jvm_stderr_without(JVM_NOTES):
+                spark = builder.getOrCreate()
         if not _under_cluster_launcher():
             spark.sparkContext.setLogLevel(os.environ.get("SLIDELAKE_SPARK_LOG_LEVEL", "ERROR"))
             if os.environ.get("SLIDELAKE_WARM_UP", "1").strip() != "0":
@@ -141,6 +146,33 @@ def get_spark(app_name: str = "slidelake", master: str | None = None) -> SparkSe
         except Exception:  # noqa: BLE001 - some managed runtimes pin a setting; keep theirs
             pass
     return spark
+
+
+# what the JVM itself prints on every start (Spark 4 adds --add-modules=jdk.incubator.vector)
+JVM_NOTES = ("WARNING: Using incubator modules",)
+
+
+@contextmanager
+def _jvm_stderr_without(prefixes: tuple[str, ...]) -> Iterator[None]:
+    """Start the JVM in the block with its standard error going through a pipe to ours, less
+    the lines starting with ``prefixes`` (the JVM inherits file descriptor 2 when it starts; a
+    daemon thread forwards every other line for the JVM's lifetime)."""
+    read_fd, write_fd = os.pipe()
+    saved = os.dup(2)
+    os.dup2(write_fd, 2)
+    os.close(write_fd)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)  # this process's own stderr again; the JVM keeps the pipe
+
+    def forward() -> None:
+        with os.fdopen(read_fd, "rb") as pipe:
+            for line in pipe:
+                if not line.decode(errors="replace").startswith(prefixes):
+                    os.write(saved, line)
+
+    threading.Thread(target=forward, name="slidelake-jvm-stderr", daemon=True).start()
 
 
 WARM_UP_GROUP = "slidelake-warm-up"
