@@ -281,22 +281,28 @@ app.command("run", help="Discover the inputs, make their masks, then tile them (
 @app.command()
 def sql(
     query: str = typer.Argument(..., help="SQL over the views slides, masks, tiles, tile_errors, run_slides, runs."),
-    lake: str = typer.Option("lake", "--lake", help="Lake root folder."),
+    lake: str = typer.Option("lake", "--lake", help="Lake root: a folder or s3://bucket/prefix (AWS_* environment variables)."),
     tiles_table: str = typer.Option("tiles", "--tiles-table", help="Tile table name under the lake."),
     limit: int = typer.Option(50, help="Rows to print at most."),
     output: str = typer.Option("table", "--format", help="table | csv | json (full values; binary columns left out)."),
     engine: str = typer.Option("auto", help="auto (DataFusion for a local lake, Spark otherwise) | datafusion | spark."),
 ) -> None:
     """Run a SQL query on the lake's tables."""
-    from slidelake.lake import TABLES, Lake
-    from slidelake.query import QueryError, cell_text, choose_engine, plain_rows, run_query, to_csv, to_json
+    from slidelake.lake import Lake
+    from slidelake.query import (
+        QueryError, cell_text, choose_engine, plain_rows, present_tables, run_query, to_csv, to_json,
+    )
 
     if output not in ("table", "csv", "json") or engine not in ("auto", "datafusion", "spark"):
         console.print(f"[red]bad option:[/red] --format table|csv|json, --engine auto|datafusion|spark "
                       f"(got {output}, {engine})", highlight=False)
         raise typer.Exit(2)
     lake_ = Lake(None, lake if "://" in lake else os.path.abspath(lake), "delta-rs", tiles_table)
-    present = [name for name in TABLES if lake_.exists(name)]
+    try:
+        present = present_tables(lake_)
+    except QueryError as exc:
+        console.print(f"[red]storage error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from exc
     if not present:
         console.print(f"[red]no tables:[/red] {lake_.root} holds no slidelake tables (make them with slidelake run)",
                       highlight=False)

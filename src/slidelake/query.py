@@ -1,10 +1,9 @@
-"""SQL over a lake's tables, for ``slidelake sql``: without Spark on a local lake, with Spark
-SQL elsewhere.
+"""SQL over a lake's tables, for ``slidelake sql``: without Spark, on a local lake or one in an
+S3 bucket, or with Spark SQL.
 
 Engines: ``datafusion`` is Apache DataFusion inside delta-rs (``deltalake.QueryBuilder``): it
-reads the Delta logs itself and answers in well under a second; ``spark`` registers each table
-as a temporary view of the session's reader (object storage, or where a session with Delta is
-already running). Both take the same queries for what slidelake's tables hold (``SELECT``,
+reads the Delta logs itself, from a folder or a bucket, and answers in about a second;
+``spark`` registers each table as a temporary view of the session's reader. Both take the same queries for what slidelake's tables hold (``SELECT``,
 ``GROUP BY``, joins, ``attributes['key']`` on maps); a result is an Arrow table either way.
 """
 
@@ -30,11 +29,44 @@ class QueryError(ValueError):
 
 
 def choose_engine(lake_root: str, requested: Engine = "auto") -> Literal["datafusion", "spark"]:
-    """``requested``, or for ``auto``: DataFusion for a local lake, Spark for one on object
-    storage (``s3://``, ``abfss://``, ...)."""
-    if requested != "auto":
-        return requested
-    return "spark" if "://" in lake_root and not lake_root.startswith("file://") else "datafusion"
+    """``requested``, or for ``auto`` DataFusion: it reads local lakes and lakes in S3 buckets
+    (``s3://``, ``s3a://``) itself, with the standard AWS environment variables
+    (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``AWS_ENDPOINT_URL``,
+    ``AWS_ALLOW_HTTP`` for a plain-HTTP endpoint); Spark when asked (its session's own storage
+    settings then apply)."""
+    return "datafusion" if requested == "auto" else requested
+
+
+def present_tables(lake: Lake) -> list[str]:
+    """The slidelake tables ``lake`` holds (a Delta log at their location), locally or in a
+    bucket.
+
+    Raises:
+        QueryError: the storage refused the listing (wrong credentials, no such bucket, no
+            server), in one line that names the lake and no secret.
+    """
+    from deltalake import DeltaTable
+
+    from slidelake.lake import TABLES
+
+    try:
+        return [name for name in TABLES if DeltaTable.is_deltatable(lake.path(name).removeprefix("file://"))]
+    except OSError as exc:
+        raise QueryError(f"cannot read {lake.root}: {storage_reason(exc)} (credentials and endpoint come from "
+                         "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL)") from exc
+
+
+def storage_reason(exc: BaseException) -> str:
+    """The line of an object-store error that says why (an HTTP status, a refused connection),
+    without colour codes or request details."""
+    import re
+
+    lines = [re.sub(r"\x1b\[[0-9;]*m|↳", "", ln).strip() for ln in str(exc).splitlines()]
+    lines = [ln for ln in lines if ln]
+    for ln in reversed(lines):
+        if re.match(r"^\d{3} \w", ln) or "refused" in ln.lower() or "dns" in ln.lower():
+            return ln
+    return lines[0] if lines else type(exc).__name__
 
 
 def run_query(query: str, lake: Lake, tables: list[str], engine: Literal["datafusion", "spark"],
@@ -128,4 +160,4 @@ def to_json(cols: list[str], rows: list[list[Any]]) -> str:
     return json.dumps([dict(zip(cols, r)) for r in rows], default=cell_text, indent=None)
 
 
-__all__ = ["Engine", "QueryError", "choose_engine", "run_query", "plain_rows", "cell_text", "to_csv", "to_json"]
+__all__ = ["Engine", "QueryError", "choose_engine", "present_tables", "storage_reason", "run_query", "plain_rows", "cell_text", "to_csv", "to_json"]
