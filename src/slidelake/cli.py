@@ -20,7 +20,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 console = Console(soft_wrap=True)  # messages stay one line (no wrapping at the terminal width)
 
 
-
 def _version(show: bool) -> None:
     if show:
         from slidelake import __version__
@@ -285,16 +284,16 @@ def sql(
     tiles_table: str = typer.Option("tiles", "--tiles-table", help="Tile table name under the lake."),
     limit: int = typer.Option(50, help="Rows to print at most."),
     output: str = typer.Option("table", "--format", help="table | csv | json (full values; binary columns left out)."),
-    engine: str = typer.Option("auto", help="auto (DataFusion for a local lake, Spark otherwise) | datafusion | spark."),
+    engine: str = typer.Option("datafusion", help="datafusion (no Spark; a folder or a bucket) | spark."),
 ) -> None:
     """Run a SQL query on the lake's tables."""
     from slidelake.lake import Lake
     from slidelake.query import (
-        QueryError, cell_text, choose_engine, plain_rows, present_tables, run_query, to_csv, to_json,
+        QueryError, cell_text, plain_rows, present_tables, run_query, to_csv, to_json,
     )
 
-    if output not in ("table", "csv", "json") or engine not in ("auto", "datafusion", "spark"):
-        console.print(f"[red]bad option:[/red] --format table|csv|json, --engine auto|datafusion|spark "
+    if output not in ("table", "csv", "json") or engine not in ("datafusion", "spark"):
+        console.print(f"[red]bad option:[/red] --format table|csv|json, --engine datafusion|spark "
                       f"(got {output}, {engine})", highlight=False)
         raise typer.Exit(2)
     lake_ = Lake(None, lake if "://" in lake else os.path.abspath(lake), "delta-rs", tiles_table)
@@ -308,7 +307,7 @@ def sql(
                       highlight=False)
         raise typer.Exit(2)
     try:
-        result = run_query(query, lake_, present, choose_engine(lake_.root, engine), limit)  # type: ignore[arg-type]
+        result = run_query(query, lake_, present, engine, limit)  # type: ignore[arg-type]
     except QueryError as exc:
         console.print(f"[red]query failed:[/red] {exc} (tables in {lake_.root}: {', '.join(present)})",
                       markup=True, highlight=False)

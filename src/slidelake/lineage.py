@@ -122,20 +122,9 @@ class RunRecord:
                                   "error": message})
 
     def row(self) -> RunRow:
-        """The record as a dict matching :data:`RUNS_SCHEMA`."""
+        """The record as a dict matching :data:`RUNS_SCHEMA`: each :class:`RunRow` column from the
+        attribute of that name, else from :attr:`counts` (null when the run did not count it)."""
         ended = utcnow()
-        keys = ("slides_discovered", "slides_ok", "slides_error", "slides_unchanged", "slides_tiled",
-                "slides_skipped", "masks_computed",
-                "masks_reused", "masks_failed", "tiles_generated", "tiles_skipped", "tiles_decoded",
-                "tiles_failed", "tiles_filtered", "tiles_written")
-        return {
-            "run_id": self.run_id, "job": self.job, "status": self.status, "error": self.error,
-            "started_at": self.started_at, "ended_at": ended,
-            "duration_s": (ended - self.started_at).total_seconds(),
-            "inputs": list(self.inputs), "lake": self.lake, "config": self.config,
-            "config_hash": self.config_hash, "versions": self.versions,
-            "delta_writer": self.delta_writer, "spark_master": self.spark_master,
-            **{k: self.counts.get(k) for k in keys},
-            "table_versions": self.table_versions, "slide_counts": self.slide_counts,
-            "slide_errors": self.slide_errors, "stage_seconds": self.stage_seconds, "profile": self.profile,
-        }
+        now = {"ended_at": ended, "duration_s": (ended - self.started_at).total_seconds(), "inputs": list(self.inputs)}
+        return {k: now[k] if k in now else getattr(self, k) if k in self.__dataclass_fields__ else self.counts.get(k)
+                for k in RunRow.__annotations__}  # type: ignore[return-value]

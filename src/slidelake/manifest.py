@@ -35,7 +35,6 @@ def read_manifest(path: str) -> pd.DataFrame:
     return df
 
 
-
 class ManifestError(ValueError):
     """A manifest contradicts itself (e.g. one patient's slides in two splits)."""
 
@@ -54,34 +53,39 @@ def assign_split(patient: str, fractions: dict[str, float], seed: int) -> str:
     return name
 
 
-def with_manifest_fields(rows: list[SlideRow], cfg: PipelineConfig) -> list[SlideRow]:
-    """``rows`` with the manifest's ``discovery.label_column``, ``patient_column`` and
-    ``split_column`` moved from ``attributes`` to ``slide_label``, ``patient_id`` and ``split``.
-    A slide without a split takes its patient's split from another of their manifest rows, else
-    :func:`assign_split` of its patient (``patient_id``, else ``slide_id``) when
-    ``splits.fractions`` is set, else none.
+def patient_splits(attributes: list[dict[str, str | None]], cfg: PipelineConfig) -> dict[str, str]:
+    """``{patient_id: split}`` given by the manifest rows' ``attributes`` (the listing's, before
+    any file is read); an empty manifest cell is no value.
 
     Raises:
         ManifestError: one patient's manifest rows give two different splits.
     """
+    disc, given = cfg.discovery, {}
+    for attrs in attributes:
+        patient, split = (attrs or {}).get(disc.patient_column) or None, (attrs or {}).get(disc.split_column) or None
+        if split is not None and patient is not None and given.setdefault(patient, split) != split:
+            raise ManifestError(f"patient {patient} is in splits {given[patient]!r} and {split!r} in the manifest "
+                                f"(column {disc.split_column!r}): a patient's slides must share one split")
+    return given
+
+
+def with_manifest_fields(rows: list[SlideRow], given: dict[str, str], cfg: PipelineConfig) -> list[SlideRow]:
+    """``rows`` with the manifest's ``discovery.label_column``, ``patient_column`` and
+    ``split_column`` moved from ``attributes`` to ``slide_label``, ``patient_id`` and ``split``.
+    A slide without a split takes its patient's split in ``given`` (:func:`patient_splits`),
+    else :func:`assign_split` of its patient (``patient_id``, else ``slide_id``) when
+    ``splits.fractions`` is set, else none."""
     disc, splits = cfg.discovery, cfg.splits
-    out, given = [], {}
+    out = []
     for r in rows:
         attrs = dict(r.get("attributes") or {})
-        # an empty manifest cell is no value
         label, patient = attrs.pop(disc.label_column, None) or None, attrs.pop(disc.patient_column, None) or None
-        split = attrs.pop(disc.split_column, None) or None
-        if split is not None and patient is not None:
-            if given.setdefault(patient, split) != split:
-                raise ManifestError(f"patient {patient} is in splits {given[patient]!r} and {split!r} in the manifest "
-                                    f"(column {disc.split_column!r}): a patient's slides must share one split")
+        split = attrs.pop(disc.split_column, None) or given.get(patient)
+        owner = patient or r["slide_id"]
+        if split is None and owner is not None and splits.fractions:
+            split = assign_split(owner, splits.fractions, splits.seed)
         out.append({**r, "attributes": attrs, "slide_label": label, "patient_id": patient, "split": split})
-    for r in out:
-        owner = r["patient_id"] or r["slide_id"]
-        if r["split"] is None and owner is not None:
-            r["split"] = given.get(r["patient_id"]) or (
-                assign_split(owner, splits.fractions, splits.seed) if splits.fractions else None)
     return out
 
 
-__all__ = ["read_manifest", "ManifestError", "assign_split", "with_manifest_fields"]
+__all__ = ["read_manifest", "ManifestError", "assign_split", "patient_splits", "with_manifest_fields"]

@@ -2,8 +2,9 @@
 S3 bucket, or with Spark SQL.
 
 Engines: ``datafusion`` is Apache DataFusion inside delta-rs (``deltalake.QueryBuilder``): it
-reads the Delta logs itself, from a folder or a bucket, and answers in about a second;
-``spark`` registers each table as a temporary view of the session's reader. Both take the same queries for what slidelake's tables hold (``SELECT``,
+reads the Delta logs itself, from a folder or a bucket (``s3://``, ``s3a://``, keys and endpoint
+from the standard ``AWS_*`` environment variables), and answers in about a second; ``spark``
+registers each table as a temporary view of the session's reader (its own storage settings). Both take the same queries for what slidelake's tables hold (``SELECT``,
 ``GROUP BY``, joins, ``attributes['key']`` on maps); a result is an Arrow table either way.
 """
 
@@ -21,20 +22,8 @@ import pyarrow as pa
 if TYPE_CHECKING:
     from slidelake.lake import Lake
 
-Engine = Literal["auto", "datafusion", "spark"]
-
-
 class QueryError(ValueError):
     """A query the engine refused (unknown table or column, syntax): its first line."""
-
-
-def choose_engine(lake_root: str, requested: Engine = "auto") -> Literal["datafusion", "spark"]:
-    """``requested``, or for ``auto`` DataFusion: it reads local lakes and lakes in S3 buckets
-    (``s3://``, ``s3a://``) itself, with the standard AWS environment variables
-    (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``AWS_ENDPOINT_URL``,
-    ``AWS_ALLOW_HTTP`` for a plain-HTTP endpoint); Spark when asked (its session's own storage
-    settings then apply)."""
-    return "datafusion" if requested == "auto" else requested
 
 
 def present_tables(lake: Lake) -> list[str]:
@@ -160,4 +149,4 @@ def to_json(cols: list[str], rows: list[list[Any]]) -> str:
     return json.dumps([dict(zip(cols, r)) for r in rows], default=cell_text, indent=None)
 
 
-__all__ = ["Engine", "QueryError", "choose_engine", "present_tables", "storage_reason", "run_query", "plain_rows", "cell_text", "to_csv", "to_json"]
+__all__ = ["QueryError", "present_tables", "storage_reason", "run_query", "plain_rows", "cell_text", "to_csv", "to_json"]
