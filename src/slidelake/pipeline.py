@@ -302,8 +302,8 @@ def summary(rec: RunRecord) -> str:
                      + (f", {c['slides_unchanged']} unchanged since the last scan" if c.get("slides_unchanged") else ""))
     if c.get("slides_skipped"):
         parts.append(f"slides already tiled with this config, skipped: {c['slides_skipped']} (--force redoes them)")
-    masks_on = json.loads(rec.config).get("masks", {}).get("enabled", False) if rec.config else False
-    skipped = c.get("slides_skipped") or 0 if masks_on else 0
+    config = json.loads(rec.config) if rec.config else {}
+    skipped = c.get("slides_skipped") or 0 if config.get("masks", {}).get("enabled") else 0
     if c.get("masks_computed") is not None or skipped:
         parts.append(f"masks: {c.get('masks_computed') or 0} computed, {c.get('masks_reused') or 0} reused, "
                      f"{c.get('masks_failed') or 0} failed" + (f", {skipped} not needed (slides already tiled)"
@@ -314,7 +314,7 @@ def summary(rec: RunRecord) -> str:
             f"{c['tiles_decoded']} decoded, {c['tiles_filtered']} filtered, {c['tiles_failed']} failed, "
             f"{c['tiles_written']} written from {c['slides_tiled']} slide(s)"
         )
-    parts += _resolution_notes(rec)
+    parts += _resolution_notes(rec, config.get("resolution", {}))
     for e in rec.slide_errors[:10]:
         parts.append(f"  ! {e['stage']}: {e['path']}: {e['error']}")
     if len(rec.slide_errors) > 10:
@@ -322,11 +322,11 @@ def summary(rec: RunRecord) -> str:
     return "\n".join(parts)
 
 
-def _resolution_notes(rec: RunRecord, most: int = 10) -> list[str]:
-    """Summary lines of the slides tiled at an mpp more than 1 % from the one requested (an
-    ``mpp`` or ``magnification`` request, ``10 / magnification`` µm/px): the level read and the
-    tiles' effective mpp, e.g. an NDPI asked 0.5 µm/px and read at 0.456."""
-    res = json.loads(rec.config).get("resolution", {}) if rec.config else {}
+def _resolution_notes(rec: RunRecord, res: dict, most: int = 10) -> list[str]:
+    """Summary lines of the slides tiled at an mpp more than 1 % from the one requested in
+    ``res`` (the run's ``resolution`` settings; an ``mpp`` or ``magnification`` request,
+    ``10 / magnification`` µm/px): the level read and the tiles' effective mpp, e.g. an NDPI
+    asked 0.5 µm/px and read at 0.456."""
     want = res.get("mpp") or (10.0 / res["magnification"] if res.get("magnification") else None)
     if not want:
         return []
