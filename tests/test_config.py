@@ -99,6 +99,8 @@ KEEPS_TILES = {
     "partition": {"region_tiles": 4, "tiles_per_partition": 64},
     "tables": {"writer": "delta-rs", "catalog_database": "pathology", "tiles_table": "other",
                "tile_compression": "zstd", "direct_io": False, "slides_per_commit": 2, "path_root": "/data"},
+    "storage": {"endpoint": "http://127.0.0.1:9000", "region": "eu-west-1", "path_style": False, "cache_dir": "/scratch",
+                "cache_gb": 5.0},
 }
 
 

@@ -183,12 +183,13 @@ from pyspark.sql import types as T
 from slidelake.lake import Lake
 
 path, owner = sys.argv[1], sys.argv[2]
+root = sys.argv[3] if len(sys.argv) > 3 else os.path.dirname(path)  # a folder or an s3:// lake
 open(f"{path}.ready.{owner}", "w").close()  # imports done; start together
 while not os.path.exists(f"{path}.go"):
     time.sleep(0.01)
 schema = T.StructType([T.StructField("owner", T.StringType()), T.StructField("k", T.LongType()),
                        T.StructField("round", T.LongType())])
-lake = Lake(None, os.path.dirname(path))  # the table is <lake>/runs
+lake = Lake(None, root)  # the table is <lake>/runs
 for k in range(8):  # appends
     lake.write_rows("runs", [{"owner": owner, "k": k, "round": 0}], schema, mode="append")
 for r in range(1, 5):  # replace this owner's rows only, as a run replaces the rows of its slides
@@ -197,29 +198,41 @@ for r in range(1, 5):  # replace this owner's rows only, as a run replaces the r
 """
 
 
-def test_separate_processes_committing_to_one_table(tmp_path):
-    """Three processes append and replace their own rows of one Delta table at the same time
-    (delta-rs commits, conflicts retried): no commit is lost, no row duplicated, and each
-    process's last replacement is what the table holds."""
+def concurrent_writers(path: str, root: str | None = None) -> None:
+    """Three processes append and replace their own rows of the table ``runs`` of the lake
+    ``root`` (default: the folder of ``path``, where they also meet) at the same time."""
     import subprocess
     import sys
     import time
 
-    from deltalake import DeltaTable
-
-    path = str(tmp_path / "runs")  # the table runs of the lake tmp_path
     owners = ["a", "b", "c"]
-    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, path, o], stderr=subprocess.PIPE, text=True)
-             for o in owners]
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, path, o, *([root] if root else [])],
+                              stderr=subprocess.PIPE, text=True) for o in owners]
     deadline = time.monotonic() + 120
     while not all(os.path.exists(f"{path}.ready.{o}") for o in owners) and time.monotonic() < deadline:
         time.sleep(0.05)
     open(f"{path}.go", "w").close()
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errs
-    t = pl.read_delta(path).sort("owner", "k")
+
+
+def check_concurrent_writes(t: pl.DataFrame, version: int) -> None:
+    """No commit of :func:`concurrent_writers` lost, no row duplicated."""
+    owners = ["a", "b", "c"]
+    t = t.sort("owner", "k")
     assert t.height == 3 * 8 and t.select("owner", "k").is_duplicated().sum() == 0
     assert t["owner"].to_list() == [o for o in owners for _ in range(8)]
     assert set(t["round"]) == {4}  # every owner's last replacement, none lost to another's
     # 3 x (8 appends + 4 replacements) commits, the first one creating the table
-    assert DeltaTable(path).version() == 3 * 12 - 1
+    assert version == 3 * 12 - 1
+
+
+def test_separate_processes_committing_to_one_table(tmp_path):
+    """Three processes append and replace their own rows of one Delta table at the same time
+    (delta-rs commits, conflicts retried): no commit is lost, no row duplicated, and each
+    process's last replacement is what the table holds."""
+    from deltalake import DeltaTable
+
+    path = str(tmp_path / "runs")  # the table runs of the lake tmp_path
+    concurrent_writers(path)
+    check_concurrent_writes(pl.read_delta(path), DeltaTable(path).version())

@@ -93,7 +93,7 @@ def test_module_and_function_sizes():
         for node in ast.walk(ast.parse(p.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
                 long_functions.append(f"{p.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
-    assert total <= 7100, total
+    assert total <= 7650, total
     assert not long_functions, long_functions
 
 

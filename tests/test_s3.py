@@ -1,17 +1,19 @@
-"""A lake in an S3 bucket, read by ``slidelake sql`` and by other Delta readers, against a real
-S3-compatible server on loopback (SeaweedFS)."""
+"""Lakes in an S3 bucket, made by slidelake and read by ``slidelake sql`` and by other Delta
+readers, against a real S3-compatible server on loopback (SeaweedFS)."""
 
 import json
 
 import polars as pl
 import pyarrow.fs as pafs
 import pytest
+from deltalake import DeltaTable
 from typer.testing import CliRunner
 
-from conftest import S3_KEYS, make_tiff
+from conftest import CMU, DAPI, S3_KEYS, make_tiff, need
 from slidelake.cli import app
 from slidelake.config import PipelineConfig
 from slidelake.pipeline import run_all
+from slidelake.storage import read_bytes
 
 QUERY = "SELECT slide_id, slide_label, attributes['stain'] AS stain, count(*) AS n FROM tiles GROUP BY 1, 2, 3"
 
@@ -64,3 +66,260 @@ def test_bad_credentials_or_bucket_is_one_line_without_the_secret(bucket_lake, s
     assert res.output.startswith("storage error: cannot read s3://no-such-bucket/lake: 404 Not Found")
     res = _sql("s3://lakes/no-lake-here", s3_server)
     assert res.exit_code == 2 and res.output.strip().startswith("no tables: s3://lakes/no-lake-here holds no")
+
+
+# ------------------------------------------------------------------ a lake made in the bucket
+
+
+@pytest.fixture(scope="module")
+def s3_env(spark, s3_server):
+    """The server's AWS variables in this process (delta-rs, pyarrow) and in the session's
+    Python workers, which take ``SparkContext.environment`` (a run started from a shell has them
+    in every process from the start)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in s3_server.items():
+            mp.setenv(k, v)
+        env = spark.sparkContext.environment
+        before = dict(env)
+        env.update(s3_server)
+        yield s3_server
+        env.clear()
+        env.update(before)
+
+
+def _objects(uri: str) -> dict[str, int]:
+    """``{key under uri: bytes}`` of every object under ``uri``."""
+    from slidelake.storage import filesystem
+
+    fs, prefix = filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+    return {i.path[len(prefix) + 1:]: i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def _tile_rows(where: str, opts: dict | None = None) -> pl.DataFrame:
+    cols = ["slide_id", "tile_id", "tile_x", "tile_y", "level", "tissue_fraction", "tile"]
+    return pl.read_delta(f"{where}/tiles", storage_options=opts).select(cols).sort("tile_id")
+
+
+def _lake_cfg(lake: str, **extra) -> PipelineConfig:
+    need(CMU, DAPI)
+    return PipelineConfig.model_validate({
+        "inputs": [str(CMU), str(DAPI)], "lake": lake, "tables": {"writer": "delta-rs"},
+        "masks": {"on_driver_below": 0}, **extra})  # masks made by the Spark workers, as on a cluster
+
+
+@pytest.fixture(scope="module")
+def bucket_runs(spark, s3_env, tmp_path_factory):
+    """Two slides (Aperio, Hamamatsu) run into ``s3://lakes/made`` twice and once into a local
+    lake with the same settings: ``(first, second, local record, local lake)``."""
+    local = tmp_path_factory.mktemp("s3same") / "lake"
+    first = run_all(spark, _lake_cfg("s3://lakes/made"))
+    second = run_all(spark, _lake_cfg("s3://lakes/made"))
+    here = run_all(spark, _lake_cfg(str(local)))
+    return first, second, here, local
+
+
+@pytest.mark.spark
+def test_a_run_writes_every_table_and_overlay_into_the_bucket(bucket_runs, s3_env):
+    first, _, here, local = bucket_runs
+    opts = {k.lower(): v for k, v in s3_env.items()}
+    assert first.status == here.status == "succeeded" and first.counts == here.counts
+    assert first.counts["slides_tiled"] == 2 and first.counts["tiles_written"] > 20
+    got, want = _tile_rows("s3://lakes/made", opts), _tile_rows(str(local))
+    assert got.height == first.counts["tiles_written"] and got.equals(want)  # the same tiles, byte for byte
+    keys = _objects("s3://lakes/made")
+    for table in ("slides", "masks", "tiles", "run_slides", "runs"):
+        assert f"{table}/_delta_log/00000000000000000000.json" in keys, table
+    assert not [k for k in keys if "/_staging/" in k]  # every staged file committed or removed
+    masks = pl.read_delta("s3://lakes/made/masks", storage_options=opts)
+    assert masks.height == 2 and set(masks["status"]) == {"ok"}
+    for m in masks.iter_rows(named=True):  # overlay, thumbnail and QC picture in the lake
+        for col in ("mask_path", "thumbnail_path", "qc_path"):
+            assert m[col].startswith("s3://lakes/made/overlays/") and m[col].split("/made/")[1] in keys, col
+        mine = m["mask_path"].replace("s3://lakes/made", str(local))
+        assert read_bytes(m["mask_path"]) == open(mine, "rb").read()  # the same overlay file
+
+
+@pytest.mark.spark
+def test_a_rerun_on_the_bucket_skips_every_slide_and_adds_nothing(bucket_runs, s3_env):
+    first, second, _, _ = bucket_runs
+    opts = {k.lower(): v for k, v in s3_env.items()}
+    assert second.status == "succeeded"
+    assert second.counts["slides_unchanged"] == second.counts["slides_skipped"] == 2
+    assert second.counts["tiles_written"] == 0
+    t = _tile_rows("s3://lakes/made", opts)
+    assert t.height == first.counts["tiles_written"] and t["tile_id"].is_duplicated().sum() == 0
+    assert DeltaTable("s3://lakes/made/tiles").version() == 0  # one commit: the first run's
+    assert pl.read_delta("s3://lakes/made/runs", storage_options=opts).height == 2
+
+
+@pytest.mark.spark
+def test_no_credential_reaches_a_table_or_the_lake(bucket_runs, s3_env):
+    keys = _objects("s3://lakes/made")
+    secret, key_id = s3_env["AWS_SECRET_ACCESS_KEY"].encode(), s3_env["AWS_ACCESS_KEY_ID"].encode()
+    texts = [k for k in keys if k.endswith((".json", ".parquet"))]
+    assert len(texts) > 10
+    for k in texts:
+        data = read_bytes(f"s3://lakes/made/{k}")
+        assert secret not in data and key_id not in data, k
+    config = json.loads(pl.read_delta("s3://lakes/made/runs", storage_options={
+        k.lower(): v for k, v in s3_env.items()})["config"][0])
+    assert config["storage"] == {"endpoint": None, "region": None, "path_style": None, "cache_dir": None, "cache_gb": 50.0}
+
+
+@pytest.mark.spark
+def test_two_processes_commit_to_one_table_in_the_bucket(s3_env, tmp_path):
+    """delta-rs commits to S3 with conditional writes (``If-None-Match: *`` on the log entry):
+    concurrent writers need no lock service where the store supports them (AWS S3 since 2024,
+    SeaweedFS here)."""
+    from test_incremental import check_concurrent_writes, concurrent_writers
+
+    concurrent_writers(str(tmp_path / "meet"), "s3://lakes/concurrent")
+    opts = {k.lower(): v for k, v in s3_env.items()}
+    check_concurrent_writes(pl.read_delta("s3://lakes/concurrent/runs", storage_options=opts),
+                            DeltaTable("s3://lakes/concurrent/runs").version())
+
+
+@pytest.mark.spark
+def test_driver_killed_before_commit_leaves_the_bucket_tables_then_rerun_completes(spark, s3_env, tmp_path):
+    """The driver of a run into the bucket (two executor JVMs) is killed once the workers have
+    staged tile files: the tables stay as they were; the staged objects are never part of a
+    table and are deleted once stale; running again completes without duplicates."""
+    from test_faults import _cfg, _result, _run
+
+    from slidelake.tables import clean_stale_staging
+
+    need(CMU)
+    uri, opts = "s3://lakes/faults", {k.lower(): v for k, v in s3_env.items()}
+    other = tmp_path / "other.tiff"
+    make_tiff(other, 300, 200, mpp=0.5, seed=5)
+    cfg = _cfg(uri, other)
+    cfg.tables.writer = "delta-rs"  # as tests/fault_run.py runs
+    run_all(spark, cfg)
+    before, version = _tile_rows(uri, opts), DeltaTable(f"{uri}/tiles").version()
+
+    proc = _run(uri, CMU, "driver")
+    assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILL, mid-run
+    assert DeltaTable(f"{uri}/tiles").version() == version and _tile_rows(uri, opts).equals(before)
+    staged = [k for k in _objects(f"{uri}/tiles") if k.startswith("_staging/")]
+    assert staged and all(k.endswith(".parquet") for k in staged)
+    assert len(clean_stale_staging(f"{uri}/tiles", max_age_s=0)) == 1  # as a run does after 24 h
+    assert not [k for k in _objects(f"{uri}/tiles") if k.startswith("_staging/")]
+
+    again = _result(_run(uri, CMU, "none"))
+    assert again["status"] == "succeeded" and again["counts"]["tiles_written"] == 18 * 24
+    t = _tile_rows(uri, opts)
+    assert t.height == before.height + 18 * 24 and t["tile_id"].is_duplicated().sum() == 0
+
+
+@pytest.mark.spark
+def test_cli_run_into_a_bucket_with_the_storage_section(spark, s3_env, tmp_path):
+    """``slidelake run --lake s3://...`` with the endpoint and region in the config's ``storage``
+    section and only the keys in the environment; wrong keys or a missing bucket: one line and
+    exit 2 before any work, no secret printed."""
+    need(CMU)
+    conf = tmp_path / "s3.yaml"
+    conf.write_text("storage:\n  endpoint: http://127.0.0.1:8333\n  region: us-east-1\n"
+                    "tables:\n  writer: delta-rs\n")
+    keys_only = {**S3_KEYS, "AWS_ENDPOINT_URL": None, "AWS_REGION": None, "AWS_ALLOW_HTTP": None}
+    args = ["run", str(CMU), "-c", str(conf), "--level", "0", "--tile-extent", "512"]
+    res = CliRunner().invoke(app, [*args, "--lake", "s3://lakes/cli"], env=keys_only)
+    assert res.exit_code == 0, res.output
+    assert S3_KEYS["AWS_SECRET_ACCESS_KEY"] not in res.output
+    opts = {k.lower(): v for k, v in s3_env.items()}
+    assert pl.read_delta("s3://lakes/cli/tiles", storage_options=opts).height == _tile_rows(
+        "s3://lakes/cli", opts).height > 0
+
+    wrong = {**keys_only, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    res = CliRunner().invoke(app, [*args, "--lake", "s3://lakes/cli-wrong"], env=wrong)
+    lines = res.output.strip().splitlines()
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert lines[0].startswith("storage error: cannot reach s3://lakes/cli-wrong: ACCESS_DENIED (credentials from")
+    assert "not-the-secret" not in res.output and not _objects("s3://lakes/cli-wrong")
+    res = CliRunner().invoke(app, [*args, "--lake", "s3://no-such-bucket/lake"], env=keys_only)
+    assert res.exit_code == 2 and res.output.strip() == (
+        "storage error: cannot reach s3://no-such-bucket/lake: no such bucket")
+
+
+# ------------------------------------------------------------------ slides in the bucket
+
+
+@pytest.fixture(scope="module")
+def bucket_slides(s3_env):
+    """The CMU (Aperio) and DAPI (Hamamatsu) samples uploaded to ``s3://lakes/slides/<vendor>/``."""
+    from slidelake.storage import write_bytes
+
+    need(CMU, DAPI)
+    for p in (CMU, DAPI):
+        write_bytes(f"s3://lakes/slides/{p.parent.name}/{p.name}", p.read_bytes())
+    return "s3://lakes/slides/"
+
+
+def _slides_cfg(inputs: list, lake: str, cache, **extra) -> PipelineConfig:
+    return PipelineConfig.model_validate({"inputs": inputs, "lake": lake, "tables": {"writer": "delta-rs"},
+                                          "storage": {"cache_dir": str(cache)}, **extra})
+
+
+@pytest.mark.spark
+def test_slides_in_a_bucket_give_the_tiles_of_the_same_files_on_disk(spark, s3_env, bucket_slides, tmp_path):
+    """A run over a bucket prefix: the slides are listed there, fingerprinted while they are
+    copied into the bounded cache (the same slide ids as on disk) and tiled to the same tiles,
+    byte for byte, as the files on disk; the tables keep the URIs; a rerun reads nothing again."""
+    cache = tmp_path / "cache"
+    remote = run_all(spark, _slides_cfg([bucket_slides], str(tmp_path / "from-bucket"), cache))
+    here = run_all(spark, _slides_cfg([str(CMU), str(DAPI)], str(tmp_path / "from-disk"), cache))
+    assert remote.status == "succeeded" and remote.counts == here.counts and remote.counts["slides_tiled"] == 2
+    got, want = _tile_rows(str(tmp_path / "from-bucket")), _tile_rows(str(tmp_path / "from-disk"))
+    assert got.height == remote.counts["tiles_written"] > 20 and got.equals(want)
+    slides = pl.read_delta(str(tmp_path / "from-bucket" / "slides")).sort("path")
+    assert slides["path"].to_list() == [f"{bucket_slides}aperio/{CMU.name}", f"{bucket_slides}hamamatsu/{DAPI.name}"]
+    assert slides["file_size"].to_list() == [CMU.stat().st_size, DAPI.stat().st_size]
+    assert set(pl.read_delta(str(tmp_path / "from-bucket" / "tiles"))["path"]) == set(slides["path"])
+    copies = sorted(p.name for p in cache.rglob("*") if p.suffix in (".svs", ".ndpi"))
+    assert copies == sorted([CMU.name, DAPI.name])
+    again = run_all(spark, _slides_cfg([bucket_slides], str(tmp_path / "from-bucket"), cache))
+    assert again.counts["slides_unchanged"] == again.counts["slides_skipped"] == 2
+
+
+@pytest.mark.spark
+def test_a_slide_object_deleted_before_tiling_is_an_error_and_the_other_is_tiled(spark, s3_env, tmp_path):
+    """Discovery sees two objects; one is deleted before the tile job over the table's slides
+    (its local copy still in the cache): that slide fails with the object named, the other is
+    tiled."""
+    from slidelake.pipeline import run_discover, run_tile
+    from slidelake.storage import filesystem, write_bytes
+
+    need(CMU, DAPI)
+    for p in (CMU, DAPI):
+        write_bytes(f"s3://lakes/doomed/{p.name}", p.read_bytes())
+    cfg = _slides_cfg(["s3://lakes/doomed/"], str(tmp_path / "lake"), tmp_path / "cache")
+    assert run_discover(spark, cfg).counts["slides_ok"] == 2
+    fs, key = filesystem(f"s3://lakes/doomed/{DAPI.name}")
+    fs.delete_file(key)
+    rec = run_tile(spark, cfg.model_copy(update={"inputs": []}))  # every slide of the table
+    assert rec.status == "succeeded" and rec.counts["slides_tiled"] == 1
+    (err,) = rec.slide_errors
+    assert err["path"] == f"s3://lakes/doomed/{DAPI.name}" and "no such object" in err["error"]
+    tiles = pl.read_delta(str(tmp_path / "lake" / "tiles"))
+    assert set(tiles["path"]) == {f"s3://lakes/doomed/{CMU.name}"} and tiles.height > 0
+
+
+def test_the_slide_cache_keeps_the_recently_used_and_fits_its_size(tmp_path):
+    """Eviction: least recently used first, never a copy used in the last ``IN_USE_S`` seconds."""
+    import os
+    import time
+
+    from slidelake.config import StorageConfig
+    from slidelake.slide_cache import evict
+
+    cfg = StorageConfig(cache_dir=str(tmp_path), cache_gb=6.5e-9)  # 6.5 bytes: two of the 3-byte copies
+    now = time.time()
+    for name, age in (("old", 7200), ("older", 9000), ("fresh", 10)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "s.svs").write_bytes(b"x")
+        (tmp_path / name / ".source.json").write_text("{}")
+        os.utime(tmp_path / name / ".source.json", (now - age, now - age))
+    gone = evict(cfg)
+    assert gone == [str(tmp_path / "older")]  # 9 bytes over 6.5: the least recently used goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "old"]
+    assert evict(cfg, incoming=100) == [str(tmp_path / "old")]  # "fresh" is in use: kept even over the size

@@ -8,6 +8,7 @@ skip with the reason, except under `.ci/run` (``SLIDELAKE_REQUIRE_ALL=1``), wher
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pyarrow.fs as pafs
 import pytest
 
 from conftest import CMU, delta_jars, need
@@ -238,3 +240,78 @@ def test_tables_of_one_writer_are_appended_to_by_the_other(spark, scenarios):
     rec = run_all(spark, _delta_rs(cfg(lake, [base / "slides" / "b"])))
     assert rec.status == "succeeded" and rec.counts["tiles_written"] == 12
     assert pl.read_delta(str(lake / "tiles")).height == DeltaTable(str(lake / "tiles")).to_pyarrow_table().num_rows == 24
+
+
+def _s3_jars() -> str:
+    """hadoop-aws, the AWS SDK bundle and the S3 analytics accelerator (``jobs/fetch_jars.sh s3``),
+    ``:``-separated for ``--driver-class-path`` (a local master: no copy of the 690 MB bundle
+    per session)."""
+    folder = delta_jars()
+    jars = [j for name in ("hadoop-aws-*.jar", "bundle-*.jar", "analyticsaccelerator-s3-*.jar")
+            for j in sorted(folder.glob(name))]
+    if len(jars) < 3:
+        pytest.skip(f"Hadoop's S3A jars absent (run jobs/fetch_jars.sh s3): {folder}")
+    return ":".join(str(j) for j in jars)
+
+
+@pytest.mark.slides
+def test_spark_writer_makes_a_lake_in_a_bucket(spark, s3_server, tmp_path):
+    """The EMR recipe on a real S3-compatible server: ``spark-submit`` with the Delta jars and
+    Hadoop's S3A, ``--lake s3a://...`` and the endpoint in the ``storage`` section. Every table
+    is committed by Spark's Delta writer into the bucket (tile files staged there by the
+    workers), delta-rs reads the same tiles the delta-rs writer makes, and a rerun skips."""
+    need(CMU)
+    from slidelake.config import load_config
+    from slidelake.pipeline import run_all
+
+    conf = tmp_path / "s3.yaml"
+    conf.write_text((ROOT / "conf" / "default.yaml").read_text()
+                    + "storage:\n  endpoint: http://127.0.0.1:8333\n  region: us-east-1\n")
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, **s3_server}
+    env.pop("SLIDELAKE_SPARK_MASTER", None)
+    cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2]", "--jars", _jars(),
+           "--driver-class-path", _s3_jars(), *DELTA_CONF, str(ROOT / "jobs" / "tile_slides.py"),
+           "--config", str(conf), "--lake", "s3a://lakes/spark-writer", str(CMU)]
+    # without the S3 analytics accelerator Hadoop's S3A cannot start: one line before any work
+    partial = [*cmd[:6], _s3_jars().rsplit(":", 1)[0], *cmd[7:-2], "s3a://lakes/no-accelerator", str(CMU)]
+    proc = subprocess.run(partial, capture_output=True, text=True, env=env, timeout=900, check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    assert "storage error: Spark cannot open s3a://lakes/no-accelerator: java.lang.NoClassDefFoundError" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert _s3_fs(s3_server).get_file_info(pafs.FileSelector("lakes/no-accelerator", allow_not_found=True)) == []
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    opts = {k.lower(): v for k, v in s3_server.items()}
+    uri = "s3://lakes/spark-writer"
+    for name in ("slides", "masks", "tiles", "tile_errors", "run_slides", "runs"):
+        assert pl.read_delta(f"{uri}/{name}", storage_options=opts).height >= 0, name
+        log = pl.read_ndjson(_read_s3(f"{uri}/{name}/_delta_log/00000000000000000000.json", s3_server))
+        assert any(str(e).startswith("Apache-Spark/") for e in log["commitInfo"].struct.field("engineInfo")
+                   if e is not None), name
+    by_spark = pl.read_delta(f"{uri}/tiles", storage_options=opts)
+    other = tmp_path / "delta-rs-lake"
+    rec = run_all(spark, load_config(ROOT / "conf" / "default.yaml", {"inputs": [str(CMU)], "lake": str(other)}))
+    by_rs = pl.read_delta(str(other / "tiles"))
+    assert by_spark.height == by_rs.height == rec.counts["tiles_written"] > 0
+    assert by_spark.select(SAME).sort("tile_id").equals(by_rs.select(SAME).sort("tile_id"))
+    masks = pl.read_delta(f"{uri}/masks", storage_options=opts)
+    assert masks["mask_path"][0].startswith("s3a://lakes/spark-writer/overlays/")
+    secret = s3_server["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in proc.stdout and secret not in proc.stderr
+
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, check=False)
+    assert again.returncode == 0 and "skipped: 1" in again.stdout, again.stderr[-4000:]
+    assert pl.read_delta(f"{uri}/tiles", storage_options=opts).height == by_spark.height
+    assert pl.read_delta(f"{uri}/runs", storage_options=opts)["delta_writer"].to_list() == ["spark", "spark"]
+
+
+def _s3_fs(env: dict) -> pafs.S3FileSystem:
+    """pyarrow's S3 file system on the test server with the keys of ``env``."""
+    return pafs.S3FileSystem(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"],
+                             endpoint_override="127.0.0.1:8333", scheme="http", region="us-east-1")
+
+
+def _read_s3(uri: str, env: dict) -> io.BytesIO:
+    """The object ``uri`` (``s3://bucket/key``) read whole from the test server."""
+    with _s3_fs(env).open_input_stream(uri.removeprefix("s3://")) as f:
+        return io.BytesIO(f.read())

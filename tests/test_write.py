@@ -10,7 +10,6 @@ import numpy as np
 import openslide
 import pandas as pd
 import polars as pl
-import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import make_tiff
@@ -223,14 +222,10 @@ def test_raw_tiles_go_into_the_arrow_column_as_the_bytes_of_their_pixels(tmp_pat
     assert all(isinstance(t, bytes) for t in jpeg.tiles)
 
 
-def test_staging_of_a_lake_on_object_storage_goes_under_the_overlay_root(tmp_path):
-    """The workers stage tile files on a folder every executor mounts: for a lake in a bucket,
-    ``masks.overlay_root``; without one, a one-line error."""
+def test_staging_goes_under_the_table(tmp_path):
+    """Tile files are staged in ``<table>/_staging/<uuid>`` (in the bucket for a lake on object
+    storage: ``tests/test_s3.py``)."""
     from slidelake.lake import Lake
 
-    with pytest.raises(ValueError, match="set masks.overlay_root"):
-        Lake(None, "s3://bucket/lake").new_staging("tiles")
-    staging = Lake(None, "s3://bucket/lake", overlay_root=str(tmp_path)).new_staging("tiles")
-    assert os.path.isdir(staging) and os.path.dirname(staging) == str(tmp_path / "tiles" / "_staging")
     local = Lake(None, str(tmp_path / "lake")).new_staging("tiles")
-    assert os.path.dirname(local) == str(tmp_path / "lake" / "tiles" / "_staging")
+    assert os.path.isdir(local) and os.path.dirname(local) == str(tmp_path / "lake" / "tiles" / "_staging")

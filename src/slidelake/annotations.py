@@ -17,8 +17,13 @@ import pyarrow.compute as pc
 import shapely
 import shapely.geometry
 
-def load_annotations(path: str) -> dict[str, Any]:
-    """Read a GeoJSON annotation file (QuPath export layout) into per-class geometries.
+from slidelake.config import StorageConfig
+from slidelake.storage import exists, join, read_bytes
+
+
+def load_annotations(path: str, storage: StorageConfig | None = None) -> dict[str, Any]:
+    """Read a GeoJSON annotation file (QuPath export layout; a file or an ``s3://`` object
+    reached with ``storage``) into per-class geometries.
 
     Accepts a FeatureCollection, a list of features or a single feature. A feature's class is
     ``properties.classification.name`` (QuPath >= 0.2), ``properties.classification`` when a
@@ -31,8 +36,7 @@ def load_annotations(path: str) -> dict[str, Any]:
     Raises:
         ValueError: not JSON, or not GeoJSON features.
     """
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
+    data = json.loads(read_bytes(path, storage).decode("utf-8"))
     if isinstance(data, dict) and data.get("type") == "FeatureCollection":
         feats = data.get("features") or []
     elif isinstance(data, dict) and data.get("type") == "Feature":
@@ -113,15 +117,16 @@ def label_rule(names: list[str], fractions: np.ndarray, min_fraction: float) -> 
     return pc.if_else(pa.array((top >= min_fraction) & (top > 0)), chosen, pa.scalar(None, pa.string()))
 
 
-def annotation_path(path: str, attributes: dict[str, str] | None, column: str, suffix: str) -> str | None:
+def annotation_path(path: str, attributes: dict[str, str] | None, column: str, suffix: str,
+                    storage: StorageConfig | None = None) -> str | None:
     """A slide's annotation file: the manifest column ``column`` (relative to the slide's
     folder when relative), else the sidecar ``<slide path without extension><suffix>`` when it
-    exists, else None."""
+    exists (an object beside an ``s3://`` slide, reached with ``storage``), else None."""
     given = (attributes or {}).get(column)
     if given:
-        return given if os.path.isabs(given) else os.path.join(os.path.dirname(path), given)
+        return given if os.path.isabs(given) or "://" in given else join(path.rsplit("/", 1)[0], given)
     side = os.path.splitext(path)[0] + suffix
-    return side if os.path.isfile(side) else None
+    return side if exists(side, storage) else None
 
 
 __all__ = ["load_annotations", "AnnotationIndex", "label_rule", "annotation_path"]

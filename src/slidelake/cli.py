@@ -13,6 +13,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -182,6 +183,7 @@ def _run_job(job: str, inputs: list[str] | None, config: str | None, lake: str |
     from slidelake.pipeline import ConfigMismatchError, run_all, run_discover, run_masks, run_tile
     from slidelake.manifest import ManifestError
     from slidelake.spark import get_spark
+    from slidelake.storage import StorageError
 
     cfg = _load(config, _overrides(inputs, lake, flags))
     if job in ("discover", "run") and not cfg.inputs:
@@ -211,6 +213,9 @@ def _run_job(job: str, inputs: list[str] | None, config: str | None, lake: str |
         raise typer.Exit(3) from exc
     except ManifestError as exc:
         console.print(f"[red]manifest error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from exc
+    except StorageError as exc:
+        console.print(f"[red]storage error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from exc
     from slidelake.lake import Lake
 
@@ -300,7 +305,7 @@ def sql(
     try:
         present = present_tables(lake_)
     except QueryError as exc:
-        console.print(f"[red]storage error:[/red] {exc}", highlight=False)
+        console.print(f"[red]storage error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from exc
     if not present:
         console.print(f"[red]no tables:[/red] {lake_.root} holds no slidelake tables (make them with slidelake run)",

@@ -374,6 +374,28 @@ class TablesConfig(_Strict):
     path_root: str | None = None
 
 
+class StorageConfig(_Strict):
+    """How object storage (``s3://`` lake roots and overlay files) is reached.
+
+    Credentials never come from here: they come from the standard AWS chain of each process
+    (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, a profile, an
+    instance role), so they never reach a table, a log or ``runs.config``.
+    ``endpoint``: URL of an S3-compatible server (e.g. ``http://127.0.0.1:8333``); ``null``
+    takes ``AWS_ENDPOINT_URL``, else AWS. ``region``: ``null`` takes ``AWS_REGION``.
+    ``path_style``: address buckets as ``endpoint/bucket/key`` (most S3-compatible servers)
+    instead of ``bucket.endpoint/key``; ``null``: path style exactly when an endpoint is set.
+    ``cache_dir`` / ``cache_gb``: slides on object storage are copied into this folder of each
+    machine that reads them (``null``: ``~/.cache/slidelake/slides``), at most ``cache_gb`` GB,
+    least recently used first out (:mod:`slidelake.slide_cache`).
+    """
+
+    endpoint: str | None = None
+    region: str | None = None
+    path_style: bool | None = None
+    cache_dir: str | None = None
+    cache_gb: float = Field(default=50.0, gt=0)
+
+
 class PipelineConfig(_Strict):
     """The whole configuration of a slidelake run.
 
@@ -395,6 +417,7 @@ class PipelineConfig(_Strict):
     splits: SplitConfig = Field(default_factory=SplitConfig)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     tables: TablesConfig = Field(default_factory=TablesConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
 
     def tiling_dict(self) -> dict[str, Any]:
         """The settings that determine tile content (hashed by :func:`config_hash`)."""

@@ -30,10 +30,12 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from slidelake.config import DecodeConfig, PartitionConfig
+from slidelake.config import DecodeConfig, PartitionConfig, StorageConfig
 from slidelake.encoding import encode_tile
 from slidelake.memory import LRU, peak_rss_mib, trim_heap
 from slidelake.native import CorruptTileError, open_native
+from slidelake.slide_cache import local_copy
+from slidelake.storage import is_remote
 
 DECODE_FIELDS = [
     T.StructField("tile", T.BinaryType(), True),
@@ -287,15 +289,18 @@ class TileDecoder:
     (:attr:`DecodedBatch.tiles`) instead of copying them into a ``bytes`` of their own; the file
     sink then copies the kept ones once, straight into the batch's Arrow column
     (:func:`tile_column`): one copy of 192 KiB per 256 px tile fewer.
+    ``storage``: slides at ``s3://`` URIs are read from their local copies
+    (:func:`slidelake.slide_cache.local_copy`).
     """
 
-    def __init__(self, cfg: DecodeConfig, raw_pixels: bool = False) -> None:
+    def __init__(self, cfg: DecodeConfig, raw_pixels: bool = False, storage: StorageConfig | None = None) -> None:
         self.encoding, self.quality, self.threshold = cfg.encoding, cfg.quality, cfg.background_threshold
         self.raw_pixels = raw_pixels and cfg.encoding == "raw"
         self.batch_size, self.batch_mb = cfg.batch_size, cfg.batch_mb
         self.handles, self.natives = _OPENSLIDE, (_NATIVE if cfg.reader == "auto" else None)
         _OPENSLIDE.size = _NATIVE.size = cfg.max_open_slides
         self.cache_tiles = cfg.native_cache_tiles
+        self.storage = storage
 
     def rows_per_batch(self, extent_x: int, extent_y: int) -> int:
         """Rows per output batch: at most ``decode.batch_size`` and ``decode.batch_mb`` MiB of
@@ -317,9 +322,15 @@ class TileDecoder:
             slide = None
             native = None
             open_error = None  # a file OpenSlide cannot open is tried once per batch, not per tile
-            if natives is not None:
+            local = path
+            if is_remote(path):  # its local copy (the object must still be there)
                 try:
-                    native = natives.get((path, fp), lambda: open_native(path, self.cache_tiles))
+                    local = local_copy(path, self.storage)[0]
+                except Exception as exc:  # noqa: BLE001 - every tile of the slide gets the error
+                    open_error = f"open failed: {type(exc).__name__}: {exc}"
+            if natives is not None and open_error is None:
+                try:
+                    native = natives.get((path, fp), lambda: open_native(local, self.cache_tiles))
                 except Exception:  # noqa: BLE001 - OpenSlide below reports the problem
                     native = None
             for i in idx:
@@ -339,7 +350,7 @@ class TileDecoder:
                 if rgb is None:
                     if slide is None and open_error is None:
                         try:
-                            slide = handles.get((path, fp), lambda: _open_openslide(path))
+                            slide = handles.get((path, fp), lambda: _open_openslide(local))
                         except Exception as exc:  # noqa: BLE001 - file gone or unreadable
                             open_error = f"open failed: {type(exc).__name__}: {exc}"
                     if open_error is not None:

@@ -1,17 +1,19 @@
 """The lake: one object that owns the lake root, every table's location, the Delta writer and
 the operations on the tables.
 
-Tables (Delta, under the lake root): ``slides``, ``masks``, ``<tiles_table>`` (``tiles`` by
-default), ``tile_errors``, ``run_slides``, ``runs``. Mask overlays, thumbnails and QC pictures
-live under ``<overlay root>/overlays/<slide_id>/`` (the lake root unless
-``masks.overlay_root`` is set).
+Tables (Delta, under the lake root, a folder or an ``s3://`` / ``s3a://`` URI): ``slides``,
+``masks``, ``<tiles_table>`` (``tiles`` by default), ``tile_errors``, ``run_slides``, ``runs``.
+Mask overlays, thumbnails and QC pictures live under ``<overlay root>/overlays/<slide_id>/``
+(the lake root unless ``masks.overlay_root`` is set). Object storage is reached with the
+``storage`` settings (:mod:`slidelake.storage`).
 
 The Delta writer is chosen once, when the lake is opened (:meth:`Lake.open`):
 
 * ``spark``: Spark's own Delta data source (Databricks, EMR with Delta, or the Delta Lake jars
-  on a local session's classpath, see :mod:`slidelake.spark`);
-* ``delta-rs``: Parquet files written by Spark (or, for the tiles, by the Python workers) into a
-  staging folder, then committed by delta-rs in one commit (:mod:`slidelake.tables`).
+  on a local session's classpath, see :mod:`slidelake.spark`; Hadoop's S3A for ``s3a://``);
+* ``delta-rs``: small tables written from Arrow by delta-rs; the tiles' Parquet files written
+  by the Python workers into a staging folder (or prefix) of the table, then committed by
+  delta-rs in one commit (:mod:`slidelake.tables`).
 
 Every write is one atomic Delta commit. Slide paths are stored relative to ``path_root`` when
 one is given (:func:`slidelake.tables.to_stored`) and made absolute again when read.
@@ -29,8 +31,9 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from slidelake.config import PipelineConfig
+from slidelake.config import PipelineConfig, StorageConfig
 from slidelake.spark import delta_jars_available
+from slidelake.storage import StorageError, check_access, delta_options, delta_uri, filesystem, is_remote, s3a_settings, size
 from slidelake.tables import (
     WriteResult, arrow_schema, commit_files, discard_staging, from_stored, local_path, maps_to_dicts, nullable,
     new_staging, retry_on_conflict, rows_by_partition, sql_in, staged_files, table_exists, to_stored,
@@ -80,6 +83,23 @@ def session_conf(spark: SparkSession, key: str, value: str) -> Iterator[None]:
         spark.conf.unset(key) if before is None else spark.conf.set(key, before)
 
 
+def _check_s3a(spark: SparkSession, uri: str) -> None:
+    """Open ``uri`` with the Hadoop file system of its scheme (S3A for ``s3a://``) in the driver's
+    JVM, so that missing jars (hadoop-aws, the AWS SDK bundle, the S3 analytics accelerator:
+    ``jobs/fetch_jars.sh s3``) fail before any work.
+
+    Raises:
+        slidelake.storage.StorageError: the JVM cannot open ``uri``; the message is the Java
+            error's first line.
+    """
+    path = spark._jvm.org.apache.hadoop.fs.Path(uri)
+    try:
+        path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).exists(path)
+    except Exception as exc:  # py4j's error: the Java exception is on its second line
+        java = next((line.lstrip(": ") for line in str(exc).splitlines() if "java" in line), str(exc))
+        raise StorageError(f"Spark cannot open {uri}: {java} (Hadoop's S3A jars: jobs/fetch_jars.sh s3)") from None
+
+
 @dataclass(frozen=True)
 class Lake:
     """A lake root and how its Delta tables are read and written.
@@ -92,6 +112,7 @@ class Lake:
         path_root: slide paths under it are stored relative to it (``tables.path_root``).
         overlay_root: folder holding ``overlays/<slide_id>/`` (the root unless set).
         catalog_database: database the tables are registered in by name (``spark`` writer).
+        storage: how object storage is reached (:class:`slidelake.config.StorageConfig`).
     """
 
     spark: SparkSession | None
@@ -101,15 +122,30 @@ class Lake:
     path_root: str | None = None
     overlay_root: str | None = None
     catalog_database: str | None = None
+    storage: StorageConfig | None = None
 
     @classmethod
     def open(cls, spark: SparkSession, cfg: PipelineConfig) -> "Lake":
-        """The lake of ``cfg`` (``lake``, ``tables``, ``masks.overlay_root``), its writer chosen
-        now (:func:`choose_writer`)."""
-        root = cfg.lake if "://" in cfg.lake else os.path.abspath(cfg.lake)
-        overlays = os.path.abspath(cfg.masks.overlay_root) if cfg.masks.overlay_root else root
-        return cls(spark, root, choose_writer(spark, cfg.tables.writer), cfg.tables.tiles_table,
-                   cfg.tables.path_root, overlays, cfg.tables.catalog_database)
+        """The lake of ``cfg`` (``lake``, ``tables``, ``masks.overlay_root``, ``storage``), its
+        writer chosen now (:func:`choose_writer`).
+
+        Raises:
+            slidelake.storage.StorageError: a root on object storage cannot be reached (no such
+                bucket, credentials refused, no server), before any work.
+        """
+        root = cfg.lake.rstrip("/") if "://" in cfg.lake else os.path.abspath(cfg.lake)
+        over = cfg.masks.overlay_root
+        overlays = (over if "://" in over else os.path.abspath(over)) if over else root
+        for uri in {root, overlays}:
+            check_access(uri, cfg.storage)
+        writer = choose_writer(spark, cfg.tables.writer)
+        if writer == "spark" and is_remote(root):  # the same storage settings for Spark's S3A
+            hadoop = spark.sparkContext._jsc.hadoopConfiguration()
+            for key, value in s3a_settings(cfg.storage).items():
+                hadoop.set(key, value)
+            _check_s3a(spark, root)
+        return cls(spark, root, writer, cfg.tables.tiles_table, cfg.tables.path_root, overlays,
+                   cfg.tables.catalog_database, cfg.storage)
 
     # ------------------------------------------------------------------ locations
 
@@ -123,9 +159,19 @@ class Lake:
         return self.overlay_root or self.root
 
     def exists(self, table: TableName) -> bool:
-        """True when ``table`` has a Delta log (remote tables: assumed, their readers decide)."""
+        """True when ``table`` has a Delta log (other URIs than ``s3://``/``s3a://`` of Spark's
+        writer, e.g. ``dbfs:/``: assumed, its readers decide)."""
         p = self.path(table)
-        return "://" in p or table_exists(p)
+        if self.writer == "spark" and "://" in p and not is_remote(p) and not p.startswith("file://"):
+            return True
+        return table_exists(p if is_remote(p) else local_path(p), self.storage)
+
+    def delta_table(self, table: TableName):
+        """``table`` opened by delta-rs (a local folder, or a URI with the storage options)."""
+        from deltalake import DeltaTable
+
+        p = self.path(table)
+        return DeltaTable(delta_uri(p) if is_remote(p) else local_path(p), storage_options=delta_options(self.storage))
 
     # ---------------------------------------------------------------------- reads
 
@@ -162,11 +208,13 @@ class Lake:
             rows = []
         else:
             import pyarrow.parquet as pq
-            from deltalake import DeltaTable
             from urllib.parse import unquote
 
-            files = [unquote(u.removeprefix("file://")) for u in DeltaTable(local_path(self.path(table))).file_uris()]
-            rows = maps_to_dicts(pq.read_table(files, schema=arrow_schema(schema)).to_pylist(), schema) if files else []
+            uris = self.delta_table(table).file_uris()
+            fs = filesystem(uris[0], self.storage)[0] if uris else None
+            files = [filesystem(unquote(u), self.storage)[1] for u in uris]
+            rows = (maps_to_dicts(pq.read_table(files, schema=arrow_schema(schema), filesystem=fs).to_pylist(), schema)
+                    if files else [])
         if self.path_root and "path" in schema.fieldNames():
             for r in rows:
                 r["path"] = from_stored(r.get("path"), self.path_root)
@@ -187,10 +235,8 @@ class Lake:
             if slide_ids is not None:
                 df = df.where(F.col("slide_id").isin(list(slide_ids)))
             return df.select(*columns).toArrow()
-        from deltalake import DeltaTable
-
         parts = [("slide_id", "in", list(slide_ids))] if slide_ids else None
-        return DeltaTable(local_path(self.path(table))).to_pyarrow_table(filters=parts, columns=columns)
+        return self.delta_table(table).to_pyarrow_table(filters=parts, columns=columns)
 
     def partition_values(self, table: TableName, column: str = "slide_id") -> set[str]:
         """Values of the partition ``column`` present in ``table``'s current version (from the
@@ -200,9 +246,8 @@ class Lake:
         if self.writer == "spark":
             return {r[0] for r in self.read(table).select(column).distinct().collect()}
         import pyarrow as pa
-        from deltalake import DeltaTable
 
-        actions = pa.table(DeltaTable(local_path(self.path(table))).get_add_actions(flatten=True))
+        actions = pa.table(self.delta_table(table).get_add_actions(flatten=True))
         key = f"partition.{column}"
         return {v for v in actions.column(key).to_pylist() if v is not None} if key in actions.column_names else set()
 
@@ -235,24 +280,28 @@ class Lake:
                 return self._spark_result(p)
             return self.write_frame(table, df, mode)
         import pyarrow as pa
-        from deltalake import DeltaTable, write_deltalake
+        from deltalake import write_deltalake
 
-        local = local_path(p)
-        os.makedirs(local, exist_ok=True)
+        uri = delta_uri(p) if is_remote(p) else local_path(p)
+        if not is_remote(p):
+            os.makedirs(uri, exist_ok=True)
+        opts = delta_options(self.storage)
         data = pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema.fields} for r in rows],
                                     schema=arrow_schema(schema))
 
         def commit() -> None:
             if mode == "overwrite" and replace_where is not None:
-                if table_exists(local):
-                    write_deltalake(local, data, mode="overwrite", predicate=replace_where, schema_mode="merge")
+                if self.exists(table):
+                    write_deltalake(uri, data, mode="overwrite", predicate=replace_where, schema_mode="merge",
+                                    storage_options=opts)
                 else:  # a new table: append, so a concurrent creator's rows are never overwritten
-                    write_deltalake(local, data, mode="append", schema_mode="merge")
+                    write_deltalake(uri, data, mode="append", schema_mode="merge", storage_options=opts)
             else:  # an older table gains new columns (append) or the new schema (overwrite)
-                write_deltalake(local, data, mode=mode, schema_mode="merge" if mode == "append" else "overwrite")
+                write_deltalake(uri, data, mode=mode, schema_mode="merge" if mode == "append" else "overwrite",
+                                storage_options=opts)
 
         retry_on_conflict(commit)
-        return WriteResult(DeltaTable(local).version(), 1, len(rows))
+        return WriteResult(self.delta_table(table).version(), 1, len(rows))
 
     def write_frame(self, table: TableName, df: DataFrame, mode: str = "append", partition_by: list[str] | None = None,
                     replace_partitions: list[str] | None = None) -> WriteResult:
@@ -332,20 +381,10 @@ class Lake:
         return WriteResult(int(hist[0]["version"]), int(metrics.get("numFiles", 0)), int(metrics.get("numOutputRows", 0)))
 
     def new_staging(self, table: TableName) -> str:
-        """A fresh local staging folder for data files of ``table`` that :meth:`commit_files`
-        will commit (:func:`slidelake.tables.new_staging`): ``<table>/_staging/<uuid>``, or for a
-        lake on object storage (Spark's writer) ``<overlay root>/<table>/_staging/<uuid>``, on a
-        folder every executor mounts (``masks.overlay_root``).
-
-        Raises:
-            ValueError: the lake is on object storage and no local overlay root is set.
-        """
-        if "://" not in self.root or self.root.startswith("file://"):
-            return new_staging(self.path(table))
-        if "://" in self.overlays:
-            raise ValueError(f"lake {self.root} is on object storage: set masks.overlay_root to a folder every "
-                             "executor mounts (the workers stage the tile files there before the commit)")
-        return new_staging(os.path.join(self.overlays, table))  # <overlay root>/<table>/_staging/<uuid>
+        """A fresh staging folder (or object-storage prefix) for data files of ``table`` that
+        :meth:`commit_files` will commit: ``<table>/_staging/<uuid>``
+        (:func:`slidelake.tables.new_staging`)."""
+        return new_staging(self.path(table), self.storage)
 
     def commit_files(self, table: TableName, staging: str, files: list[tuple[str, int]], schema: T.StructType,
                      partition_by: list[str], replace_partitions: list[str] | None,
@@ -365,17 +404,19 @@ class Lake:
         then the caller's to discard.
         """
         if self.writer != "spark":
-            return commit_files(self.path(table), staging, files, schema, "overwrite", partition_by, replace_partitions)
+            return commit_files(self.path(table), staging, files, schema, "overwrite", partition_by, replace_partitions,
+                                self.storage)
         self._describe(f"commit {table}")
         rows = sum(n for _, n in files)
-        size = sum(os.path.getsize(os.path.join(staging, rel)) for rel, _ in files)
+        nbytes = sum(size(f"{staging}/{rel}", self.storage) for rel, _ in files)
         # Spark's vectorized Parquet reader holds 4,096 rows a batch by default: with tiles of
         # 20-200 KB that is hundreds of MiB per batch, and reading staged tiles took 3x longer
-        batch = str(max(16, min(4096, READER_BATCH_BYTES * max(1, rows) // max(1, size))))
+        batch = str(max(16, min(4096, READER_BATCH_BYTES * max(1, rows) // max(1, nbytes))))
         with session_conf(self.spark, READER_BATCH_CONF, batch):
-            local = "file://" + os.path.abspath(staging)  # not the cluster's default file system
-            df = (self.spark.read.schema(schema).option("basePath", local)
-                  .parquet(*(f"{local}/{rel}" for rel, _ in files)).select(*schema.fieldNames())
+            # a local folder named as one (not the cluster's default file system), or the bucket
+            base = staging if is_remote(staging) else "file://" + os.path.abspath(staging)
+            df = (self.spark.read.schema(schema).option("basePath", base)
+                  .parquet(*(f"{base}/{rel}" for rel, _ in files)).select(*schema.fieldNames())
                   if files else self.spark.createDataFrame([], schema))  # no kept tile: the partitions empty
             return self._write_frame_spark(df, self.path(table), "overwrite", partition_by, replace_partitions,
                                            rows_by_partition(files, partition_by), compression)

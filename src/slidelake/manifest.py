@@ -31,7 +31,8 @@ def read_manifest(path: str) -> pd.DataFrame:
         raise ValueError(f"manifest {path} has no 'path' column (columns: {list(df.columns)})")
     base = os.path.dirname(os.path.abspath(path))
     df = df.copy()
-    df["path"] = [p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p)) for p in df["path"].astype(str)]
+    df["path"] = [p if os.path.isabs(p) or "://" in p else os.path.normpath(os.path.join(base, p))
+                  for p in df["path"].astype(str)]
     return df
 
 

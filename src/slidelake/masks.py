@@ -23,13 +23,15 @@ import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
-from slidelake.config import MaskConfig
+from slidelake.config import MaskConfig, StorageConfig
 from slidelake.memory import freeze_long_lived, peak_rss_mib, release_memory, reset_peak_rss
 from slidelake.overlays import MaskError, computed_overlay_path, overlay_dir, read_overlay, user_overlay_path, write_overlay
-from slidelake.qc import qc_picture
+from slidelake.qc import encode_picture, qc_picture
 from slidelake.rows import MaskRow, SlideRow, spark_schema
 from slidelake.slides import SLIDES_SCHEMA
+from slidelake.slide_cache import local_copy
 from slidelake.spark import local_frame
+from slidelake.storage import exists, join, write_bytes
 from slidelake.tissue import BACKGROUND, mask_size, tissue_mask
 
 if TYPE_CHECKING:
@@ -140,7 +142,7 @@ def read_slide_at(slide: Any, out_size: tuple[int, int], chunk_px: int = 2048,
 
 
 def compute_mask(row: SlideRow, cfg: MaskConfig, lake_root: str, run_id: str,
-                 phash: str, threads: int = 1, qc: bool = True) -> MaskRow:
+                 phash: str, threads: int = 1, qc: bool = True, storage: StorageConfig | None = None) -> MaskRow:
     """Make (or take the user's) overlay of one slide and return its ``masks`` row.
 
     A slide without mpp gets a mask made as if level 0 were :data:`NOMINAL_MPP` µm/px (said in
@@ -154,6 +156,7 @@ def compute_mask(row: SlideRow, cfg: MaskConfig, lake_root: str, run_id: str,
         threads: threads reading the slide (:func:`read_slide_at`).
         qc: draw the QC picture (``qc_path``: thumbnail and mask outline) now; false when the
             caller draws it later (a tiling run, with its tiles). The path is in the row either way.
+        storage: how an ``s3://`` overlay root is reached.
     """
     from datetime import datetime, timezone
 
@@ -164,7 +167,7 @@ def compute_mask(row: SlideRow, cfg: MaskConfig, lake_root: str, run_id: str,
                slide_height=int(row["height"]) if row["height"] is not None else None,
                created_at=datetime.now(timezone.utc).replace(tzinfo=None))
     try:
-        out.update(_compute_mask(row, cfg, lake_root, phash, threads, qc))
+        out.update(_compute_mask(row, cfg, lake_root, phash, threads, qc, storage))
         out["status"] = "ok"
     except Exception as exc:  # noqa: BLE001 - one slide's failure is its error row
         msg = f"{type(exc).__name__}: {exc}"
@@ -184,12 +187,14 @@ def _native_of(path: str, slide: Any) -> Any:
         return None
 
 
-def _read_at_mask_size(path: str, size: tuple[int, int], cfg: MaskConfig, threads: int
-                       ) -> tuple[np.ndarray, np.ndarray, int]:
+def _read_at_mask_size(path: str, size: tuple[int, int], cfg: MaskConfig, threads: int,
+                       storage: StorageConfig | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """The slide at ``path`` read at ``size`` (w, h) (:func:`read_slide_at`, from the file's own
-    tiles when ``cfg.reader`` allows), and the pyramid level it was read from."""
+    tiles when ``cfg.reader`` allows; an ``s3://`` slide from its local copy), and the pyramid
+    level it was read from."""
     import openslide
 
+    path = local_copy(path, storage)[0]
     slide = openslide.OpenSlide(path)
     native = _native_of(path, slide) if cfg.reader == "auto" else None
     try:
@@ -216,11 +221,12 @@ class MaskPixels(NamedTuple):
 
 
 def mask_pixels(path: str, width0: int, height0: int, mpp_x: float | None, mpp_y: float | None,
-                cfg: MaskConfig, threads: int = 1) -> MaskPixels:
+                cfg: MaskConfig, threads: int = 1, storage: StorageConfig | None = None) -> MaskPixels:
     """Read a slide at the mask size and threshold it (:func:`mask_size`, :func:`read_slide_at`,
     :func:`tissue_mask`); nothing is written. ``width0``, ``height0``: level-0 px; ``mpp_x``,
     ``mpp_y``: level-0 µm/px, None for a slide without mpp (the mask then assumes
-    :data:`NOMINAL_MPP`, said in ``info["algorithm"]``).
+    :data:`NOMINAL_MPP`, said in ``info["algorithm"]``); ``storage``: how an ``s3://`` slide
+    is reached.
 
     Raises:
         MaskError: the mask would exceed ``cfg.max_megapixels``.
@@ -234,7 +240,7 @@ def mask_pixels(path: str, width0: int, height0: int, mpp_x: float | None, mpp_y
         # absurd dimensions (a corrupt header, or masks.mpp far too fine) must not exhaust memory
         raise MaskError(f"the mask would be {w} x {h} px ({w * h / 1e6:,.0f} Mpx) at {cfg.mpp} µm/px, over "
                         f"masks.max_megapixels={cfg.max_megapixels:g}; raise --mask-mpp (masks.mpp) or the limit")
-    rgb, valid, level = _read_at_mask_size(path, (w, h), cfg, threads)
+    rgb, valid, level = _read_at_mask_size(path, (w, h), cfg, threads, storage)
     mpp = (mx * width0 / w, my * height0 / h)
     labels, info = tissue_mask(rgb, valid, mpp, cfg)
     if not known:
@@ -243,35 +249,32 @@ def mask_pixels(path: str, width0: int, height0: int, mpp_x: float | None, mpp_y
 
 
 def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: str, threads: int,
-                  qc: bool) -> dict[str, Any]:
-    from PIL import Image
-
+                  qc: bool, storage: StorageConfig | None) -> dict[str, Any]:
     W0, H0 = int(row["width"]), int(row["height"])
     folder = overlay_dir(lake_root, row["slide_id"])
-    user = user_overlay_path(row["path"], row.get("attributes"), cfg)
+    user = user_overlay_path(row["path"], row.get("attributes"), cfg, storage)
     if user is not None:
-        labels, _ = read_overlay(user)
+        labels, _ = read_overlay(user, storage)
         h, w = labels.shape
-        rgb, _valid, level = _read_at_mask_size(row["path"], (w, h), cfg, threads)
+        rgb, _valid, level = _read_at_mask_size(row["path"], (w, h), cfg, threads, storage)
         res: dict[str, Any] = dict(source="user", mask_path=user, algorithm="user overlay",
                                    params=json.dumps({"overlay": user}))
     else:
-        px = mask_pixels(row["path"], W0, H0, row["mpp_x"], row["mpp_y"], cfg, threads)
+        px = mask_pixels(row["path"], W0, H0, row["mpp_x"], row["mpp_y"], cfg, threads, storage)
         rgb, labels, level = px.rgb, px.labels, px.level
         h, w = labels.shape
         mask_path = computed_overlay_path(lake_root, row["slide_id"], phash)
-        write_overlay(mask_path, labels, px.mpp)
+        write_overlay(mask_path, labels, px.mpp, storage=storage)
         res = dict(source="computed", mask_path=mask_path, algorithm=px.info["algorithm"],
                    params=json.dumps(cfg.algorithm_dict(), sort_keys=True),
                    polarity=px.info["polarity"], thresholds=px.info["thresholds"])
-    os.makedirs(folder, exist_ok=True)
-    thumb = os.path.join(folder, f"thumbnail-{phash}.jpg")
-    Image.fromarray(rgb).save(thumb, quality=90)
-    qc_file = os.path.join(folder, f"qc-{phash}.png")
+    thumb = join(folder, f"thumbnail-{phash}.jpg")
+    write_bytes(thumb, encode_picture(rgb, "JPEG", quality=90), storage)
+    qc_file = join(folder, f"qc-{phash}.png")
     if qc:
         # the outline is drawn on the thumbnail's pixels, no longer needed; zlib level 1 (~5x faster than 6, lossless)
         picture = qc_picture(rgb, labels, inplace=True, polarity=res.get("polarity"))
-        Image.fromarray(picture).save(qc_file, compress_level=1)
+        write_bytes(qc_file, encode_picture(picture, "PNG", compress_level=1), storage)
     del rgb
     ds_x, ds_y = W0 / w, H0 / h
     mpp_x = row["mpp_x"] * ds_x if row["mpp_x"] is not None else None
@@ -286,7 +289,7 @@ def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: s
 
 def _mask_row(rec: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str, phash: str,
               on_profile: Callable[[dict[str, float]], None] | None, worker: bool,
-              threads: int = 1, qc: bool = True) -> dict[str, Any]:
+              threads: int = 1, qc: bool = True, storage: StorageConfig | None = None) -> dict[str, Any]:
     """The ``masks`` row of one ``slides`` row (see :func:`make_masks`); ``worker``: in a Spark
     worker (measure its peak memory, give memory back afterwards); ``threads``: threads reading
     the slide; ``qc``: as :func:`compute_mask`."""
@@ -299,7 +302,7 @@ def _mask_row(rec: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str,
     for k in ("mpp_x", "mpp_y", "width", "height"):
         if rec[k] is not None and isinstance(rec[k], float) and math.isnan(rec[k]):
             rec[k] = None  # pandas turns a null double into NaN
-    row = compute_mask(rec, cfg, lake_root, run_id, phash, threads, qc)
+    row = compute_mask(rec, cfg, lake_root, run_id, phash, threads, qc, storage)
     if on_profile is not None:
         fig = {"masks.s": time.perf_counter() - t0, "masks.slides": 1.0}
         if worker:
@@ -312,7 +315,7 @@ def _mask_row(rec: dict[str, Any], cfg: MaskConfig, lake_root: str, run_id: str,
 
 def compute_masks_on_driver(slides: list[SlideRow], cfg: MaskConfig, lake_root: str, run_id: str,
                             on_profile: Callable[[dict[str, float]], None] | None = None,
-                            qc: bool = True) -> list[MaskRow]:
+                            qc: bool = True, storage: StorageConfig | None = None) -> list[MaskRow]:
     """The masks of a few ``slides`` made in this process, one thread per core (up to one per
     slide; the cores left over read the slides' regions in parallel), without a Spark job: for
     fewer than ``masks.on_driver_below`` slides a job's start-up costs more than the masks (see
@@ -338,7 +341,7 @@ def compute_masks_on_driver(slides: list[SlideRow], cfg: MaskConfig, lake_root: 
 
     def one(rec: dict[str, Any]) -> dict[str, Any]:
         return _mask_row(rec, cfg, lake_root, run_id, phash, report if on_profile is not None else None, False,
-                         readers, qc)
+                         readers, qc, storage)
 
     with ThreadPoolExecutor(max_workers=max(1, min(len(slides), cores))) as pool:
         return list(pool.map(one, slides))
@@ -346,9 +349,9 @@ def compute_masks_on_driver(slides: list[SlideRow], cfg: MaskConfig, lake_root: 
 
 def make_masks(spark: SparkSession, slides: list[SlideRow], cfg: MaskConfig, lake_root: str,
                run_id: str, on_profile: Callable[[dict[str, float]], None] | None = None,
-               qc: bool = True) -> DataFrame:
+               qc: bool = True, storage: StorageConfig | None = None) -> DataFrame:
     """Compute the masks of ``slides`` (``slides`` rows as dicts), one Spark task per slide
-    (``qc`` as :func:`compute_mask`).
+    (``qc`` and ``storage`` as :func:`compute_mask`).
 
     ``on_profile({"masks.s": seconds, "masks.slides": 1, "masks.worker_peak_mib": MiB})`` is
     called once per slide (``--profile``; the peak is the worker's resident set while it made
@@ -374,7 +377,8 @@ def make_masks(spark: SparkSession, slides: list[SlideRow], cfg: MaskConfig, lak
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         freeze_long_lived()
         for pdf in batches:
-            rows = [_mask_row(rec, cfg, lake_root, run_id, phash, on_profile, True, 1, qc) for rec in pdf.to_dict("records")]
+            rows = [_mask_row(rec, cfg, lake_root, run_id, phash, on_profile, True, 1, qc, storage)
+                    for rec in pdf.to_dict("records")]
             yield pd.DataFrame(rows, columns=MASKS_SCHEMA.fieldNames())
 
     spark.sparkContext.setJobDescription("masks")
@@ -419,15 +423,15 @@ def mask_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, slides: list[Sl
         ids = {r["slide_id"] for r in slides}
         reuse = {m["slide_id"]: m for m in lake.read_rows("masks", MASKS_SCHEMA)
                  if m["params_hash"] == phash and m["status"] == "ok" and m["source"] == "computed"
-                 and m["slide_id"] in ids and m["mask_path"] and os.path.isfile(m["mask_path"])}
+                 and m["slide_id"] in ids and m["mask_path"] and exists(m["mask_path"], lake.storage)}
         todo = [r for r in slides if r["slide_id"] not in reuse]
         with StageProgress(lake.spark, "slides masked", len(todo),
                            lambda: int(done.value.get("masks.slides", 0)) if done is not None else 0, progress):
             if len(todo) < cfg.masks.on_driver_below:  # a Spark job's start-up costs more than a mask
-                made = compute_masks_on_driver(todo, cfg.masks, lake.overlays, rec.run_id, on_profile, qc)
+                made = compute_masks_on_driver(todo, cfg.masks, lake.overlays, rec.run_id, on_profile, qc, lake.storage)
             else:
-                made = [m.asDict(recursive=True) for m in
-                        make_masks(lake.spark, todo, cfg.masks, lake.overlays, rec.run_id, on_profile, qc).collect()]
+                made = [m.asDict(recursive=True) for m in make_masks(
+                    lake.spark, todo, cfg.masks, lake.overlays, rec.run_id, on_profile, qc, lake.storage).collect()]
         if made:
             # replace the rows of these slides and settings only (concurrent runs keep theirs)
             where = f"params_hash = '{phash}' AND " + sql_in("slide_id", [m["slide_id"] for m in made])

@@ -37,6 +37,7 @@ from pyspark.sql import types as T
 
 from slidelake.annotations import AnnotationIndex, label_rule, load_annotations
 from slidelake.filtering import overlap_keep
+from slidelake.config import StorageConfig
 from slidelake.memory import LRU, freeze_long_lived, peak_rss_mib, reset_peak_rss, trim_heap
 
 OVERLAP_FIELDS = [
@@ -262,6 +263,7 @@ class SlideInputs(NamedTuple):
         downsample: tile px -> level-0 px.
         overlay_path: the slide's overlay (pyramidal TIFF), or None.
         annotations_path: the slide's GeoJSON annotations, or None.
+        storage: how an ``s3://`` overlay is reached.
     """
 
     width: int
@@ -269,6 +271,7 @@ class SlideInputs(NamedTuple):
     downsample: float
     overlay_path: str | None = None
     annotations_path: str | None = None
+    storage: StorageConfig | None = None
 
 
 _OVERLAYS = LRU(2)
@@ -291,10 +294,10 @@ def drop_task_caches() -> None:
     trim_heap()
 
 
-def _load_overlay(path: str, size: tuple[int, int]) -> OverlayIndex:
-    from slidelake.masks import read_overlay
+def _load_overlay(path: str, size: tuple[int, int], storage: StorageConfig | None) -> OverlayIndex:
+    from slidelake.overlays import read_overlay
 
-    labels, _ = read_overlay(path)
+    labels, _ = read_overlay(path, storage)
     return OverlayIndex(labels, size)
 
 
@@ -349,7 +352,7 @@ def slide_overlap(rows: pa.RecordBatch, slide: SlideInputs, tile_roi_wkt: str | 
     opath = slide.overlay_path
     if opath:
         try:
-            ov = _OVERLAYS.get((opath, W0, H0), lambda: _load_overlay(opath, (W0, H0)))
+            ov = _OVERLAYS.get((opath, W0, H0), lambda: _load_overlay(opath, (W0, H0), slide.storage))
             if roi is None or roi_is_rect(roi):
                 fr = ov.fractions(x0, y0, x1, y1)
             else:
@@ -363,7 +366,7 @@ def slide_overlap(rows: pa.RecordBatch, slide: SlideInputs, tile_roi_wkt: str | 
     apath = slide.annotations_path
     if apath:
         try:
-            idx = _ANNOTATIONS.get(apath, lambda: AnnotationIndex(load_annotations(apath)))
+            idx = _ANNOTATIONS.get(apath, lambda: AnnotationIndex(load_annotations(apath, slide.storage)))
             g = geoms if geoms is not None else shapely.box(x0, y0, x1, y1)
             per_class, annotated = idx.fractions(g)
             out["class_fractions"] = fraction_map(idx.names, per_class, per_class > 0)

@@ -17,20 +17,22 @@ user overlay is a manifest column or a sidecar file beside the slide.
 
 from __future__ import annotations
 
-from typing import Any
-
+import io
 import os
+from typing import Any
 
 import numpy as np
 
-from slidelake.config import MaskConfig
+from slidelake.config import MaskConfig, StorageConfig
+from slidelake.storage import exists, is_remote, join, read_bytes, write_bytes
 
 
 class MaskError(ValueError):
     """A slide cannot get a mask (mask too large, unreadable overlay, ...)."""
 
 
-def write_overlay(path: str, labels: np.ndarray, mpp: tuple[float, float], tile: int = 256) -> None:
+def write_overlay(path: str, labels: np.ndarray, mpp: tuple[float, float], tile: int = 256,
+                  storage: StorageConfig | None = None) -> None:
     """Save a label image as a tiled, pyramidal, deflate-compressed (Big)TIFF overlay.
 
     Level ``k`` is level 0 subsampled by ``2**k`` (nearest: labels are never blended), written
@@ -38,17 +40,17 @@ def write_overlay(path: str, labels: np.ndarray, mpp: tuple[float, float], tile:
     TIFF reader finds levels; levels stop when the longer side is at most ``tile`` px.
 
     Args:
-        path: output file (parent folders are created; written to ``path + '.tmp'`` then
-            renamed, so readers never see a half-written overlay).
+        path: output file or ``s3://`` object (written whole, atomically for readers,
+            :func:`slidelake.storage.write_bytes`).
         labels: uint8 ``(h, w)``.
         mpp: ``(x, y)`` µm/px of level 0, stored as resolution tags in pixels per centimetre.
+        storage: how an ``s3://`` path is reached.
     """
     import tifffile
 
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
+    buf = io.BytesIO()
     bigtiff = labels.nbytes > 2**31
-    with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tw:
+    with tifffile.TiffWriter(buf, bigtiff=bigtiff) as tw:
         k, lvl = 0, labels
         while True:
             kw: dict[str, Any] = dict(
@@ -60,11 +62,12 @@ def write_overlay(path: str, labels: np.ndarray, mpp: tuple[float, float], tile:
             if max(lvl.shape) <= tile:
                 break
             k, lvl = k + 1, labels[:: 2 ** (k + 1), :: 2 ** (k + 1)]
-    os.replace(tmp, path)
+    write_bytes(path, buf.getbuffer(), storage)
 
 
-def read_overlay(path: str) -> tuple[np.ndarray, tuple[float, float] | None]:
-    """Read level 0 of an overlay TIFF.
+def read_overlay(path: str, storage: StorageConfig | None = None) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """Read level 0 of an overlay TIFF (a file, or an ``s3://`` object read whole with
+    ``storage``).
 
     Returns:
         ``(labels, mpp)``: uint8 ``(h, w)`` (the first channel of a multi-channel image) and
@@ -76,7 +79,7 @@ def read_overlay(path: str) -> tuple[np.ndarray, tuple[float, float] | None]:
     import tifffile
 
     try:
-        with tifffile.TiffFile(path) as tf:
+        with tifffile.TiffFile(io.BytesIO(read_bytes(path, storage)) if is_remote(path) else path) as tf:
             page = tf.pages[0]
             arr = page.asarray()
             mpp = None
@@ -100,30 +103,34 @@ def read_overlay(path: str) -> tuple[np.ndarray, tuple[float, float] | None]:
 
 
 def overlay_dir(lake_root: str, slide_id: str) -> str:
-    """Folder of a slide's overlay files: ``<lake>/overlays/<slide_id>``."""
-    return os.path.join(lake_root, "overlays", slide_id)
+    """Folder of a slide's overlay files: ``<lake>/overlays/<slide_id>`` (a URI under an
+    ``s3://`` root)."""
+    return join(lake_root, "overlays", slide_id)
 
 
-def user_overlay_path(path: str, attributes: dict[str, str] | None, cfg: MaskConfig) -> str | None:
+def user_overlay_path(path: str, attributes: dict[str, str] | None, cfg: MaskConfig,
+                      storage: StorageConfig | None = None) -> str | None:
     """The user overlay of a slide: the manifest column ``cfg.overlay_column``, else a sidecar
     ``<slide path without extension><cfg.overlay_suffix>`` (or the ``.tif`` spelling) that
-    exists; None when neither. A relative manifest value is relative to the slide's folder."""
+    exists (an object beside an ``s3://`` slide, reached with ``storage``); None when neither.
+    A relative manifest value is relative to the slide's folder."""
     attrs = attributes or {}
     given = attrs.get(cfg.overlay_column)
     if given:
-        return given if os.path.isabs(given) else os.path.join(os.path.dirname(path), given)
+        return given if os.path.isabs(given) or "://" in given else join(path.rsplit("/", 1)[0], given)
     stem, _ = os.path.splitext(path)
     suffixes = [cfg.overlay_suffix]
     if cfg.overlay_suffix.endswith(".tiff"):
         suffixes.append(cfg.overlay_suffix[:-1])
     for suf in suffixes:
-        if os.path.isfile(stem + suf):
+        if exists(stem + suf, storage):
             return stem + suf
     return None
 
 
 def computed_overlay_path(lake_root: str, slide_id: str, phash: str) -> str:
-    return os.path.join(overlay_dir(lake_root, slide_id), f"tissue-{phash}.tiff")
+    """The computed overlay of a slide: ``<lake>/overlays/<slide_id>/tissue-<params_hash>.tiff``."""
+    return join(overlay_dir(lake_root, slide_id), f"tissue-{phash}.tiff")
 
 
 __all__ = ["MaskError", "write_overlay", "read_overlay", "overlay_dir", "user_overlay_path", "computed_overlay_path"]

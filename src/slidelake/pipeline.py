@@ -14,6 +14,7 @@ live in the modules named after them (:mod:`slidelake.slides`, :mod:`slidelake.m
 from __future__ import annotations
 
 import json
+import logging
 from typing import Callable
 
 import numpy as np
@@ -97,10 +98,10 @@ def tile_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, slides: list[Sl
         rects = _tile_batches(lake, cfg, rec, good, slides, masks, generated, replace_table, progress, on_profile)
     except BaseException:
         # a failed run still leaves each new mask's QC picture (outline, no tiles)
-        draw_qc_after_failure({sid: m for sid, m in masks.items() if m.get("run_id") == rec.run_id})
+        draw_qc_after_failure({sid: m for sid, m in masks.items() if m.get("run_id") == rec.run_id}, lake.storage)
         raise
     with rec.stage("qc"):
-        draw_qc({r["slide_id"]: masks[r["slide_id"]] for r in good if r["slide_id"] in masks}, rects)
+        draw_qc({r["slide_id"]: masks[r["slide_id"]] for r in good if r["slide_id"] in masks}, rects, lake.storage)
     counts = rec.slide_counts
     total, written = sum(generated.values()), sum(c["tiles_written"] for c in counts)
     if prof_acc is not None:
@@ -181,7 +182,7 @@ def plan_tiles(spark: SparkSession, cfg: PipelineConfig, batch: list[ResolvedSli
     """
     grid_cfg, fcfg, ann = cfg.grid, cfg.filter, cfg.annotations
     schema = spark_schema(ResolvedSlide)
-    notes = {r["slide_id"]: annotation_path(r["path"], r["attributes"], ann.column, ann.sidecar_suffix)
+    notes = {r["slide_id"]: annotation_path(r["path"], r["attributes"], ann.column, ann.sidecar_suffix, cfg.storage)
              if ann.enabled else None for r in batch}
     sides = T.StructType([T.StructField("overlay_path", T.StringType()),
                           T.StructField("annotations_path", T.StringType())])
@@ -212,7 +213,7 @@ def plan_tiles(spark: SparkSession, cfg: PipelineConfig, batch: list[ResolvedSli
     # only tiles that pass are ever decoded (tiles whose overlap failed go on, undecoded, so
     # the write stage records them exactly)
     inputs = {r["slide_id"]: SlideInputs(r["width"], r["height"], r["downsample"], overlay[r["slide_id"]],
-                                         notes[r["slide_id"]]) for r in batch}
+                                         notes[r["slide_id"]], cfg.storage) for r in batch}
     min_tissue = fcfg.min_tissue_fraction if cfg.masks.enabled else None
     tiles = overlap_tiles(tiles, inputs, grid_cfg.tile_roi, ann.label_min_fraction, min_tissue,
                           fcfg.min_annotated_fraction, on_profile, on_skipped)
@@ -254,7 +255,13 @@ def _run(spark: SparkSession, cfg: PipelineConfig, job: str, body: Callable[[Lak
         row = rec.row()
         for key in ("slide_counts", "slide_errors"):  # per-slide lists carry paths too
             row[key] = [{**e, "path": to_stored(e.get("path"), lake.path_root)} for e in row[key] or []]
-        lake.write_rows("runs", [row], RUNS_SCHEMA, mode="append")
+        try:
+            lake.write_rows("runs", [row], RUNS_SCHEMA, mode="append")
+        except Exception as exc:  # noqa: BLE001 - a failed run's own error is the one to raise
+            if rec.status == "succeeded":
+                raise
+            logging.getLogger(__name__).warning("the runs row of the failed run %s was not written: %s",
+                                                rec.run_id, exc)
         if rec.status == "succeeded":
             lake.register()
     return rec

@@ -8,8 +8,13 @@ integer factor towards :data:`QC_MAX_SIDE` px.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+
+from slidelake.config import StorageConfig
 from slidelake.rows import MaskRow
+from slidelake.storage import read_bytes, write_bytes
 
 QC_MAX_SIDE = 1024  # px of the longer side of a QC picture (small slides are upscaled to it)
 
@@ -71,13 +76,23 @@ def qc_picture(rgb: np.ndarray, mask: np.ndarray, tiles: np.ndarray | None = Non
     return np.asarray(img)
 
 
-def draw_qc(masks: dict[str, MaskRow], rects: dict[str, np.ndarray]) -> None:
+def encode_picture(rgb: np.ndarray, fmt: str, **options) -> bytes:
+    """uint8 ``(h, w, 3)`` (or ``(h, w)``) pixels as the bytes of a ``fmt`` (Pillow format name,
+    e.g. ``JPEG``, ``PNG``) file; ``options`` go to Pillow's ``save``."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def draw_qc(masks: dict[str, MaskRow], rects: dict[str, np.ndarray], storage: StorageConfig | None = None) -> None:
     """Draw each slide's QC picture (``masks.qc_path``) with the tiles a run kept.
 
     ``rects``: ``{slide_id: (n, 4) array}`` of the kept tiles' ``(x0, y0, x1, y1)`` in
     level-0 px, as the workers' task results report them (a slide absent: the outline only).
     Drawn in mask px over the thumbnail, on the driver, one thread per core (a picture takes
-    tens of ms).
+    tens of ms); ``storage`` reaches overlays and pictures in an ``s3://`` lake.
     """
     import os
     from concurrent.futures import ThreadPoolExecutor
@@ -94,23 +109,24 @@ def draw_qc(masks: dict[str, MaskRow], rects: dict[str, np.ndarray]) -> None:
         m = todo[sid]
         boxes = np.asarray(rects.get(sid, np.zeros((0, 4))), dtype=float)
         boxes = boxes / np.array([m["mask_downsample_x"], m["mask_downsample_y"]] * 2, dtype=float)
-        labels, _ = read_overlay(m["mask_path"])
-        rgb = np.asarray(Image.open(m["thumbnail_path"]).convert("RGB"))
-        Image.fromarray(qc_picture(rgb, labels, boxes, polarity=m.get("polarity"))).save(m["qc_path"], compress_level=1)
+        labels, _ = read_overlay(m["mask_path"], storage)
+        rgb = np.asarray(Image.open(io.BytesIO(read_bytes(m["thumbnail_path"], storage))).convert("RGB"))
+        picture = qc_picture(rgb, labels, boxes, polarity=m.get("polarity"))
+        write_bytes(m["qc_path"], encode_picture(picture, "PNG", compress_level=1), storage)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(pool.map(draw, list(todo)))
 
 
-def draw_qc_after_failure(masks: dict[str, MaskRow]) -> None:
+def draw_qc_after_failure(masks: dict[str, MaskRow], storage: StorageConfig | None = None) -> None:
     """The QC pictures of ``masks`` (made by a tiling run that then failed), outline only; an
     error here is logged, not raised over the run's own error."""
     try:
-        draw_qc(masks, {})
+        draw_qc(masks, {}, storage)
     except Exception as exc:  # noqa: BLE001 - the run's own error is the one to raise
         import logging
 
         logging.getLogger(__name__).warning("QC pictures of the failed run not drawn: %s", exc)
 
 
-__all__ = ["QC_MAX_SIDE", "mask_outline", "stretch", "qc_picture", "draw_qc", "draw_qc_after_failure"]
+__all__ = ["QC_MAX_SIDE", "mask_outline", "stretch", "qc_picture", "encode_picture", "draw_qc", "draw_qc_after_failure"]

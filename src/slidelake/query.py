@@ -34,28 +34,14 @@ def present_tables(lake: Lake) -> list[str]:
         QueryError: the storage refused the listing (wrong credentials, no such bucket, no
             server), in one line that names the lake and no secret.
     """
-    from deltalake import DeltaTable
-
     from slidelake.lake import TABLES
+    from slidelake.storage import storage_reason
 
     try:
-        return [name for name in TABLES if DeltaTable.is_deltatable(lake.path(name).removeprefix("file://"))]
+        return [name for name in TABLES if lake.exists(name)]
     except OSError as exc:
         raise QueryError(f"cannot read {lake.root}: {storage_reason(exc)} (credentials and endpoint come from "
                          "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT_URL)") from exc
-
-
-def storage_reason(exc: BaseException) -> str:
-    """The line of an object-store error that says why (an HTTP status, a refused connection),
-    without colour codes or request details."""
-    import re
-
-    lines = [re.sub(r"\x1b\[[0-9;]*m|↳", "", ln).strip() for ln in str(exc).splitlines()]
-    lines = [ln for ln in lines if ln]
-    for ln in reversed(lines):
-        if re.match(r"^\d{3} \w", ln) or "refused" in ln.lower() or "dns" in ln.lower():
-            return ln
-    return lines[0] if lines else type(exc).__name__
 
 
 def run_query(query: str, lake: Lake, tables: list[str], engine: Literal["datafusion", "spark"],
@@ -67,11 +53,11 @@ def run_query(query: str, lake: Lake, tables: list[str], engine: Literal["datafu
         QueryError: the engine refused the query (its first line).
     """
     if engine == "datafusion":
-        from deltalake import DeltaTable, QueryBuilder
+        from deltalake import QueryBuilder
 
         qb = QueryBuilder()
         for name in tables:
-            qb.register(name, DeltaTable(lake.path(name).removeprefix("file://")))
+            qb.register(name, lake.delta_table(name))
         try:
             batches, n = [], 0
             for batch in qb.execute(query):  # stops reading at the limit
@@ -149,4 +135,4 @@ def to_json(cols: list[str], rows: list[list[Any]]) -> str:
     return json.dumps([dict(zip(cols, r)) for r in rows], default=cell_text, indent=None)
 
 
-__all__ = ["QueryError", "present_tables", "storage_reason", "run_query", "plain_rows", "cell_text", "to_csv", "to_json"]
+__all__ = ["QueryError", "present_tables", "run_query", "plain_rows", "cell_text", "to_csv", "to_json"]

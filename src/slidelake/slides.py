@@ -39,8 +39,10 @@ if TYPE_CHECKING:
 
 SLIDES_SCHEMA = spark_schema(SlideRow)
 
-from slidelake.config import PROPERTY_ALLOWLIST  # noqa: E402 - re-exported
+from slidelake.config import PROPERTY_ALLOWLIST, StorageConfig  # noqa: E402 - re-exported
+from slidelake.slide_cache import companions, list_objects, local_copy, object_info  # noqa: E402
 from slidelake.spark import local_frame  # noqa: E402
+from slidelake.storage import is_remote  # noqa: E402
 
 # Where level-0 mpp is looked up, in order (as TRIDENT's chain). TIFF resolution tags are in
 # pixels per unit; ``_tiff_mpp`` converts them.
@@ -134,13 +136,16 @@ def objective_from_properties(props: dict[str, str]) -> float | None:
     return None
 
 
-def probe_slide(path: str, properties: Sequence[str] = PROPERTY_ALLOWLIST) -> dict[str, Any]:
+def probe_slide(path: str, properties: Sequence[str] = PROPERTY_ALLOWLIST,
+                storage: StorageConfig | None = None) -> dict[str, Any]:
     """Fingerprint and open one slide; never raises.
 
     Args:
-        path: absolute path of the file.
+        path: absolute path of the file, or ``s3://`` URI of the object (opened from its local
+            copy, :func:`slidelake.slide_cache.local_copy`, fingerprinted on the way).
         properties: slide property names copied into ``properties`` (an allowlist: scanner
             facts only, never free text that may identify a patient).
+        storage: how an ``s3://`` object is reached and cached.
 
     Returns:
         A dict with the fields of :data:`SLIDES_SCHEMA` except ``attributes``, ``run_id`` and
@@ -152,22 +157,17 @@ def probe_slide(path: str, properties: Sequence[str] = PROPERTY_ALLOWLIST) -> di
     row: dict[str, Any] = {k: None for k in SLIDES_SCHEMA.fieldNames()}
     row.update(path=path, status="error")
     try:
-        st = os.stat(path)
-        row["file_size"] = int(st.st_size)
-        row["modified_at"] = datetime.fromtimestamp(st.st_mtime, tz=timezone.utc).replace(tzinfo=None)
-        if not os.path.isfile(path):
-            raise OSError(f"not a regular file: {path}")
-        if st.st_size == 0:
-            raise ValueError("empty file (0 bytes)")
-        parts = _file_parts(path)
-        fp = fingerprint_file(path, parts)
+        if is_remote(path):
+            local, fp, files = _probe_object(path, row, storage)
+        else:
+            local, fp, files = _probe_file(path, row)
         row["fingerprint"] = fp
-        row["files"] = [os.path.relpath(p, os.path.dirname(path)) for p in parts]
+        row["files"] = files
         row["slide_id"] = slide_id_from_fingerprint(fp)
-        fmt = openslide.OpenSlide.detect_format(path)
+        fmt = openslide.OpenSlide.detect_format(local)
         if fmt is None:
             raise ValueError("not a slide format OpenSlide can read")
-        with openslide.OpenSlide(path) as slide:
+        with openslide.OpenSlide(local) as slide:
             props = dict(slide.properties)
             dims = slide.level_dimensions
             downs = slide.level_downsamples
@@ -197,6 +197,33 @@ def probe_slide(path: str, properties: Sequence[str] = PROPERTY_ALLOWLIST) -> di
     return row
 
 
+def _probe_file(path: str, row: dict[str, Any]) -> tuple[str, str, list[str]]:
+    """Size and time of the file ``path`` into ``row``; ``(path, fingerprint, files)``."""
+    st = os.stat(path)
+    row["file_size"] = int(st.st_size)
+    row["modified_at"] = datetime.fromtimestamp(st.st_mtime, tz=timezone.utc).replace(tzinfo=None)
+    if not os.path.isfile(path):
+        raise OSError(f"not a regular file: {path}")
+    if st.st_size == 0:
+        raise ValueError("empty file (0 bytes)")
+    parts = _file_parts(path)
+    return path, fingerprint_file(path, parts), [os.path.relpath(p, os.path.dirname(path)) for p in parts]
+
+
+def _probe_object(uri: str, row: dict[str, Any], storage: StorageConfig | None) -> tuple[str, str, list[str]]:
+    """Size and time of the object ``uri`` into ``row``; ``(local copy, fingerprint, files)``."""
+    if is_dicom(uri):
+        raise ValueError("DICOM series on object storage are not read yet: copy the series to a folder")
+    size, mtime = object_info(uri, storage)
+    row["file_size"] = size
+    row["modified_at"] = datetime.fromtimestamp(mtime, tz=timezone.utc).replace(tzinfo=None)
+    if size == 0:
+        raise ValueError("empty file (0 bytes)")
+    local, fp = local_copy(uri, storage)
+    folder = uri.rsplit("/", 1)[0] + "/"
+    return local, fp, [p[len(folder):] for p in [uri, *companions(uri, storage)]]
+
+
 def _matches(name: str, extensions: Sequence[str]) -> bool:
     low = name.lower()
     return any(low.endswith("." + e.lower().lstrip(".")) for e in extensions)
@@ -224,7 +251,7 @@ def _walk(folder: str, extensions: Sequence[str], recursive: bool) -> Iterator[s
 
 
 def list_inputs(inputs: Sequence[str], extensions: Sequence[str], recursive: bool = True,
-                exclude: Sequence[str] = ()) -> pd.DataFrame:
+                exclude: Sequence[str] = (), storage: StorageConfig | None = None) -> pd.DataFrame:
     """Expand inputs into one row per slide path.
 
     Args:
@@ -232,11 +259,13 @@ def list_inputs(inputs: Sequence[str], extensions: Sequence[str], recursive: boo
             (``.csv``/``.parquet`` with a ``path`` column; relative paths are relative to the
             manifest's folder). A path given explicitly is kept whatever its extension (it then
             becomes an error row if it is not a slide); folders and globs keep only
-            ``extensions``.
+            ``extensions``. An ``s3://`` URI is an object, a prefix (a folder) or a prefix with
+            a name pattern; a manifest's ``s3://`` paths stay as they are.
         extensions: slide file extensions without dot, e.g. ``["svs", "ome.tiff"]``.
         recursive: descend into sub-folders.
         exclude: file-name glob patterns (case-insensitive) skipped in folders and globs, e.g.
             overlay sidecars ``*.mask.tiff``.
+        storage: how ``s3://`` inputs are listed.
 
     Returns:
         pandas frame with ``path`` (absolute, normalised) and ``attributes`` (dict of manifest
@@ -250,7 +279,11 @@ def list_inputs(inputs: Sequence[str], extensions: Sequence[str], recursive: boo
     rows: list[dict[str, Any]] = []
     for item in inputs:
         low = item.lower()
-        if (low.endswith(".csv") or low.endswith(".parquet")) and os.path.isfile(item):
+        if is_remote(item):
+            names = list_objects(item, recursive, storage)
+            rows += [{"path": p, "attributes": {}} for p in names
+                     if p == item or (_matches(p, extensions) and not _excluded(p, exclude))]
+        elif (low.endswith(".csv") or low.endswith(".parquet")) and os.path.isfile(item):
             m = read_manifest(item)
             extra = [c for c in m.columns if c != "path"]
             for rec in m.to_dict("records"):
@@ -270,40 +303,45 @@ def list_inputs(inputs: Sequence[str], extensions: Sequence[str], recursive: boo
         else:
             raise FileNotFoundError(f"input not found: {item}")
     out = pd.DataFrame(rows, columns=["path", "attributes"])
-    out["path"] = [os.path.normpath(p) for p in out["path"]]
+    out["path"] = [p if is_remote(p) else os.path.normpath(p) for p in out["path"]]
     # a DICOM series is one slide, listed by its level-0 file; its label and overview never are
-    slide_of = collapse_series([p for p in out["path"] if is_dicom(p)])
+    slide_of = collapse_series([p for p in out["path"] if is_dicom(p) and not is_remote(p)])
     out["path"] = [slide_of.get(p, p) for p in out["path"]]
     out = out[out["path"].notna()]
     return out.drop_duplicates(subset="path", keep="first").reset_index(drop=True)
 
 
-def unchanged_since(row: SlideRow, path: str) -> bool:
-    """True when ``row`` (the path's previous ``slides`` row) was ``ok`` and the file at
-    ``path`` still has its size and modification time (``os.stat``), so its fingerprint and
+def unchanged_since(row: SlideRow, path: str, storage: StorageConfig | None = None) -> bool:
+    """True when ``row`` (the path's previous ``slides`` row) was ``ok`` and the file (or
+    object) at ``path`` still has its size and modification time, so its fingerprint and
     header facts still hold without reading the file again."""
     if row.get("status") != "ok" or row.get("modified_at") is None:
         return False
     try:
-        st = os.stat(path)
+        if is_remote(path):
+            size, when = object_info(path, storage)
+        else:
+            st = os.stat(path)
+            size, when = int(st.st_size), st.st_mtime
     except OSError:
         return False
-    mtime = datetime.fromtimestamp(st.st_mtime, tz=timezone.utc).replace(tzinfo=None)
+    mtime = datetime.fromtimestamp(when, tz=timezone.utc).replace(tzinfo=None)
     prev = row["modified_at"]
     prev = prev.astimezone(timezone.utc).replace(tzinfo=None) if prev.tzinfo is not None else prev
-    return int(st.st_size) == row.get("file_size") and mtime == prev
+    return size == row.get("file_size") and mtime == prev
 
 
 def _probe_row(path: str, attrs: dict | None, run_id: str, at: datetime,
-               properties: Sequence[str] = PROPERTY_ALLOWLIST) -> dict[str, Any]:
-    row = probe_slide(path, properties)
+               properties: Sequence[str] = PROPERTY_ALLOWLIST, storage: StorageConfig | None = None) -> dict[str, Any]:
+    row = probe_slide(path, properties, storage)
     row["attributes"] = dict(attrs) if attrs is not None else {}
     row["run_id"] = run_id
     row["discovered_at"] = at
     return row
 
 
-def _prober(properties: Sequence[str], on_probed: Callable[[int], None] | None = None):
+def _prober(properties: Sequence[str], on_probed: Callable[[int], None] | None = None,
+            storage: StorageConfig | None = None):
     names = SLIDES_SCHEMA.fieldNames()
     props = list(properties)
 
@@ -311,7 +349,7 @@ def _prober(properties: Sequence[str], on_probed: Callable[[int], None] | None =
         for pdf in batches:
             out = []
             for r in zip(pdf["path"], pdf["attributes"], pdf["run_id"], pdf["discovered_at"]):
-                out.append(_probe_row(*r, props))
+                out.append(_probe_row(*r, props, storage))
                 if on_probed is not None:
                     on_probed(1)
             yield pd.DataFrame(out, columns=names)
@@ -321,7 +359,8 @@ def _prober(properties: Sequence[str], on_probed: Callable[[int], None] | None =
 
 def discover(spark: SparkSession, paths: pd.DataFrame, run_id: str, on_driver_below: int = 0,
              properties: Sequence[str] = PROPERTY_ALLOWLIST,
-             on_probed: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+             on_probed: Callable[[int], None] | None = None,
+             storage: StorageConfig | None = None) -> list[dict[str, Any]]:
     """Probe every listed path; one ``slides`` row (a dict of :data:`SLIDES_SCHEMA`) per path.
 
     Fewer than ``on_driver_below`` paths are probed on the driver, one thread per core (as
@@ -336,6 +375,7 @@ def discover(spark: SparkSession, paths: pd.DataFrame, run_id: str, on_driver_be
         on_driver_below: see above; 0 always uses Spark.
         properties: slide properties copied (allowlist, see :func:`probe_slide`).
         on_probed: called with 1 after each file (the live progress), or None.
+        storage: how ``s3://`` slides are reached and cached.
     """
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     data = [(p, a, run_id, now) for p, a in zip(paths["path"], paths["attributes"])]
@@ -347,7 +387,7 @@ def discover(spark: SparkSession, paths: pd.DataFrame, run_id: str, on_driver_be
         props = list(properties)
 
         def one(r: tuple) -> dict[str, Any]:
-            row = _probe_row(*r, props)
+            row = _probe_row(*r, props, storage)
             if on_probed is not None:
                 on_probed(1)
             return row
@@ -364,7 +404,7 @@ def discover(spark: SparkSession, paths: pd.DataFrame, run_id: str, on_driver_be
     src = local_frame(spark, data, src_schema).repartition(n, "path")
     spark.sparkContext.setJobDescription("discover")
     return [r.asDict(recursive=True)
-            for r in src.mapInPandas(_prober(properties, on_probed), schema=SLIDES_SCHEMA).collect()]
+            for r in src.mapInPandas(_prober(properties, on_probed, storage), schema=SLIDES_SCHEMA).collect()]
 
 
 def select_rows_for_tiling(rows: list[SlideRow]) -> list[SlideRow]:
@@ -401,14 +441,15 @@ def discover_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, force: bool
     from slidelake.tables import sql_in, to_stored
 
     with rec.stage("discover"):
-        listed = list_inputs(cfg.inputs, cfg.discovery.extensions, cfg.discovery.recursive, cfg.discovery.exclude)
+        listed = list_inputs(cfg.inputs, cfg.discovery.extensions, cfg.discovery.recursive, cfg.discovery.exclude,
+                             cfg.storage)
         given = patient_splits(list(listed["attributes"]), cfg)  # a contradiction stops the run before any read
         before = {r["path"]: r for r in lake.read_rows("slides", SLIDES_SCHEMA)}
         now = utcnow()
         reused, fresh = [], []
         for i, (p, attrs) in enumerate(zip(listed["path"], listed["attributes"])):
             old = before.get(p)
-            if not force and old is not None and unchanged_since(old, p):
+            if not force and old is not None and unchanged_since(old, p, cfg.storage):
                 r = {**old, "attributes": dict(attrs or {}), "run_id": rec.run_id, "discovered_at": now}
                 if r["mpp_source"] == "assumed":  # re-applied below from this run's config
                     r.update(mpp_x=None, mpp_y=None, mpp_source=None)
@@ -419,7 +460,7 @@ def discover_slides(lake: Lake, cfg: PipelineConfig, rec: RunRecord, force: bool
         with StageProgress(lake.spark, "files probed", len(fresh), lambda: probed.value, progress):
             rows = discover(lake.spark, listed.iloc[fresh].reset_index(drop=True), rec.run_id,
                             cfg.discovery.on_driver_below, cfg.discovery.properties,
-                            probed.add if progress else None) + reused
+                            probed.add if progress else None, cfg.storage) + reused
         rows = [with_assumed_mpp(r, cfg.resolution.assumed_mpp) if r["status"] == "ok" else r
                 for r in with_manifest_fields(rows, given, cfg)]
     with rec.stage("write"):

@@ -2,23 +2,28 @@
 form of slide paths.
 
 Parquet files are written into ``<table>/_staging/<uuid>/`` (by Spark, or for the tiles by the
-Python workers themselves, :mod:`slidelake.write`); exactly the files of the successful task
-attempts are moved next to the table's data and committed to the Delta log by delta-rs in
-**one** commit (:func:`commit_files`). A failure before the commit leaves the table as it was
-(staged files are deleted, :func:`discard_staging`; files never committed are invisible to
-every Delta reader). Reads list the log's active files only, never the folder.
+Python workers themselves, :mod:`slidelake.write`), a folder or, for a lake in a bucket, a key
+prefix; exactly the files of the successful task attempts are moved next to the table's data
+(a rename; in a bucket a copy inside the store, 8 at a time) and committed to the Delta log by
+delta-rs in **one** commit (:func:`commit_files`). A failure before the commit leaves the table
+as it was (staged files are deleted, :func:`discard_staging`, or by the next run once stale,
+:func:`clean_stale_staging`; files never committed are invisible to every Delta reader). Reads
+list the log's active files only, never the folder. delta-rs commits to S3 with conditional
+writes (``If-None-Match``), so concurrent writers need no lock service.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
 from pyspark.sql import types as T
+
+from slidelake.config import StorageConfig
+from slidelake.storage import delta_options, delta_uri, filesystem, is_remote, join, remove_tree
 
 
 STAGING_DIR = "_staging"
@@ -41,8 +46,12 @@ class WriteResult:
     rows_by_partition: dict[str, int] = field(default_factory=dict)
 
 
-def table_exists(path: str) -> bool:
-    """True when ``path`` holds a Delta log."""
+def table_exists(path: str, storage: StorageConfig | None = None) -> bool:
+    """True when ``path`` (a folder or ``s3://`` URI) holds a Delta log."""
+    if is_remote(path):
+        from deltalake import DeltaTable
+
+        return DeltaTable.is_deltatable(delta_uri(path), delta_options(storage))
     return os.path.isdir(os.path.join(path, "_delta_log")) and any(
         f.endswith(".json") or f.endswith(".checkpoint.parquet")
         for f in os.listdir(os.path.join(path, "_delta_log"))
@@ -50,11 +59,14 @@ def table_exists(path: str) -> bool:
 
 
 def local_path(path: str) -> str:
+    """The absolute local path of ``path`` (a folder or ``file://`` URI).
+
+    Raises:
+        ValueError: ``path`` is on object storage (reads and writes through Spark's Parquet
+            files, which need Spark's own S3 support there).
+    """
     if "://" in path and not path.startswith("file://"):
-        raise ValueError(
-            f"{path}: the delta-rs writer supports local lake roots only; on object storage "
-            "use Spark's Delta writer (Delta jars on the classpath)"
-        )
+        raise ValueError(f"{path}: this operation needs a local lake root or Spark's Delta writer")
     return os.path.abspath(path.removeprefix("file://"))
 
 
@@ -104,21 +116,17 @@ def rows_by_partition(files: list[tuple[str, int]], partition_by: list[str]) -> 
     return out
 
 
-def new_staging(path: str) -> str:
-    """Create and return a fresh staging folder ``<table>/_staging/<uuid>/`` for data files
-    that :func:`commit_files` will move into the table. Local paths only.
-
-    Raises:
-        ValueError: ``path`` is a remote URI (the delta-rs writer is local only).
-    """
-    local = local_path(path)
-    clean_stale_staging(local)
-    staging = os.path.join(local, STAGING_DIR, uuid.uuid4().hex)
-    for attempt in range(3):
+def new_staging(path: str, storage: StorageConfig | None = None) -> str:
+    """A fresh staging folder ``<table>/_staging/<uuid>`` (a folder or an ``s3://`` prefix)
+    for data files that :func:`commit_files` will move into the table; stale ones are deleted
+    first (:func:`clean_stale_staging`)."""
+    clean_stale_staging(path, storage=storage)
+    staging = join(path, STAGING_DIR, uuid.uuid4().hex)
+    for attempt in range(0 if is_remote(path) else 3):  # an object store has no folders to make
         try:
-            os.makedirs(staging, exist_ok=True)
+            os.makedirs(local_path(staging), exist_ok=True)
             break
-        except FileNotFoundError:  # a background discard removed the empty ``_staging`` meanwhile
+        except FileNotFoundError:  # a discard removed the empty ``_staging`` meanwhile
             if attempt == 2:
                 raise
     return staging
@@ -127,35 +135,40 @@ def new_staging(path: str) -> str:
 STALE_STAGING_S = 24 * 3600
 
 
-def clean_stale_staging(path: str, max_age_s: float = STALE_STAGING_S) -> list[str]:
-    """Delete staging folders of ``path`` not modified for ``max_age_s`` seconds: left by a
-    driver killed before its commit (never part of the table). Younger ones may belong to a
-    run in progress and are kept. Returns the folders deleted."""
+def clean_stale_staging(path: str, max_age_s: float = STALE_STAGING_S, storage: StorageConfig | None = None) -> list[str]:
+    """Delete staging folders of the table ``path`` whose files were all last modified more
+    than ``max_age_s`` seconds ago: left by a driver killed before its commit (never part of
+    the table). Younger ones may belong to a run in progress and are kept. Returns the folders
+    deleted."""
     import time
 
-    parent = os.path.join(path, STAGING_DIR)
+    import pyarrow.fs as pafs
+
+    fs, parent = filesystem(join(path, STAGING_DIR), storage)
     try:
-        names = os.listdir(parent)
-    except FileNotFoundError:  # none, or a background discard removed it meanwhile
+        infos = fs.get_file_info(pafs.FileSelector(parent, recursive=True, allow_not_found=True))
+    except FileNotFoundError:  # a discard removed it meanwhile
         return []
+    newest: dict[str, float] = {}
+    for info in infos:
+        name = info.path[len(parent):].lstrip("/").split("/", 1)[0]
+        mtime = info.mtime.timestamp() if info.mtime is not None else time.time()
+        newest[name] = max(newest.get(name, 0.0), mtime)
     gone = []
-    for name in names:
-        d = os.path.join(parent, name)
-        try:
-            newest = max([os.path.getmtime(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs]
-                         + [os.path.getmtime(d)])
-        except FileNotFoundError:  # removed meanwhile (a background discard)
-            continue
-        if time.time() - newest > max_age_s:
-            shutil.rmtree(d, ignore_errors=True)
+    for name, mtime in newest.items():
+        if time.time() - mtime > max_age_s:
+            d = join(path, STAGING_DIR, name)
+            remove_tree(d, storage)
             gone.append(d)
     return gone
 
 
-def discard_staging(staging: str) -> None:
+def discard_staging(staging: str, storage: StorageConfig | None = None) -> None:
     """Delete a staging folder and whatever it holds (files of failed or superseded task
-    attempts included), and its ``_staging`` parent when that is left empty."""
-    shutil.rmtree(staging, ignore_errors=True)
+    attempts included), and a local ``_staging`` parent when that is left empty."""
+    remove_tree(staging, storage)
+    if is_remote(staging):
+        return
     parent = os.path.dirname(staging)
     if os.path.basename(parent) == STAGING_DIR and os.path.isdir(parent) and not os.listdir(parent):
         try:
@@ -172,6 +185,7 @@ def commit_files(
     mode: str = "append",
     partition_by: list[str] | None = None,
     replace_partitions: list[str] | None = None,
+    storage: StorageConfig | None = None,
 ) -> WriteResult:
     """Move exactly ``files`` from ``staging`` into the table at ``path`` and commit them to
     the Delta log with delta-rs in **one** commit.
@@ -182,46 +196,53 @@ def commit_files(
     committed are invisible to every Delta reader.
 
     Args:
-        path: table folder (created with the first commit).
-        staging: folder from :func:`new_staging`.
+        path: table folder or ``s3://`` URI (created with the first commit).
+        staging: folder (or prefix) from :func:`new_staging`.
         files: ``(relative path under staging, rows)``; Hive-style ``key=value`` folders give
             the partition values.
         schema: the table's Spark schema (partition columns included).
-        mode, partition_by, replace_partitions: as for :func:`write_table`.
+        mode, partition_by, replace_partitions: as for :meth:`slidelake.lake.Lake.write_frame`.
+        storage: how an ``s3://`` table is reached.
 
     Raises:
         FileExistsError: a data file of that name already exists in the table.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.fs as pafs
     from deltalake import DeltaTable, Schema
     from deltalake.transaction import AddAction, create_table_with_add_actions
 
-    local = local_path(path)
+    fs, table = filesystem(path, storage)
+    _, staged = filesystem(staging, storage)
     partition_by = partition_by or []
-    adds: list[AddAction] = []
-    total = 0
-    for rel, n in sorted(files):
-        src = os.path.join(staging, rel)
-        dst = os.path.join(local, rel)
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        if os.path.exists(dst):  # names carry a UUID; never clobber a file
-            raise FileExistsError(f"refusing to overwrite existing data file {dst}")
-        os.replace(src, dst)
-        st = os.stat(dst)
-        pvals = _partition_values(rel, partition_by)
-        adds.append(AddAction(
-            path=rel, size=st.st_size, partition_values=pvals,
-            modification_time=int(st.st_mtime * 1000), data_change=True,
-            stats=json.dumps({"numRecords": int(n)}),
-        ))
-        total += int(n)
 
+    def move(item: tuple[str, int]) -> AddAction:
+        rel, n = item
+        dst = f"{table}/{rel}"
+        if fs.get_file_info(dst).type != pafs.FileType.NotFound:  # names carry a UUID; never clobber a file
+            raise FileExistsError(f"refusing to overwrite existing data file {dst}")
+        if not is_remote(path):
+            fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
+        fs.move(f"{staged}/{rel}", dst)  # a rename; on object storage a copy inside the store
+        info = fs.get_file_info(dst)
+        return AddAction(path=rel, size=info.size, partition_values=_partition_values(rel, partition_by),
+                         modification_time=int(info.mtime.timestamp() * 1000), data_change=True,
+                         stats=json.dumps({"numRecords": int(n)}))
+
+    with ThreadPoolExecutor(max_workers=8 if is_remote(path) else 1) as pool:
+        adds = list(pool.map(move, sorted(files)))
+    total = sum(int(n) for _, n in files)
+    opts = delta_options(storage)
+    uri = delta_uri(path) if is_remote(path) else table
     dschema = Schema.from_json(nullable(schema).json())
 
     def commit() -> None:
-        if not table_exists(local):
-            create_table_with_add_actions(local, dschema, adds, mode="error", partition_by=partition_by or None)
+        if not table_exists(uri, storage):
+            create_table_with_add_actions(uri, dschema, adds, mode="error", partition_by=partition_by or None,
+                                          storage_options=opts)
             return
-        dt = DeltaTable(local)
+        dt = DeltaTable(uri, storage_options=opts)
         if mode == "overwrite" and replace_partitions is not None:
             if replace_partitions:
                 dt.create_write_transaction(
@@ -234,7 +255,8 @@ def commit_files(
             dt.create_write_transaction(adds, mode=mode, schema=dschema, partition_by=partition_by or None)
 
     retry_on_conflict(commit)
-    return WriteResult(DeltaTable(local).version(), len(adds), total, rows_by_partition(files, partition_by))
+    return WriteResult(DeltaTable(uri, storage_options=opts).version(), len(adds), total,
+                       rows_by_partition(files, partition_by))
 
 
 # Spark's Delta writer's commit conflicts (io.delta.exceptions), by name in the error text

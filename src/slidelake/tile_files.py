@@ -10,8 +10,10 @@ from urllib.parse import quote
 
 import numpy as np
 
+from slidelake.config import StorageConfig
 from slidelake.direct_io import open_for_write
 from slidelake.grid import level0_rects
+from slidelake.storage import is_remote, join, open_output
 
 
 class SlideFiles:
@@ -21,14 +23,16 @@ class SlideFiles:
     ``<staging>/<partition_col>=<value>/part-<uuid>.parquet`` (the partition column is not
     stored in the file, as Spark and Delta do; the ``tile`` bytes compressed with
     ``tile_compression`` and without dictionary or statistics, the other columns zstd level 1;
-    around the page cache with ``direct_io``, :func:`slidelake.direct_io.open_for_write`). Per
+    around the page cache with ``direct_io``, :func:`slidelake.direct_io.open_for_write`; an
+    ``s3://`` staging prefix is written through ``storage``'s S3 client, one upload per file). Per
     slide it keeps the tiles decoded, every failed tile, and each file's rows and level-0
     rectangles; :meth:`results` gives them as :data:`slidelake.write.TILE_FILES_SCHEMA` rows.
     """
 
     def __init__(self, staging: str, partition_col: str, arrow_schema: Any, tile_compression: str,
-                 direct_io: bool) -> None:
+                 direct_io: bool, storage: StorageConfig | None = None) -> None:
         self.staging, self.partition_col, self.schema, self.direct_io = staging, partition_col, arrow_schema, direct_io
+        self.storage = storage
         self.small = [c for c in arrow_schema.names if c != "tile"]
         self.codecs = {**{c: "zstd" for c in self.small}, "tile": tile_compression}
         self.open: tuple[str, Any, Any] | None = None  # (slide_id, ParquetWriter, file)
@@ -57,9 +61,12 @@ class SlideFiles:
             self.close()
         if self.open is None:
             rel = f"{self.partition_col}={quote(sid, safe='')}/part-{uuid.uuid4().hex}.parquet"
-            full = os.path.join(self.staging, rel)
-            os.makedirs(os.path.dirname(full), exist_ok=True)
-            f = open_for_write(full, self.direct_io)
+            if is_remote(self.staging):
+                f = open_output(join(self.staging, rel), self.storage)
+            else:
+                full = os.path.join(self.staging, rel)
+                os.makedirs(os.path.dirname(full), exist_ok=True)
+                f = open_for_write(full, self.direct_io)
             try:
                 w = pq.ParquetWriter(f, self.schema, compression=self.codecs,
                                      compression_level={c: 1 for c in self.small},

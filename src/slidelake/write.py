@@ -17,7 +17,6 @@ Units: tile coordinates (``tile_x``, ``tile_y``) are px at the tile resolution.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -27,12 +26,13 @@ import numpy as np
 from pyspark.sql import DataFrame
 from pyspark.sql import types as T
 
-from slidelake.config import DecodeConfig, FilterConfig
+from slidelake.config import DecodeConfig, FilterConfig, StorageConfig
 from slidelake.decode import DECODE_COLUMNS, DECODE_FIELDS, DecodedBatch, TileDecoder, tile_column
 from slidelake.filtering import keep_mask
 from slidelake.lineage import TILE_ERRORS_SCHEMA
 from slidelake.memory import freeze_long_lived, reset_peak_rss
 from slidelake.lake import Lake
+from slidelake.storage import join, size as file_size
 from slidelake.tables import WriteResult, discard_staging, to_stored
 from slidelake.rows import TileFailure
 from slidelake.tile_files import SlideFiles
@@ -197,6 +197,7 @@ def make_file_sink(
     on_decoded: Callable[[dict[str, int]], None] | None = None,
     on_profile: Callable[[dict[str, float]], None] | None = None,
     direct_io: bool = True,
+    storage: StorageConfig | None = None,
 ) -> Callable[[Iterator[Any]], Iterator[Any]]:
     """Build the ``mapInArrow`` function that decodes, filters and writes a task's tiles:
     per decode batch (at most ``decode.batch_mb`` MiB of pixels, one Parquet row group),
@@ -209,6 +210,7 @@ def make_file_sink(
     ``on_profile`` (e.g. accumulators' ``add``) get ``{slide_id: tiles whose decode was
     attempted}`` and the ``--profile`` figures (:meth:`slidelake.decode.TileDecoder.profile`,
     plus ``write.s``, the seconds spent building and writing the Arrow tables) once per batch.
+    ``staging`` is a folder or an ``s3://`` prefix (reached with ``storage``).
     """
     from pyspark.sql.pandas.types import to_arrow_schema
 
@@ -222,8 +224,8 @@ def make_file_sink(
         freeze_long_lived()
         if on_profile is not None:
             reset_peak_rss()
-        decoder = TileDecoder(dcfg, raw_pixels=True)  # raw tiles copied once, into the Arrow column
-        files = SlideFiles(staging, partition_col, arrow_schema, tile_compression, direct_io)
+        decoder = TileDecoder(dcfg, raw_pixels=True, storage=storage)  # raw tiles copied once, into the Arrow column
+        files = SlideFiles(staging, partition_col, arrow_schema, tile_compression, direct_io, storage)
         constants = {"tile_format": pa.scalar(dcfg.encoding, pa.string()),
                      "run_id": pa.scalar(lineage.run_id, pa.string()),
                      "config_hash": pa.scalar(lineage.config_hash, pa.string()),
@@ -305,17 +307,17 @@ def write_tiles(
     staging = lake.new_staging("tiles")
     try:
         sink = make_file_sink(dcfg, fcfg, lineage, schema, staging, "slide_id", tile_compression, on_decoded,
-                              on_profile, direct_io)
+                              on_profile, direct_io, lake.storage)
         results = tiles.mapInArrow(sink, schema=TILE_FILES_SCHEMA).collect()
         files = [(r["file"], int(r["rows"])) for r in results if r["file"]]
-        size = sum(os.path.getsize(os.path.join(staging, f)) for f, _ in files) if on_profile is not None else 0
+        size = sum(file_size(join(staging, f), lake.storage) for f, _ in files) if on_profile is not None else 0
         t0 = time.perf_counter()
         res = lake.commit_files("tiles", staging, files, schema, ["slide_id"], replace_partitions, tile_compression)
         if on_profile is not None:  # the driver's side of the write: move the files, one Delta commit
             on_profile({"write.commit_s": time.perf_counter() - t0, "write.files": float(len(files)),
                         "write.bytes": float(size)})
     finally:
-        discard_staging(staging)  # empty, or holds the files of failed task attempts
+        discard_staging(staging, lake.storage)  # empty, or holds the files of failed task attempts
     return _task_outcomes(res, results)
 
 
