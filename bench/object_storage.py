@@ -9,15 +9,21 @@ Spark session (``local[N]``, masks on, level 0, 256 px JPEG tiles, the delta-rs 
 run into a fresh lake, in rounds that alternate the order (this VM drifts between minutes):
 
 * ``disk``: the slide from local disk, the lake on local disk (the reference);
-* ``s3 slides, cold``: the slide from the bucket with an empty slide cache (the whole object is
-  copied once, fingerprinted on the way);
-* ``s3 slides, warm``: the slide from the bucket, its copy already cached (one HEAD request per
-  slide and decode batch);
-* ``s3 lake``: the slide from disk, every table and file of the lake in the bucket.
+* ``s3 slides, cold``: the slide from the bucket with an empty slide cache: discovery streams
+  the whole object once (its SHA-256 fingerprint) into the cache, where the mask and the tiles
+  read it;
+* ``s3 slides, warm``: the same with the copy already cached;
+* ``s3 lake``: the slide from disk, every table and file of the lake in the bucket;
+* ``disk, tile job`` and ``s3 slides, ranged reads``: the tile job alone (``run_tile``, after
+  an untimed ``run_discover`` and ``run_masks``) of a slide on disk and of one in the bucket
+  (a new key each round, so no worker holds it open) whose cached copy was deleted after the
+  masks, as on an executor that did not discover it: its tiles come from the object by ranged
+  GETs, one per stored tile (the ratio is against ``disk, tile job``).
 
 Reports wall seconds, tiles written, each case's throughput against ``disk`` in the same round
-(median over rounds) and the bytes fetched from the bucket per tile written (the cache's
-growth), as JSON (``docs/object_storage.json``).
+(median over rounds), and per tile written the bytes fetched from the bucket by the tile
+stage's ranged reads (``decode.fetched_bytes`` of ``--profile``) and in all (plus the slide
+cache's growth), as JSON (``docs/object_storage.json``).
 """
 
 from __future__ import annotations
@@ -44,20 +50,29 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def one_run(spark, slide: str, lake: str, cache: Path) -> dict:
+def one_run(spark, slide: str, lake: str, cache: Path, tile_job: bool = False) -> dict:
+    """``run_all`` of ``slide`` into ``lake`` with the slide cache ``cache`` (``tile_job``: an
+    untimed ``run_discover`` and ``run_masks``, the cache emptied, then ``run_tile``, timed);
+    wall seconds, tiles and bytes fetched."""
     from slidelake.config import PipelineConfig
-    from slidelake.pipeline import run_all
+    from slidelake.pipeline import run_all, run_discover, run_masks, run_tile
 
     cfg = PipelineConfig.model_validate({
         "inputs": [slide], "lake": lake, "resolution": {"level": 0}, "decode": {"encoding": "jpeg"},
         "tables": {"writer": "delta-rs"}, "storage": {"cache_dir": str(cache)}})
+    if tile_job:
+        run_discover(spark, cfg)
+        run_masks(spark, cfg)
+        shutil.rmtree(cache, ignore_errors=True)
     before = folder_bytes(cache) if cache.exists() else 0
     t0 = time.perf_counter()
-    rec = run_all(spark, cfg)
+    rec = (run_tile if tile_job else run_all)(spark, cfg, profile=True)
     wall = time.perf_counter() - t0
     assert rec.status == "succeeded", rec.error
-    fetched = (folder_bytes(cache) if cache.exists() else 0) - before
-    return {"wall_s": wall, "tiles": rec.counts["tiles_written"], "fetched_bytes": fetched}
+    ranged = int(rec.profile.get("decode.fetched_bytes", 0))
+    copied = (folder_bytes(cache) if cache.exists() else 0) - before
+    return {"wall_s": wall, "tiles": rec.counts["tiles_written"], "ranged_bytes": ranged,
+            "fetched_bytes": ranged + copied}
 
 
 def main() -> None:
@@ -80,8 +95,12 @@ def main() -> None:
         from slidelake.storage import write_bytes
 
         name = os.path.basename(args.slide)
-        uri = f"s3://bench/slides/{name}"
-        write_bytes(uri, Path(args.slide).read_bytes())
+
+        def upload(prefix: str) -> str:
+            write_bytes(f"s3://bench/{prefix}/{name}", Path(args.slide).read_bytes())
+            return f"s3://bench/{prefix}/{name}"
+
+        uri = upload("slides")
         spark = get_spark("slidelake-s3-bench")
         one_run(spark, args.slide, str(work / "warm-up"), work / "cache-warm-up")  # JVM and workers warm
         cases = {
@@ -89,20 +108,25 @@ def main() -> None:
             "s3 slides, cold": lambda k: one_run(spark, uri, str(work / f"cold-{k}"), work / f"cache-{k}"),
             "s3 slides, warm": lambda k: one_run(spark, uri, str(work / f"warm-{k}"), work / f"cache-{k}"),
             "s3 lake": lambda k: one_run(spark, args.slide, f"s3://bench/lake-{k}", work / "unused"),
+            "disk, tile job": lambda k: one_run(spark, args.slide, str(work / f"disk-tiles-{k}"), work / "unused", True),
+            "s3 slides, ranged reads": lambda k: one_run(spark, upload(f"ranged-{k}"), str(work / f"ranged-{k}"),
+                                                         work / f"ranged-cache-{k}", True),
         }
+        reference = {c: "disk, tile job" if c == "s3 slides, ranged reads" else "disk" for c in cases}
         rounds = []
-        for k in range(args.rounds):
-            order = list(cases) if k % 2 == 0 else ["disk", "s3 lake", "s3 slides, cold", "s3 slides, warm"]
+        for k in range(args.rounds):  # the order alternates where the cases do not depend on each other
+            order = list(cases) if k % 2 == 0 else ["s3 lake", "s3 slides, cold", "s3 slides, warm", "disk",
+                                                     "s3 slides, ranged reads", "disk, tile job"]
             rounds.append({c: cases[c](k) for c in order})
             shutil.rmtree(work / f"cache-{k}", ignore_errors=True)
         summary = {}
         for c in cases:
-            ratios = [r["disk"]["wall_s"] / r[c]["wall_s"] for r in rounds]
+            ratios = [r[reference[c]]["wall_s"] / r[c]["wall_s"] for r in rounds]
             tiles = rounds[0][c]["tiles"]
             summary[c] = {"wall_s": [round(r[c]["wall_s"], 2) for r in rounds], "tiles": tiles,
-                          "throughput_vs_disk": round(statistics.median(ratios), 3),
-                          "fetched_bytes_per_tile": round(statistics.median(r[c]["fetched_bytes"] for r in rounds)
-                                                          / max(1, tiles))}
+                          "throughput_vs_disk": round(statistics.median(ratios), 3), "against": reference[c],
+                          **{f"{key}_per_tile": round(statistics.median(r[c][key] for r in rounds) / max(1, tiles))
+                             for key in ("ranged_bytes", "fetched_bytes")}}
         out = {"slide": name, "slide_bytes": os.path.getsize(args.slide), "cores": args.cores,
                "rounds": args.rounds, "date": time.strftime("%Y-%m-%d"), "cases": summary}
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -59,6 +59,6 @@ def stop(proc: subprocess.Popen) -> None:
     """Stop the server (its whole process group) and wait for it."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+    except ProcessLookupError:  # killed already: reap it
+        pass
     proc.wait(timeout=30)

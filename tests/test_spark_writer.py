@@ -257,21 +257,25 @@ def _s3_jars() -> str:
 @pytest.mark.slides
 def test_spark_writer_makes_a_lake_in_a_bucket(spark, s3_server, tmp_path):
     """The EMR recipe on a real S3-compatible server: ``spark-submit`` with the Delta jars and
-    Hadoop's S3A, ``--lake s3a://...`` and the endpoint in the ``storage`` section. Every table
-    is committed by Spark's Delta writer into the bucket (tile files staged there by the
-    workers), delta-rs reads the same tiles the delta-rs writer makes, and a rerun skips."""
+    Hadoop's S3A, ``conf/emr.yaml`` with the server's endpoint, the slide in the bucket and
+    ``--lake s3a://...``. Every table is committed by Spark's Delta writer into the bucket
+    (tile files staged there by the workers), delta-rs reads the same tiles the delta-rs writer
+    makes from the file on disk, and a rerun skips."""
     need(CMU)
     from slidelake.config import load_config
     from slidelake.pipeline import run_all
 
     conf = tmp_path / "s3.yaml"
-    conf.write_text((ROOT / "conf" / "default.yaml").read_text()
-                    + "storage:\n  endpoint: http://127.0.0.1:8333\n  region: us-east-1\n")
+    conf.write_text((ROOT / "conf" / "emr.yaml").read_text().replace(
+        "endpoint: null", "endpoint: http://127.0.0.1:8333").replace("region: null", "region: us-east-1"))
+    slide = f"s3://lakes/spark-writer-slides/{CMU.name}"
+    with _s3_fs(s3_server).open_output_stream(slide.removeprefix("s3://")) as f:
+        f.write(CMU.read_bytes())
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, **s3_server}
     env.pop("SLIDELAKE_SPARK_MASTER", None)
     cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2]", "--jars", _jars(),
            "--driver-class-path", _s3_jars(), *DELTA_CONF, str(ROOT / "jobs" / "tile_slides.py"),
-           "--config", str(conf), "--lake", "s3a://lakes/spark-writer", str(CMU)]
+           "--config", str(conf), "--lake", "s3a://lakes/spark-writer", slide]
     # without the S3 analytics accelerator Hadoop's S3A cannot start: one line before any work
     partial = [*cmd[:6], _s3_jars().rsplit(":", 1)[0], *cmd[7:-2], "s3a://lakes/no-accelerator", str(CMU)]
     proc = subprocess.run(partial, capture_output=True, text=True, env=env, timeout=900, check=False)
@@ -293,7 +297,9 @@ def test_spark_writer_makes_a_lake_in_a_bucket(spark, s3_server, tmp_path):
     rec = run_all(spark, load_config(ROOT / "conf" / "default.yaml", {"inputs": [str(CMU)], "lake": str(other)}))
     by_rs = pl.read_delta(str(other / "tiles"))
     assert by_spark.height == by_rs.height == rec.counts["tiles_written"] > 0
-    assert by_spark.select(SAME).sort("tile_id").equals(by_rs.select(SAME).sort("tile_id"))
+    same = [c for c in SAME if c != "path"]  # the URI of the object, the path of the file
+    assert by_spark.select(same).sort("tile_id").equals(by_rs.select(same).sort("tile_id"))
+    assert set(by_spark["path"]) == {slide}
     masks = pl.read_delta(f"{uri}/masks", storage_options=opts)
     assert masks["mask_path"][0].startswith("s3a://lakes/spark-writer/overlays/")
     secret = s3_server["AWS_SECRET_ACCESS_KEY"]

@@ -33,9 +33,9 @@ from pyspark.sql import types as T
 from slidelake.config import DecodeConfig, PartitionConfig, StorageConfig
 from slidelake.encoding import encode_tile
 from slidelake.memory import LRU, peak_rss_mib, trim_heap
-from slidelake.native import CorruptTileError, open_native
-from slidelake.slide_cache import local_copy
-from slidelake.storage import is_remote
+from slidelake.native import NATIVE_VENDORS, CorruptTileError, NativeSlide, open_native
+from slidelake.slide_cache import cached_copy, local_copy
+from slidelake.storage import RangedFile, is_remote
 
 DECODE_FIELDS = [
     T.StructField("tile", T.BinaryType(), True),
@@ -266,6 +266,7 @@ class DecodedBatch:
         readers: ``native`` or ``openslide`` per row (``None`` where it failed).
         errors: the error message per row (``None`` where it succeeded).
         encode_s: seconds spent encoding; seconds: the whole batch.
+        fetched_bytes: bytes fetched from object storage by ranged reads in the batch.
     """
 
     tiles: list[bytes | None]
@@ -276,6 +277,7 @@ class DecodedBatch:
     errors: list[str | None]
     encode_s: float = 0.0
     seconds: float = 0.0
+    fetched_bytes: int = 0
 
 
 class TileDecoder:
@@ -289,11 +291,18 @@ class TileDecoder:
     (:attr:`DecodedBatch.tiles`) instead of copying them into a ``bytes`` of their own; the file
     sink then copies the kept ones once, straight into the batch's Arrow column
     (:func:`tile_column`): one copy of 192 KiB per 256 px tile fewer.
-    ``storage``: slides at ``s3://`` URIs are read from their local copies
+    Slides at ``s3://`` URIs (reached with ``storage``) are read from their copy in this
+    machine's slide cache when it holds a current one (:func:`slidelake.slide_cache.cached_copy`,
+    e.g. left by discovery); otherwise the levels the native reader takes are read from the
+    object by ranged GETs (:class:`slidelake.storage.RangedFile`; one per stored tile, never
+    the whole file), given the slide's OpenSlide vendor and level sizes in ``remote_levels``
+    (``{uri: (vendor, [(width, height) per level])}``, the ``slides`` row's ``vendor`` and
+    ``levels``), and every other read is OpenSlide's, of a copy made then
     (:func:`slidelake.slide_cache.local_copy`).
     """
 
-    def __init__(self, cfg: DecodeConfig, raw_pixels: bool = False, storage: StorageConfig | None = None) -> None:
+    def __init__(self, cfg: DecodeConfig, raw_pixels: bool = False, storage: StorageConfig | None = None,
+                 remote_levels: dict[str, tuple[str | None, list[tuple[int, int]]]] | None = None) -> None:
         self.encoding, self.quality, self.threshold = cfg.encoding, cfg.quality, cfg.background_threshold
         self.raw_pixels = raw_pixels and cfg.encoding == "raw"
         self.batch_size, self.batch_mb = cfg.batch_size, cfg.batch_mb
@@ -301,6 +310,7 @@ class TileDecoder:
         _OPENSLIDE.size = _NATIVE.size = cfg.max_open_slides
         self.cache_tiles = cfg.native_cache_tiles
         self.storage = storage
+        self.remote_levels = remote_levels or {}
 
     def rows_per_batch(self, extent_x: int, extent_y: int) -> int:
         """Rows per output batch: at most ``decode.batch_size`` and ``decode.batch_mb`` MiB of
@@ -310,7 +320,7 @@ class TileDecoder:
     def decode(self, col: dict[str, np.ndarray]) -> DecodedBatch:
         """Decode every row of ``col`` (equal-length arrays keyed by :data:`DECODE_COLUMNS`).
         Never raises for a bad tile or file: the row gets its error instead."""
-        t_batch = time.perf_counter()
+        t_batch, fetched = time.perf_counter(), RangedFile.fetched
         n = len(col["path"])
         out = DecodedBatch([None] * n, np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan),
                            [None] * n, [None] * n)
@@ -322,15 +332,9 @@ class TileDecoder:
             slide = None
             native = None
             open_error = None  # a file OpenSlide cannot open is tried once per batch, not per tile
-            local = path
-            if is_remote(path):  # its local copy (the object must still be there)
+            if natives is not None:
                 try:
-                    local = local_copy(path, self.storage)[0]
-                except Exception as exc:  # noqa: BLE001 - every tile of the slide gets the error
-                    open_error = f"open failed: {type(exc).__name__}: {exc}"
-            if natives is not None and open_error is None:
-                try:
-                    native = natives.get((path, fp), lambda: open_native(local, self.cache_tiles))
+                    native = natives.get((path, fp), lambda: self._open_native(path))
                 except Exception:  # noqa: BLE001 - OpenSlide below reports the problem
                     native = None
             for i in idx:
@@ -350,7 +354,8 @@ class TileDecoder:
                 if rgb is None:
                     if slide is None and open_error is None:
                         try:
-                            slide = handles.get((path, fp), lambda: _open_openslide(local))
+                            slide = handles.get((path, fp), lambda: _open_openslide(
+                                local_copy(path, self.storage)[0] if is_remote(path) else path))
                         except Exception as exc:  # noqa: BLE001 - file gone or unreadable
                             open_error = f"open failed: {type(exc).__name__}: {exc}"
                     if open_error is not None:
@@ -372,8 +377,18 @@ class TileDecoder:
                 out.encode_s += time.perf_counter() - t0
                 out.mean[i], out.std[i], out.background_fraction[i] = tile_stats(rgb, self.threshold)
                 out.readers[i] = reader
-        out.seconds = time.perf_counter() - t_batch
+        out.seconds, out.fetched_bytes = time.perf_counter() - t_batch, RangedFile.fetched - fetched
         return out
+
+    def _open_native(self, path: str) -> NativeSlide:
+        """The native reader of a file, of an object's copy cached on this machine, or of the
+        object by ranged reads (``remote_levels``)."""
+        local = cached_copy(path, self.storage) if is_remote(path) else path
+        if local is not None:
+            return open_native(local, self.cache_tiles)
+        vendor, dims = self.remote_levels.get(path, (None, []))
+        source = RangedFile(path, self.storage) if vendor in NATIVE_VENDORS else None
+        return NativeSlide(source, dims, vendor, self.cache_tiles)
 
     def end_task(self) -> None:
         """Drop the decoded stored tiles the native readers cache (they serve the task's raster
@@ -389,9 +404,10 @@ class TileDecoder:
     def profile(self, d: DecodedBatch) -> dict[str, float]:
         """The ``--profile`` figures of one batch: seconds reading pixels (``decode.read_s``),
         encoding (``decode.encode_s``) and in the whole batch (``decode.batch_s``), tiles per
-        reader, and the worker's peak resident set in this stage so far
+        reader, bytes fetched from object storage by ranged reads (``decode.fetched_bytes``), and the worker's peak resident set in this stage so far
         (``decode.worker_peak_mib``, :mod:`slidelake.memory`)."""
         return {"decode.batch_s": d.seconds, "decode.encode_s": d.encode_s, "decode.read_s": d.seconds - d.encode_s,
                 "decode.tiles": float(len(d.tiles)),
                 "decode.tiles_native": float(sum(r == "native" for r in d.readers)),
+                "decode.fetched_bytes": float(d.fetched_bytes),
                 "decode.worker_peak_mib": peak_rss_mib()}

@@ -21,16 +21,20 @@ restart markers inside the entropy-coded data); a tile that fails the check or t
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import re
-from typing import Any
+from collections import OrderedDict
+from functools import partial
+from typing import Any, Callable
 
 import numpy as np
 
 from slidelake.memory import LRU
 
 NATIVE_VENDORS = ("aperio", "generic-tiff")
+RANGED_READAHEAD = 8  # stored tiles per ranged GET of an object (NativeLevel's readahead)
 JPEG = 7  # TIFF Compression tag value
 WHITE = 255
 
@@ -84,13 +88,21 @@ class NativeLevel:
     """One pyramid level stored as JPEG tiles (a tifffile page), readable by region.
 
     Args:
-        fd: an open file descriptor of the slide (read with ``os.pread``).
+        pread: ``pread(nbytes, offset) -> bytes`` of the slide's file (``os.pread`` of an open
+            descriptor, or :meth:`slidelake.storage.RangedFile.read_at` of an object).
         page: the ``tifffile.TiffPage`` of the level.
         cache_tiles: decoded stored tiles kept (LRU); memory ~ ``cache_tiles * tile_w * tile_h * 3``.
+        readahead: stored tiles fetched by one read: a tile's read also fetches the tiles after
+            it in the same row whose bytes follow its own in the file, up to ``readahead`` in
+            all, and keeps their bytes (at most ``2 * readahead``) for when they are needed;
+            for ranged GETs, where a request costs far more than its bytes. 1: one read each.
     """
 
-    def __init__(self, fd: int, page: Any, cache_tiles: int = 64) -> None:
-        self.fd = fd
+    def __init__(self, pread: Callable[[int, int], bytes], page: Any, cache_tiles: int = 64,
+                 readahead: int = 1) -> None:
+        self.pread = pread
+        self.readahead = readahead
+        self._ahead: OrderedDict[int, bytes] = OrderedDict()
         self.width, self.height = int(page.imagewidth), int(page.imagelength)
         self.tile_w, self.tile_h = int(page.tilewidth), int(page.tilelength)
         self.across = math.ceil(self.width / self.tile_w)
@@ -115,13 +127,32 @@ class NativeLevel:
         count = int(self.counts[idx])
         if not count:
             return None
-        data = os.pread(self.fd, count, int(self.offsets[idx]))
+        data = self._ahead.pop(idx, None)
+        if data is None:
+            data = self._fetch(idx, count)
         check_jpeg(data)
         try:
             seg, _, _ = self._decode(data, idx, jpegtables=self.tables)
         except Exception as exc:  # noqa: BLE001 - imagecodecs raises its own error types
             raise CorruptTileError(f"stored tile {idx}: {type(exc).__name__}: {exc}") from None
         return seg.reshape(seg.shape[-3:])[..., :3]
+
+    def _fetch(self, idx: int, count: int) -> bytes:
+        """Bytes of stored tile ``idx``; with ``readahead``, in one read with the tiles after it
+        in its row whose bytes follow on (kept in ``_ahead``)."""
+        start = int(self.offsets[idx])
+        end, last = start + count, idx
+        row_end = min((idx // self.across + 1) * self.across, idx + self.readahead)
+        while last + 1 < row_end and int(self.counts[last + 1]) and int(self.offsets[last + 1]) == end:
+            last += 1
+            end += int(self.counts[last])
+        blob = self.pread(end - start, start)
+        for j in range(idx + 1, last + 1):
+            o = int(self.offsets[j]) - start
+            self._ahead[j] = blob[o:o + int(self.counts[j])]
+        while len(self._ahead) > 2 * self.readahead:
+            self._ahead.popitem(last=False)
+        return blob[:count]
 
     def read(self, x: int, y: int, w: int, h: int, cache: bool = True) -> np.ndarray:
         """Region ``[x, x + w) x [y, y + h)`` in px of this level, uint8 ``(h, w, 3)``; pixels
@@ -172,24 +203,34 @@ class NativeSlide:
     """Native readers for the levels of one slide that qualify (see the module docstring).
 
     Args:
-        path: the slide file.
+        source: the slide file's path, or a :class:`slidelake.storage.RangedFile` of the object
+            (its TIFF header read through a 64 KiB buffer, each stored tile by one ranged GET);
+            unused (may be None) for a vendor outside :data:`NATIVE_VENDORS`.
         level_dimensions: OpenSlide's ``level_dimensions`` (``(w, h)`` per level); each level is
             matched to the first tiled TIFF page of the same size not matched yet, in file order.
         vendor: OpenSlide's ``openslide.vendor``; other vendors get no native levels.
         cache_tiles: see :class:`NativeLevel`.
     """
 
-    def __init__(self, path: str, level_dimensions: list[tuple[int, int]], vendor: str | None,
+    def __init__(self, source: Any, level_dimensions: list[tuple[int, int]], vendor: str | None,
                  cache_tiles: int = 64) -> None:
         self.levels: dict[int, NativeLevel] = {}
         self._tf = None
         self._fd = None
+        self._source = None
         if vendor not in NATIVE_VENDORS:
             return
         import tifffile
 
-        self._tf = tifffile.TiffFile(path)
-        self._fd = os.open(path, os.O_RDONLY)
+        if isinstance(source, str):
+            self._tf = tifffile.TiffFile(source)
+            self._fd = os.open(source, os.O_RDONLY)
+            pread = partial(os.pread, self._fd)
+        else:
+            self._source = source
+            self._tf = tifffile.TiffFile(io.BufferedReader(source, 1 << 16))
+            pread = source.read_at
+        readahead = 1 if isinstance(source, str) else RANGED_READAHEAD
         pages = [p for p in self._tf.pages if p.is_tiled]
         used: set[int] = set()
         for k, (w, h) in enumerate(level_dimensions):
@@ -197,7 +238,7 @@ class NativeSlide:
                 if i not in used and (int(p.imagewidth), int(p.imagelength)) == (int(w), int(h)):
                     used.add(i)
                     if _eligible(p):
-                        self.levels[k] = NativeLevel(self._fd, p, cache_tiles)
+                        self.levels[k] = NativeLevel(pread, p, cache_tiles, readahead)
                     break
 
     def level(self, k: int) -> NativeLevel | None:
@@ -209,6 +250,7 @@ class NativeSlide:
         this when it ends, so an idle worker does not hold them."""
         for lvl in self.levels.values():
             lvl._cache.drop()
+            lvl._ahead.clear()
 
     def close(self) -> None:
         """Release the file handles."""
@@ -218,6 +260,9 @@ class NativeSlide:
         if self._tf is not None:
             self._tf.close()
             self._tf = None
+        if self._source is not None:
+            self._source.close()
+            self._source = None
 
 
 def open_native(path: str, cache_tiles: int = 64, slide: Any = None) -> NativeSlide:

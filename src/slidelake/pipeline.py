@@ -40,6 +40,7 @@ from slidelake.resolution import resolve_row
 from slidelake.rows import MaskRow, ResolvedSlide, SlideRow, spark_schema
 from slidelake.slides import SLIDES_SCHEMA, discover_slides, listed_slides, select_rows_for_tiling
 from slidelake.spark import local_frame
+from slidelake.storage import is_remote
 from slidelake.tables import to_stored
 from slidelake.write import TILES_COLUMNS, Lineage, TileWrite, write_tiles
 
@@ -146,8 +147,10 @@ def _tile_batches(lake: Lake, cfg: PipelineConfig, rec: RunRecord, good: list[Re
                 tiles = repartition_tiles(planned, cfg.partition, expected)
                 replace = None if replace_table and i == 0 else [r["slide_id"] for r in batch] + (stale if i == 0 else [])
                 # decode -> pixel filter -> write (in the Python workers) -> commit (one Delta commit)
+                remote = {r["path"]: (r["vendor"], [(v["width"], v["height"]) for v in r["levels"]])
+                          for r in batch if is_remote(r["path"])}
                 wrote = write_tiles(lake, tiles, cfg.decode, cfg.filter, lineage, replace, cfg.tables.tile_compression,
-                                    done_acc.add, on_profile, cfg.tables.direct_io)
+                                    done_acc.add, on_profile, cfg.tables.direct_io, remote)
             rects.update(wrote.rects)
             _record_batch(lake, rec, batch, generated, wrote, replace_table and i == 0)
     return rects

@@ -103,6 +103,29 @@ def _copy(uri: str, dst: str, cfg: StorageConfig | None, digest: Any) -> None:
             os.remove(tmp)
 
 
+def _current(uri: str, size: int, mtime: float, cfg: StorageConfig | None) -> tuple[str, str] | None:
+    """``(local path, SHA-256)`` of the cached copy of ``uri`` when it was copied from an object
+    of this ``size`` and ``mtime`` (then marked most recently used), else None."""
+    folder = os.path.join(cache_root(cfg), hashlib.sha256(uri.encode()).hexdigest()[:24])
+    local, source = os.path.join(folder, os.path.basename(uri)), os.path.join(folder, _SOURCE)
+    try:
+        with open(source) as f:
+            known = json.load(f)
+        if known["size"] == size and known["mtime"] == mtime and os.path.isfile(local):
+            os.utime(source)
+            return local, known["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
+
+
+def cached_copy(uri: str, cfg: StorageConfig | None = None) -> str | None:
+    """The current local copy of the object ``uri`` in this machine's cache, or None (nothing
+    is copied). Raises ``FileNotFoundError`` when the object is gone."""
+    known = _current(uri, *object_info(uri, cfg), cfg)
+    return known[0] if known is not None else None
+
+
 def local_copy(uri: str, cfg: StorageConfig | None = None) -> tuple[str, str]:
     """A local copy of the slide at ``uri`` (and of its :func:`companions`), made when absent or
     stale, and its SHA-256 over the slide's bytes in order. A local path is returned as it is
@@ -117,27 +140,31 @@ def local_copy(uri: str, cfg: StorageConfig | None = None) -> tuple[str, str]:
     if not is_remote(uri):
         return uri, ""
     size, mtime = object_info(uri, cfg)
+    known = _current(uri, size, mtime, cfg)
+    if known is not None:
+        return known
     folder = os.path.join(cache_root(cfg), hashlib.sha256(uri.encode()).hexdigest()[:24])
     local = os.path.join(folder, os.path.basename(uri))
     source = os.path.join(folder, _SOURCE)
-    try:
-        with open(source) as f:
-            known = json.load(f)
-        if known["size"] == size and known["mtime"] == mtime and os.path.isfile(local):
-            os.utime(source)  # most recently used
-            return local, known["sha256"]
-    except (OSError, ValueError, KeyError):
-        pass
     evict(cfg, keep=folder, incoming=size)
     digest = hashlib.sha256()
     _copy(uri, local, cfg, digest)
     stem = os.path.join(folder, os.path.splitext(os.path.basename(uri))[0])
     for part in companions(uri, cfg):
         _copy(part, os.path.join(stem, os.path.basename(part)), cfg, digest)
-    with open(source + ".tmp", "w") as f:
+    tmp = f"{source}.{uuid.uuid4().hex[:8]}"  # workers may copy the same slide at once: each its own
+    with open(tmp, "w") as f:
         json.dump({"uri": uri, "size": size, "mtime": mtime, "sha256": digest.hexdigest()}, f)
-    os.replace(source + ".tmp", source)
+    os.replace(tmp, source)
     return local, digest.hexdigest()
+
+
+def _size(path: str) -> int:
+    """Bytes of ``path``; 0 when another worker renamed or removed it meanwhile."""
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def evict(cfg: StorageConfig | None, keep: str | None = None, incoming: int = 0) -> list[str]:
@@ -151,11 +178,11 @@ def evict(cfg: StorageConfig | None, keep: str | None = None, incoming: int = 0)
     entries = []
     for name in os.listdir(root) if os.path.isdir(root) else []:
         folder = os.path.join(root, name)
-        size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(folder) for f in fs)
+        size = sum(_size(os.path.join(r, f)) for r, _, fs in os.walk(folder) for f in fs)
         try:
             used = os.path.getmtime(os.path.join(folder, _SOURCE))
-        except OSError:
-            used = os.path.getmtime(folder)
+        except OSError:  # no record yet: a copy being made
+            used = time.time()
         entries.append((used, folder, size))
     total = sum(e[2] for e in entries) + incoming
     gone = []
@@ -170,4 +197,5 @@ def evict(cfg: StorageConfig | None, keep: str | None = None, incoming: int = 0)
     return gone
 
 
-__all__ = ["IN_USE_S", "cache_root", "object_info", "list_objects", "companions", "local_copy", "evict"]
+__all__ = ["IN_USE_S", "cache_root", "object_info", "list_objects", "companions", "cached_copy", "local_copy",
+           "evict"]

@@ -12,6 +12,7 @@ renamed; an object store's PUT makes the object visible only when complete.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import uuid
@@ -66,6 +67,55 @@ def filesystem(path: str, cfg: StorageConfig | None = None) -> tuple[Any, str]:
     if is_remote(path):
         return pafs.S3FileSystem(**_s3_kwargs(cfg)), path.split("://", 1)[1].rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(path.removeprefix("file://"))
+
+
+class RangedFile(io.RawIOBase):
+    """An object read by ranged GETs (pyarrow's ``RandomAccessFile`` on S3), never whole:
+    :meth:`read_at` fetches one byte range (a stored tile) and may be called from several
+    threads; ``seek``/``readinto`` serve a header parser through an ``io.BufferedReader``.
+    ``RangedFile.fetched`` counts the bytes every ranged file of this process has fetched.
+
+    Raises:
+        FileNotFoundError: no such object (when opened).
+    """
+
+    fetched = 0
+
+    def __init__(self, uri: str, cfg: StorageConfig | None = None) -> None:
+        import pyarrow.fs as pafs
+
+        fs, key = filesystem(uri, cfg)
+        if fs.get_file_info(key).type != pafs.FileType.File:
+            raise FileNotFoundError(f"no such object: {uri}")
+        self._f = fs.open_input_file(key)
+
+    def read_at(self, nbytes: int, offset: int) -> bytes:
+        """``nbytes`` bytes from byte ``offset`` (one ranged GET)."""
+        data = self._f.read_at(nbytes, offset)
+        RangedFile.fetched += len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._f.read(len(buffer))
+        RangedFile.fetched += len(data)
+        buffer[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
 
 
 def delta_uri(path: str) -> str:
@@ -210,6 +260,6 @@ def remove_tree(path: str, cfg: StorageConfig | None = None) -> None:
             pass
 
 
-__all__ = ["StorageError", "storage_reason", "check_access", "is_remote", "join", "filesystem", "delta_uri",
+__all__ = ["StorageError", "RangedFile", "storage_reason", "check_access", "is_remote", "join", "filesystem", "delta_uri",
            "s3a_settings", "delta_options", "exists", "size", "read_bytes", "write_bytes",
            "open_output", "remove_tree"]

@@ -15,6 +15,7 @@ writes (``If-None-Match``), so concurrent writers need no lock service.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from dataclasses import dataclass, field
@@ -165,8 +166,14 @@ def clean_stale_staging(path: str, max_age_s: float = STALE_STAGING_S, storage: 
 
 def discard_staging(staging: str, storage: StorageConfig | None = None) -> None:
     """Delete a staging folder and whatever it holds (files of failed or superseded task
-    attempts included), and a local ``_staging`` parent when that is left empty."""
-    remove_tree(staging, storage)
+    attempts included), and a local ``_staging`` parent when that is left empty. Storage that
+    cannot be reached (a run failing because of it) leaves the staged files, logged: a later
+    run's :func:`clean_stale_staging` removes them."""
+    try:
+        remove_tree(staging, storage)
+    except OSError as exc:
+        logging.getLogger(__name__).warning("staged files left at %s (a later run removes them): %s", staging, exc)
+        return
     if is_remote(staging):
         return
     parent = os.path.dirname(staging)

@@ -198,6 +198,7 @@ def make_file_sink(
     on_profile: Callable[[dict[str, float]], None] | None = None,
     direct_io: bool = True,
     storage: StorageConfig | None = None,
+    remote_levels: dict[str, tuple[str | None, list[tuple[int, int]]]] | None = None,
 ) -> Callable[[Iterator[Any]], Iterator[Any]]:
     """Build the ``mapInArrow`` function that decodes, filters and writes a task's tiles:
     per decode batch (at most ``decode.batch_mb`` MiB of pixels, one Parquet row group),
@@ -210,7 +211,8 @@ def make_file_sink(
     ``on_profile`` (e.g. accumulators' ``add``) get ``{slide_id: tiles whose decode was
     attempted}`` and the ``--profile`` figures (:meth:`slidelake.decode.TileDecoder.profile`,
     plus ``write.s``, the seconds spent building and writing the Arrow tables) once per batch.
-    ``staging`` is a folder or an ``s3://`` prefix (reached with ``storage``).
+    ``staging`` is a folder or an ``s3://`` prefix (reached with ``storage``); slides on
+    object storage are read as :class:`~slidelake.decode.TileDecoder` says (``remote_levels``).
     """
     from pyspark.sql.pandas.types import to_arrow_schema
 
@@ -224,7 +226,8 @@ def make_file_sink(
         freeze_long_lived()
         if on_profile is not None:
             reset_peak_rss()
-        decoder = TileDecoder(dcfg, raw_pixels=True, storage=storage)  # raw tiles copied once, into the Arrow column
+        # raw tiles copied once, into the Arrow column
+        decoder = TileDecoder(dcfg, raw_pixels=True, storage=storage, remote_levels=remote_levels)
         files = SlideFiles(staging, partition_col, arrow_schema, tile_compression, direct_io, storage)
         constants = {"tile_format": pa.scalar(dcfg.encoding, pa.string()),
                      "run_id": pa.scalar(lineage.run_id, pa.string()),
@@ -276,6 +279,7 @@ def write_tiles(
     on_decoded: Callable[[dict[str, int]], None] | None = None,
     on_profile: Callable[[dict[str, float]], None] | None = None,
     direct_io: bool = True,
+    remote_levels: dict[str, tuple[str | None, list[tuple[int, int]]]] | None = None,
 ) -> TileWrite:
     """Decode, filter and write ``tiles`` (repartitioned tile rows with ``tile_id``) to the
     lake's tiles table, partitioned by ``slide_id``, in one Delta commit.
@@ -294,6 +298,8 @@ def write_tiles(
             whole table).
         on_decoded, on_profile: progress and ``--profile`` callbacks (accumulators).
         direct_io: write the tile files around the page cache.
+        remote_levels: ``{uri: (vendor, level sizes)}`` of the slides on object storage
+            (:class:`slidelake.decode.TileDecoder`).
 
     Returns:
         :class:`TileWrite`. Nothing is committed when a task fails for good (Spark raises).
@@ -307,7 +313,7 @@ def write_tiles(
     staging = lake.new_staging("tiles")
     try:
         sink = make_file_sink(dcfg, fcfg, lineage, schema, staging, "slide_id", tile_compression, on_decoded,
-                              on_profile, direct_io, lake.storage)
+                              on_profile, direct_io, lake.storage, remote_levels)
         results = tiles.mapInArrow(sink, schema=TILE_FILES_SCHEMA).collect()
         files = [(r["file"], int(r["rows"])) for r in results if r["file"]]
         size = sum(file_size(join(staging, f), lake.storage) for f, _ in files) if on_profile is not None else 0
