@@ -182,24 +182,28 @@ def test_two_processes_commit_to_one_table_in_the_bucket(s3_env, tmp_path):
 
 
 @pytest.mark.spark
-def test_driver_killed_before_commit_leaves_the_bucket_tables_then_rerun_completes(spark, s3_env, tmp_path):
+@pytest.mark.parametrize("writer", ["delta-rs", "spark"])
+def test_driver_killed_before_commit_leaves_the_bucket_tables_then_rerun_completes(spark, s3_env, tmp_path, writer):
     """The driver of a run into the bucket (two executor JVMs) is killed once the workers have
     staged tile files: the tables stay as they were; the staged objects are never part of a
-    table and are deleted once stale; running again completes without duplicates."""
+    table and are deleted once stale; running again completes without duplicates. With Spark's
+    Delta writer the lake is ``s3a://`` (Hadoop's S3A, the jars of ``jobs/fetch_jars.sh s3`` on
+    the embedded session's class path, the endpoint from ``AWS_ENDPOINT_URL``)."""
     from test_faults import _cfg, _result, _run
 
     from slidelake.tables import clean_stale_staging
 
     need(CMU)
-    uri, opts = "s3://lakes/faults", {k.lower(): v for k, v in s3_env.items()}
+    uri, opts = f"s3://lakes/faults-{writer}", {k.lower(): v for k, v in s3_env.items()}
+    lake = uri.replace("s3://", "s3a://") if writer == "spark" else uri
     other = tmp_path / "other.tiff"
     make_tiff(other, 300, 200, mpp=0.5, seed=5)
     cfg = _cfg(uri, other)
-    cfg.tables.writer = "delta-rs"  # as tests/fault_run.py runs
+    cfg.tables.writer = "delta-rs"  # this session has no Delta jars; the runs below use `writer`
     run_all(spark, cfg)
     before, version = _tile_rows(uri, opts), DeltaTable(f"{uri}/tiles").version()
 
-    proc = _run(uri, CMU, "driver")
+    proc = _run(lake, CMU, "driver", writer)
     assert proc.returncode == -9, proc.stderr[-3000:]  # SIGKILL, mid-run
     assert DeltaTable(f"{uri}/tiles").version() == version and _tile_rows(uri, opts).equals(before)
     staged = [k for k in _objects(f"{uri}/tiles") if k.startswith("_staging/")]
@@ -207,10 +211,21 @@ def test_driver_killed_before_commit_leaves_the_bucket_tables_then_rerun_complet
     assert len(clean_stale_staging(f"{uri}/tiles", max_age_s=0)) == 1  # as a run does after 24 h
     assert not [k for k in _objects(f"{uri}/tiles") if k.startswith("_staging/")]
 
-    again = _result(_run(uri, CMU, "none"))
-    assert again["status"] == "succeeded" and again["counts"]["tiles_written"] == 18 * 24
+    again = _result(_run(lake, CMU, "none", writer))
+    assert again["status"] == "succeeded" and again["writer"] == writer
+    assert again["counts"]["tiles_written"] == 18 * 24
     t = _tile_rows(uri, opts)
     assert t.height == before.height + 18 * 24 and t["tile_id"].is_duplicated().sum() == 0
+    engines = {e for e in pl.read_ndjson(_log(f"{uri}/tiles"))["commitInfo"].struct.field("engineInfo") if e}
+    assert any(e.startswith("Apache-Spark/") for e in engines) == (writer == "spark"), engines
+
+
+def _log(table: str):
+    """The last commit of the Delta table ``table`` (``s3://``), as a file object."""
+    import io
+
+    dt = DeltaTable(table)
+    return io.BytesIO(read_bytes(f"{table}/_delta_log/{dt.version():020d}.json"))
 
 
 @pytest.mark.spark

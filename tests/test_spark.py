@@ -108,3 +108,23 @@ def test_local_frame_keeps_the_rows_and_types_in_the_plan(spark):
     assert got["a"]["t"] == int(when.timestamp())
     assert (got["b"]["level"], got["b"]["mpp"], got["b"]["attributes"], got["b"]["t"]) == (2, None, None, None)
     assert local_frame(spark, [], schema).count() == 0
+
+
+def test_delta_jar_conf_puts_the_s3a_jars_on_the_class_paths_when_fetched(tmp_path, monkeypatch):
+    """``$SLIDELAKE_DELTA_JARS``: the Delta jars go to ``spark.jars``; Hadoop's S3A jars in the
+    same folder, all three or none, to the driver's and executors' class paths."""
+    from slidelake.spark import delta_jar_conf
+
+    for name in ("delta-spark_4.2_2.13-4.4.0.jar", "delta-storage-4.4.0.jar", "hadoop-aws-3.5.0.jar",
+                 "bundle-2.35.4.jar"):
+        (tmp_path / name).write_bytes(b"")
+    monkeypatch.setenv("SLIDELAKE_DELTA_JARS", str(tmp_path))
+    conf = delta_jar_conf()
+    assert conf["spark.jars"].split(",") == [str(tmp_path / "delta-spark_4.2_2.13-4.4.0.jar"),
+                                             str(tmp_path / "delta-storage-4.4.0.jar")]
+    assert "spark.driver.extraClassPath" not in conf  # the analytics accelerator is missing
+    (tmp_path / "analyticsaccelerator-s3-1.3.1.jar").write_bytes(b"")
+    conf = delta_jar_conf()
+    want = ":".join(str(tmp_path / n) for n in ("hadoop-aws-3.5.0.jar", "bundle-2.35.4.jar",
+                                                "analyticsaccelerator-s3-1.3.1.jar"))
+    assert conf["spark.driver.extraClassPath"] == conf["spark.executor.extraClassPath"] == want

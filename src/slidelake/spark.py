@@ -84,11 +84,18 @@ DELTA_CONF: dict[str, str] = {
 }
 
 
+# Hadoop's S3A for pyspark's Hadoop 3.5.0 (jobs/fetch_jars.sh s3)
+S3A_JARS = ("hadoop-aws-*.jar", "bundle-*.jar", "analyticsaccelerator-s3-*.jar")
+
+
 def delta_jar_conf() -> dict[str, str]:
     """Settings that put Spark's Delta Lake writer in a new embedded session, as Databricks and
     EMR have it: ``spark.jars`` = the ``delta-spark_*.jar`` and ``delta-storage-*.jar`` in the
     folder ``$SLIDELAKE_DELTA_JARS`` (``jobs/fetch_jars.sh`` fills it) and :data:`DELTA_CONF`;
-    empty when the variable is unset (the delta-rs writer is then used).
+    empty when the variable is unset (the delta-rs writer is then used). Hadoop's S3A jars in
+    the same folder (``jobs/fetch_jars.sh s3``: hadoop-aws, the AWS SDK bundle, the S3 analytics
+    accelerator) go on the driver's and the executors' class paths (this machine's paths, no
+    copy of the 690 MB bundle per executor), for ``s3a://`` lakes.
 
     Raises:
         FileNotFoundError: ``$SLIDELAKE_DELTA_JARS`` is set but holds no Delta jars.
@@ -102,7 +109,11 @@ def delta_jar_conf() -> dict[str, str]:
     if len(jars) < 2:
         raise FileNotFoundError(f"SLIDELAKE_DELTA_JARS={folder}: no delta-spark and delta-storage jars there "
                                 "(run jobs/fetch_jars.sh, or unset it to use the delta-rs writer)")
-    return {"spark.jars": ",".join(jars), **DELTA_CONF}
+    conf = {"spark.jars": ",".join(jars), **DELTA_CONF}
+    s3a = [j for name in S3A_JARS for j in sorted(glob.glob(os.path.join(folder, name)))]
+    if len(s3a) == len(S3A_JARS):
+        conf["spark.driver.extraClassPath"] = conf["spark.executor.extraClassPath"] = ":".join(s3a)
+    return conf
 
 
 def get_spark(app_name: str = "slidelake", master: str | None = None) -> SparkSession:

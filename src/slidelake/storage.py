@@ -125,20 +125,22 @@ def delta_uri(path: str) -> str:
 
 
 def s3a_settings(cfg: StorageConfig | None) -> dict[str, str]:
-    """Hadoop S3A settings (``fs.s3a.*``) for Spark's readers and Delta writer from ``cfg``
-    (endpoint, region, path-style access, plain HTTP to an ``http://`` endpoint); empty when
-    the config sets nothing. Credentials come from S3A's own chain (the ``AWS_*`` variables of
-    each JVM, a profile, an instance role)."""
-    if cfg is None:
-        return {}
+    """Hadoop S3A settings (``fs.s3a.*``) for Spark's readers and Delta writer from ``cfg``, else
+    ``AWS_ENDPOINT_URL`` / ``AWS_REGION`` (as for pyarrow and delta-rs): endpoint, region,
+    path-style access, plain HTTP to an ``http://`` endpoint; empty when nothing is set.
+    Credentials come from S3A's own chain (the ``AWS_*`` variables of each JVM, a profile, an
+    instance role)."""
+    cfg = cfg or StorageConfig()
+    endpoint = cfg.endpoint or os.environ.get("AWS_ENDPOINT_URL")
+    region = cfg.region or os.environ.get("AWS_REGION")
     out: dict[str, str] = {}
-    if cfg.endpoint:
-        out["fs.s3a.endpoint"] = cfg.endpoint
-        out["fs.s3a.connection.ssl.enabled"] = "false" if cfg.endpoint.startswith("http://") else "true"
-    if cfg.region:
-        out["fs.s3a.endpoint.region"] = cfg.region
-    path_style = cfg.path_style if cfg.path_style is not None else bool(cfg.endpoint)
-    if cfg.endpoint or cfg.path_style is not None:
+    if endpoint:
+        out["fs.s3a.endpoint"] = endpoint
+        out["fs.s3a.connection.ssl.enabled"] = "false" if endpoint.startswith("http://") else "true"
+    if region:
+        out["fs.s3a.endpoint.region"] = region
+    path_style = cfg.path_style if cfg.path_style is not None else bool(endpoint)
+    if endpoint or cfg.path_style is not None:
         out["fs.s3a.path.style.access"] = "true" if path_style else "false"
     return out
 
