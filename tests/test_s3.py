@@ -331,10 +331,10 @@ def test_slides_in_a_bucket_give_the_tiles_of_the_same_files_on_disk(spark, s3_e
 
 @pytest.mark.spark
 def test_tiles_of_a_slide_not_in_the_cache_come_by_ranged_reads(spark, s3_env, tmp_path):
-    """Discovery and masks, then the slide cache emptied, as on an executor that did not
-    discover the slides: the Aperio slide's tiles are read from the object by ranged GETs
-    (reader 'native', no copy made); the NDPI file,
-    which only OpenSlide reads, is copied; every tile equals the same file's on disk."""
+    """Discovery, then the slide cache emptied, as on an executor that did not discover the
+    slides: the Aperio slide's mask and tiles are read from the object by ranged GETs (reader
+    'native', no copy made); the NDPI file, which only OpenSlide reads, is copied; masks and
+    tiles equal the same files' on disk."""
     from slidelake.pipeline import run_discover, run_masks
     from slidelake.storage import write_bytes
 
@@ -344,12 +344,15 @@ def test_tiles_of_a_slide_not_in_the_cache_come_by_ranged_reads(spark, s3_env, t
     cache, lake = tmp_path / "cache", str(tmp_path / "lake")
     cfg = _slides_cfg(["s3://lakes/ranged/"], lake, cache)
     run_discover(spark, cfg)
-    run_masks(spark, cfg)
     shutil.rmtree(cache)
+    run_masks(spark, cfg)
     rec = run_tile(spark, cfg, profile=True)
     here = run_all(spark, _slides_cfg([str(CMU), str(DAPI)], str(tmp_path / "disk"), cache))
     assert rec.status == "succeeded" and rec.counts["tiles_written"] == here.counts["tiles_written"] > 20
     assert _tile_rows(lake).equals(_tile_rows(str(tmp_path / "disk")))
+    masks = [pl.read_delta(f"{where}/masks").sort("slide_id").select("slide_id", "tissue_fraction", "read_level")
+             for where in (lake, str(tmp_path / "disk"))]
+    assert masks[0].equals(masks[1]) and masks[0].height == 2
     assert sorted(p.name for p in cache.rglob("*") if p.suffix in (".svs", ".ndpi")) == [DAPI.name]
     readers = pl.read_delta(f"{lake}/tiles").group_by("path").agg(pl.col("reader").unique())
     assert {r["path"]: r["reader"] for r in readers.iter_rows(named=True)} == {

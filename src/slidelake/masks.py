@@ -29,9 +29,9 @@ from slidelake.overlays import MaskError, computed_overlay_path, overlay_dir, re
 from slidelake.qc import encode_picture, qc_picture
 from slidelake.rows import MaskRow, SlideRow, spark_schema
 from slidelake.slides import SLIDES_SCHEMA
-from slidelake.slide_cache import local_copy
+from slidelake.slide_cache import cached_copy, local_copy
 from slidelake.spark import local_frame
-from slidelake.storage import exists, join, write_bytes
+from slidelake.storage import RangedFile, exists, is_remote, join, write_bytes
 from slidelake.tissue import BACKGROUND, mask_size, tissue_mask
 
 if TYPE_CHECKING:
@@ -151,7 +151,7 @@ def compute_mask(row: SlideRow, cfg: MaskConfig, lake_root: str, run_id: str,
 
     Args:
         row: a ``slides`` row (``slide_id``, ``path``, ``fingerprint``, ``width``, ``height``,
-            ``mpp_x``, ``mpp_y``, ``attributes``).
+            ``mpp_x``, ``mpp_y``, ``attributes``; ``vendor`` and ``levels`` for ranged reads).
         cfg, lake_root, run_id, phash: settings, lake root, run id, :func:`params_hash`.
         threads: threads reading the slide (:func:`read_slide_at`).
         qc: draw the QC picture (``qc_path``: thumbnail and mask outline) now; false when the
@@ -188,21 +188,33 @@ def _native_of(path: str, slide: Any) -> Any:
 
 
 def _read_at_mask_size(path: str, size: tuple[int, int], cfg: MaskConfig, threads: int,
-                       storage: StorageConfig | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+                       storage: StorageConfig | None = None, slide: dict | None = None
+                       ) -> tuple[np.ndarray, np.ndarray, int]:
     """The slide at ``path`` read at ``size`` (w, h) (:func:`read_slide_at`, from the file's own
-    tiles when ``cfg.reader`` allows; an ``s3://`` slide from its local copy), and the pyramid
-    level it was read from."""
+    tiles when ``cfg.reader`` allows), and the pyramid level it was read from. An ``s3://``
+    slide is read from its copy in this machine's cache; without one, a slide whose ``slides``
+    row (``slide``: ``vendor``, ``levels``) the native reader takes is read by ranged GETs
+    (:class:`slidelake.native.LevelGeometry`), any other from a copy made then."""
     import openslide
 
-    path = local_copy(path, storage)[0]
-    slide = openslide.OpenSlide(path)
-    native = _native_of(path, slide) if cfg.reader == "auto" else None
+    from slidelake.native import NATIVE_VENDORS, LevelGeometry, NativeSlide
+
+    local = cached_copy(path, storage) if is_remote(path) else path
+    levels = (slide or {}).get("levels")
+    if local is None and cfg.reader == "auto" and (slide or {}).get("vendor") in NATIVE_VENDORS and levels is not None \
+            and len(levels):
+        osr: Any = LevelGeometry(list(levels), lambda: openslide.OpenSlide(local_copy(path, storage)[0]))
+        native = NativeSlide(RangedFile(path, storage), osr.level_dimensions, slide["vendor"], 0)
+    else:
+        local = local or local_copy(path, storage)[0]
+        osr = openslide.OpenSlide(local)
+        native = _native_of(local, osr) if cfg.reader == "auto" else None
     try:
-        rgb, valid = read_slide_at(slide, size, cfg.chunk_px, threads, native)
-        w0, h0 = slide.dimensions
-        return rgb, valid, int(slide.get_best_level_for_downsample(min(w0 / size[0], h0 / size[1])))
+        rgb, valid = read_slide_at(osr, size, cfg.chunk_px, threads, native)
+        w0, h0 = osr.dimensions
+        return rgb, valid, int(osr.get_best_level_for_downsample(min(w0 / size[0], h0 / size[1])))
     finally:
-        slide.close()
+        osr.close()
         if native is not None:
             native.close()
 
@@ -221,12 +233,14 @@ class MaskPixels(NamedTuple):
 
 
 def mask_pixels(path: str, width0: int, height0: int, mpp_x: float | None, mpp_y: float | None,
-                cfg: MaskConfig, threads: int = 1, storage: StorageConfig | None = None) -> MaskPixels:
+                cfg: MaskConfig, threads: int = 1, storage: StorageConfig | None = None,
+                slide: dict | None = None) -> MaskPixels:
     """Read a slide at the mask size and threshold it (:func:`mask_size`, :func:`read_slide_at`,
     :func:`tissue_mask`); nothing is written. ``width0``, ``height0``: level-0 px; ``mpp_x``,
     ``mpp_y``: level-0 µm/px, None for a slide without mpp (the mask then assumes
     :data:`NOMINAL_MPP`, said in ``info["algorithm"]``); ``storage``: how an ``s3://`` slide
-    is reached.
+    is reached; ``slide``: its ``slides`` row, whose ``vendor`` and ``levels`` let a slide in a
+    bucket be read by ranged GETs (:func:`_read_at_mask_size`).
 
     Raises:
         MaskError: the mask would exceed ``cfg.max_megapixels``.
@@ -240,7 +254,7 @@ def mask_pixels(path: str, width0: int, height0: int, mpp_x: float | None, mpp_y
         # absurd dimensions (a corrupt header, or masks.mpp far too fine) must not exhaust memory
         raise MaskError(f"the mask would be {w} x {h} px ({w * h / 1e6:,.0f} Mpx) at {cfg.mpp} µm/px, over "
                         f"masks.max_megapixels={cfg.max_megapixels:g}; raise --mask-mpp (masks.mpp) or the limit")
-    rgb, valid, level = _read_at_mask_size(path, (w, h), cfg, threads, storage)
+    rgb, valid, level = _read_at_mask_size(path, (w, h), cfg, threads, storage, slide)
     mpp = (mx * width0 / w, my * height0 / h)
     labels, info = tissue_mask(rgb, valid, mpp, cfg)
     if not known:
@@ -256,11 +270,11 @@ def _compute_mask(row: dict[str, Any], cfg: MaskConfig, lake_root: str, phash: s
     if user is not None:
         labels, _ = read_overlay(user, storage)
         h, w = labels.shape
-        rgb, _valid, level = _read_at_mask_size(row["path"], (w, h), cfg, threads, storage)
+        rgb, _valid, level = _read_at_mask_size(row["path"], (w, h), cfg, threads, storage, row)
         res: dict[str, Any] = dict(source="user", mask_path=user, algorithm="user overlay",
                                    params=json.dumps({"overlay": user}))
     else:
-        px = mask_pixels(row["path"], W0, H0, row["mpp_x"], row["mpp_y"], cfg, threads, storage)
+        px = mask_pixels(row["path"], W0, H0, row["mpp_x"], row["mpp_y"], cfg, threads, storage, row)
         rgb, labels, level = px.rgb, px.labels, px.level
         h, w = labels.shape
         mask_path = computed_overlay_path(lake_root, row["slide_id"], phash)
@@ -361,7 +375,7 @@ def make_masks(spark: SparkSession, slides: list[SlideRow], cfg: MaskConfig, lak
         A DataFrame of ``masks`` rows (:data:`MASKS_SCHEMA`), one per slide, in any order.
     """
     phash = params_hash(cfg)
-    fields = ["slide_id", "path", "fingerprint", "width", "height", "mpp_x", "mpp_y", "attributes"]
+    fields = ["slide_id", "path", "fingerprint", "width", "height", "mpp_x", "mpp_y", "attributes", "vendor", "levels"]
     in_schema = T.StructType([f for f in SLIDES_SCHEMA.fields if f.name in fields])
     df = local_frame(spark, [{k: r[k] for k in fields} for r in slides], in_schema)
     cores = spark.sparkContext.defaultParallelism

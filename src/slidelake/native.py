@@ -25,6 +25,7 @@ import io
 import math
 import os
 import re
+import threading
 from collections import OrderedDict
 from functools import partial
 from typing import Any, Callable
@@ -265,6 +266,38 @@ class NativeSlide:
             self._source = None
 
 
+class LevelGeometry:
+    """The OpenSlide calls :func:`slidelake.masks.read_slide_at` makes (``dimensions``,
+    ``level_dimensions``, ``level_downsamples``, ``get_best_level_for_downsample``,
+    ``read_region``) for a slide read from its native levels without a local file (an object
+    read by ranged GETs): the level sizes (px) and downsamples come from its ``slides`` row's
+    ``levels``; ``read_region``, for a region the native reader cannot give, opens
+    ``open_slide()`` (an ``openslide.OpenSlide`` of a local copy) the first time.
+    """
+
+    def __init__(self, levels: list[Any], open_slide: Callable[[], Any]) -> None:
+        self.level_dimensions = [(int(v["width"]), int(v["height"])) for v in levels]
+        self.level_downsamples = [float(v["downsample"]) for v in levels]
+        self.dimensions = self.level_dimensions[0]
+        self._open, self._slide, self._lock = open_slide, None, threading.Lock()
+
+    def get_best_level_for_downsample(self, downsample: float) -> int:
+        """OpenSlide's rule (``openslide_get_best_level_for_downsample``): the last level whose
+        downsample is at most ``downsample``; level 0 below it."""
+        below = [k for k, d in enumerate(self.level_downsamples) if d <= downsample]
+        return below[-1] if below else 0
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Any:
+        with self._lock:
+            if self._slide is None:
+                self._slide = self._open()
+        return self._slide.read_region(location, level, size)
+
+    def close(self) -> None:
+        if self._slide is not None:
+            self._slide.close()
+
+
 def open_native(path: str, cache_tiles: int = 64, slide: Any = None) -> NativeSlide:
     """A :class:`NativeSlide` for ``path`` using OpenSlide for the level sizes and vendor
     (``slide``: an ``openslide.OpenSlide`` of ``path`` already open, else one is opened).
@@ -280,4 +313,5 @@ def open_native(path: str, cache_tiles: int = 64, slide: Any = None) -> NativeSl
     return NativeSlide(path, list(slide.level_dimensions), slide.properties.get("openslide.vendor"), cache_tiles)
 
 
-__all__ = ["CorruptTileError", "check_jpeg", "NativeLevel", "NativeSlide", "open_native", "NATIVE_VENDORS"]
+__all__ = ["CorruptTileError", "check_jpeg", "NativeLevel", "NativeSlide", "LevelGeometry", "open_native",
+           "NATIVE_VENDORS"]
